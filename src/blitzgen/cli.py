@@ -1,0 +1,54 @@
+"""The ``blitzgen`` command: generate | chat | serve | quantize | bench."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+COMMANDS = ["generate", "chat", "serve", "quantize", "bench"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="blitzgen", description="Fast batch-1 LLM inference in pure PyTorch.")
+    p.add_argument("--version", action="version", version=f"blitzgen {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"blitzgen.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"blitzgen.commands.{name}":
+                raise
+            continue
+        mod.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1" if not _has_cuda_hint() else "0")
+    from .errors import BlitzgenError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except BlitzgenError as e:
+        print(f"blitzgen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _has_cuda_hint() -> bool:
+    return bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or os.path.exists("/dev/nvidia0")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

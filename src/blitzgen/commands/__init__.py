@@ -1,0 +1,1 @@
+"""Subcommands of the ``blitzgen`` CLI; each module has ``register(subparsers)``."""

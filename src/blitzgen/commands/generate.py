@@ -1,0 +1,103 @@
+"""``blitzgen generate``: one prompt, streamed to the terminal, then gpt-fast's timing lines."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+
+def add_sampling_args(p: argparse.ArgumentParser, *, default_temperature: float = 0.8) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=default_temperature, help="0 is greedy")
+    g.add_argument("--top-k", type=int, default=200, help="0 disables")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_from_args(args):
+    from ..sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          min_p=args.min_p, seed=args.seed).validate()
+
+
+def register(sub) -> None:
+    from .common import add_model_args
+
+    p = sub.add_parser("generate", help="generate text for one prompt and report speed",
+                       description="Stream a completion for --prompt, then print load time, compile "
+                                   "time, tokens/s and the memory bandwidth achieved.")
+    p.add_argument("--prompt", "-p", required=True)
+    p.add_argument("--system", default=None, help="system message (chat models)")
+    p.add_argument("--raw", action="store_true", help="plain completion: do not apply the chat template")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--url", default=None,
+                   help="stream from a running `blitzgen serve` at this URL instead of loading a model")
+    p.add_argument("--api-key", default=None, help="Bearer key for --url")
+    p.add_argument("--quiet", action="store_true", help="do not print the generated text")
+    add_sampling_args(p)
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def build_prompt_ids(tokenizer, prompt: str, raw: bool, system: str | None = None) -> list[int]:
+    from ..errors import InvalidRequestError
+
+    if not prompt.strip():
+        raise InvalidRequestError("the prompt is empty", param="prompt")
+    if raw or not tokenizer.chat_template:
+        return tokenizer.encode(prompt)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return tokenizer.encode_chat(messages)
+
+
+def run(args) -> int:
+    from ..errors import InvalidRequestError
+
+    if args.num_samples < 1:
+        raise InvalidRequestError(f"--num-samples must be >= 1, got {args.num_samples}")
+    sampling = sampling_from_args(args)
+    if not args.prompt.strip():
+        raise InvalidRequestError("the prompt is empty", param="prompt")
+    if args.url:
+        from .remote import generate_remote
+
+        return generate_remote(args, sampling)
+    import torch
+
+    from ..generate import weight_bytes
+    from .common import load_engine
+
+    lm, gen = load_engine(args)
+    ids = build_prompt_ids(lm.tokenizer, args.prompt, args.raw, args.system)
+    gen.check_request(len(ids), args.max_new_tokens)
+    gen.ensure_capacity(len(ids) + args.max_new_tokens)
+    if gen.compiled:
+        secs = gen.warmup([sampling])
+        print(f"Compilation time: {secs:.2f} seconds", file=sys.stderr, flush=True)
+    nbytes = weight_bytes(lm.model)
+    rates = []
+    out = sys.stdout
+    for i in range(args.num_samples):
+        sp = sampling if sampling.seed is None else type(sampling)(**{**sampling.__dict__, "seed": sampling.seed + i})
+        for d in gen.stream(ids, args.max_new_tokens, sp, args.stop):
+            if not args.quiet:
+                out.write(d.text)
+                out.flush()
+        st = gen.last_stats
+        if not args.quiet:
+            out.write("\n")
+        rates.append(st.tokens_per_second)
+        print(f"Time for inference {i + 1}: {st.total_seconds:.2f} sec total, {st.generated_tokens} tokens, "
+              f"{st.tokens_per_second:.2f} tokens/sec (first token {st.time_to_first_token * 1000:.0f} ms, "
+              f"decode {st.decode_tokens_per_second:.2f} tokens/sec)", file=sys.stderr)
+        print(f"Bandwidth achieved: {nbytes * st.tokens_per_second / 1e9:.2f} GB/s", file=sys.stderr, flush=True)
+    print("==========", file=sys.stderr)
+    print(f"Average tokens/sec: {statistics.mean(rates):.2f}", file=sys.stderr)
+    if lm.model.device.type == "cuda":
+        print(f"Memory used: {torch.cuda.max_memory_reserved() / 1e9:.02f} GB", file=sys.stderr)
+    return 0

@@ -1,0 +1,58 @@
+"""The one place that touches torch.compile and inductor settings.
+
+Decode is compiled with fullgraph=True and static shapes; on CUDA with mode="reduce-overhead" so
+each decode step is one CUDA-graph replay. Prefill is compiled per length bucket (see
+generate.py), so a new prompt length never triggers a recompile beyond its bucket. Inductor's FX
+graph cache and AOT autograd cache are on, so a second process reuses the first one's work.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+_configured = False
+
+
+def configure_inductor(device: str) -> None:
+    """Global inductor settings; applied once, before the first compile."""
+    global _configured
+    if _configured:
+        return
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    try:
+        import torch._functorch.config as functorch_config
+
+        functorch_config.enable_autograd_cache = True
+    except (ImportError, AttributeError):
+        pass
+    if device.startswith("cuda"):
+        inductor_config.coordinate_descent_tuning = True
+        inductor_config.triton.unique_kernel_names = True
+    # Several sampler modes and prefill buckets each compile once; allow enough of them.
+    dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
+    dynamo_config.accumulated_cache_size_limit = max(dynamo_config.accumulated_cache_size_limit, 512)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_cache_root(), "inductor"))
+    _configured = True
+
+
+def _cache_root() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "blitzgen")
+
+
+def compile_decode(fn: Callable, device: str) -> Callable:
+    configure_inductor(device)
+    if device.startswith("cuda"):
+        return torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def compile_prefill(fn: Callable, device: str) -> Callable:
+    configure_inductor(device)
+    return torch.compile(fn, fullgraph=True, dynamic=False)

@@ -1,0 +1,181 @@
+"""Model configuration: one dataclass for the whole Llama family.
+
+Built from a Hugging Face config.json (``ModelArgs.from_hf_config``), from GGUF metadata (see
+loading/gguf.py) or from a named benchmark shape (``ModelArgs.from_name``). Never parsed from file
+names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UnsupportedModelError
+
+# model_type values of config.json that run on model.py as they are.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_SCALING = ("llama3", "linear", "freq_factors")  # freq_factors: GGUF rope_freqs
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_seq_len: int = 2048  # the model's trained context (max_position_embeddings)
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 has biases on q, k and v
+    model_type: str = "llama"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise UnsupportedModelError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind == "default":
+                self.rope_scaling = None
+            elif kind not in SUPPORTED_ROPE_SCALING:
+                raise UnsupportedModelError(
+                    f"rope_scaling type {kind!r} is not supported "
+                    f"(supported: {', '.join(SUPPORTED_ROPE_SCALING)})"
+                )
+
+    @property
+    def q_size(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    def num_params(self) -> int:
+        """Parameter count (tied embeddings counted once)."""
+        attn = self.dim * (self.q_size + 2 * self.kv_size) + self.q_size * self.dim
+        if self.qkv_bias:
+            attn += self.q_size + 2 * self.kv_size
+        mlp = 3 * self.dim * self.intermediate_size
+        per_layer = attn + mlp + 2 * self.dim
+        emb = self.vocab_size * self.dim
+        return self.n_layers * per_layer + emb * (1 if self.tie_word_embeddings else 2) + self.dim
+
+    def replace(self, **kw) -> "ModelArgs":
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            archs = cfg.get("architectures") or []
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} ({', '.join(archs) or 'no architectures listed'}) is not "
+                f"supported; blitzgen runs the Llama family: {', '.join(SUPPORTED_MODEL_TYPES)} "
+                "(Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, SmolLM2, TinyLlama, CodeLlama)"
+            )
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (only silu)")
+        if cfg.get("mlp_bias"):
+            raise UnsupportedModelError("mlp_bias=true is not supported")
+        n_heads = cfg["num_attention_heads"]
+        qkv_bias = bool(cfg.get("attention_bias", model_type == "qwen2"))
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+            intermediate_size=cfg["intermediate_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_scaling=cfg.get("rope_scaling"),
+            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            model_type=model_type,
+        )
+
+    def to_hf_config(self) -> dict:
+        """The config.json transformers would write for this model (used by tests and checkpoints)."""
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+        cfg = dict(
+            architectures=[arch[self.model_type]],
+            model_type=self.model_type,
+            vocab_size=self.vocab_size,
+            hidden_size=self.dim,
+            num_hidden_layers=self.n_layers,
+            num_attention_heads=self.n_heads,
+            num_key_value_heads=self.n_kv_heads,
+            head_dim=self.head_dim,
+            intermediate_size=self.intermediate_size,
+            rms_norm_eps=self.norm_eps,
+            rope_theta=self.rope_theta,
+            rope_scaling=self.rope_scaling,
+            max_position_embeddings=self.max_seq_len,
+            tie_word_embeddings=self.tie_word_embeddings,
+            hidden_act="silu",
+        )
+        if self.model_type == "llama":
+            cfg["attention_bias"] = self.qkv_bias
+        return cfg
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        key = name.lower()
+        if key not in NAMED_SHAPES:
+            raise UnsupportedModelError(
+                f"unknown shape {name!r}; known shapes: {', '.join(sorted(NAMED_SHAPES))}"
+            )
+        return cls(**NAMED_SHAPES[key])
+
+
+_L31 = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192,
+            rope_type="llama3")
+
+# Benchmark shapes (random weights). Same shapes as gpt-fast's presets where both have one.
+NAMED_SHAPES: dict[str, dict] = {
+    "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=160,
+                 max_seq_len=512),
+    "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                         intermediate_size=1536, rope_theta=100000.0, max_seq_len=8192,
+                         tie_word_embeddings=True),
+    "llama-2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, intermediate_size=11008,
+                       max_seq_len=4096),
+    "llama-2-13b": dict(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, intermediate_size=13824,
+                        max_seq_len=4096),
+    "llama-2-70b": dict(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                        intermediate_size=28672, max_seq_len=4096),
+    "codellama-7b": dict(vocab_size=32016, dim=4096, n_layers=32, n_heads=32, intermediate_size=11008,
+                         rope_theta=1e6, max_seq_len=16384),
+    "mistral-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                       intermediate_size=14336, rope_theta=1e6, max_seq_len=32768, model_type="mistral"),
+    "llama-3-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                       intermediate_size=14336, rope_theta=500000.0, max_seq_len=8192),
+    "llama-3-70b": dict(vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                        intermediate_size=28672, rope_theta=500000.0, max_seq_len=8192),
+    "llama-3.1-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                         intermediate_size=14336, rope_theta=500000.0, max_seq_len=131072, rope_scaling=_L31),
+    "llama-3.1-70b": dict(vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                          intermediate_size=28672, rope_theta=500000.0, max_seq_len=131072, rope_scaling=_L31),
+    "llama-3.2-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                         intermediate_size=8192, rope_theta=500000.0, max_seq_len=131072,
+                         tie_word_embeddings=True, head_dim=64,
+                         rope_scaling=dict(_L31, factor=32.0)),
+    "qwen2.5-7b": dict(vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4,
+                       intermediate_size=18944, rope_theta=1e6, max_seq_len=32768, qkv_bias=True,
+                       norm_eps=1e-6, model_type="qwen2"),
+}

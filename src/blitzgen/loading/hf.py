@@ -1,0 +1,90 @@
+"""Hugging Face model directories: config.json + one or many *.safetensors (lazily mmapped)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..config import ModelArgs
+from ..errors import ModelLoadError
+
+
+def is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {path / 'config.json'}: {e}") from None
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The weight files, from model.safetensors.index.json when sharded."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise ModelLoadError(f"cannot read {index}: {e}") from None
+        files = sorted({path / f for f in weight_map.values()})
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise ModelLoadError(f"{index.name} lists shards that are missing: {', '.join(absent)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        if list(path.glob("*.bin")) or list(path.glob("*.pth")):
+            raise ModelLoadError(f"{path} has only pickled weights (.bin/.pth); blitzgen loads safetensors "
+                                 "(convert with transformers' save_pretrained(safe_serialization=True))")
+        raise ModelLoadError(f"no *.safetensors weights in {path}")
+    return files
+
+
+class SafetensorsSource:
+    """name -> tensor over several safetensors files, opened lazily (mmap), nothing copied upfront."""
+
+    def __init__(self, files: list[Path]):
+        self.handles = {}
+        self.where: dict[str, object] = {}
+        self.metadata: dict[str, str] = {}
+        for f in files:
+            try:
+                h = safe_open(str(f), framework="pt", device="cpu")
+                names = list(h.keys())
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ModelLoadError(f"corrupt or truncated safetensors file {f}: {e}") from None
+            self.metadata.update(h.metadata() or {})
+            self.handles[f] = h
+            for n in names:
+                self.where[n] = h
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self.where[name].get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ModelLoadError(f"cannot read tensor {name}: {e} (is the file truncated?)") from None
+
+
+def load_args(path: Path) -> ModelArgs:
+    return ModelArgs.from_hf_config(read_config(path))
+
+
+def generation_eos_ids(path: Path) -> list[int]:
+    f = path / "generation_config.json"
+    if not f.is_file():
+        return []
+    try:
+        eos = json.loads(f.read_text()).get("eos_token_id")
+    except (OSError, json.JSONDecodeError):
+        return []
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)

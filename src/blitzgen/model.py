@@ -1,0 +1,202 @@
+"""The Llama-family transformer, readable top to bottom.
+
+One file for Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, SmolLM2, TinyLlama and CodeLlama: they differ
+only in config values (GQA head counts, RoPE base and scaling, q/k/v bias, tied embeddings).
+
+References: Hugging Face transformers' modeling_llama.py (the numerical oracle our tests compare
+against) and gpt-fast's model.py (static KV cache as a module, weights assigned onto a meta-device
+model). RoPE is the "rotate_half" form HF uses, so HF checkpoints load as they are; loading/gguf.py
+undoes llama.cpp's q/k permutation.
+
+Layout differences from HF, made for batch-1 decode speed and handled by loading/names.py:
+q, k, v projections are one fused ``wqkv`` matmul and gate/up are one fused ``w13`` matmul.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import ModelArgs
+
+
+class KVCache(nn.Module):
+    """Static, preallocated key/value buffers: shapes never change, so decode can be CUDA-graphed."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        # input_pos: [T]; k, v: [B, n_kv, T, D]
+        self.k_cache.index_copy_(2, input_pos, k)
+        self.v_cache.index_copy_(2, input_pos, v)
+        return self.k_cache, self.v_cache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_frequencies(args: ModelArgs) -> Tensor:
+    """Inverse frequencies [head_dim / 2], with llama3 or linear scaling applied."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    sc = args.rope_scaling
+    if sc is None:
+        return inv_freq
+    kind = sc.get("rope_type", sc.get("type"))
+    if kind == "freq_factors":  # GGUF (llama.cpp) stores llama3 scaling as per-frequency divisors
+        return inv_freq / torch.tensor(sc["factors"], dtype=torch.float32)
+    factor = float(sc["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    # llama3: keep high frequencies, divide low ones by factor, blend in between.
+    low, high = float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+    old_ctx = float(sc["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_cache(args: ModelArgs, seq_len: int, device=None) -> Tensor:
+    """[seq_len, head_dim, 2] float32 table of (cos, sin), duplicated over both halves like HF."""
+    inv_freq = rope_frequencies(args).to(device)
+    t = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # [S, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [S, D]
+    return torch.stack([emb.cos(), emb.sin()], dim=-1)
+
+
+def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
+    # x: [B, T, H, D]; rope: [T, D, 2] -> rotate_half form: x*cos + rotate_half(x)*sin
+    cos = rope[None, :, None, :, 0]
+    sin = rope[None, :, None, :, 1]
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_size, self.kv_size = args.q_size, args.kv_size
+        self.wqkv = nn.Linear(args.dim, args.q_size + 2 * args.kv_size, bias=args.qkv_bias)
+        self.wo = nn.Linear(args.q_size, args.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, kv_len: int | None) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), rope)
+        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), rope)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        assert self.kv_cache is not None, "call model.setup_caches() first"
+        k, v = self.kv_cache.update(input_pos, k, v)  # [B, n_kv, S, D]
+        if kv_len is not None:  # eager decode: attend only over the filled prefix of the cache
+            k, v, mask = k[:, :, :kv_len], v[:, :, :kv_len], mask[..., :kv_len]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        y = y.transpose(1, 2).reshape(B, T, self.q_size)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU; gate (w1) and up (w3) projections fused into one matmul, w13 = cat([w1, w3])."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.intermediate_size = args.intermediate_size
+        self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)
+        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x).split(self.intermediate_size, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, kv_len: int | None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, kv_len)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.max_seq_len = 0
+        self.max_batch = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    def setup_caches(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        """(Re)allocate the static KV cache, RoPE table and causal mask for max_seq_len positions."""
+        if max_seq_len > self.args.max_seq_len:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context {self.args.max_seq_len}")
+        if max_seq_len == self.max_seq_len and max_batch == self.max_batch:
+            return
+        dtype = dtype or self.dtype
+        device = self.device
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch, self.args.n_kv_heads, max_seq_len,
+                                               self.args.head_dim, dtype, device)
+        self.register_buffer("rope", rope_cache(self.args, max_seq_len, device), persistent=False)
+        mask = torch.tril(torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device))
+        self.register_buffer("causal_mask", mask, persistent=False)
+        self.max_seq_len, self.max_batch = max_seq_len, max_batch
+
+    def forward(self, idx: Tensor, input_pos: Tensor, kv_len: int | None = None,
+                logits_at: Tensor | None = None) -> Tensor:
+        """idx: [B, T] token ids at positions input_pos: [T]. Returns logits [B, T, V] (float32).
+
+        kv_len, when given, limits attention to the first kv_len cache slots (eager speed-up; it
+        must cover every position written so far). logits_at: [N] indices into T; only those
+        positions get logits ([B, N, V]), which saves the output matmul over a long prompt.
+        """
+        mask = self.causal_mask[None, None, input_pos]  # [1, 1, T, S]
+        rope = self.rope[input_pos]  # [T, D, 2]
+        x = self.tok_embeddings(idx)
+        for layer in self.layers:
+            x = layer(x, rope, mask, input_pos, kv_len)
+        if logits_at is not None:
+            x = x.index_select(1, logits_at)
+        return self.output(self.norm(x)).float()

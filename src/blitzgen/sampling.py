@@ -1,0 +1,116 @@
+"""Sampling: logits -> next token, as pure tensor functions with no host sync.
+
+Temperature, top-k, top-p and min-p values travel as tensors, so changing them never recompiles a
+compiled decode step; only *which* filters are on (``SamplingParams.mode``) is a static choice.
+Random draws use the exponential-race trick (argmax(p / q), q ~ Exp(1)), which samples exactly
+from p and needs no multinomial sync; the noise comes from a per-request torch.Generator so a
+seed reproduces a sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    seed: int | None = None
+
+    def validate(self) -> "SamplingParams":
+        def bad(param: str, msg: str):
+            raise InvalidRequestError(f"invalid {param}: {msg}", param=param)
+
+        t = self.temperature
+        if not isinstance(t, (int, float)) or math.isnan(t) or t < 0 or t > 100:
+            bad("temperature", f"{t!r} (must be between 0 and 100; 0 is greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", f"{self.top_k!r} (must be an integer >= 0; 0 disables it)")
+        if not isinstance(self.top_p, (int, float)) or not (0 < self.top_p <= 1):
+            bad("top_p", f"{self.top_p!r} (must be in (0, 1])")
+        if not isinstance(self.min_p, (int, float)) or not (0 <= self.min_p <= 1):
+            bad("min_p", f"{self.min_p!r} (must be in [0, 1])")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0 or self.seed >= 2**63):
+            bad("seed", f"{self.seed!r} (must be a non-negative integer)")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def mode(self) -> tuple[bool, bool, bool, bool]:
+        """(greedy, top_k on, top_p on, min_p on): the static part of a compiled sampler."""
+        if self.greedy:
+            return (True, False, False, False)
+        return (False, self.top_k > 0, self.top_p < 1.0, self.min_p > 0.0)
+
+    def tensors(self, device) -> dict[str, Tensor]:
+        return {
+            "temperature": torch.tensor(max(self.temperature, 1e-5), dtype=torch.float32, device=device),
+            "top_k": torch.tensor(self.top_k, dtype=torch.int64, device=device),
+            "top_p": torch.tensor(self.top_p, dtype=torch.float32, device=device),
+            "min_p": torch.tensor(self.min_p, dtype=torch.float32, device=device),
+        }
+
+
+def filter_logits(logits: Tensor, t: dict[str, Tensor], mode: tuple[bool, bool, bool, bool]) -> Tensor:
+    """Apply temperature, then top-k, top-p and min-p (HF's order). logits: [B, V] float32."""
+    _, use_k, use_p, use_min_p = mode
+    logits = logits / t["temperature"]
+    if use_k or use_p:
+        sorted_logits, _ = logits.sort(dim=-1, descending=True)  # [B, V]
+        keep = torch.ones_like(sorted_logits, dtype=torch.bool)
+        if use_k:
+            ranks = torch.arange(sorted_logits.shape[-1], device=logits.device)
+            keep &= ranks < t["top_k"]
+        if use_p:
+            probs = sorted_logits.masked_fill(~keep, -float("inf")).softmax(-1)
+            # keep a token while the mass before it is < top_p (the first token is always kept)
+            keep &= (probs.cumsum(-1) - probs) < t["top_p"]
+        # the smallest kept logit is the threshold in the unsorted logits
+        threshold = sorted_logits.masked_fill(~keep, float("inf")).amin(-1, keepdim=True)
+        logits = logits.masked_fill(logits < threshold, -float("inf"))
+    if use_min_p:
+        probs = logits.softmax(-1)
+        limit = t["min_p"] * probs.amax(-1, keepdim=True)
+        logits = logits.masked_fill(probs < limit, -float("inf"))
+    return logits
+
+
+def sample(logits: Tensor, t: dict[str, Tensor], mode: tuple[bool, bool, bool, bool],
+           noise: Tensor | None) -> Tensor:
+    """logits [B, V] -> token ids [B] (int64). noise: [B, V] Exp(1) draws, unused when greedy."""
+    if mode[0]:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, t, mode).softmax(-1)
+    return (probs / noise).argmax(-1)
+
+
+def probabilities(logits: Tensor, t: dict[str, Tensor], mode: tuple[bool, bool, bool, bool]) -> Tensor:
+    """The distribution ``sample`` draws from (one-hot when greedy). Used by speculative decoding."""
+    if mode[0]:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return filter_logits(logits, t, mode).softmax(-1)
+
+
+def make_generator(seed: int | None, device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def exponential_noise(shape, generator: torch.Generator, device) -> Tensor:
+    return torch.empty(shape, dtype=torch.float32, device=device).exponential_(generator=generator)
