@@ -318,3 +318,18 @@ def test_chat_errors(sp, smol):
                        vocab_size=smol.vocab_size, chat_template="{{ raise_exception('roles must alternate') }}")
     with pytest.raises(InvalidRequestError, match="roles must alternate"):
         strict.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_save_pretrained_round_trip(tmp_path, smol):
+    smol_tokenizer = smol
+    from blitzgen.tokenizer import Tokenizer
+
+    smol_tokenizer.save_pretrained(tmp_path)
+    again = Tokenizer.from_hf_dir(tmp_path)
+    msgs = [{"role": "user", "content": "Write 12345 in words, héllo 世界"}]
+    assert again.encode_chat(msgs) == smol_tokenizer.encode_chat(msgs)
+    assert again.eos_token_ids == smol_tokenizer.eos_token_ids
+    assert again.add_bos == smol_tokenizer.add_bos and again.bos_token_id == smol_tokenizer.bos_token_id
+    assert again.chat_template == smol_tokenizer.chat_template
+    ids = smol_tokenizer.encode("<|im_start|>assistant\nok")
+    assert again.decode(ids) == smol_tokenizer.decode(ids)

@@ -201,6 +201,25 @@ class Tokenizer:
                    chat_template=_field(reader, "tokenizer.chat_template"), special_ids=set(special),
                    vocab_size=len(tokens), token_strings=strings)
 
+    def save_pretrained(self, path) -> None:
+        """Write tokenizer.json, tokenizer_config.json and generation_config.json so that
+        ``Tokenizer.from_hf_dir(path)`` rebuilds this tokenizer (used by quantized checkpoints)."""
+        os.makedirs(path, exist_ok=True)
+        self._tok.save(os.path.join(path, "tokenizer.json"))
+        cfg = {k: v for k, v in self._token_strings.items()}
+        cfg["add_bos_token"] = self.add_bos
+        cfg["added_tokens_decoder"] = {str(i): {"content": self._tok.id_to_token(i), "special": True}
+                                       for i in sorted(self._special_ids)}
+        if self.chat_template:
+            cfg["chat_template"] = self.chat_template
+        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as fh:
+            json.dump(cfg, fh, indent=2, ensure_ascii=False)
+        gen = {"eos_token_id": self.eos_token_ids}
+        if self.bos_token_id is not None:
+            gen["bos_token_id"] = self.bos_token_id
+        with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as fh:
+            json.dump(gen, fh, indent=2)
+
     # ------------------------------------------------------------------ encode / decode
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special token strings in it become their ids. BOS is prepended iff
