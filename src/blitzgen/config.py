@@ -92,6 +92,17 @@ class ModelArgs:
             raise UnsupportedModelError("mlp_bias=true is not supported")
         n_heads = cfg["num_attention_heads"]
         qkv_bias = bool(cfg.get("attention_bias", model_type == "qwen2"))
+        # transformers >= 5 writes rope_parameters {rope_type, rope_theta, ...}; older: rope_theta + rope_scaling
+        rope = cfg.get("rope_parameters") or {}
+        rope_theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rope_scaling = cfg.get("rope_scaling")
+        if rope.get("rope_type", "default") != "default":
+            rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        max_seq_len = cfg.get("max_position_embeddings", 2048)
+        window = cfg.get("sliding_window")
+        if window and (model_type == "mistral" or cfg.get("use_sliding_window")):
+            # Sliding-window attention is not implemented: within the window it equals full attention.
+            max_seq_len = min(max_seq_len, int(window))
         return cls(
             vocab_size=cfg["vocab_size"],
             dim=cfg["hidden_size"],
@@ -101,9 +112,9 @@ class ModelArgs:
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
             intermediate_size=cfg["intermediate_size"],
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
-            rope_scaling=cfg.get("rope_scaling"),
-            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_seq_len=max_seq_len,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
             model_type=model_type,

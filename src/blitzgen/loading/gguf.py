@@ -129,7 +129,10 @@ class GGUFSource:
             ) from None
         except Exception as e:
             raise ModelLoadError(f"cannot read GGUF tensor {name}: {e} (is the file truncated?)") from None
-        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(shape))
+        arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)
+        if not arr.flags.writeable:  # float tensors come straight from the read-only mmap
+            arr = arr.copy()
+        return torch.from_numpy(arr)
 
     def transform(self, name: str, w: torch.Tensor) -> torch.Tensor:
         if self.arch != "llama":  # only the llama converter permutes (qwen2 uses NEOX RoPE as is)
