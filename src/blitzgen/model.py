@@ -47,9 +47,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # normalise in float32, cast back, then scale (HF's order of operations)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_frequencies(args: ModelArgs) -> Tensor:
@@ -76,23 +75,21 @@ def rope_frequencies(args: ModelArgs) -> Tensor:
     return torch.where(medium, blended, scaled)
 
 
-def rope_cache(args: ModelArgs, seq_len: int, device=None) -> Tensor:
-    """[seq_len, head_dim, 2] float32 table of (cos, sin), duplicated over both halves like HF."""
+def rope_cache(args: ModelArgs, seq_len: int, device=None, dtype=torch.float32) -> Tensor:
+    """[2, seq_len, head_dim] table of (cos, sin), computed in float32, duplicated over both halves
+    and stored in the model dtype (as HF casts it before use)."""
     inv_freq = rope_frequencies(args).to(device)
     t = torch.arange(seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)  # [S, D/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [S, D]
-    return torch.stack([emb.cos(), emb.sin()], dim=-1)
+    return torch.stack([emb.cos(), emb.sin()]).to(dtype)
 
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    # x: [B, T, H, D]; rope: [T, D, 2] -> rotate_half form: x*cos + rotate_half(x)*sin
-    cos = rope[None, :, None, :, 0]
-    sin = rope[None, :, None, :, 1]
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    # x: [B, T, H, D]; rope: [2, T, D] -> rotate_half form: x*cos + rotate_half(x)*sin
+    cos, sin = rope[0, None, :, None, :], rope[1, None, :, None, :]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class Attention(nn.Module):
@@ -106,9 +103,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, kv_len: int | None) -> Tensor:
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), rope)
-        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), rope)
+        qk, v = self.wqkv(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # q and k heads side by side, rotated in one go: [B, T, n_heads + n_kv_heads, D]
+        qk = apply_rope(qk.view(B, T, self.n_heads + self.n_kv_heads, self.head_dim), rope)
+        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         assert self.kv_cache is not None, "call model.setup_caches() first"
@@ -179,7 +177,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch, self.args.n_kv_heads, max_seq_len,
                                                self.args.head_dim, dtype, device)
-        self.register_buffer("rope", rope_cache(self.args, max_seq_len, device), persistent=False)
+        self.register_buffer("rope", rope_cache(self.args, max_seq_len, device, dtype), persistent=False)
         mask = torch.tril(torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device))
         self.register_buffer("causal_mask", mask, persistent=False)
         self.max_seq_len, self.max_batch = max_seq_len, max_batch
@@ -193,7 +191,7 @@ class Transformer(nn.Module):
         positions get logits ([B, N, V]), which saves the output matmul over a long prompt.
         """
         mask = self.causal_mask[None, None, input_pos]  # [1, 1, T, S]
-        rope = self.rope[input_pos]  # [T, D, 2]
+        rope = self.rope[:, input_pos]  # [2, T, D]
         x = self.tok_embeddings(idx)
         for layer in self.layers:
             x = layer(x, rope, mask, input_pos, kv_len)
