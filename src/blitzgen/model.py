@@ -113,9 +113,28 @@ class Attention(nn.Module):
         k, v = self.kv_cache.update(input_pos, k, v)  # [B, n_kv, S, D]
         if kv_len is not None:  # eager decode: attend only over the filled prefix of the cache
             k, v, mask = k[:, :, :kv_len], v[:, :, :kv_len], mask[..., :kv_len]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        if T == 1:
+            y = decode_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
         y = y.transpose(1, 2).reshape(B, T, self.q_size)
         return self.wo(y)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention for one query token with grouped KV heads, without repeating the cache.
+
+    q: [B, H, 1, D]; k, v: [B, Hkv, S, D]; mask: [1, 1, 1, S]. The G = H / Hkv query heads that
+    share a KV head become G rows of one matmul, so each cache entry is read once (SDPA's math
+    path would materialise the cache G times). Plain ops, so inductor fuses mask and softmax.
+    """
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D]
+    scores = (qg @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(D))  # [B, Hkv, G, S]
+    scores = scores.masked_fill(~mask[0], -float("inf"))
+    probs = scores.softmax(-1).to(v.dtype)
+    return (probs @ v).reshape(B, H, 1, D)
 
 
 class FeedForward(nn.Module):
