@@ -56,3 +56,11 @@ def compile_decode(fn: Callable, device: str) -> Callable:
 def compile_prefill(fn: Callable, device: str) -> Callable:
     configure_inductor(device)
     return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def compile_sampler(fn: Callable, device: str) -> Callable:
+    """The sampler: one small graph per sampler mode (greedy, top-k, top-p, min-p on or off)."""
+    configure_inductor(device)
+    if device.startswith("cuda"):
+        return torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    return torch.compile(fn, fullgraph=True, dynamic=False)

@@ -81,16 +81,12 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _decode_step(model: Transformer, tok: Tensor, pos: Tensor, samp: dict, mode: tuple, noise: Tensor | None,
-                 kv_len: int | None = None) -> Tensor:
-    logits = model(tok, pos, kv_len=kv_len)[:, -1]  # [B, V]
-    return sample(logits, samp, mode, noise)  # [B]
+def _decode_logits(model: Transformer, tok: Tensor, pos: Tensor, kv_len: int | None = None) -> Tensor:
+    return model(tok, pos, kv_len=kv_len)[:, -1]  # [B, V]
 
 
-def _prefill_step(model: Transformer, ids: Tensor, pos: Tensor, last: Tensor, samp: dict, mode: tuple,
-                  noise: Tensor | None, kv_len: int | None = None) -> Tensor:
-    logits = model(ids, pos, kv_len=kv_len, logits_at=last)[:, -1]
-    return sample(logits, samp, mode, noise)
+def _prefill_logits(model: Transformer, ids: Tensor, pos: Tensor, last: Tensor, kv_len: int | None = None) -> Tensor:
+    return model(ids, pos, kv_len=kv_len, logits_at=last)[:, -1]  # [B, V]
 
 
 class Generator:
@@ -113,12 +109,15 @@ class Generator:
         self.compile_seconds = 0.0
         self.last_stats = GenerationStats()
         if compile:
-            from .compile import compile_decode, compile_prefill
+            from .compile import compile_decode, compile_prefill, compile_sampler
 
-            self._decode = compile_decode(_decode_step, str(self.device))
-            self._prefill = compile_prefill(_prefill_step, str(self.device))
+            # The model step and the sampler are compiled apart: the (slow) model graphs then
+            # exist once per cache size / prefill bucket, and each sampler mode is a small graph.
+            self._decode = compile_decode(_decode_logits, str(self.device))
+            self._prefill = compile_prefill(_prefill_logits, str(self.device))
+            self._sample = compile_sampler(sample, str(self.device))
         else:
-            self._decode, self._prefill = _decode_step, _prefill_step
+            self._decode, self._prefill, self._sample = _decode_logits, _prefill_logits, sample
         self._host_tok = torch.empty(1, dtype=torch.int64, pin_memory=self.is_cuda)
         self._event = torch.cuda.Event() if self.is_cuda else None
 
@@ -167,7 +166,7 @@ class Generator:
         stats = GenerationStats(prompt_tokens=prompt_len)
         self.last_stats = stats
         t0 = time.perf_counter()
-        tok = self._run_prefill(prompt_ids, samp, mode, noise())  # [1] on device
+        tok = self._sample(self._run_prefill(prompt_ids), samp, mode, noise())  # [1] on device
         pos = torch.tensor([prompt_len], dtype=torch.int64, device=dev)
         first = True
         t_first = t0
@@ -177,7 +176,8 @@ class Generator:
                 self._host_tok.copy_(tok, non_blocking=True)
                 self._event.record()
                 if not last:  # launch the next step before reading this token back
-                    nxt = self._decode(self.model, tok.view(1, 1), pos, samp, mode, noise()).clone()
+                    logits = self._decode(self.model, tok.view(1, 1), pos)
+                    nxt = self._sample(logits, samp, mode, noise()).clone()
                     pos += 1
                 self._event.synchronize()
                 value = int(self._host_tok[0])
@@ -185,7 +185,7 @@ class Generator:
                 value = int(tok[0])
                 if not last:
                     kv = None if self.compiled else prompt_len + i + 1
-                    nxt = self._decode(self.model, tok.view(1, 1), pos, samp, mode, noise(), kv)
+                    nxt = self._sample(self._decode(self.model, tok.view(1, 1), pos, kv), samp, mode, noise())
                     pos += 1
             now = time.perf_counter()
             if first:
@@ -199,7 +199,8 @@ class Generator:
                 break
             tok = nxt
 
-    def _run_prefill(self, prompt_ids: Sequence[int], samp: dict, mode: tuple, noise: Tensor | None) -> Tensor:
+    def _run_prefill(self, prompt_ids: Sequence[int]) -> Tensor:
+        """Fill the cache with the prompt; returns the logits of its last token [1, V]."""
         dev = self.device
         n = len(prompt_ids)
         if self.compiled:  # pad to a length bucket so prompt lengths share compiled graphs
@@ -214,7 +215,7 @@ class Generator:
             pos = torch.arange(n, device=dev)
             kv = n
         last = torch.tensor([n - 1], device=dev)
-        return self._prefill(self.model, ids, pos, last, samp, mode, noise, kv)
+        return self._prefill(self.model, ids, pos, last, kv)
 
     def _default_stop_ids(self) -> list[int]:
         return list(getattr(self.tokenizer, "eos_token_ids", []) or [])
