@@ -1,0 +1,643 @@
+"""Hand-written Triton GEMV kernels for batch-1 decode with weight-only int8 / int4 weights.
+
+Why hand-written
+----------------
+At batch 1 a linear layer is a GEMV: every weight byte is read once and used for one multiply-add,
+so the kernel should run at the speed of HBM. The gpt-fast recipes do not: inductor's fused
+``F.linear(x, w.to(bf16)) * s`` reaches ~36% of the H200 copy bandwidth for int8 and tinygemm's
+``_weight_int4pack_mm`` ~28% for int4 (measured on this project's H200). Likely costs: generic
+integer->float conversions (``I2F`` runs at 16 results per clock per SM on Hopper, a quarter of
+the integer rate) and tilings made for matrix-matrix work (tensor-core tiles with 1 useful row of
+16, shared-memory staging) or, for inductor, a generic reduction schedule.
+
+Design (the same for both kernels)
+----------------------------------
+* **One program = BLOCK_N output rows x a K range; every warp and every lane lies along K.**
+  Lane ``l`` of the program reads WPT 32-bit words (8 or 16 contiguous bytes) of each of its
+  BLOCK_N rows per tile, so a warp reads 32 x 16 = 512 contiguous bytes of a row per load
+  instruction (fully coalesced, ``LDG.E.128``), and one tile of a program covers
+  ``32 * num_warps * WPT`` words of K. Holding all BLOCK_N rows in each thread lets every
+  activation value loaded (and converted to fp32) by a lane be reused BLOCK_N times from registers.
+  The activation tile is loaded as [lanes, WPT, 8] with 16-byte vector loads; its layout then
+  matches the weight tile's exactly, so Triton needs no shared-memory layout conversion in the loop
+  (checked in the TTGIR: the inner loop has no ``local_alloc``/``ld.shared``).
+* **Dequantization with magic numbers, not I2F** (the FasterTransformer / "Who Says Elephants
+  Can't Run" trick). int4: nibble i of a word is shifted to bits 16..19 and OR-ed into the bits of
+  128.0f (one LOP3, the magic is passed as a kernel argument so that ptxas can fuse the AND and the
+  OR into a single LOP3 with a register operand): the float is exactly ``128 + q``. The fp32 chain
+  ``p = -136 * sum(x) + sum(x * (128 + q))`` is then ``sum(x * (q - 8))`` exactly up to fp32
+  rounding. int8: byte b is shifted to bits 15..22 and XOR-ed into 128.0f with the byte's sign bit
+  flipped, giving ``192 + b / 2``; ``p = sum(x * f) - 192 * sum(x)`` = ``sum(x * b) / 2``.
+  Per weight element that is one shift, one LOP3 and one FFMA (the nibble already at bits 16..19
+  needs no shift). Products are exact in fp32 (8-bit x 9-bit mantissas); accumulation is fp32.
+* **Group-wise int4 scales**: a lane's 8*WPT nibbles lie inside one group (g >= 8*WPT), so per
+  tile and row a lane applies its group's scale and zero to its partial sum:
+  ``acc += s * sum(x * (q - 8)) + z * sum(x)``. The per-lane scale loads are made deliberately
+  non-vectorizable (the group index is computed as ``(lane * 8 * WPT) // g``, which Triton's axis
+  analysis cannot see as contiguous) so that they land in the weight tile's layout.
+* The cross-lane / cross-warp reduction happens once per program, at the end.
+* **Split-K** (grid dim 1) for shapes with few output blocks: partial sums are ``atomic_add``-ed
+  (fp32) into a zero-filled buffer allocated inside the op, then cast (CUDA-graph safe: nothing
+  persists between calls). K tails (K not a multiple of the tile) are handled by one masked tile.
+* ``num_stages > 1`` turns on Triton's software pipelining of the K loop (``tl.range``), which
+  streams the weight tiles through shared memory with ``cp.async``.
+
+Static cost (sm_90 SASS from Triton 3.6, block_n=8, wpt=4; tests/test_kernels.py compiles it on
+CPU): the K loop is ~3.6 instructions per weight element for both kernels (1 FFMA + 1 LOP3 +
+~0.9 shift + per-tile overhead), i.e. ~3.6 per byte for int8 and ~7.2 per byte for int4; 16-byte
+weight loads, no spills, no shared memory in the loop. At ~3 TB/s an H100 SM must consume
+~12 bytes/clock, so int8 needs ~1/3 of the issue rate (memory-bound) and int4 ~2/3 (close to
+balanced; on an H200 int4 is likely issue-bound before the copy roofline). Next lever if int4 is
+issue-bound: extract two nibbles per shifted copy (bits 12..15 and 16..19: 4 shifts per word
+instead of 7, ~-10% instructions, at ~1e-4 relative precision instead of ~1e-6).
+
+Configs come from a deterministic heuristic table (``choose_config``), overridable per shape with
+the JSON file named by ``BLITZGEN_GEMV_CONFIGS`` (written by benchmarks/kernels_gpu.py), or tuned
+on the first eager call per shape when ``BLITZGEN_GEMV_AUTOTUNE=1`` (never during torch.compile
+tracing or CUDA-graph capture; the engine's warm-up is eager).
+
+The kernels are exposed as ``torch.ops.blitzgen.int8_gemv`` / ``torch.ops.blitzgen.int4_gemv``
+through ``torch.library.triton_op``: torch.compile (fullgraph, CUDA graphs) traces through them to
+the Triton kernel, and triton_op registers the function itself as the fake (meta) implementation.
+The raw launchers (``int8_gemv_raw`` / ``int4_gemv_raw``) run without torch.library, e.g. on CPU
+tensors under ``TRITON_INTERPRET=1`` (tests).
+
+References: gpt-fast (``WeightOnlyInt8Linear``, int4 with tinygemm), tinygemm
+(``_weight_int4pack_mm``), FasterTransformer's fast int4->fp16 conversion (LOP3 magic numbers),
+GemLite's Triton GEMV / split-K GEMV kernels (mobiusml/gemlite), Triton tutorials.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Callable, NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _patch_interpreter_for_numpy2() -> None:
+    """Triton 3.6's interpreter turns loop bounds into Python ints with ``int(array)``, which
+    NumPy >= 2.4 refuses for 1-element 1-D arrays; convert through ``.reshape(-1)[0]`` instead."""
+    try:
+        import triton.runtime.interpreter as ti
+    except Exception:  # pragma: no cover - other Triton versions
+        return
+    orig = getattr(ti, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_blitzgen", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._blitzgen = True
+    ti._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    _patch_interpreter_for_numpy2()
+
+# float 128.0: OR a nibble into bits 16..19 -> 128 + q
+INT4_MAGIC = 0x43000000
+# float 128.0 with bit 22 set: XOR a byte placed at bits 15..22 -> 128 + (b + 128) / 2 = 192 + b / 2
+INT8_MAGIC = 0x43400000
+
+
+class GemvConfig(NamedTuple):
+    block_n: int        # output rows per program (every thread holds all of them)
+    num_warps: int      # warps per program, all along K
+    wpt: int            # 32-bit words per thread per row per tile: 2 (8 bytes) or 4 (16 bytes)
+    split_k: int = 1    # programs along K (>1: fp32 atomics into a zeroed buffer, then a cast)
+    num_stages: int = 1  # >1: software-pipelined K loop (cp.async through shared memory)
+
+    def as_dict(self) -> dict:
+        return self._asdict()
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _nibble(w, i: tl.constexpr, magic):
+    """Nibble i (bits 4i..4i+3) of each int32 word as the float 128 + q."""
+    if i < 4:
+        v = w << (16 - 4 * i)
+    elif i == 4:
+        v = w
+    else:
+        v = w >> (4 * i - 16)
+    return ((v & 0x000F0000) | magic).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _byte(w, b: tl.constexpr, magic):
+    """Signed byte b of each int32 word as the float 192 + byte / 2."""
+    if b == 0:
+        v = w << 15
+    elif b == 1:
+        v = w << 7
+    elif b == 2:
+        v = w >> 1
+    else:
+        v = w >> 9
+    return ((v & 0x007F8000) ^ magic).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split_words(w, L: tl.constexpr, BN: tl.constexpr, WPT: tl.constexpr):
+    """[L, BN, WPT] -> WPT tensors [L, BN] (WPT in {2, 4}; for 2 the last two are copies)."""
+    if WPT == 4:
+        w = tl.reshape(w, [L, BN, 2, 2])  # word = 2a + b
+        wa, wb = tl.split(w)  # b = 0 / 1
+        w0, w2 = tl.split(wa)
+        w1, w3 = tl.split(wb)
+    else:
+        w0, w1 = tl.split(w)
+        w2 = w0
+        w3 = w1
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _split_xwords(xv, L: tl.constexpr, E: tl.constexpr, WPT: tl.constexpr):
+    """[L, WPT, E] activations -> WPT tensors [L, E] (one per word)."""
+    xt = tl.permute(xv, (0, 2, 1))  # [L, E, WPT]
+    if WPT == 4:
+        xt = tl.reshape(xt, [L, E, 2, 2])
+        xa, xb = tl.split(xt)
+        x0, x2 = tl.split(xa)
+        x1, x3 = tl.split(xb)
+    else:
+        x0, x1 = tl.split(xt)
+        x2 = x0
+        x3 = x1
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _int4_word(p, w, xw, magic, L: tl.constexpr):
+    """p += sum over the 8 nibbles of w (int32 [L, BN]) of (128 + q) * x; xw: [L, 8] fp32."""
+    xr = tl.reshape(xw, [L, 2, 2, 2])  # nibble i = 4a + 2b + c
+    c0, c1 = tl.split(xr)
+    b00, b01 = tl.split(c0)
+    b10, b11 = tl.split(c1)
+    x0, x4 = tl.split(b00)
+    x2, x6 = tl.split(b01)
+    x1, x5 = tl.split(b10)
+    x3, x7 = tl.split(b11)
+    p += _nibble(w, 0, magic) * x0[:, None]
+    p += _nibble(w, 1, magic) * x1[:, None]
+    p += _nibble(w, 2, magic) * x2[:, None]
+    p += _nibble(w, 3, magic) * x3[:, None]
+    p += _nibble(w, 4, magic) * x4[:, None]
+    p += _nibble(w, 5, magic) * x5[:, None]
+    p += _nibble(w, 6, magic) * x6[:, None]
+    p += _nibble(w, 7, magic) * x7[:, None]
+    return p
+
+
+@triton.jit
+def _int8_word(p, w, xw, magic, L: tl.constexpr):
+    """p += sum over the 4 bytes of w (int32 [L, BN]) of (192 + b / 2) * x; xw: [L, 4] fp32."""
+    xr = tl.reshape(xw, [L, 2, 2])  # byte = 2a + b
+    xa, xb = tl.split(xr)
+    x0, x2 = tl.split(xa)
+    x1, x3 = tl.split(xb)
+    p += _byte(w, 0, magic) * x0[:, None]
+    p += _byte(w, 1, magic) * x1[:, None]
+    p += _byte(w, 2, magic) * x2[:, None]
+    p += _byte(w, 3, magic) * x3[:, None]
+    return p
+
+
+@triton.jit
+def _int4_tile(acc, w_ptrs, x_ptrs, s_ptrs, z_ptrs, k0, K, rl, magic,
+               L: tl.constexpr, BN: tl.constexpr, WPT: tl.constexpr, GS: tl.constexpr,
+               MASKED: tl.constexpr):
+    if MASKED:
+        ok = (k0 + rl * (8 * WPT)) < K  # whole lanes: K % (8 * WPT) == 0
+        w = tl.load(w_ptrs + k0 // 8, mask=ok[:, None, None], other=0)
+        s = tl.load(s_ptrs + k0 // GS, mask=ok[:, None], other=0.0)
+        z = tl.load(z_ptrs + k0 // GS, mask=ok[:, None], other=0.0)
+        xv = tl.load(x_ptrs + k0, mask=ok[:, None, None], other=0.0)
+    else:
+        w = tl.load(w_ptrs + k0 // 8)
+        s = tl.load(s_ptrs + k0 // GS)
+        z = tl.load(z_ptrs + k0 // GS)
+        xv = tl.load(x_ptrs + k0)
+    xv = xv.to(tl.float32)  # [L, WPT, 8]
+    xs = tl.sum(tl.sum(xv, axis=2), axis=1)  # [L]: sum of this lane's activations
+    p = tl.broadcast_to((-136.0 * xs)[:, None], [L, BN])
+    w0, w1, w2, w3 = _split_words(w, L, BN, WPT)
+    x0, x1, x2, x3 = _split_xwords(xv, L, 8, WPT)
+    p = _int4_word(p, w0, x0, magic, L)
+    p = _int4_word(p, w1, x1, magic, L)
+    if WPT == 4:
+        p = _int4_word(p, w2, x2, magic, L)
+        p = _int4_word(p, w3, x3, magic, L)
+    # p = sum x * (q - 8) over the lane's nibbles (one group): apply the group's scale and zero
+    acc += s.to(tl.float32) * p + z.to(tl.float32) * xs[:, None]
+    return acc
+
+
+@triton.jit
+def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_wn, stride_sn,
+                      tiles_per_split, magic,
+                      BN: tl.constexpr, L: tl.constexpr, WPT: tl.constexpr, GS: tl.constexpr,
+                      SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_TAIL: tl.constexpr):
+    """y[n] = sum_k x[k] * ((q[n, k] - 8) * s[n, k // GS] + z[n, k // GS]).
+
+    w_ptr: int32 view of the uint8 [N, K // 2] qweight (8 nibbles per word, k = 8j + i at bits 4i).
+    Tile = [L lanes, BN rows, WPT words]; lane l covers k in [k0 + 8*WPT*l, k0 + 8*WPT*(l+1)).
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    BK: tl.constexpr = 8 * WPT * L
+    rn = pid_n * BN + tl.arange(0, BN)
+    rnc = tl.minimum(rn, N - 1).to(tl.int64)  # clamp: loads stay in bounds, stores are masked
+    rl = tl.arange(0, L)
+    rw = tl.arange(0, WPT)
+    ri = tl.arange(0, 8)
+    w_ptrs = w_ptr + rnc[None, :, None] * stride_wn + (WPT * rl)[:, None, None] + rw[None, None, :]
+    x_ptrs = x_ptr + (8 * WPT * rl)[:, None, None] + (8 * rw)[None, :, None] + ri[None, None, :]
+    lg = (rl * (8 * WPT)) // GS  # the lane's group within the tile (kept non-contiguous on purpose)
+    s_off = rnc[None, :] * stride_sn + lg[:, None]  # [L, BN]
+    s_ptrs = s_ptr + s_off
+    z_ptrs = z_ptr + s_off
+    acc = tl.zeros([L, BN], dtype=tl.float32)
+    n_full = K // BK
+    t0 = pid_k * tiles_per_split
+    t1 = t0 + tiles_per_split
+    if t1 > n_full:
+        t1 = n_full
+    for t in tl.range(t0, t1, num_stages=NUM_STAGES):
+        acc = _int4_tile(acc, w_ptrs, x_ptrs, s_ptrs, z_ptrs, t * BK, K, rl, magic,
+                         L, BN, WPT, GS, False)
+    if HAS_TAIL:
+        if (t0 <= n_full) & (t0 + tiles_per_split > n_full):
+            acc = _int4_tile(acc, w_ptrs, x_ptrs, s_ptrs, z_ptrs, n_full * BK, K, rl, magic,
+                             L, BN, WPT, GS, True)
+    y = tl.sum(acc, axis=0)  # [BN]
+    if SPLIT_K == 1:
+        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+    else:
+        tl.atomic_add(y_ptr + rn, y, mask=rn < N, sem="relaxed")
+
+
+@triton.jit
+def _int8_tile(acc, w_ptrs, x_ptrs, k0, K, rl, magic,
+               L: tl.constexpr, BN: tl.constexpr, WPT: tl.constexpr, MASKED: tl.constexpr):
+    if MASKED:
+        ok = (k0 + rl * (4 * WPT)) < K  # whole lanes: K % (4 * WPT) == 0
+        w = tl.load(w_ptrs + k0 // 4, mask=ok[:, None, None], other=0)
+        xv = tl.load(x_ptrs + k0, mask=ok[:, None, None], other=0.0)
+    else:
+        w = tl.load(w_ptrs + k0 // 4)
+        xv = tl.load(x_ptrs + k0)
+    xv = tl.reshape(xv.to(tl.float32), [L, WPT, 4])  # loaded as [L, WPT // 2, 8]
+    xs = tl.sum(tl.sum(xv, axis=2), axis=1)  # [L]
+    acc -= 192.0 * xs[:, None]
+    w0, w1, w2, w3 = _split_words(w, L, BN, WPT)
+    x0, x1, x2, x3 = _split_xwords(xv, L, 4, WPT)
+    acc = _int8_word(acc, w0, x0, magic, L)
+    acc = _int8_word(acc, w1, x1, magic, L)
+    if WPT == 4:
+        acc = _int8_word(acc, w2, x2, magic, L)
+        acc = _int8_word(acc, w3, x3, magic, L)
+    return acc  # += sum x * b / 2
+
+
+@triton.jit
+def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_wn, tiles_per_split, magic,
+                      BN: tl.constexpr, L: tl.constexpr, WPT: tl.constexpr,
+                      SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_TAIL: tl.constexpr):
+    """y[n] = s[n] * sum_k x[k] * w[n, k]; w_ptr: int32 view of the int8 [N, K] weight."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    BK: tl.constexpr = 4 * WPT * L
+    rn = pid_n * BN + tl.arange(0, BN)
+    rnc = tl.minimum(rn, N - 1).to(tl.int64)
+    rl = tl.arange(0, L)
+    rw = tl.arange(0, WPT)
+    rh = tl.arange(0, WPT // 2)
+    rj = tl.arange(0, 8)
+    w_ptrs = w_ptr + rnc[None, :, None] * stride_wn + (WPT * rl)[:, None, None] + rw[None, None, :]
+    # activations as [L, WPT // 2, 8]: 16-byte loads, reshaped to [L, WPT, 4] in registers
+    x_ptrs = x_ptr + (4 * WPT * rl)[:, None, None] + (8 * rh)[None, :, None] + rj[None, None, :]
+    acc = tl.zeros([L, BN], dtype=tl.float32)
+    n_full = K // BK
+    t0 = pid_k * tiles_per_split
+    t1 = t0 + tiles_per_split
+    if t1 > n_full:
+        t1 = n_full
+    for t in tl.range(t0, t1, num_stages=NUM_STAGES):
+        acc = _int8_tile(acc, w_ptrs, x_ptrs, t * BK, K, rl, magic, L, BN, WPT, False)
+    if HAS_TAIL:
+        if (t0 <= n_full) & (t0 + tiles_per_split > n_full):
+            acc = _int8_tile(acc, w_ptrs, x_ptrs, n_full * BK, K, rl, magic, L, BN, WPT, True)
+    s = tl.load(s_ptr + rnc).to(tl.float32)
+    y = tl.sum(acc, axis=0) * (2.0 * s)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+    else:
+        tl.atomic_add(y_ptr + rn, y, mask=rn < N, sem="relaxed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+
+_DEFAULT_SMS = 132
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int | None) -> int:
+    if device_index is None or not torch.cuda.is_available():
+        return _DEFAULT_SMS
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_sms(t: torch.Tensor) -> int:
+    return _num_sms(t.device.index if t.device.type == "cuda" else None)
+
+
+def tile_k(kind: str, cfg: GemvConfig) -> int:
+    """K elements covered by one tile of a program."""
+    return (8 if kind == "int4" else 4) * cfg.wpt * 32 * cfg.num_warps
+
+
+def supported(kind: str, K: int, group_size: int | None = None, cfg: GemvConfig | None = None) -> bool:
+    """Whether the Triton kernel handles this shape (else the op falls back to plain PyTorch)."""
+    wpt = cfg.wpt if cfg is not None else 2
+    if kind == "int4":
+        g = group_size or 0
+        return (g >= 8 * wpt and g & (g - 1) == 0 and K % g == 0 and K % (8 * wpt) == 0)
+    return K % (4 * wpt) == 0
+
+
+def choose_config(kind: str, N: int, K: int, group_size: int | None = None,
+                  num_sms: int = _DEFAULT_SMS) -> GemvConfig:
+    """Deterministic heuristic (no timing). See module docstring; benchmarks/kernels_gpu.py
+    sweeps alternatives and prints the measured best per shape."""
+    key = _config_key(kind, N, K, group_size)
+    over = _overrides().get(key)
+    if over is not None:
+        return over
+    if kind == "int4":
+        wpt = 4 if (group_size or 0) >= 32 else 2
+    else:
+        wpt = 4 if K % 16 == 0 else 2
+    per_warp = (8 if kind == "int4" else 4) * wpt * 32  # K elements per warp-tile
+    # warps along K: 4 unless another count wastes clearly less of the last (masked) tile
+    effs = {nw: K / (-(-K // (per_warp * nw)) * per_warp * nw) for nw in (4, 2, 8)}
+    top = max(effs.values())
+    nw = next(n for n in (4, 2, 8) if effs[n] >= top - 0.1)
+    # rows per program: 8 (each activation reused 8x from registers) unless that leaves too few
+    # warps to keep HBM busy; then split K when even 4 rows leave too few
+    block_n = 8
+    while block_n > 4 and -(-N // block_n) * nw < 24 * num_sms:
+        block_n //= 2
+    blocks = -(-N // block_n)
+    tiles = -(-K // (per_warp * nw))
+    split_k = 1
+    while blocks * nw * split_k < 16 * num_sms and split_k * 2 <= tiles:
+        split_k *= 2
+    return GemvConfig(block_n, nw, wpt, split_k, 1)
+
+
+def candidate_configs(kind: str, N: int, K: int, group_size: int | None = None,
+                      num_sms: int = _DEFAULT_SMS) -> list[GemvConfig]:
+    """The heuristic config plus one-axis variations of it (~10; for autotuning and the GPU
+    benchmark's sweep)."""
+    base = choose_config(kind, N, K, group_size, num_sms)
+    out = [base]
+
+    def add(c: GemvConfig) -> None:
+        if c in out or not supported(kind, K, group_size, c):
+            return
+        tiles = -(-K // tile_k(kind, c))
+        if c.split_k > tiles or (c.num_stages > 1 and tiles < 2 * c.split_k):
+            return
+        out.append(c)
+
+    for bn in (2, 4, 8, 16):
+        add(base._replace(block_n=bn))
+    for nw in (1, 2, 4, 8):
+        add(base._replace(num_warps=nw))
+    add(base._replace(wpt=2 if base.wpt == 4 else 4))
+    for st in (2, 3):
+        add(base._replace(num_stages=st))
+    for sk in (base.split_k * 2, base.split_k * 4, max(1, base.split_k // 2)):
+        add(base._replace(split_k=sk))
+    add(base._replace(block_n=8, split_k=base.split_k * 2))
+    return out
+
+
+def _config_key(kind: str, N: int, K: int, group_size: int | None) -> str:
+    return f"{kind}:{N}:{K}:{group_size or 0}"
+
+
+@functools.lru_cache(maxsize=1)
+def _overrides() -> dict[str, GemvConfig]:
+    path = os.environ.get("BLITZGEN_GEMV_CONFIGS")
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        data = json.load(f)
+    data = data.get("best_configs", data)
+    return {k: GemvConfig(**v) for k, v in data.items()}
+
+
+_TUNED: dict[str, GemvConfig] = {}
+
+
+def tuned_configs() -> dict[str, dict]:
+    """Configs picked by BLITZGEN_GEMV_AUTOTUNE=1 so far (JSON-ready, BLITZGEN_GEMV_CONFIGS format)."""
+    return {k: v.as_dict() for k, v in _TUNED.items()}
+
+
+def _autotune_enabled(*tensors: torch.Tensor) -> bool:
+    if os.environ.get("BLITZGEN_GEMV_AUTOTUNE", "0") != "1":
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if not all(type(t) is torch.Tensor and t.is_cuda for t in tensors):
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def _pick_config(kind: str, N: int, K: int, group_size: int | None, ref: torch.Tensor,
+                 run: Callable[[GemvConfig], torch.Tensor], tensors: tuple) -> GemvConfig:
+    key = _config_key(kind, N, K, group_size)
+    if key in _TUNED:
+        return _TUNED[key]
+    sms = _device_sms(ref)
+    cfg = choose_config(kind, N, K, group_size, sms)
+    if key not in _overrides() and _autotune_enabled(*tensors):
+        from triton.testing import do_bench
+
+        best = None
+        for c in candidate_configs(kind, N, K, group_size, sms):
+            if not supported(kind, K, group_size, c):
+                continue
+            try:
+                ms = do_bench(lambda: run(c), warmup=5, rep=20)
+            except Exception:  # a config that fails to compile/launch is skipped
+                continue
+            if best is None or ms < best[0]:
+                best = (ms, c)
+        if best is not None:
+            cfg = best[1]
+        _TUNED[key] = cfg
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def _identity(kernel):
+    return kernel
+
+
+def _grid_and_split(kind: str, N: int, K: int, cfg: GemvConfig):
+    bk = tile_k(kind, cfg)
+    tiles = -(-K // bk)
+    tps = -(-tiles // max(1, cfg.split_k))
+    split_k = -(-tiles // tps)
+    return (triton.cdiv(N, cfg.block_n), split_k), tps, split_k, K % bk != 0
+
+
+def _launch_int8(x1, weight, scales, cfg: GemvConfig, launch=_identity, out=None) -> torch.Tensor:
+    N, K = weight.shape
+    w32 = weight.view(torch.int32)
+    grid, tps, split_k, has_tail = _grid_and_split("int8", N, K, cfg)
+    if split_k == 1:
+        y = out if out is not None else torch.empty(N, dtype=x1.dtype, device=x1.device)
+    else:
+        y = torch.zeros(N, dtype=torch.float32, device=x1.device)
+    launch(_int8_gemv_kernel)[grid](
+        x1, w32, scales, y, N, K, w32.stride(0), tps, INT8_MAGIC,
+        BN=cfg.block_n, L=32 * cfg.num_warps, WPT=cfg.wpt, SPLIT_K=split_k,
+        NUM_STAGES=cfg.num_stages, HAS_TAIL=has_tail, num_warps=cfg.num_warps)
+    return y if split_k == 1 else y.to(x1.dtype)
+
+
+def _launch_int4(x1, qweight, scales, zeros, group_size: int, cfg: GemvConfig,
+                 launch=_identity, out=None) -> torch.Tensor:
+    N = qweight.shape[0]
+    K = qweight.shape[1] * 2
+    w32 = qweight.view(torch.int32)
+    grid, tps, split_k, has_tail = _grid_and_split("int4", N, K, cfg)
+    if split_k == 1:
+        y = out if out is not None else torch.empty(N, dtype=x1.dtype, device=x1.device)
+    else:
+        y = torch.zeros(N, dtype=torch.float32, device=x1.device)
+    launch(_int4_gemv_kernel)[grid](
+        x1, w32, scales, zeros, y, N, K, w32.stride(0), scales.stride(0), tps, INT4_MAGIC,
+        BN=cfg.block_n, L=32 * cfg.num_warps, WPT=cfg.wpt, GS=group_size, SPLIT_K=split_k,
+        NUM_STAGES=cfg.num_stages, HAS_TAIL=has_tail, num_warps=cfg.num_warps)
+    return y if split_k == 1 else y.to(x1.dtype)
+
+
+def _check_x(x: torch.Tensor, K: int) -> None:
+    if x.shape[-1] != K or x.numel() != K:
+        raise ValueError(f"GEMV kernels take one token: x of shape {tuple(x.shape)}, K={K}")
+
+
+def _int8_impl(x, weight, scales, launch, cfg: GemvConfig | None = None, out=None):
+    N, K = weight.shape
+    _check_x(x, K)
+    out_shape = (*x.shape[:-1], N)
+    x1 = x.reshape(K).contiguous()
+    weight = weight.contiguous()
+    scales = scales.reshape(N).contiguous()
+    if cfg is None:
+        cfg = _pick_config("int8", N, K, None, x1,
+                           lambda c: _launch_int8(x1, weight, scales, c), (x1, weight, scales))
+    if not supported("int8", K, None, cfg):
+        y = (x1.to(torch.float32) @ weight.to(torch.float32).t()) * scales.to(torch.float32)
+        return y.to(x.dtype).reshape(out_shape)
+    return _launch_int8(x1, weight, scales, cfg, launch, out).reshape(out_shape)
+
+
+def _int4_impl(x, qweight, scales, zeros, group_size: int, launch, cfg: GemvConfig | None = None,
+               out=None):
+    N = qweight.shape[0]
+    K = qweight.shape[1] * 2
+    _check_x(x, K)
+    out_shape = (*x.shape[:-1], N)
+    x1 = x.reshape(K).contiguous()
+    qweight = qweight.contiguous()
+    scales = scales.contiguous()
+    zeros = zeros.contiguous()
+    if cfg is None and supported("int4", K, group_size):
+        cfg = _pick_config("int4", N, K, group_size, x1,
+                           lambda c: _launch_int4(x1, qweight, scales, zeros, group_size, c),
+                           (x1, qweight, scales, zeros))
+    if cfg is None or not supported("int4", K, group_size, cfg):
+        from .reference import int4_gemv_ref
+
+        return int4_gemv_ref(x, qweight, scales, zeros, group_size)
+    return _launch_int4(x1, qweight, scales, zeros, group_size, cfg, launch, out).reshape(out_shape)
+
+
+def int8_gemv_raw(x, weight, scales, cfg: GemvConfig | None = None, out=None) -> torch.Tensor:
+    """Launch the int8 kernel directly (no torch.library; works under TRITON_INTERPRET=1).
+
+    ``out`` (optional, [N] in x's dtype) receives the result when the config has split_k == 1
+    (tests poison it to check that every element is written)."""
+    return _int8_impl(x, weight, scales, _identity, cfg, out)
+
+
+def int4_gemv_raw(x, qweight, scales, zeros, group_size: int, cfg: GemvConfig | None = None,
+                  out=None) -> torch.Tensor:
+    """Launch the int4 kernel directly (no torch.library; works under TRITON_INTERPRET=1)."""
+    return _int4_impl(x, qweight, scales, zeros, group_size, _identity, cfg, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library custom ops (traceable by torch.compile down to the Triton kernels)
+# ---------------------------------------------------------------------------------------------
+
+
+def _register_ops():
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return None, None  # wrap_triton needs JITFunction objects; the interpreter has none
+    from torch.library import triton_op, wrap_triton
+
+    @triton_op("blitzgen::int8_gemv", mutates_args=())
+    def int8_gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return _int8_impl(x, weight, scales, wrap_triton)
+
+    @triton_op("blitzgen::int4_gemv", mutates_args=())
+    def int4_gemv_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                     zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+        return _int4_impl(x, qweight, scales, zeros, group_size, wrap_triton)
+
+    return int8_gemv_op, int4_gemv_op
+
+
+_int8_op, _int4_op = _register_ops()
+
+
+def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """y = (x @ weight.T) * scales for one token (x: [..., K] with one row), bf16 out, fp32 math."""
+    if _int8_op is None:
+        return int8_gemv_raw(x, weight, scales)
+    return torch.ops.blitzgen.int8_gemv(x, weight, scales)
+
+
+def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+              group_size: int) -> torch.Tensor:
+    """y = x @ dequant(qweight, scales, zeros).T for one token (canonical int4 layout)."""
+    if _int4_op is None:
+        return int4_gemv_raw(x, qweight, scales, zeros, group_size)
+    return torch.ops.blitzgen.int4_gemv(x, qweight, scales, zeros, int(group_size))
