@@ -1,0 +1,258 @@
+"""The FastAPI app: OpenAI-compatible endpoints, health, metrics and the chat page.
+
+Routes: ``GET /`` (chat page), ``GET /health`` (503 until the model is loaded and warm, and again
+while draining), ``GET /metrics`` (Prometheus), ``GET /v1/models``, ``POST /v1/completions`` and
+``POST /v1/chat/completions`` (streamed as server-sent events with ``"stream": true``). Every error
+is answered in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``, validation errors
+included (400, never 422). ``/health`` and ``/metrics`` stay open when an API key is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..errors import ContextLengthError, InvalidRequestError
+from .engine import Engine, Job, Overloaded, Unavailable
+from .protocol import (
+    SSE_DONE, APIError, GenerationRequest, ResponseBuilder, error_body, parse_chat_request,
+    parse_completion_request, sse,
+)
+
+log = logging.getLogger("blitzgen.server")
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+_DRAIN_BYTES = 64 * 1024 * 1024  # an oversized body is read (and dropped) up to this, so the client sees the 413
+_PAGE = Path(__file__).parent / "static" / "index.html"
+_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_UNAVAILABLE = {
+    "loading": ("the model is still loading; retry shortly", "model_loading"),
+    "draining": ("the server is shutting down", "shutting_down"),
+    "failed": ("the model failed to load", "model_load_failed"),
+}
+
+
+def create_app(engine: Engine, *, api_key: str | None = None, served_model_name: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """Build the app around `engine`; the app's lifespan starts the engine and stops it at shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="blitzgen", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.engine = engine
+    page = _PAGE.read_text(encoding="utf-8")
+    key = api_key.encode() if api_key else None
+
+    # ---- errors ------------------------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        return JSONResponse(error_body(f"invalid request: {first.get('msg', 'bad value')}", param=loc),
+                            status_code=400)
+
+    @app.exception_handler(InvalidRequestError)
+    async def _invalid_request(request: Request, e: InvalidRequestError):
+        return JSONResponse(error_body(str(e), param=e.param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code, headers=e.headers)
+
+    # ---- helpers -----------------------------------------------------------------------------------
+    async def check_key(request: Request) -> None:
+        if key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
+            message = "Incorrect API key provided." if token else "Missing API key: send 'Authorization: Bearer KEY'."
+            raise APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def require_ready() -> None:
+        if engine.state != "ready":
+            raise unavailable(engine.state)
+
+    def model_name() -> str:
+        return served_model_name or engine.model_name
+
+    def check_model(requested: str | None) -> None:
+        if requested and requested not in (model_name(), engine.model_name):
+            raise APIError(404, f"The model `{requested}` does not exist; this server serves `{model_name()}`.",
+                           param="model", code="model_not_found")
+
+    def prompt_ids(req: GenerationRequest) -> list[int]:
+        if req.kind == "chat":
+            return engine.tokenizer.encode_chat(req.messages)
+        if isinstance(req.prompt, str):
+            return engine.tokenizer.encode(req.prompt)
+        if max(req.prompt) >= engine.vocab_size:
+            raise APIError(400, f"token id {max(req.prompt)} is out of range (vocabulary size "
+                                f"{engine.vocab_size})", param="prompt")
+        return list(req.prompt)
+
+    def submit(job: Job) -> int:
+        try:
+            return engine.submit(job)
+        except Overloaded:
+            raise APIError(429, f"the server is busy ({engine.num_waiting} requests waiting); retry later",
+                           type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+        except Unavailable as e:
+            raise unavailable(e.state) from None
+
+    async def generate(request: Request, kind: str):
+        body = await read_json(request, max_body_bytes)
+        req = parse_chat_request(body) if kind == "chat" else parse_completion_request(body)
+        require_ready()
+        check_model(req.model)
+        try:
+            ids = await asyncio.to_thread(prompt_ids, req)  # a long prompt must not stall other streams
+            max_tokens = req.max_tokens or max(1, engine.max_model_len - len(ids))
+            engine.check_request(len(ids), max_tokens)
+        except ContextLengthError as e:
+            raise APIError(400, str(e), param="messages" if kind == "chat" else "prompt",
+                           code="context_length_exceeded") from None
+        builder = ResponseBuilder(kind, model_name(), req.include_usage)
+        job = Job(builder.id, ids, max_tokens, req.sampling, req.stop, req.n)
+        ahead = submit(job)
+        log.info("%s queued: %s, %d prompt tokens, max_tokens %d, n %d%s, %d ahead", job.id, request.url.path,
+                 len(ids), max_tokens, req.n, ", stream" if req.stream else "", ahead)
+        headers = {"X-Request-Id": job.id}
+        if req.stream:  # the background task cancels the job if the client left before the body began
+            return StreamingResponse(stream(job, builder), media_type="text/event-stream",
+                                     headers={**headers, **_STREAM_HEADERS},
+                                     background=BackgroundTask(engine.cancel, job))
+        result = await collect(job, builder, request)
+        return JSONResponse(result, headers=headers) if result is not None else Response(status_code=499)
+
+    async def stream(job: Job, builder: ResponseBuilder):
+        """The SSE body; leaving it early (client gone: Starlette cancels it) cancels the job."""
+        opened: set[int] = set()
+        async for ev in engine.events(job):
+            if ev.kind in ("delta", "finish") and builder.kind == "chat" and ev.index not in opened:
+                opened.add(ev.index)
+                yield sse(builder.chunk(ev.index, role=True))
+            if ev.kind == "delta":
+                yield sse(builder.chunk(ev.index, ev.text))
+            elif ev.kind == "finish":
+                yield sse(builder.chunk(ev.index, finish_reason=ev.finish_reason))
+            elif ev.kind == "done" and builder.include_usage:
+                yield sse(builder.usage_chunk(len(job.prompt_ids), ev.tokens))
+            elif ev.kind == "error":
+                yield sse(error_body(ev.text, "server_error"))
+        yield SSE_DONE
+
+    async def collect(job: Job, builder: ResponseBuilder, request: Request) -> dict | None:
+        """Gather a whole response; None when the client went away (the job is then cancelled)."""
+        texts: list[list[str]] = [[] for _ in range(job.n)]
+        finish = ["length"] * job.n
+        async for ev in engine.events(job, disconnected=request.is_disconnected):
+            if ev.kind == "delta":
+                texts[ev.index].append(ev.text)
+            elif ev.kind == "finish":
+                finish[ev.index] = ev.finish_reason
+            elif ev.kind == "error":
+                raise APIError(500, ev.text, type="server_error")
+            elif ev.kind == "done":
+                return builder.response([("".join(t), f) for t, f in zip(texts, finish)], len(job.prompt_ids),
+                                        ev.tokens)
+        return None
+
+    # ---- routes ------------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/health")
+    async def health():
+        ready = engine.state == "ready"
+        return JSONResponse({"status": "ok" if ready else engine.state}, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        body, content_type = engine.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def models():
+        require_ready()
+        card = {"id": model_name(), "object": "model", "created": 0, "owned_by": "blitzgen",
+                "max_model_len": engine.max_model_len}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    async def completions(request: Request):
+        return await generate(request, "completion")
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat_completions(request: Request):
+        return await generate(request, "chat")
+
+    return app
+
+
+def unavailable(state: str) -> APIError:
+    """The 503 for an engine that takes no work in `state` (loading, draining or failed)."""
+    message, code = _UNAVAILABLE[state]
+    return APIError(503, message, type="service_unavailable", code=code, headers={"Retry-After": "5"})
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The request body as a JSON object: 413 past `limit` bytes, 400 when it is not a JSON object."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > _DRAIN_BYTES:
+        raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            parts.append(chunk)
+        elif size > _DRAIN_BYTES:
+            break
+    if size > limit:
+        raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+    try:
+        body = json.loads(b"".join(parts))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server whose shutdown signal first makes the engine refuse new work (503); uvicorn
+    then waits for the running and queued requests before the app's lifespan stops the engine."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine):
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig, frame) -> None:
+        self.engine.drain()
+        super().handle_exit(sig, frame)
+
+    def exit_now(self) -> None:
+        """Ask the server to stop (thread-safe: uvicorn polls the flag)."""
+        self.should_exit = True

@@ -1,0 +1,302 @@
+"""The serving engine: one worker thread owns the model and runs queued jobs one at a time.
+
+The Generator is synchronous and not thread-safe, so everything that touches the model (loading,
+compiling, the warm-up and every request) happens in a single dedicated thread; on CUDA this also
+keeps compiled CUDA graphs in the thread that recorded them. Requests wait in a bounded FIFO queue.
+The worker hands each job's text to the asyncio side through an ``asyncio.Queue`` fed with
+``loop.call_soon_threadsafe``; a consumer that goes away cancels its job, which the worker notices
+before it computes the next token (a waiting job is dropped from the queue at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import AsyncIterator, Awaitable, Callable
+
+from ..errors import BlitzgenError
+from ..sampling import SamplingParams
+from .metrics import Metrics
+
+log = logging.getLogger("blitzgen.server")
+
+DISCONNECT_POLL_SECONDS = 0.5
+
+
+class Unavailable(Exception):
+    """The engine takes no work now: it is loading, draining for shutdown, or failed to load."""
+
+    def __init__(self, state: str):
+        super().__init__(state)
+        self.state = state
+
+
+class Overloaded(Exception):
+    """The waiting queue is full."""
+
+
+@dataclass
+class Event:
+    """What a job's consumer receives, in order: per choice its ``delta`` texts then one ``finish``;
+    then one ``done`` (or an ``error`` instead, at any point)."""
+
+    kind: str  # "delta" | "finish" | "done" | "error"
+    index: int = 0  # the choice
+    text: str = ""  # delta: the new text; error: the message
+    finish_reason: str | None = None  # finish: "stop" | "length"
+    tokens: int = 0  # finish: tokens generated for this choice; done: for all choices
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: n completions of one prompt, generated one after another."""
+
+    id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    stop: list[str] = field(default_factory=list)
+    n: int = 1
+    arrival: float = field(default_factory=time.perf_counter)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    finished: bool = False  # the consumer saw "done" or "error"
+    _loop: asyncio.AbstractEventLoop | None = None
+    _events: asyncio.Queue | None = None
+
+    def emit(self, event: Event) -> None:
+        """Called by the worker thread: hand an event to the consumer's event loop."""
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+class Engine:
+    """Owns the model (through ``loader``, called in the worker thread) and runs jobs FIFO.
+
+    ``state`` is "loading", then "ready" (or "failed"); ``drain()`` makes it "draining": new jobs
+    are refused while accepted ones still run.
+    """
+
+    def __init__(self, loader: Callable[[], tuple], *, max_queue: int = 16, metrics: Metrics | None = None,
+                 warmup: bool = True):
+        self._loader = loader
+        self.max_queue = max_queue
+        self.metrics = metrics or Metrics()
+        self._warmup = warmup
+        self.state = "loading"
+        self.error: BaseException | None = None
+        self.on_failure: Callable[[], None] | None = None  # called (in the worker) when loading fails
+        self.lm = self.gen = None
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._running: Job | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._main, name="blitzgen-engine", daemon=True)
+
+    # ---- facts about the loaded model -------------------------------------------------------------
+    @property
+    def model_name(self) -> str | None:
+        return self.lm.name if self.lm is not None else None
+
+    @property
+    def tokenizer(self):
+        return self.lm.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.gen.max_seq_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm.args.vocab_size
+
+    def check_request(self, prompt_len: int, max_tokens: int) -> None:
+        """Raise InvalidRequestError / ContextLengthError when the request cannot run (pure check)."""
+        self.gen.check_request(prompt_len, max_tokens)
+
+    # ---- life cycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def drain(self) -> None:
+        """Refuse new work from now on; accepted jobs still run."""
+        with self._cond:
+            if self.state in ("loading", "ready"):
+                self.state = "draining"
+                log.info("draining: no new requests are accepted")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Let the worker finish the queue and exit; wait up to `timeout` seconds for it."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # ---- the asyncio side -------------------------------------------------------------------------
+    def submit(self, job: Job) -> int:
+        """Queue a job (from the event loop); return how many requests are ahead of it.
+        Raises Unavailable or Overloaded."""
+        with self._cond:
+            if self.state != "ready":
+                raise Unavailable(self.state)
+            ahead = len(self._waiting) + (self._running is not None)
+            if ahead > self.max_queue:
+                raise Overloaded(f"{len(self._waiting)} requests are waiting")
+            job._loop = asyncio.get_running_loop()
+            job._events = asyncio.Queue()
+            self._waiting.append(job)
+            self.metrics.waiting.set(len(self._waiting))
+            self._cond.notify()
+            return ahead
+
+    async def events(self, job: Job, disconnected: Callable[[], Awaitable[bool]] | None = None
+                     ) -> AsyncIterator[Event]:
+        """The job's events until "done" or "error". Leaving early (the consumer was cancelled or
+        closed it, or `disconnected()` said so, polled while no event comes) cancels the job."""
+        try:
+            while True:
+                if disconnected is None:
+                    event = await job._events.get()
+                else:
+                    try:
+                        event = await asyncio.wait_for(job._events.get(), DISCONNECT_POLL_SECONDS)
+                    except asyncio.TimeoutError:
+                        if await disconnected():
+                            return
+                        continue
+                if event.kind in ("done", "error"):
+                    job.finished = True
+                yield event
+                if job.finished:
+                    return
+        finally:
+            if not job.finished:
+                self.cancel(job)
+
+    def cancel(self, job: Job) -> None:
+        """Stop a job: a waiting one leaves the queue now, a running one before its next token
+        (a no-op for a job whose consumer saw it end)."""
+        with self._cond:
+            if job.cancelled.is_set() or job.finished:
+                return
+            job.cancelled.set()
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self.metrics.waiting.set(len(self._waiting))
+                self.metrics.finished.labels("abort").inc()
+                log.info("%s aborted while waiting", job.id)
+
+    # ---- the worker thread ------------------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            self.lm, self.gen = self._loader()
+            self.metrics.set_model(self.lm.name)
+            if self._warmup:
+                self._warm_up()
+        except BaseException as e:  # noqa: BLE001 - reported, then the server exits
+            if isinstance(e, BlitzgenError):
+                log.error("loading failed: %s", e)
+            else:
+                log.exception("loading failed")
+            with self._cond:
+                self.state, self.error = "failed", e
+            if self.on_failure:
+                self.on_failure()
+            return
+        with self._cond:
+            if self.state == "loading":
+                self.state = "ready"
+        log.info("ready: serving %s (max model length %d, queue %d)", self.lm.name, self.max_model_len,
+                 self.max_queue)
+        while True:
+            with self._cond:
+                while not self._waiting and not self._stop:
+                    self._cond.wait()
+                if not self._waiting:
+                    return
+                job = self._running = self._waiting.popleft()
+                self.metrics.waiting.set(len(self._waiting))
+                self.metrics.running.set(1)
+            try:
+                self._run(job)
+            finally:
+                with self._cond:
+                    self._running = None
+                    self.metrics.running.set(0)
+
+    def _warm_up(self) -> None:
+        """One short generation per common sampler mode, so the first request pays no compile."""
+        gen = self.gen
+        modes = [SamplingParams(temperature=0.0)]
+        if gen.compiled:  # compiled graphs are per cache size and sampler mode: fix both now
+            gen.ensure_capacity(gen.max_seq_len)
+            modes.append(SamplingParams(temperature=1.0))
+        seconds = gen.warmup(modes)
+        log.info("warm-up done in %.2f seconds%s", seconds, " (compiled)" if gen.compiled else "")
+
+    def _run(self, job: Job) -> None:
+        m, gen = self.metrics, self.gen
+        start = time.perf_counter()
+        m.queue_time.observe(start - job.arrival)
+        m.prompt_tokens.inc(len(job.prompt_ids))
+        total, finish, first_at = 0, "abort", None
+        try:
+            for index in range(job.n):
+                if job.cancelled.is_set():  # gone before this choice began: skip its prefill
+                    finish = "abort"
+                    break
+                sampling = job.sampling
+                if sampling.seed is not None and index:  # distinct yet reproducible choices
+                    sampling = replace(sampling, seed=(sampling.seed + index) % 2**63)
+                finish, last = "abort", time.perf_counter()
+                stream = gen.stream(job.prompt_ids, job.max_tokens, sampling, job.stop)
+                try:
+                    for delta in stream:
+                        if job.cancelled.is_set():
+                            break
+                        now = time.perf_counter()
+                        if first_at is None:
+                            first_at = now
+                            m.ttft.observe(now - job.arrival)
+                        elif delta.token_ids:
+                            m.observe_gaps(now - last, len(delta.token_ids))
+                        last = now
+                        if delta.text:
+                            job.emit(Event("delta", index, delta.text))
+                        finish = delta.finish_reason or finish
+                finally:
+                    stream.close()  # stops generation when we left early
+                stats = gen.last_stats
+                total += stats.generated_tokens
+                if job.cancelled.is_set():
+                    finish = "abort"
+                    break
+                if stats.decode_tokens_per_second > 0:
+                    m.decode_tps.set(stats.decode_tokens_per_second)
+                job.emit(Event("finish", index, finish_reason=finish, tokens=stats.generated_tokens))
+            else:
+                job.emit(Event("done", tokens=total))
+        except Exception as e:  # noqa: BLE001 - a failed request must not take the engine down
+            log.exception("%s failed", job.id)
+            finish = "error"
+            job.emit(Event("error", text=f"generation failed: {type(e).__name__}: {e}"))
+        end = time.perf_counter()
+        m.generation_tokens.inc(total)
+        m.finished.labels(finish).inc()
+        if finish != "abort":
+            m.e2e.observe(end - job.arrival)
+        ttft = f"{first_at - job.arrival:.2f} s" if first_at else "-"
+        log.info("%s %s: %d prompt + %d generated tokens, queued %.2f s, first token %s, %.1f tokens/s, "
+                 "total %.2f s", job.id, "aborted" if finish == "abort" else f"finished ({finish})",
+                 len(job.prompt_ids), total, start - job.arrival, ttft,
+                 total / (end - start) if end > start else 0.0, end - job.arrival)

@@ -1,0 +1,262 @@
+"""The OpenAI wire format, without I/O: request parsing and validation, response and chunk building.
+
+Requests are plain JSON objects (dicts) checked field by field, so every mistake becomes a 400 that
+names the offending ``param``, as OpenAI, vLLM and llama.cpp's server report them. Fields this
+server does not know are tolerated and ignored (so are the sampling penalties and ``logit_bias``,
+which the engine does not implement); features whose absence would change the shape of the answer
+(logprobs, echo, suffix, structured output, batched prompts) are refused with a 400.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidRequestError
+from ..sampling import SamplingParams
+
+MAX_N = 16  # most choices per request (they run one after another)
+MAX_STOP = 16  # most stop strings per request
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+class APIError(Exception):
+    """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+@dataclass
+class GenerationRequest:
+    """A validated /v1/completions or /v1/chat/completions request."""
+
+    kind: str  # "chat" | "completion"
+    model: str | None = None
+    messages: list[dict] | None = None  # chat
+    prompt: str | list[int] | None = None  # completion: text or token ids
+    max_tokens: int | None = None  # None: the rest of the context
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+
+
+# ---- field readers ---------------------------------------------------------------------------------
+_MISSING = object()
+
+
+def _get(body: dict, name: str, default: Any = None) -> Any:
+    """The field's value; null counts as absent, as in OpenAI's API."""
+    value = body.get(name, _MISSING)
+    return default if value is _MISSING or value is None else value
+
+
+def _int(body: dict, name: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int | None:
+    v = _get(body, name, default)
+    if v is None:
+        return None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise bad_request(f"'{name}' must be an integer, got {json.dumps(v)[:64]}", name)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise bad_request(f"'{name}' must be {bounds}, got {v}", name)
+    return v
+
+
+def _float(body: dict, name: str, default: float) -> float:
+    v = _get(body, name, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise bad_request(f"'{name}' must be a number, got {json.dumps(v)[:64]}", name)
+    return float(v)
+
+
+def _bool(body: dict, name: str, default: bool = False) -> bool:
+    v = _get(body, name, default)
+    if not isinstance(v, bool):
+        raise bad_request(f"'{name}' must be a boolean, got {json.dumps(v)[:64]}", name)
+    return v
+
+
+def _stop(body: dict) -> list[str]:
+    v = _get(body, "stop", [])
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise bad_request("'stop' must be a string or a list of strings", "stop")
+    if len(v) > MAX_STOP:
+        raise bad_request(f"'stop' may hold at most {MAX_STOP} strings, got {len(v)}", "stop")
+    return [s for s in v if s]
+
+
+def _sampling(body: dict) -> SamplingParams:
+    top_k = _int(body, "top_k", 0, lo=-1)
+    seed = _int(body, "seed", None)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise bad_request(f"'seed' must be a non-negative 64-bit integer, got {seed}", "seed")
+    params = SamplingParams(
+        temperature=_float(body, "temperature", 1.0),
+        top_k=0 if top_k == -1 else top_k,  # vLLM's "off" is -1
+        top_p=_float(body, "top_p", 1.0),
+        min_p=_float(body, "min_p", 0.0),
+        seed=seed,
+    )
+    try:
+        return params.validate()
+    except InvalidRequestError as e:
+        raise bad_request(str(e), e.param) from None
+
+
+def _common(body: dict, kind: str) -> GenerationRequest:
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    model = _get(body, "model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request("'model' must be a string", "model")
+    max_tokens = _int(body, "max_tokens", None, lo=1)
+    if kind == "chat":
+        max_tokens = _int(body, "max_completion_tokens", max_tokens, lo=1)
+    stream = _bool(body, "stream")
+    options = _get(body, "stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
+        if not isinstance(options, dict):
+            raise bad_request("'stream_options' must be an object", "stream_options")
+        include_usage = _bool(options, "include_usage")
+    logprobs = _get(body, "logprobs")
+    if logprobs not in (None, False, 0) or _get(body, "top_logprobs"):
+        raise bad_request("logprobs are not supported by this server", "logprobs")
+    fmt = _get(body, "response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type", "text") != "text"):
+        raise bad_request("only response_format {\"type\": \"text\"} is supported", "response_format")
+    return GenerationRequest(kind=kind, model=model or None, max_tokens=max_tokens, sampling=_sampling(body),
+                             stop=_stop(body), n=_int(body, "n", 1, lo=1, hi=MAX_N), stream=stream,
+                             include_usage=include_usage)
+
+
+def parse_chat_request(body: Any) -> GenerationRequest:
+    """Validate a /v1/chat/completions body. Message content may be a string or a list of text parts
+    (the chat template rendering checks the parts themselves)."""
+    req = _common(body, "chat")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty list", "messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise bad_request(f"messages[{i}] must be an object with a string 'role'", "messages")
+        content = m.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise bad_request(f"messages[{i}].content must be a string or a list of content parts", "messages")
+    req.messages = messages
+    return req
+
+
+def parse_completion_request(body: Any) -> GenerationRequest:
+    """Validate a /v1/completions body. The prompt is a string or a list of token ids; a list holding
+    one of those is accepted too, but batches of several prompts are not."""
+    req = _common(body, "completion")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > 1:
+            raise bad_request("batched prompts are not supported: send one prompt per request", "prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
+            raise bad_request("'prompt' must be a string or a list of token ids", "prompt")
+    elif not isinstance(prompt, str):
+        raise bad_request("'prompt' must be a string or a list of token ids", "prompt")
+    if not prompt:
+        raise bad_request("the prompt is empty", "prompt")
+    if _bool(body, "echo"):
+        raise bad_request("'echo' is not supported by this server", "echo")
+    if _get(body, "suffix"):
+        raise bad_request("'suffix' is not supported by this server", "suffix")
+    req.prompt = prompt
+    return req
+
+
+# ---- responses --------------------------------------------------------------------------------------
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sse(obj: dict) -> bytes:
+    """One server-sent event carrying a JSON object."""
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+class ResponseBuilder:
+    """Builds the response objects and stream chunks of one request (one id and timestamp for all)."""
+
+    def __init__(self, kind: str, model: str, include_usage: bool = False):
+        self.kind = kind
+        self.model = model
+        self.include_usage = include_usage
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def _envelope(self, obj_type: str, choices: list[dict]) -> dict:
+        return {"id": self.id, "object": obj_type, "created": self.created, "model": self.model,
+                "choices": choices}
+
+    def chunk(self, index: int, text: str | None = None, *, role: bool = False,
+              finish_reason: str | None = None) -> dict:
+        """A streamed chunk: the role opener (chat), a piece of text, or the finishing chunk."""
+        if self.kind == "chat":
+            delta: dict = {"role": "assistant", "content": ""} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            out = self._envelope("chat.completion.chunk", [choice])
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            out = self._envelope("text_completion", [choice])
+        if self.include_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
+        """The last chunk when stream_options.include_usage is set: no choices, the whole usage."""
+        obj_type = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return {**self._envelope(obj_type, []), "usage": usage(prompt_tokens, completion_tokens)}
+
+    def response(self, choices: list[tuple[str, str]], prompt_tokens: int, completion_tokens: int) -> dict:
+        """A whole (non-streamed) response; choices are (text, finish_reason) pairs in index order."""
+        if self.kind == "chat":
+            items = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish} for i, (text, finish) in enumerate(choices)]
+            obj_type = "chat.completion"
+        else:
+            items = [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+                     for i, (text, finish) in enumerate(choices)]
+            obj_type = "text_completion"
+        return {**self._envelope(obj_type, items), "usage": usage(prompt_tokens, completion_tokens)}

@@ -1,0 +1,73 @@
+"""The chat page in headless Chromium against the live server: streamed text appears, Stop stops it."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOT = "/tmp/blitzgen-chat-page.png"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.browser,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed"),
+]
+
+
+@pytest.fixture
+def chat_page(server):
+    """The chat page of the live server in headless Chromium (the system's, never a downloaded one)."""
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 720})
+            # the server wants a key: put it where the page's API key field keeps it
+            page.add_init_script(f"localStorage.setItem('blitzgen.apiKey', '{server.api_key}')")
+            page.goto(server.url + "/")
+            yield page
+        finally:
+            browser.close()
+
+
+def send(page, text: str, max_tokens: int) -> None:
+    page.click("#settings-toggle")
+    page.fill("#max-tokens", str(max_tokens))
+    page.eval_on_selector("#temperature", "el => { el.value = '0'; el.dispatchEvent(new Event('input')); }")
+    page.click("#settings-toggle")
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def test_a_message_streams_in_and_stop_stops_the_next(chat_page, server):
+    page = chat_page
+    page.wait_for_selector("#status.ok", timeout=60_000)
+    assert "SmolLM2" in page.inner_text("#status")
+
+    send(page, "Hi", 4)
+    page.wait_for_selector(".msg.assistant:not(.streaming) .stats", timeout=300_000)
+    reply = page.inner_text(".msg.assistant .bubble")
+    assert reply and reply != "(no text)"
+    assert "tokens" in page.inner_text(".msg.assistant .stats")
+    assert page.inner_text(".msg.user .bubble") == "Hi"
+    page.screenshot(path=SCREENSHOT)
+
+    aborted = server.metrics()['blitzgen_request_finished_total{finish_reason="abort"}']
+    send(page, "Count from 1 to 500, separated by commas.", 1000)
+    page.wait_for_function("document.querySelectorAll('.msg.assistant')[1].innerText.trim().length > 0",
+                           timeout=300_000)
+    assert page.is_visible("#stop")
+    page.click("#stop")
+    page.wait_for_selector(".msg.assistant:nth-of-type(4):not(.streaming)", timeout=30_000)
+    assert "stopped" in page.inner_text(".msg.assistant:nth-of-type(4) .stats")
+    assert page.is_visible("#send") and not page.is_visible("#stop")
+    deadline = time.monotonic() + 60  # the server saw the client go and aborted the generation
+    while server.metrics()['blitzgen_request_finished_total{finish_reason="abort"}'] == aborted:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert len(page.query_selector_all(".msg")) == 4  # two turns kept
