@@ -381,32 +381,79 @@ def supported(kind: str, K: int, group_size: int | None = None, cfg: GemvConfig 
     return K % (4 * wpt) == 0
 
 
+# Measured on a 132-SM NVIDIA H200 (torch 2.11 / Triton 3.6; benchmarks/kernels_gpu.py --budget 120,
+# quick sweep, benchmarks/results/2026-11-26-h200-kernels.json): the config used for each measured
+# (kind, N, K, group) shape, as (block_n, num_warps, wpt, split_k, num_stages). A sweep winner is
+# kept only where it beat the then-heuristic by > 3% (else that heuristic's config stays).
+_MEASURED_H200: dict[str, tuple] = {
+    # int8 (K x N: 4096x12288 / 22016 best with 8 rows x 2 warps, the rest 4 rows x 4 warps)
+    "int8:12288:4096:0": (8, 2, 4, 1, 1), "int8:4096:4096:0": (4, 4, 4, 1, 1),
+    "int8:22016:4096:0": (8, 2, 4, 1, 1), "int8:4096:11008:0": (4, 4, 4, 1, 1),
+    "int8:28672:4096:0": (4, 4, 4, 1, 1), "int8:4096:14336:0": (4, 4, 4, 1, 1),
+    "int8:32000:4096:0": (4, 4, 4, 1, 1), "int8:128256:4096:0": (4, 4, 4, 1, 1),
+}
+for _g in (32, 64, 128):  # int4: the same winners for every group size except 4096x11008
+    _MEASURED_H200.update({
+        f"int4:12288:4096:{_g}": (8, 2, 4, 1, 1), f"int4:4096:4096:{_g}": (16, 4, 4, 1, 1),
+        f"int4:22016:4096:{_g}": (8, 2, 4, 1, 1), f"int4:28672:4096:{_g}": (8, 2, 4, 1, 1),
+        f"int4:4096:14336:{_g}": (4, 2, 4, 1, 1), f"int4:32000:4096:{_g}": (8, 2, 4, 1, 1),
+        f"int4:128256:4096:{_g}": (8, 2, 4, 1, 1),
+        # g128: (16, 4) 5.4% faster than (4, 4); g32 / g64: within noise, (4, 4) kept
+        f"int4:4096:11008:{_g}": (16, 4, 4, 1, 1) if _g == 128 else (4, 4, 4, 1, 1),
+    })
+del _g
+_MEASURED_SMS = 132  # the table is used only with this SM count (H200; also H100 SXM, untested)
+
+
 def choose_config(kind: str, N: int, K: int, group_size: int | None = None,
                   num_sms: int = _DEFAULT_SMS) -> GemvConfig:
-    """Deterministic heuristic (no timing). See module docstring; benchmarks/kernels_gpu.py
-    sweeps alternatives and prints the measured best per shape."""
+    """Deterministic config for one GEMV shape (no timing).
+
+    Precedence: the ``BLITZGEN_GEMV_CONFIGS`` file, then ``_MEASURED_H200`` (the measured table,
+    only when ``num_sms == 132``), then these rules, fitted to that H200 sweep:
+
+    * ``wpt`` = 4 (16-byte loads) when possible: int4 needs group >= 32, int8 K % 16 == 0.
+    * ``num_warps`` (all along K): the preferred count unless another one wastes clearly less of
+      the last (masked) K tile. Preferred: 2 for int4 (8 rows x 2 warps was 7-23% faster than
+      8 x 4 and 11-17% faster than 4 x 4 on every K=4096, N >= 12288 int4 shape), 4 for int8
+      (4 x 4 was the best or within 3.1% of it on every int8 shape).
+    * ``block_n``: int4 8 while that still gives >= 16 warps per SM, else 4 (int4 is likely
+      issue-bound: 8 rows per thread spread each activation's load / conversion / sum over twice
+      the weights of 4 rows). int8: 16 row-warps per program, i.e. 4 rows with 4 warps (4 x 4 beat
+      8 x 4 by 1.5-7% on every large-N shape and won at N=4096) or 8 rows with 2 warps (within 3%
+      of the best at N >= 12288), but 4 rows if 8 leave < 24 warps per SM (8 x 4: -13% at N=4096).
+    * ``split_k``: doubled only while the grid has < 8 warps per SM (a guess: no smaller grid was
+      measured). Split-K adds a zero-fill, fp32 atomics and a cast (+1.5-4.4 us in the sweep):
+      split 2 / 4 lost 10-46% on every shape where it was tried, down to grids of 15.5 warps/SM.
+    * ``num_stages`` = 1 (the cp.async pipeline was ~2-2.7x slower wherever it was tried).
+
+    On the measured shapes the rules pick the table's config or one measured within ~3% of it.
+    """
     key = _config_key(kind, N, K, group_size)
     over = _overrides().get(key)
     if over is not None:
         return over
+    if num_sms == _MEASURED_SMS and key in _MEASURED_H200:
+        return GemvConfig(*_MEASURED_H200[key])
     if kind == "int4":
         wpt = 4 if (group_size or 0) >= 32 else 2
+        prefer = (2, 4, 8)
     else:
         wpt = 4 if K % 16 == 0 else 2
+        prefer = (4, 2, 8)
     per_warp = (8 if kind == "int4" else 4) * wpt * 32  # K elements per warp-tile
-    # warps along K: 4 unless another count wastes clearly less of the last (masked) tile
-    effs = {nw: K / (-(-K // (per_warp * nw)) * per_warp * nw) for nw in (4, 2, 8)}
+    # warps along K: the preferred count unless another wastes clearly less of the last tile
+    effs = {nw: K / (-(-K // (per_warp * nw)) * per_warp * nw) for nw in prefer}
     top = max(effs.values())
-    nw = next(n for n in (4, 2, 8) if effs[n] >= top - 0.1)
-    # rows per program: 8 (each activation reused 8x from registers) unless that leaves too few
-    # warps to keep HBM busy; then split K when even 4 rows leave too few
-    block_n = 8
-    while block_n > 4 and -(-N // block_n) * nw < 24 * num_sms:
-        block_n //= 2
+    nw = next(n for n in prefer if effs[n] >= top - 0.1)
+    if kind == "int4":  # 8 rows (each activation reused 8x) while >= 16 warps per SM remain
+        block_n = 8 if -(-N // 8) * nw >= 16 * num_sms else 4
+    else:  # 16 row-warps per program (8 x 2 or 4 x 4), 8 rows only while >= 24 warps per SM remain
+        block_n = 8 if nw <= 2 and -(-N // 8) * nw >= 24 * num_sms else 4
     blocks = -(-N // block_n)
     tiles = -(-K // (per_warp * nw))
     split_k = 1
-    while blocks * nw * split_k < 16 * num_sms and split_k * 2 <= tiles:
+    while blocks * nw * split_k < 8 * num_sms and split_k * 2 <= tiles:
         split_k *= 2
     return GemvConfig(block_n, nw, wpt, split_k, 1)
 
