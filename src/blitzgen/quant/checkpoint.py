@@ -1,15 +1,246 @@
-"""Self-describing quantized checkpoints (placeholder: detection only until the quant work lands)."""
+"""Self-describing quantized checkpoints.
+
+A checkpoint is a directory:
+
+- ``model.safetensors``: the quantized state dict (int8 / uint8 weights, scales, zeros, biases,
+  and the unquantized norms and token embedding), whose header metadata repeats blitzgen.json
+  (key ``blitzgen.quant``, a JSON string, plus each field as a string);
+- ``config.json``: the model's Hugging Face config (``ModelArgs.to_hf_config``);
+- ``tokenizer.json``, ``tokenizer_config.json``, ``generation_config.json``
+  (``Tokenizer.save_pretrained``);
+- ``blitzgen.json``: {"format": "blitzgen-quantized", "format_version": 1, "scheme",
+  "group_size", "dtype", "source_model", "source_kind", "blitzgen_version", "created"}.
+
+Loading needs no flag and parses no file name: the model is built on the meta device, quantized
+modules are put in per the metadata, and every tensor is assigned after a name, shape and dtype
+check.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
+from ..errors import BlitzgenError, ModelLoadError
+
 METADATA_KEY = "blitzgen.quant"
+FORMAT = "blitzgen-quantized"
+FORMAT_VERSION = 1
+META_FILE = "blitzgen.json"
+WEIGHTS_FILE = "model.safetensors"
+# keys of blitzgen.json that the loader relies on
+_REQUIRED = ("format", "format_version", "scheme")
+
+
+def _header_metadata(file: Path) -> dict | None:
+    """The safetensors header's __metadata__ (read directly: 8-byte length + JSON), or None."""
+    try:
+        with open(file, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 0 < n < 100_000_000:
+                return None
+            header = json.loads(fh.read(n))
+        return header.get("__metadata__") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _meta_from_header(file: Path) -> dict | None:
+    md = _header_metadata(file)
+    if not md or METADATA_KEY not in md:
+        return None
+    try:
+        meta = json.loads(md[METADATA_KEY])
+    except json.JSONDecodeError:
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
 
 
 def is_quantized_checkpoint(path: Path) -> bool:
-    return (path / "blitzgen.json").is_file()
+    """A directory with blitzgen.json, or whose model.safetensors carries blitzgen metadata."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    if (path / META_FILE).is_file():
+        return True
+    weights = path / WEIGHTS_FILE
+    return weights.is_file() and _meta_from_header(weights) is not None
 
 
-def load_quantized(path, device, dtype, progress=True):
-    raise NotImplementedError("quantized checkpoints are not supported yet")
+# ------------------------------------------------------------------------------------------------
+# save
+
+
+def build_metadata(lm, meta: dict) -> dict:
+    from .. import __version__
+
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "scheme": meta["scheme"],
+        "group_size": meta.get("group_size"),
+        "dtype": meta.get("dtype"),
+        "source_model": str(getattr(lm, "source", "") or ""),
+        "source_kind": str(getattr(lm, "kind", "") or ""),
+        "blitzgen_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def save_quantized(lm, out_dir: Path, meta: dict, *, dtype: torch.dtype | None = None) -> None:
+    """Write lm (a LoadedModel whose model went through quantize_model) as a checkpoint in out_dir.
+
+    dtype, when given, is the dtype of the saved float tensors (scales, zeros, biases, norms, the
+    embedding); by default they are saved as they are in memory.
+
+    blitzgen.json is written last, so a directory interrupted mid-save is not taken for a
+    checkpoint (a loader sees no blitzgen.json and no blitzgen header: no torn file is trusted).
+    """
+    from safetensors.torch import save_file
+
+    from .core import is_quantized
+
+    model = lm.model
+    if not is_quantized(model):
+        raise BlitzgenError("the model is not quantized; run quantize_model first")
+    if not meta or "scheme" not in meta:
+        raise BlitzgenError("quantization metadata must name the scheme")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if dtype is not None:
+        meta = {**meta, "dtype": str(dtype).replace("torch.", "")}
+    full = build_metadata(lm, meta)
+    (out_dir / META_FILE).unlink(missing_ok=True)
+
+    state = {k: v.detach().to(device="cpu", dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
+             .contiguous() for k, v in model.state_dict().items()}
+    header = {METADATA_KEY: json.dumps(full)}
+    header.update({f"blitzgen.{k}": str(v) for k, v in full.items() if v is not None})
+    tmp = out_dir / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp), metadata=header)
+    os.replace(tmp, out_dir / WEIGHTS_FILE)
+
+    (out_dir / "config.json").write_text(json.dumps(lm.args.to_hf_config(), indent=2) + "\n")
+    lm.tokenizer.save_pretrained(out_dir)
+    (out_dir / META_FILE).write_text(json.dumps(full, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# load
+
+
+def read_metadata(path: Path) -> dict:
+    """blitzgen.json (or the safetensors header's copy when it is absent), validated."""
+    path = Path(path)
+    file = path / META_FILE
+    if file.is_file():
+        try:
+            meta = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"cannot read {file}: {e}") from None
+        where = str(file)
+    else:
+        meta = _meta_from_header(path / WEIGHTS_FILE)
+        where = str(path / WEIGHTS_FILE)
+        if meta is None:
+            raise ModelLoadError(f"{path} is not a blitzgen quantized checkpoint (no {META_FILE})")
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"{where}: expected a JSON object")
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise ModelLoadError(f"{where} is missing {', '.join(missing)}")
+    if meta["format"] != FORMAT:
+        raise ModelLoadError(f"{where}: format {meta['format']!r} is not {FORMAT!r}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ModelLoadError(
+            f"{where}: format_version {meta['format_version']!r} is not supported by this blitzgen "
+            f"(it reads version {FORMAT_VERSION}); upgrade blitzgen or re-quantize"
+        )
+    return meta
+
+
+def config_from_metadata(meta: dict, where: str = "checkpoint"):
+    from .core import make_config
+
+    scheme = meta.get("scheme")
+    try:
+        return make_config(str(scheme), meta.get("group_size"))
+    except BlitzgenError as e:
+        raise ModelLoadError(f"{where}: unsupported quantization (scheme {scheme!r}, group size "
+                             f"{meta.get('group_size')!r}): {e}") from None
+
+
+def load_quantized(path, device, dtype, progress: bool = True):
+    """-> (model, args, tokenizer, meta). Float tensors are cast to dtype; int tensors kept."""
+    from safetensors import SafetensorError, safe_open
+    from tqdm.auto import tqdm
+
+    from ..loading import hf as hf_src
+    from ..model import Transformer
+    from ..tokenizer import Tokenizer
+    from .core import handler_for, prepare_model, set_submodule, target_linears
+
+    path = Path(path)
+    meta = read_metadata(path)
+    config = config_from_metadata(meta, str(path / META_FILE))
+    handler = handler_for(config)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelLoadError(f"{path}: {WEIGHTS_FILE} is missing")
+    header_meta = _meta_from_header(weights)
+    if header_meta is not None and (header_meta.get("scheme"), header_meta.get("group_size")) != \
+            (meta.get("scheme"), meta.get("group_size")):
+        raise ModelLoadError(
+            f"{path}: {META_FILE} says {meta.get('scheme')}/{meta.get('group_size')} but {WEIGHTS_FILE} was "
+            f"written as {header_meta.get('scheme')}/{header_meta.get('group_size')}"
+        )
+    args = hf_src.load_args(path)
+
+    with torch.device("meta"):
+        model = Transformer(args)
+        for name, lin in target_linears(model):
+            set_submodule(model, name, handler.empty(lin.in_features, lin.out_features, lin.bias is not None,
+                                                     config, dtype, "meta"))
+    expected = model.state_dict()
+
+    try:
+        fh = safe_open(str(weights), framework="pt", device="cpu")
+        names = set(fh.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelLoadError(f"corrupt or truncated {weights}: {e}") from None
+    missing = [k for k in expected if k not in names]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ModelLoadError(f"{weights} is missing tensors: {', '.join(missing[:5])}{more}")
+    extra = sorted(names - set(expected))
+    if extra:
+        more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
+        raise ModelLoadError(f"{weights} has tensors this model does not use: {', '.join(extra[:5])}{more} "
+                             "(config.json does not match the weights)")
+
+    state: dict[str, torch.Tensor] = {}
+    for name, want in tqdm(expected.items(), desc="loading weights", unit="tensor", disable=not progress,
+                           leave=False):
+        try:
+            t = fh.get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ModelLoadError(f"cannot read tensor {name} from {weights}: {e} (is the file truncated?)") from None
+        if tuple(t.shape) != tuple(want.shape):
+            raise ModelLoadError(f"tensor {name} in {weights} has shape {tuple(t.shape)}, expected "
+                                 f"{tuple(want.shape)}")
+        if want.dtype.is_floating_point != t.dtype.is_floating_point or \
+                (not want.dtype.is_floating_point and t.dtype != want.dtype):
+            raise ModelLoadError(f"tensor {name} in {weights} is {t.dtype}, expected {want.dtype}")
+        state[name] = t.to(device=device, dtype=dtype if t.dtype.is_floating_point else t.dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    prepare_model(model)
+    tokenizer = Tokenizer.from_hf_dir(path)
+    return model.eval(), args, tokenizer, meta
+
+
+def checkpoint_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())

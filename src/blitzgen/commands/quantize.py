@@ -1,0 +1,92 @@
+"""``blitzgen quantize``: write a self-describing int8 / int4 checkpoint that every command loads."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a model's weights (int8 or int4) into a checkpoint directory",
+                       description="Load a model (float32 on CPU, bfloat16 on CUDA), quantize its linear layers "
+                                   "and save a checkpoint directory that --model accepts with no extra flag.")
+    p.add_argument("--model", "-m", default=None,
+                   help="HF model directory, GGUF file or HF repo id (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--mode", required=True, choices=["int8", "int4"],
+                   help="int8: per-channel symmetric; int4: group-wise asymmetric")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32 (default), 64 or 128")
+    p.add_argument("--out", "-o", required=True, help="output directory (created; must be empty unless --force)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="where to quantize (default: cuda if available)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                   help="dtype of the saved scales, zeros, norms and embedding (the math is float32 either way)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing its files")
+    p.set_defaults(func=run)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def state_bytes(model, float_dtype=None) -> int:
+    """Bytes of the model's saved tensors (tied tensors once), float ones counted in float_dtype."""
+    import torch
+
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape)
+        if key in seen:
+            continue
+        seen.add(key)
+        size = t.element_size()
+        if float_dtype is not None and t.is_floating_point():
+            size = torch.empty((), dtype=float_dtype).element_size()
+        total += t.numel() * size
+    return total
+
+
+def run(args) -> int:
+    import torch
+
+    from ..errors import BlitzgenError
+    from ..loading import default_device, load
+    from ..quant import make_config, quantize_model
+    from ..quant.checkpoint import checkpoint_bytes, save_quantized
+
+    config = make_config(args.mode, group_size=args.group_size)
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise BlitzgenError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise BlitzgenError(f"--out {out} is not empty (pass --force to write into it)")
+    device = args.device or default_device()
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+
+    t0 = time.perf_counter()
+    lm = load(args.model, device=device, dtype=dtype, progress=sys.stderr.isatty())
+    if lm.quant is not None:
+        raise BlitzgenError(f"{lm.source} is already quantized ({lm.quant.get('scheme')}); quantize the original model")
+    before = state_bytes(lm.model)
+    log(f"Loaded {lm.name} ({lm.kind}, {lm.args.n_layers} layers, {str(dtype).replace('torch.', '')}) on {device} "
+        f"in {lm.load_seconds:.2f} seconds")
+    t1 = time.perf_counter()
+    save_dtype = getattr(torch, args.dtype)
+    meta = quantize_model(lm.model, config, dtype=save_dtype)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t_quant = time.perf_counter() - t1
+    lm.quant = meta
+    t2 = time.perf_counter()
+    save_quantized(lm, out, meta, dtype=save_dtype)
+    t_save = time.perf_counter() - t2
+    label = config.scheme + (f" (group size {config.group_size})" if config.group_size else "")
+    log(f"Quantized to {label} in {t_quant:.2f} seconds")
+    after = state_bytes(lm.model, save_dtype)
+    log(f"Weights: {_mb(before)} -> {_mb(after)} ({after / before:.1%}; scales and the unquantized token "
+        f"embedding and norms in {args.dtype})")
+    log(f"Wrote {out} ({_mb(checkpoint_bytes(out))} on disk) in {t_save:.2f} seconds; "
+        f"total {time.perf_counter() - t0:.2f} seconds")
+    log(f"Run it with: blitzgen generate --model {out} --prompt ...")
+    return 0

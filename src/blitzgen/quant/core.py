@@ -1,0 +1,209 @@
+"""Quantization configs, the scheme registry and ``quantize_model`` (see the package docstring)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn as nn
+
+from ..errors import BlitzgenError
+
+INT4_GROUP_SIZES = (32, 64, 128)
+SCHEMES = ("int8", "int4")
+# Suffixes of the Linear layers that are quantized (every Linear in model.Transformer).
+TARGETS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2", "output")
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    """Per-output-channel symmetric int8 weights; scales in the compute dtype."""
+
+    scheme: ClassVar[str] = "int8"
+
+    @property
+    def group_size(self) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class Int4Config:
+    """Group-wise asymmetric 4-bit weights (tinygemm convention); scales/zeros in the compute dtype."""
+
+    group_size: int = 32
+    scheme: ClassVar[str] = "int4"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) \
+                or self.group_size not in INT4_GROUP_SIZES:
+            raise BlitzgenError(
+                f"int4 group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, got {self.group_size!r}"
+            )
+
+
+QuantConfig = Int8Config | Int4Config
+
+
+def make_config(scheme: str, group_size: int | None = None) -> QuantConfig:
+    """The config for a scheme name ("int8" | "int4"); group_size applies to int4 only (default 32)."""
+    key = str(scheme).lower().strip()
+    if key == "int8":
+        if group_size is not None:
+            raise BlitzgenError("int8 quantization is per output channel; --group-size applies to int4 only")
+        return Int8Config()
+    if key == "int4":
+        return Int4Config() if group_size is None else Int4Config(group_size=group_size)
+    raise BlitzgenError(f"unknown quantization scheme {scheme!r} (known: {', '.join(SCHEMES)})")
+
+
+# ------------------------------------------------------------------------------------------------
+# registry: one handler per config type, torchao quantize_(model, Config)-style
+
+
+@dataclass(frozen=True)
+class Handler:
+    """How one scheme quantizes an nn.Linear and rebuilds an empty module for loading.
+
+    check(name, linear, config): raise BlitzgenError if the layer cannot take this scheme.
+    quantize(linear, config, dtype): the quantized module, ready to run (weights on the linear's
+    device, device-specific caches built; scales, zeros and bias in dtype).
+    empty(in_features, out_features, bias, config, dtype, device): an unfilled module of the
+    same layout, for assigning a checkpoint's tensors.
+    """
+
+    module_type: type
+    check: Callable[[str, nn.Linear, object], None]
+    quantize: Callable[[nn.Linear, object, torch.dtype], nn.Module]
+    empty: Callable[..., nn.Module]
+
+
+_HANDLERS: dict[type, Handler] = {}
+
+
+def register_handler(config_type: type, handler: Handler) -> None:
+    _HANDLERS[config_type] = handler
+
+
+def handler_for(config) -> Handler:
+    _load_builtin_schemes()
+    try:
+        return _HANDLERS[type(config)]
+    except KeyError:
+        raise BlitzgenError(f"no quantization handler for {type(config).__name__}") from None
+
+
+def _load_builtin_schemes() -> None:
+    from . import int4, int8  # noqa: F401  (they register themselves)
+
+
+def quantized_module_types() -> tuple[type, ...]:
+    _load_builtin_schemes()
+    return tuple(h.module_type for h in _HANDLERS.values())
+
+
+def is_quantized(model: nn.Module) -> bool:
+    types = quantized_module_types()
+    return any(isinstance(m, types) for m in model.modules())
+
+
+def target_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(qualified name, module) of every Linear that quantization replaces, in model order."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and (name in TARGETS or name.endswith(tuple("." + t for t in TARGETS)))]
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def config_meta(config) -> dict:
+    return {"scheme": config.scheme, "group_size": config.group_size}
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, config, *, dtype: torch.dtype | None = None) -> dict:
+    """Replace the model's Linear layers (wqkv, wo, w13, w2, output) in place by quantized modules.
+
+    The token embedding stays as it is; a tied output head is quantized as its own copy. Every
+    layer is checked before any is touched, so on error the model is unchanged. Scales, zeros and
+    biases are in ``dtype`` (default: the weights' dtype, i.e. the compute dtype); the math is
+    float32 either way, with values quantized against the scales as rounded to dtype. Returns
+    metadata ({"scheme", "group_size", "dtype", "quantized_modules"}).
+    """
+    if isinstance(config, str):
+        config = make_config(config)
+    handler = handler_for(config)
+    if is_quantized(model):
+        raise BlitzgenError("the model is already quantized")
+    targets = target_linears(model)
+    if not targets:
+        raise BlitzgenError("the model has no Linear layers to quantize")
+    for name, lin in targets:
+        if lin.weight.device.type == "meta":
+            raise BlitzgenError(f"{name} has no weights (meta device); load the model before quantizing")
+        handler.check(name, lin, config)
+    dtype = dtype or targets[0][1].weight.dtype
+    if not dtype.is_floating_point:
+        raise BlitzgenError(f"scales must be a float dtype, not {dtype}")
+    names = [name for name, _ in targets]
+    del targets, lin  # hold no reference, so each float weight is freed as soon as it is replaced
+    for name in names:
+        set_submodule(model, name, handler.quantize(model.get_submodule(name), config, dtype))
+    n_done = len(names)
+    return {**config_meta(config), "dtype": str(dtype).replace("torch.", ""), "quantized_modules": n_done}
+
+
+def prepare_model(model: nn.Module) -> nn.Module:
+    """Build each quantized module's device-specific caches (packed formats, kernel hooks)."""
+    for m in model.modules():
+        prep = getattr(m, "prepare", None)
+        if prep is not None and isinstance(m, quantized_module_types()):
+            prep()
+    return model
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace quantized modules by plain nn.Linear layers holding their dequantized weights, in
+    the scales' dtype (the float "twin" that tests compare against)."""
+    types = quantized_module_types()
+    for name, m in list(model.named_modules()):
+        if isinstance(m, types):
+            w = m.dequantize()
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            lin.weight = nn.Parameter(w, requires_grad=False)
+            if m.bias is not None:
+                lin.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=False)
+            set_submodule(model, name, lin)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# hook for custom GPU kernels (blitzgen.kernels.int4_gemv / int8_gemv), looked up when a module
+# is prepared, never inside forward (so torch.compile sees a plain attribute)
+
+
+def get_kernel(name: str) -> Callable | None:
+    """``blitzgen.kernels.<name>`` if that module defines it and kernels are not disabled
+    (BLITZGEN_QUANT_KERNELS=0), else None."""
+    if os.environ.get("BLITZGEN_QUANT_KERNELS", "1").lower() in ("0", "false", "no", "off"):
+        return None
+    try:
+        mod = importlib.import_module("blitzgen.kernels")
+    except Exception:  # ImportError, or a kernel module that fails to import (no triton, ...)
+        return None
+    fn = getattr(mod, name, None)
+    return fn if callable(fn) else None
+
+
+def is_single_token(x: torch.Tensor) -> bool:
+    return x.numel() == x.shape[-1]
+
+
+def scale_eps(dtype: torch.dtype) -> float:
+    """Smallest scale kept (so a zero row/group never divides by zero once cast to dtype)."""
+    return max(torch.finfo(dtype).tiny, 1e-10) if dtype.is_floating_point else 1e-10

@@ -1,0 +1,267 @@
+"""int4 weight-only: group-wise asymmetric 4-bit, the tinygemm / gpt-fast convention.
+
+Storage (persistent buffers, what checkpoints hold and what blitzgen.kernels consume):
+
+- ``qweight`` uint8 [out, in // 2]: byte j of a row holds k = 2j in its LOW nibble and k = 2j + 1
+  in its HIGH nibble; values q in 0..15.
+- ``scales``, ``zeros`` [out, in // group_size] in the compute dtype.
+- dequantization: ``w[n, k] = (q[n, k] - 8) * scales[n, k // g] + zeros[n, k // g]``, where
+  ``scale = (max - min) / 15`` and ``zero = min + 8 * scale`` over each group of g inputs.
+
+Matmul paths, chosen per call (the choice is static per shape, so torch.compile sees one path):
+
+1. CUDA, one token, and ``blitzgen.kernels.int4_gemv`` exists: that kernel,
+   ``int4_gemv(x, qweight, scales, zeros, group_size) -> y``.
+2. CUDA otherwise: ``_int4_mm_cuda``, aten's tinygemm ``_weight_int4pack_mm`` (bf16 activations)
+   on a packed copy built once by ``prepare()`` (non-persistent buffers ``packed_weight``,
+   ``packed_scales_zeros`` [in // g, out, 2]).
+3. CPU, bf16: aten's ``_weight_int4pack_mm_for_cpu`` on its own packed copy for up to 128 rows,
+   where it beats dequantizing by far; longer inputs, and float32, dequantize + F.linear.
+4. Anything else (shapes or dtypes the packed ops refuse, or a packed op that fails its one-time
+   self-check against the dequantized reference on this torch build): dequantize + F.linear.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import BlitzgenError
+from .core import (INT4_GROUP_SIZES, Handler, Int4Config, get_kernel, is_single_token, register_handler,
+                   scale_eps)
+
+# On CPU the packed int4 op beats dequantize + F.linear in bf16 up to this many rows (4 cores of the
+# H200 host, torch 2.11: 4096x4096 bf16 0.58 ms vs 60 ms at 1 row, 7.8 ms vs 62 ms at 32 rows). In
+# float32 it is no faster for SmolLM2's shapes (1.27 ms both, 576x3072, 1 row) and far slower for
+# several rows, so float32 (and float16, unmeasured) always dequantize.
+CPU_PACKED_MAX_TOKENS = {torch.bfloat16: 128}
+TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
+
+
+# ------------------------------------------------------------------------------------------------
+# packing and quantization math
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """uint8 [N, K] of values 0..15 -> uint8 [N, K // 2]; even k in the low nibble."""
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(qweight: Tensor) -> Tensor:
+    """uint8 [N, K // 2] -> uint8 [N, K] of values 0..15 (inverse of pack_int4)."""
+    return torch.stack([qweight & 0x0F, qweight >> 4], dim=-1).reshape(qweight.shape[0], -1)
+
+
+@torch.no_grad()
+def quantize_int4(w: Tensor, group_size: int, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(qweight, scales, zeros) for a float weight [N, K]: min/max per group, round-to-nearest, in
+    float32 on w's device. Values are quantized against scales/zeros as rounded to dtype."""
+    dtype = dtype or w.dtype
+    n, k = w.shape
+    if k % group_size:
+        raise BlitzgenError(f"group size {group_size} does not divide in_features {k}")
+    wf = w.detach().float().reshape(n, k // group_size, group_size)
+    lo, hi = torch.aminmax(wf, dim=-1)
+    scales = ((hi - lo).clamp(min=1e-6) / 15.0).clamp(min=scale_eps(dtype)).to(dtype)
+    zeros = (lo + 8.0 * scales.float()).to(dtype)
+    s, z = scales.float()[..., None], zeros.float()[..., None]
+    q = torch.sub(wf, z).div_(s).round_().add_(8.0).clamp_(0, 15).to(torch.uint8).reshape(n, k)
+    return pack_int4(q), scales, zeros
+
+
+def dequantize_int4(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                    dtype: torch.dtype | None = None) -> Tensor:
+    """Float weight [N, K] in dtype (default: the scales' dtype); the math is done in float32."""
+    dtype = dtype or scales.dtype
+    n, g = scales.shape
+    q = unpack_int4(qweight).reshape(n, g, group_size).float()
+    s = scales.float()[..., None]
+    w = torch.addcmul(zeros.float()[..., None] - 8.0 * s, q, s)  # (q - 8) * s + z
+    return w.reshape(n, g * group_size).to(dtype)
+
+
+def _scales_and_zeros(scales: Tensor, zeros: Tensor) -> Tensor:
+    """tinygemm's [K // g, N, 2] table of (scale, zero)."""
+    return torch.stack([scales.t(), zeros.t()], dim=-1).contiguous()
+
+
+def _inner_k_tiles(k: int) -> int | None:
+    return next((t for t in (8, 4, 2) if k % (t * 16) == 0), None)
+
+
+def to_tinygemm(qweight: Tensor, scales: Tensor, zeros: Tensor, inner_k_tiles: int) -> tuple[Tensor, Tensor]:
+    """Our layout -> (packed weight, scales_and_zeros) for aten._weight_int4pack_mm (CUDA).
+
+    Since torch 2.5 _convert_weight_to_int4pack takes uint8 [N, K // 2] with the EVEN k in the
+    HIGH nibble (gpt-fast: ``w[:, ::2] << 4 | w[:, 1::2]``), the opposite of ours: swap nibbles.
+    """
+    swapped = ((qweight & 0x0F) << 4) | (qweight >> 4)
+    packed = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), inner_k_tiles)
+    return packed, _scales_and_zeros(scales, zeros)
+
+
+def to_cpu_pack(qweight: Tensor, scales: Tensor, zeros: Tensor, inner_k_tiles: int) -> tuple[Tensor, Tensor]:
+    """Our layout -> (packed weight, scales_and_zeros) for aten._weight_int4pack_mm_for_cpu."""
+    q32 = unpack_int4(qweight).to(torch.int32).contiguous()
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q32, inner_k_tiles)
+    return packed, _scales_and_zeros(scales, zeros)
+
+
+def _int4_mm_cuda(x: Tensor, packed_weight: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
+    """The CUDA int4 matmul for 2-D/3-D x (bf16): tinygemm. Swap this function to change kernels."""
+    shape = x.shape
+    y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, shape[-1]), packed_weight, group_size, scales_and_zeros)
+    return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def _int4_mm_cpu(x: Tensor, packed_weight: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
+    shape = x.shape
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]), packed_weight, group_size,
+                                                   scales_and_zeros)
+    return y.reshape(*shape[:-1], y.shape[-1])
+
+
+_PACKERS = {"cuda": (to_tinygemm, _int4_mm_cuda), "cpu": (to_cpu_pack, _int4_mm_cpu)}
+
+
+@functools.lru_cache(maxsize=None)
+def packed_op_works(device: str, dtype: torch.dtype, group_size: int, inner_k_tiles: int) -> bool:
+    """Whether this torch build's packed int4 op for device runs and matches the dequantized
+    reference (guards against the aten ops' layout or signature changing across versions)."""
+    pack, mm = _PACKERS[device]
+    n, k = 64, inner_k_tiles * 16 * max(1, 256 // (inner_k_tiles * 16))
+    k = max(k, 2 * group_size)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=gen)
+    x = torch.randn(3, k, generator=gen)
+    try:
+        qw, s, z = (t.to(device) for t in quantize_int4(w, group_size, dtype))
+        packed, sz = pack(qw, s, z, inner_k_tiles)
+        y = mm(x.to(device, dtype), packed, sz, group_size).float().cpu()
+    except Exception as e:  # noqa: BLE001 - any failure means "do not use this op"
+        warnings.warn(f"blitzgen: int4 {device} packed matmul unavailable ({type(e).__name__}: {e}); "
+                      "falling back to dequantize + F.linear", stacklevel=2)
+        return False
+    ref = F.linear(x.to(dtype).float(), dequantize_int4(qw.cpu(), s.cpu(), z.cpu(), group_size, torch.float32))
+    err = (y - ref).abs().max().item()
+    ok = err <= 0.03 * ref.abs().max().item() + 1e-3
+    if not ok:
+        warnings.warn(f"blitzgen: int4 {device} packed matmul disagrees with the reference (max err {err:.3g}); "
+                      "falling back to dequantize + F.linear", stacklevel=2)
+    return ok
+
+
+# ------------------------------------------------------------------------------------------------
+# the module
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, group_size: int = 32,
+                 dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__()
+        if in_features % group_size or group_size % 2:
+            raise BlitzgenError(f"group size {group_size} does not divide in_features {in_features}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        n_groups = in_features // group_size
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, n_groups, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.empty(out_features, n_groups, dtype=dtype, device=device))
+        if bias:
+            self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
+        else:
+            self.register_buffer("bias", None)
+        # device-specific caches, rebuilt by prepare(); never saved
+        self.register_buffer("packed_weight", None, persistent=False)
+        self.register_buffer("packed_scales_zeros", None, persistent=False)
+        self._packed_for: tuple[str, torch.dtype] | None = None
+        self._gemv = None
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, lin: nn.Linear, group_size: int, dtype: torch.dtype | None = None) -> "Int4Linear":
+        dtype = dtype or lin.weight.dtype
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, group_size=group_size, dtype=dtype,
+                device="meta")
+        m.qweight, m.scales, m.zeros = quantize_int4(lin.weight, group_size, dtype)
+        if lin.bias is not None:
+            m.bias = lin.bias.detach().to(dtype=dtype, copy=True)
+        m.prepare()
+        return m
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """(Re)build the packed copy for the current device and dtype, and look up the GEMV hook."""
+        self.packed_weight = self.packed_scales_zeros = None
+        self._packed_for, self._gemv = None, None
+        dev, dtype = self.qweight.device.type, self.scales.dtype
+        if dev not in _PACKERS:
+            return
+        if dev == "cuda":
+            self._gemv = get_kernel("int4_gemv")
+            shape_ok = self.out_features % 8 == 0 and dtype == torch.bfloat16
+        else:  # the CPU op only pays off in bf16 (float32: no faster than dequantizing, see above)
+            shape_ok = self.out_features % 16 == 0 and dtype in CPU_PACKED_MAX_TOKENS
+        tiles = _inner_k_tiles(self.in_features)
+        if not (shape_ok and tiles and self.group_size in TINYGEMM_GROUP_SIZES):
+            return
+        if not packed_op_works(dev, dtype, self.group_size, tiles):
+            return
+        pack, _ = _PACKERS[dev]
+        self.packed_weight, self.packed_scales_zeros = pack(self.qweight, self.scales, self.zeros, tiles)
+        self._packed_for = (dev, dtype)
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half(): the packed copies are device- and dtype-specific; rebuild them.
+        super()._apply(fn, recurse)
+        if self.qweight.device.type != "meta":
+            self.prepare()
+        return self
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        return dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        packed = self._packed_for is not None and self._packed_for == (x.device.type, x.dtype)
+        if x.is_cuda and self._gemv is not None and is_single_token(x):
+            y = self._gemv(x, self.qweight, self.scales, self.zeros, self.group_size)
+        elif packed and x.is_cuda:
+            y = _int4_mm_cuda(x, self.packed_weight, self.packed_scales_zeros, self.group_size)
+        elif packed and x.numel() <= CPU_PACKED_MAX_TOKENS.get(x.dtype, 0) * x.shape[-1]:
+            y = _int4_mm_cpu(x, self.packed_weight, self.packed_scales_zeros, self.group_size)
+        else:
+            y = F.linear(x, self.dequantize(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, int4, group_size={self.group_size}")
+
+
+def _check(name: str, lin: nn.Linear, config: Int4Config) -> None:
+    if not lin.weight.dtype.is_floating_point:
+        raise BlitzgenError(f"cannot quantize {name}: its weight is {lin.weight.dtype}, not a float type")
+    if lin.in_features % config.group_size:
+        fits = ", ".join(str(g) for g in INT4_GROUP_SIZES if lin.in_features % g == 0) or "none"
+        raise BlitzgenError(
+            f"int4 group size {config.group_size} does not divide {name}'s in_features ({lin.in_features}); "
+            f"use a group size that divides it (one of {fits})"
+        )
+
+
+def _empty(in_features: int, out_features: int, bias: bool, config: Int4Config, dtype, device) -> Int4Linear:
+    return Int4Linear(in_features, out_features, bias, group_size=config.group_size, dtype=dtype, device=device)
+
+
+def _quantize(lin: nn.Linear, config: Int4Config, dtype: torch.dtype) -> Int4Linear:
+    return Int4Linear.from_linear(lin, config.group_size, dtype)
+
+
+register_handler(Int4Config, Handler(Int4Linear, _check, _quantize, _empty))

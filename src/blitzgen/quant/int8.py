@@ -1,0 +1,116 @@
+"""int8 weight-only: per-output-channel symmetric, gpt-fast's ``WeightOnlyInt8Linear``.
+
+``weight`` int8 [out, in], ``scales`` [out] in the compute dtype; w ~= weight * scales[:, None].
+forward is gpt-fast's ``F.linear(x, weight.to(x.dtype)) * scales``, with two CUDA exceptions
+measured on an H200 with torch 2.11 (one 11008x4096 layer, bf16 dense = 26 us):
+
+- one token and ``blitzgen.kernels.int8_gemv`` exists: that kernel (decode);
+- several tokens (prefill): the same formula behind a custom op, so inductor runs it as written
+  (dequantize + cuBLAS, 151 us at 16 tokens) instead of fusing the conversion into its own mixed
+  matmul (1834 us at 16 tokens). For one token inductor's fused kernel is kept (87 us with
+  coordinate-descent tuning, vs 150 us eager).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import BlitzgenError
+from .core import Handler, Int8Config, get_kernel, is_single_token, register_handler, scale_eps
+
+
+@torch.library.custom_op("blitzgen_quant::int8_linear", mutates_args=())
+def int8_linear_op(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    """F.linear(x, weight.to(x.dtype)) * scales as one opaque op (see the module docstring)."""
+    return F.linear(x, weight.to(x.dtype)) * scales
+
+
+@int8_linear_op.register_fake
+def _(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.no_grad()
+def quantize_int8(w: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """(int8 weight [out, in], scales [out] in dtype) for a float weight, round-to-nearest in float32
+    on w's device. Values are quantized against the scales as rounded to dtype."""
+    dtype = dtype or w.dtype
+    wf = w.detach().float()
+    scales = (wf.abs().amax(dim=1) / 127.0).clamp(min=scale_eps(dtype)).to(dtype)
+    q = torch.div(wf, scales.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(weight: Tensor, scales: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    dtype = dtype or scales.dtype
+    return (weight.float() * scales.float()[:, None]).to(dtype)
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
+                 dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+        if bias:
+            self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
+        else:
+            self.register_buffer("bias", None)
+        self._gemv = None  # blitzgen.kernels.int8_gemv(x, weight, scales) when available, on CUDA
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, lin: nn.Linear, dtype: torch.dtype | None = None) -> "Int8Linear":
+        dtype = dtype or lin.weight.dtype
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, dtype=dtype, device="meta")
+        m.weight, m.scales = quantize_int8(lin.weight, dtype)
+        if lin.bias is not None:
+            m.bias = lin.bias.detach().to(dtype=dtype, copy=True)
+        m.prepare()
+        return m
+
+    def prepare(self) -> None:
+        self._gemv = get_kernel("int8_gemv") if self.weight.device.type == "cuda" else None
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # a device move: look the kernel hook up again
+        if self.weight.device.type != "meta":
+            self.prepare()
+        return self
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        return dequantize_int8(self.weight, self.scales, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda and is_single_token(x) and self._gemv is not None:
+            y = self._gemv(x, self.weight, self.scales)
+        elif x.is_cuda and not is_single_token(x):
+            y = int8_linear_op(x, self.weight, self.scales)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+def _check(name: str, lin: nn.Linear, config: Int8Config) -> None:
+    if not lin.weight.dtype.is_floating_point:
+        raise BlitzgenError(f"cannot quantize {name}: its weight is {lin.weight.dtype}, not a float type")
+
+
+def _quantize(lin: nn.Linear, config: Int8Config, dtype: torch.dtype) -> Int8Linear:
+    return Int8Linear.from_linear(lin, dtype)
+
+
+def _empty(in_features: int, out_features: int, bias: bool, config: Int8Config, dtype, device) -> Int8Linear:
+    return Int8Linear(in_features, out_features, bias, dtype=dtype, device=device)
+
+
+register_handler(Int8Config, Handler(Int8Linear, _check, _quantize, _empty))
