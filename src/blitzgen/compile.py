@@ -59,8 +59,7 @@ def compile_prefill(fn: Callable, device: str) -> Callable:
 
 
 def compile_sampler(fn: Callable, device: str) -> Callable:
-    """The sampler: one small graph per sampler mode (greedy, top-k, top-p, min-p on or off)."""
+    """The sampler after prefill: one small graph per sampler mode, without CUDA graphs (it runs
+    once per request, and a graph's output would be overwritten by the next replay)."""
     configure_inductor(device)
-    if device.startswith("cuda"):
-        return torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
     return torch.compile(fn, fullgraph=True, dynamic=False)

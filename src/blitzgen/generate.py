@@ -60,29 +60,34 @@ class Completion:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights read per decoded token: every parameter and weight buffer once (tied
-    weights once), without the embedding table (one row is read) or caches and tables."""
-    seen: set[int] = set()
-    total = 0
-    skip = ("k_cache", "v_cache", "rope", "causal_mask")
+    """Bytes of weights read per decoded token: every parameter and persistent buffer once (tied
+    weights once), without the embedding table (one row is read per token). Non-persistent
+    buffers are caches, tables or derived copies (KV cache, RoPE table, mask, packed int4)."""
     emb = getattr(model, "tok_embeddings", None)
     emb_ptr = emb.weight.data_ptr() if emb is not None else None
-    tied = emb is not None and getattr(model, "output", None) is not None and \
-        getattr(model.output, "weight", None) is not None and model.output.weight.data_ptr() == emb_ptr
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.split(".")[-1] in skip or t.device.type == "meta":
+    out = getattr(model, "output", None)
+    tied = emb_ptr is not None and out is not None and getattr(out, "weight", None) is not None \
+        and out.weight.data_ptr() == emb_ptr
+    tensors = list(model.parameters())
+    for mod in model.modules():
+        tensors += [b for n, b in mod.named_buffers(recurse=False)
+                    if b is not None and n not in mod._non_persistent_buffers_set]
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        ptr = t.data_ptr()
+        if t.device.type == "meta" or ptr in seen or (ptr == emb_ptr and not tied):
             continue
-        if t.data_ptr() == emb_ptr and not tied:
-            continue
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
+        seen.add(ptr)
         total += t.numel() * t.element_size()
     return total
 
 
-def _decode_logits(model: Transformer, tok: Tensor, pos: Tensor, kv_len: int | None = None) -> Tensor:
-    return model(tok, pos, kv_len=kv_len)[:, -1]  # [B, V]
+def _decode_step(model: Transformer, tok: Tensor, pos: Tensor, samp: dict, mode: tuple, noise: Tensor | None,
+                 kv_len: int | None = None) -> Tensor:
+    """One decode step, model and sampler together: on CUDA this is one CUDA-graph replay."""
+    logits = model(tok, pos, kv_len=kv_len)[:, -1]  # [B, V]
+    return sample(logits, samp, mode, noise)  # [B]
 
 
 def _prefill_logits(model: Transformer, ids: Tensor, pos: Tensor, last: Tensor, kv_len: int | None = None) -> Tensor:
@@ -111,13 +116,14 @@ class Generator:
         if compile:
             from .compile import compile_decode, compile_prefill, compile_sampler
 
-            # The model step and the sampler are compiled apart: the (slow) model graphs then
-            # exist once per cache size / prefill bucket, and each sampler mode is a small graph.
-            self._decode = compile_decode(_decode_logits, str(self.device))
+            # Decode is one graph (model + sampler; one graph per sampler mode). Prefill's model
+            # graph (per length bucket) is compiled apart from its sampler so that bucket graphs
+            # are shared by every sampler mode; neither of those two uses CUDA graphs.
+            self._decode = compile_decode(_decode_step, str(self.device))
             self._prefill = compile_prefill(_prefill_logits, str(self.device))
             self._sample = compile_sampler(sample, str(self.device))
         else:
-            self._decode, self._prefill, self._sample = _decode_logits, _prefill_logits, sample
+            self._decode, self._prefill, self._sample = _decode_step, _prefill_logits, sample
         self._host_tok = torch.empty(1, dtype=torch.int64, pin_memory=self.is_cuda)
         self._event = torch.cuda.Event() if self.is_cuda else None
 
@@ -176,8 +182,8 @@ class Generator:
                 self._host_tok.copy_(tok, non_blocking=True)
                 self._event.record()
                 if not last:  # launch the next step before reading this token back
-                    logits = self._decode(self.model, tok.view(1, 1), pos)
-                    nxt = self._sample(logits, samp, mode, noise()).clone()
+                    # clone: a CUDA-graph output is overwritten by the next replay
+                    nxt = self._decode(self.model, tok.view(1, 1), pos, samp, mode, noise()).clone()
                     pos += 1
                 self._event.synchronize()
                 value = int(self._host_tok[0])
@@ -185,7 +191,7 @@ class Generator:
                 value = int(tok[0])
                 if not last:
                     kv = None if self.compiled else prompt_len + i + 1
-                    nxt = self._sample(self._decode(self.model, tok.view(1, 1), pos, kv), samp, mode, noise())
+                    nxt = self._decode(self.model, tok.view(1, 1), pos, samp, mode, noise(), kv)
                     pos += 1
             now = time.perf_counter()
             if first:

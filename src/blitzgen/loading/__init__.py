@@ -129,6 +129,10 @@ def load(spec: str | os.PathLike | None = None, *, device: str | None = None, dt
     if kind == "blitzgen":
         from ..quant.checkpoint import load_quantized
 
+        if quantize is not None:
+            raise ModelLoadError(f"{path} is already a quantized checkpoint; drop --quantize "
+                                 "(re-quantize from the original model to change the scheme)")
+
         model, args, tokenizer, quant_meta = load_quantized(path, device=device, dtype=dtype, progress=progress)
     elif kind == "hf":
         args = hf_src.load_args(path)
