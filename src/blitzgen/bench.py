@@ -1,0 +1,605 @@
+"""``blitzgen bench``: batch-1 tokens/s, time to first token and % of the card's copy roofline.
+
+The numbers follow gpt-fast's definitions so they can be put side by side: tokens/s is generated
+tokens over the whole ``generate`` time (prefill included), median over ``runs`` timed runs after
+``warmup`` untimed ones (the first pays compilation, reported as compile time). Bandwidth achieved
+is the weight bytes read per token times tokens/s; the roofline is a device-to-device copy
+measured in the same process (bytes read + written), like shared/peers/roofline.py.
+
+``run_bench`` returns one JSON-able dict; ``format_table`` renders it for people. A peer engine
+(gpt-fast's own ``generate()``) runs in a subprocess after ours has released the GPU, so its global
+inductor flags and module state never touch our process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import BlitzgenError
+
+MODES = ("bf16", "int8", "int4")
+DEFAULT_INT4_GROUP_SIZE = 32  # gpt-fast's published int4 figure and issue 4's target use g32
+
+# Our named shapes -> gpt-fast's ``transformer_configs`` presets (model.py of pytorch-labs/gpt-fast).
+PEER_SHAPES = {
+    "llama-2-7b": "Llama-2-7b-chat-hf",
+    "llama-2-13b": "13B",
+    "llama-2-70b": "70B",
+    "llama-3-8b": "llama-3-8b",
+    "mistral-7b": "Mistral-7B",
+    "codellama-7b": "CodeLlama-7b-Python-hf",
+    "llama-3.1-8b": "llama-3.1-8b",
+}
+# gpt-fast's block_size per preset (its KV cache can never be longer; default 2048).
+PEER_BLOCK_SIZE = {
+    "Llama-2-7b-chat-hf": 2048, "13B": 2048, "70B": 2048, "Mistral-7B": 2048,
+    "llama-3-8b": 8192, "CodeLlama-7b-Python-hf": 16384, "llama-3.1-8b": 131072,
+}
+PEER_FILES = ("model.py", "generate.py", "quantize.py", "tokenizer.py")
+PEER_INT4_GROUP_SIZES = (32, 64, 128, 256)
+CUDA_COPY_BYTES = 2 * 1024**3
+CPU_COPY_BYTES = 128 * 1024**2
+
+
+@dataclass
+class BenchOptions:
+    shape: str | None = None  # a named shape (random weights); mutually exclusive with model
+    model: str | None = None  # anything blitzgen.loading.load accepts
+    mode: str = "bf16"  # bf16 = unquantized weights in `dtype`; int8 / int4 weight-only
+    group_size: int | None = None
+    prompt_len: int = 5
+    new_tokens: int = 200
+    runs: int = 5
+    warmup: int = 1
+    device: str | None = None
+    dtype: str | None = None  # torch dtype name; default bfloat16
+    compile: bool | None = None  # default: on for CUDA
+    temperature: float = 0.8
+    top_k: int = 200
+    seed: int = 0
+    roofline: bool = True
+    peers: dict[str, str] = field(default_factory=dict)  # {"gpt-fast": DIR}
+    peer_timeout: float = 900.0
+    peer_compile: bool | None = None  # default: same as ours
+    peer_shape: str | None = None  # a gpt-fast preset name, instead of the one mapped from shape
+    command: str | None = None
+
+
+def gptfast_preset(shape: str | None) -> str:
+    """gpt-fast's preset name for one of our shapes, or a BlitzgenError naming the ones it has."""
+    if shape is None:
+        raise BlitzgenError("--peer gpt-fast needs --shape (gpt-fast runs random weights of a named shape)")
+    key = shape.lower()
+    if key not in PEER_SHAPES:
+        raise BlitzgenError(f"gpt-fast has no preset for shape {shape!r}; shapes it can run: "
+                            f"{', '.join(sorted(PEER_SHAPES))}")
+    return PEER_SHAPES[key]
+
+
+def peer_script() -> Path:
+    """benchmarks/peers/gptfast_generate.py of this checkout (blitzgen installed editable)."""
+    env = os.environ.get("BLITZGEN_GPTFAST_SCRIPT")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "benchmarks" / "peers" / "gptfast_generate.py"
+    if not path.is_file():
+        raise BlitzgenError(f"the gpt-fast harness {path} is missing: --peer needs a blitzgen source checkout "
+                            "(or BLITZGEN_GPTFAST_SCRIPT pointing at benchmarks/peers/gptfast_generate.py)")
+    return path
+
+
+def check_peers(opts: BenchOptions) -> None:
+    """Fail fast, before our own (long) run, on anything that would make a peer run fail."""
+    for name, where in opts.peers.items():
+        if name != "gpt-fast":
+            raise BlitzgenError(f"unknown peer {name!r}: the only peer is gpt-fast (--peer gpt-fast=DIR)")
+        d = Path(where).expanduser()
+        missing = [f for f in PEER_FILES if not (d / f).is_file()]
+        if not d.is_dir() or missing:
+            what = "does not exist" if not d.is_dir() else f"lacks {', '.join(missing)}"
+            raise BlitzgenError(
+                f"--peer gpt-fast={where}: {what}; DIR must hold gpt-fast's files (export model.py, generate.py, "
+                "quantize.py and tokenizer.py of github:pytorch-labs/gpt-fast into it)")
+        preset = _peer_preset(opts)
+        block = PEER_BLOCK_SIZE.get(preset, 2048)
+        if opts.prompt_len + opts.new_tokens > block:
+            raise BlitzgenError(f"gpt-fast's {preset} preset holds at most {block} positions (block_size); "
+                                f"prompt {opts.prompt_len} + {opts.new_tokens} new tokens do not fit")
+        if opts.mode == "int4" and _group_size(opts) not in PEER_INT4_GROUP_SIZES:
+            raise BlitzgenError(f"gpt-fast's int4 takes group sizes {PEER_INT4_GROUP_SIZES}, not {_group_size(opts)}")
+        peer_script()
+
+
+def _peer_preset(opts: BenchOptions) -> str:
+    return opts.peer_shape or gptfast_preset(opts.shape)
+
+
+def _group_size(opts: BenchOptions) -> int | None:
+    if opts.mode == "int4" and opts.group_size is None:
+        return DEFAULT_INT4_GROUP_SIZE
+    return opts.group_size
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else None
+
+
+# ---- the card ------------------------------------------------------------------------------------
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int | None = None, reps: int | None = None) -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read and written (median)."""
+    if device.type == "cuda":
+        nbytes = nbytes or CUDA_COPY_BYTES
+        reps = reps or 20
+        while True:
+            try:
+                a = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+                b = torch.empty_like(a)
+                break
+            except torch.OutOfMemoryError:
+                if nbytes <= 64 * 1024**2:
+                    raise
+                nbytes //= 2
+        for _ in range(3):
+            b.copy_(a)
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        ts = []
+        for _ in range(reps):
+            s.record()
+            b.copy_(a)
+            e.record()
+            torch.cuda.synchronize(device)
+            ts.append(s.elapsed_time(e) / 1e3)
+        del a, b
+        torch.cuda.empty_cache()
+    else:
+        nbytes = nbytes or CPU_COPY_BYTES
+        reps = reps or 10
+        a = torch.ones(nbytes, dtype=torch.uint8)
+        b = torch.empty_like(a)
+        b.copy_(a)
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            b.copy_(a)
+            ts.append(time.perf_counter() - t)
+        del a, b
+    return 2 * nbytes / statistics.median(ts)
+
+
+# ---- the model -----------------------------------------------------------------------------------
+def build_random_model(args, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """``Transformer(args)`` with random weights made directly on ``device`` (never on the host):
+    normal(0, 0.02) everywhere, RMSNorm weights 1."""
+    from .model import RMSNorm, Transformer
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to(dtype).to_empty(device=device)
+    if args.tie_word_embeddings:  # to_empty makes a new tensor per module: tie again
+        model.output.weight = model.tok_embeddings.weight
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            for name, p in mod.named_parameters(recurse=False):
+                if isinstance(mod, RMSNorm):
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02, generator=gen)
+    return model.eval()
+
+
+def _quant_config(mode: str, group_size: int | None):
+    try:
+        from .quant import make_config
+    except ImportError as e:
+        raise BlitzgenError(f"--mode {mode} needs blitzgen.quant, which is not available here ({e})") from None
+    return make_config(mode, group_size=group_size)
+
+
+def _oom_message(what: str, nbytes: int, device: torch.device) -> str:
+    have = ""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        have = f"; {device_name(device)} has {total / 1e9:.1f} GB ({free / 1e9:.1f} GB free now)"
+    return (f"out of memory {what}: the weights alone are {nbytes / 1e9:.2f} GB{have}. "
+            "Try --mode int8/int4, a smaller --shape, or fewer --prompt-len/--new-tokens")
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e)))
+
+
+def _release(device: torch.device) -> None:
+    """Drop compiled code, CUDA graph pools and cached blocks so the next model (or a peer
+    process) gets the whole card."""
+    try:
+        torch._dynamo.reset()
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+# ---- our run -------------------------------------------------------------------------------------
+def _resolve(opts: BenchOptions):
+    from .commands.common import DTYPES
+
+    if opts.mode not in MODES:
+        raise BlitzgenError(f"unknown --mode {opts.mode!r} (choose from {', '.join(MODES)})")
+    if opts.shape and opts.model:
+        raise BlitzgenError("give --shape (random weights) or --model (real weights), not both")
+    for name, v, low in (("--prompt-len", opts.prompt_len, 1), ("--new-tokens", opts.new_tokens, 1),
+                         ("--runs", opts.runs, 1), ("--warmup", opts.warmup, 0)):
+        if v < low:
+            raise BlitzgenError(f"{name} must be >= {low}, got {v}")
+    dev = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise BlitzgenError("--device cuda was asked for but no CUDA GPU is available (use --device cpu)")
+    device = torch.device(dev)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if opts.dtype is not None and opts.dtype not in DTYPES:
+        raise BlitzgenError(f"unknown --dtype {opts.dtype!r} (choose from {', '.join(sorted(DTYPES))})")
+    dtype = getattr(torch, DTYPES[opts.dtype]) if opts.dtype else torch.bfloat16
+    compile_ = opts.compile if opts.compile is not None else device.type == "cuda"
+    if opts.shape:  # fail before the roofline measurement and the build
+        from .config import ModelArgs
+
+        ctx = ModelArgs.from_name(opts.shape).max_seq_len  # UnsupportedModelError lists the known shapes
+        if opts.prompt_len + opts.new_tokens > ctx:
+            raise BlitzgenError(f"prompt {opts.prompt_len} + {opts.new_tokens} new tokens exceed the context length "
+                                f"of {opts.shape} ({ctx} tokens)")
+    return device, dtype, compile_
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run_ours(opts: BenchOptions, device: torch.device, dtype: torch.dtype, compile_: bool, log) -> dict:
+    from .config import ModelArgs
+    from .generate import Generator, weight_bytes
+    from .sampling import SamplingParams
+
+    res: dict = {}
+    t0 = time.perf_counter()
+    group_size = _group_size(opts)
+    quant_cfg = _quant_config(opts.mode, group_size) if opts.mode != "bf16" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if opts.shape or not opts.model and device.type == "cuda":
+        shape = opts.shape or "llama-2-7b"
+        args = ModelArgs.from_name(shape)  # UnsupportedModelError lists the known shapes
+        est = args.num_params() * torch.empty((), dtype=dtype).element_size()
+        log(f"building {shape} ({_count(args.num_params())} parameters, {est / 1e9:.3g} GB in "
+            f"{str(dtype).replace('torch.', '')}) with random weights on {device}")
+        try:
+            model = build_random_model(args, device, dtype, opts.seed)
+            quant_meta = None
+            if quant_cfg is not None:
+                from .quant import quantize_model
+
+                quant_meta = quantize_model(model, quant_cfg)
+        except Exception as e:  # noqa: BLE001
+            if _is_oom(e):
+                model = None
+                _release(device)
+                raise BlitzgenError(_oom_message(f"building {shape}", est, device)) from None
+            raise
+        res.update(shape=shape.lower(), model=None, model_name=shape.lower())
+        tokenizer = None
+    else:
+        from .loading import load
+
+        lm = load(opts.model, device=str(device), dtype=dtype, quantize=quant_cfg, progress=sys.stderr.isatty())
+        model, args, tokenizer, quant_meta = lm.model, lm.args, lm.tokenizer, lm.quant
+        res.update(shape=None, model=lm.source, model_name=lm.name)
+        log(f"loaded {lm.name} ({lm.kind}) in {lm.load_seconds:.1f} s")
+    _sync(device)
+    res["build_s"] = time.perf_counter() - t0
+    res["num_params"] = args.num_params()
+    res["model_bytes"] = nbytes = weight_bytes(model)  # one copy of each weight; packed int4 copies skipped
+    res["quant"] = _jsonable(quant_meta)
+    if quant_meta and isinstance(quant_meta, dict) and quant_meta.get("scheme"):
+        res["quant_scheme"] = quant_meta["scheme"]
+
+    P, N = opts.prompt_len, opts.new_tokens
+    gen = Generator(model, tokenizer, compile=compile_, max_seq_len=P + N)
+    gen.check_request(P, N)  # ContextLengthError names the model's context
+    g = torch.Generator().manual_seed(opts.seed)
+    prompt = torch.randint(1, max(2, min(args.vocab_size, 30000)), (P,), generator=g).tolist()
+
+    def one_run(i: int) -> tuple[float, object]:
+        sp = SamplingParams(temperature=opts.temperature, top_k=opts.top_k, seed=opts.seed + i)
+        _sync(device)
+        t = time.perf_counter()
+        n = 0
+        for _ in gen.generate_ids(prompt, N, sp, stop_token_ids=()):
+            n += 1
+        _sync(device)
+        dt = time.perf_counter() - t
+        if n != N:
+            raise RuntimeError(f"generated {n} tokens, expected {N}")
+        return dt, dataclasses.replace(gen.last_stats)
+
+    try:
+        warm = []
+        for w in range(opts.warmup):
+            dt, _ = one_run(1000 + w)
+            warm.append(dt)
+            log(f"warm-up {w + 1}/{opts.warmup}: {dt:.2f} s{' (compiles)' if compile_ and w == 0 else ''}")
+        times, stats = [], []
+        for i in range(opts.runs):
+            dt, st = one_run(i)
+            times.append(dt)
+            stats.append(st)
+            log(f"run {i + 1}/{opts.runs}: {N / dt:.2f} tokens/s, first token {st.time_to_first_token * 1e3:.1f} ms")
+    except Exception as e:  # noqa: BLE001
+        if _is_oom(e):
+            del gen, model
+            _release(device)
+            raise BlitzgenError(_oom_message(f"running prompt {P} + {N} new tokens", nbytes, device)) from None
+        raise
+    kv = 0
+    for layer in model.layers:
+        c = layer.attention.kv_cache
+        if c is not None:
+            kv += c.k_cache.numel() * c.k_cache.element_size() * 2
+    rates = [N / t for t in times]
+    res.update(
+        kv_cache_bytes=kv,
+        cache_len=model.max_seq_len,
+        tok_s=_median(rates),
+        tok_s_runs=rates,
+        decode_tok_s=_median([s.decode_tokens_per_second for s in stats]),
+        ttft_ms=_median([s.time_to_first_token * 1e3 for s in stats]),
+        total_s=_median(times),
+        warmup_s=warm,
+        compile_s=warm[0] if compile_ and warm else 0.0,
+        peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    )
+    if device.type != "cuda":
+        try:
+            import resource
+
+            res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        except (ImportError, OSError):
+            pass
+    res["bandwidth_gbs"] = nbytes * res["tok_s"] / 1e9
+    res["decode_bandwidth_gbs"] = nbytes * res["decode_tok_s"] / 1e9
+    del gen, model
+    return res
+
+
+def _jsonable(x):
+    try:
+        json.dumps(x)
+        return x
+    except (TypeError, ValueError):
+        if isinstance(x, dict):
+            return {str(k): _jsonable(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [_jsonable(v) for v in x]
+        return str(x)
+
+
+def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> dict:
+    """Benchmark blitzgen (then each peer) as ``opts`` says; returns the JSON-able result."""
+    from . import __version__
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    device, dtype, compile_ = _resolve(opts)
+    check_peers(opts)
+    result: dict = dict(
+        tool="blitzgen bench", blitzgen=__version__, command=opts.command,
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        torch=torch.__version__, python=platform.python_version(), device=str(device), gpu=device_name(device),
+        mode=opts.mode, group_size=_group_size(opts), dtype=str(dtype).replace("torch.", ""), compile=compile_,
+        prompt_len=opts.prompt_len, new_tokens=opts.new_tokens, runs=opts.runs, warmup=opts.warmup,
+        sampling=dict(temperature=opts.temperature, top_k=opts.top_k, seed=opts.seed),
+    )
+    if device.type == "cuda":
+        result["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
+    if opts.roofline:
+        bw = measure_copy_bandwidth(device)
+        result["copy_bandwidth_gbs"] = bw / 1e9
+        log(f"copy bandwidth on {result['gpu']}: {bw / 1e9:.0f} GB/s (read + written)")
+    try:
+        result.update(_run_ours(opts, device, dtype, compile_, log))
+    finally:
+        _release(device)
+    if opts.roofline:
+        bw = result["copy_bandwidth_gbs"]
+        result["roofline_tok_s"] = bw * 1e9 / result["model_bytes"]
+        result["pct_roofline"] = 100 * result["bandwidth_gbs"] / bw
+        result["pct_roofline_decode"] = 100 * result["decode_bandwidth_gbs"] / bw
+    peers, ratios = {}, {}
+    for name, where in opts.peers.items():
+        log(f"running {name}'s own generate() in a subprocess ...")
+        peers[name] = r = run_gptfast(where, _peer_preset(opts), opts.mode, _group_size(opts), opts.prompt_len,
+                                      opts.new_tokens, opts.runs, device=str(device),
+                                      compile=opts.peer_compile if opts.peer_compile is not None else compile_,
+                                      temperature=opts.temperature, top_k=opts.top_k, seed=opts.seed,
+                                      timeout=opts.peer_timeout, log=log)
+        if r.get("tok_s"):
+            ratios[name] = result["tok_s"] / r["tok_s"]
+    if opts.peers:
+        result["peers"] = peers
+        result["ratio"] = ratios
+    return result
+
+
+# ---- the peer ------------------------------------------------------------------------------------
+def gptfast_command(gpt_fast_dir: str, preset: str, mode: str, group_size: int | None, prompt_len: int,
+                    new_tokens: int, runs: int, *, device: str = "cuda", compile: bool = True,
+                    temperature: float = 0.8, top_k: int = 200, seed: int = 0) -> list[str]:
+    cmd = [sys.executable, str(peer_script()), "--gpt-fast-dir", str(gpt_fast_dir), "--shape", preset,
+           "--mode", mode, "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens), "--runs", str(runs),
+           "--device", device, "--temperature", str(temperature), "--top-k", str(top_k), "--seed", str(seed)]
+    if mode == "int4":
+        cmd += ["--group-size", str(group_size or DEFAULT_INT4_GROUP_SIZE)]
+    if not compile:
+        cmd.append("--no-compile")
+    return cmd
+
+
+def run_gptfast(gpt_fast_dir: str, preset: str, mode: str, group_size: int | None, prompt_len: int,
+                new_tokens: int, runs: int, *, device: str = "cuda", compile: bool = True,
+                temperature: float = 0.8, top_k: int = 200, seed: int = 0, timeout: float = 900.0,
+                log: Callable[[str], None] | None = None) -> dict:
+    """Run benchmarks/peers/gptfast_generate.py; returns its JSON (or {"error": ...}). Its output
+    lines go to ``log`` as they come."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    cmd = gptfast_command(gpt_fast_dir, preset, mode, group_size, prompt_len, new_tokens, runs, device=device,
+                          compile=compile, temperature=temperature, top_k=top_k, seed=seed)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore::FutureWarning")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    found: list[dict] = []
+    tail: list[str] = []
+    skipped = [0]
+
+    def pump():
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            if line.startswith("{"):
+                try:
+                    obj = json.loads(line)
+                    if isinstance(obj, dict) and obj.get("peer") == "gpt-fast":
+                        found.append(obj)
+                        continue
+                except ValueError:
+                    pass
+            if line.startswith("linear: "):  # gpt-fast's int4 quantizer prints one line per layer
+                skipped[0] += 1
+                continue
+            tail.append(line)
+            del tail[:-20]
+            log(f"  [gpt-fast] {line}")
+
+    th = threading.Thread(target=pump, daemon=True)
+    th.start()
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        th.join(5)
+        return dict(peer="gpt-fast", error=f"timed out after {timeout:.0f} s", command=cmd,
+                    wall_s=time.perf_counter() - t0)
+    th.join(10)
+    out = found[-1] if found else {}
+    out.setdefault("peer", "gpt-fast")
+    out["command"] = cmd
+    out["wall_s"] = time.perf_counter() - t0
+    if rc != 0 or not found or "tok_s" not in out:
+        out.setdefault("error", f"exit code {rc}: " + " | ".join(tail[-3:]))
+    return out
+
+
+# ---- output --------------------------------------------------------------------------------------
+def _f(x, spec: str, unit: str = "") -> str:
+    if x is None:
+        return "-"
+    if spec in (".0f", ".1f") and abs(x) < 1:
+        spec = ".2g"
+    return f"{x:{spec}}{unit}"
+
+
+def format_table(r: dict) -> str:
+    """A human summary of one ``run_bench`` result."""
+    what = r.get("shape") or r.get("model_name") or r.get("model")
+    mode = r["mode"] + (f" g{r['group_size']}" if r.get("group_size") else "")
+    if r["mode"] == "bf16" and r.get("dtype") != "bfloat16":
+        mode = f"unquantized {r['dtype']}"
+    head = (f"blitzgen bench: {what}, {mode}, prompt {r['prompt_len']} + {r['new_tokens']} new tokens, "
+            f"{r['runs']} runs, {'compiled' if r['compile'] else 'eager'}\n"
+            f"{r['gpu']}, torch {r['torch']}, {r['date']}")
+    peers = r.get("peers") or {}
+    cols = ["blitzgen"] + list(peers)
+    rows: list[tuple[str, list[str]]] = []
+
+    def row(label, ours, key=None, spec=".2f", scale=1.0, unit=""):
+        vals = [_f(None if ours is None else ours * scale, spec, unit)]
+        for p in peers.values():
+            v = p.get(key) if key else None
+            vals.append(_f(None if v is None else v * scale, spec, unit))
+        rows.append((label, vals))
+
+    bw = r.get("copy_bandwidth_gbs")
+    row("tokens/s (median)", r["tok_s"], "tok_s")
+    row("decode tokens/s", r.get("decode_tok_s"))
+    row("time to first token (ms)", r.get("ttft_ms"), None, ".1f")
+    row("bandwidth achieved (GB/s)", r.get("bandwidth_gbs"), "bw_gbs", ".0f")
+    if bw:
+        rows.append(("% of copy roofline", [_f(r.get("pct_roofline"), ".1f", "%")] +
+                     [_f(p["bw_gbs"] / bw * 100 if p.get("bw_gbs") else None, ".1f", "%") for p in peers.values()]))
+        row("% roofline, decode only", r.get("pct_roofline_decode"), None, ".1f", unit="%")
+    row("compile / warm-up (s)", r.get("compile_s") if r["compile"] else (r.get("warmup_s") or [None])[0],
+        "compile_s", ".1f")
+    if r.get("peak_memory_bytes") is not None:
+        row("peak GPU memory (GB)", r.get("peak_memory_bytes"), "peak_memory_bytes", ".2f", 1e-9)
+    else:
+        row("peak process RSS (GB)", r.get("peak_rss_bytes"), None, ".2f", 1e-9)
+    row("weights read per token (GB)", r.get("model_bytes"), "model_bytes", ".3g", 1e-9)
+    w0 = max(len(lbl) for lbl, _ in rows)
+    widths = [max(len(c), *(len(v[i]) for _, v in rows)) for i, c in enumerate(cols)]
+    lines = [head, "", " " * w0 + "  " + "  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    for lbl, vals in rows:
+        lines.append(lbl.ljust(w0) + "  " + "  ".join(v.rjust(w) for v, w in zip(vals, widths)))
+    if bw:
+        lines.append(f"roofline: copy {bw:.0f} GB/s / {r['model_bytes'] / 1e9:.3g} GB per token = "
+                     f"{r['roofline_tok_s']:.1f} tokens/s")
+    for name, p in peers.items():
+        if p.get("error"):
+            lines.append(f"{name}: failed: {p['error']}")
+        elif name in (r.get("ratio") or {}):
+            lines.append(f"blitzgen / {name}: {r['ratio'][name]:.3f}x")
+    return "\n".join(lines)
+
+
+def write_json(result: dict, dest: str) -> None:
+    text = json.dumps(result, indent=None if dest == "-" else 2, default=str)
+    if dest == "-":
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    else:
+        Path(dest).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        Path(dest).expanduser().write_text(text + "\n")

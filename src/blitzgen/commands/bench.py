@@ -1,0 +1,115 @@
+"""``blitzgen bench``: tokens/s, time to first token and % of the copy roofline, optionally beside
+gpt-fast's own generate() on the same card (see blitzgen/bench.py)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+
+def register(sub) -> None:
+    from ..bench import MODES
+    from .common import DTYPES
+
+    p = sub.add_parser(
+        "bench", help="benchmark batch-1 decode (tokens/s, % of roofline), optionally beside gpt-fast",
+        description="Generate exactly --new-tokens tokens after a random --prompt-len token prompt, --runs "
+                    "times after a warm-up (compile) run, and report tokens/s (generated tokens over the whole "
+                    "generate time, like gpt-fast), decode-only tokens/s, time to first token, bandwidth achieved "
+                    "and its share of the card's measured copy bandwidth.")
+    src = p.add_argument_group("model")
+    src.add_argument("--shape", default=None,
+                     help="named architecture with random weights made on the device (llama-2-7b, llama-3-8b, "
+                          "llama-2-13b, llama-2-70b, mistral-7b, tiny, ...). Default: llama-2-7b on CUDA, the "
+                          "embedded SmolLM2-135M model on CPU")
+    src.add_argument("--model", "-m", default=None,
+                     help="real weights instead: HF directory, GGUF file, quantized checkpoint or repo id")
+    src.add_argument("--mode", choices=MODES, default="bf16",
+                     help="bf16: unquantized weights in --dtype; int8/int4: weight-only quantization")
+    src.add_argument("--group-size", type=int, default=None, help="quantization group size (int4 default 32)")
+    src.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    src.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight/activation dtype (bfloat16)")
+    src.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="torch.compile decode and prefill (default: on for CUDA)")
+    run = p.add_argument_group("run")
+    run.add_argument("--prompt-len", type=int, default=5, help="random prompt tokens (default 5)")
+    run.add_argument("--new-tokens", type=int, default=200, help="tokens generated per run; EOS never stops (200)")
+    run.add_argument("--runs", type=int, default=5, help="timed runs, median reported (5)")
+    run.add_argument("--warmup", type=int, default=1, help="untimed runs first; the first one compiles (1)")
+    run.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (0.8, like gpt-fast)")
+    run.add_argument("--top-k", type=int, default=200, help="(200, like gpt-fast)")
+    run.add_argument("--seed", type=int, default=0, help="weights, prompt and sampling seed (0)")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", default=None, metavar="FILE",
+                     help="write the result as JSON to FILE ('-': print one JSON object on stdout, the table "
+                          "goes to stderr)")
+    out.add_argument("--no-roofline", dest="roofline", action="store_false",
+                     help="skip measuring the copy bandwidth")
+    peer = p.add_argument_group("peer")
+    peer.add_argument("--peer", action="append", default=[], metavar="gpt-fast=DIR",
+                      help="also run gpt-fast's own generate() (files exported into DIR) in a subprocess with the "
+                           "same shape, mode, prompt and new tokens, and report the ratio")
+    peer.add_argument("--peer-timeout", type=float, default=900.0, help="seconds before the peer run is killed (900)")
+    peer.add_argument("--peer-shape", default=None, metavar="PRESET",
+                      help="gpt-fast preset to run instead of the one matching --shape (e.g. stories15M)")
+    p.set_defaults(func=run_cmd)
+
+
+def parse_peers(items: list[str]) -> dict[str, str]:
+    from ..errors import BlitzgenError
+
+    peers = {}
+    for item in items:
+        name, sep, where = item.partition("=")
+        if not sep or not name or not where:
+            raise BlitzgenError(f"--peer takes NAME=DIR (e.g. gpt-fast=.peers/gpt-fast), got {item!r}")
+        peers[name.strip().lower()] = where
+    return peers
+
+
+def options_from_args(args):
+    from ..bench import BenchOptions
+
+    return BenchOptions(
+        shape=args.shape, model=args.model, mode=args.mode, group_size=args.group_size,
+        prompt_len=args.prompt_len, new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup,
+        device=args.device, dtype=args.dtype, compile=args.compile, temperature=args.temperature,
+        top_k=args.top_k, seed=args.seed, roofline=args.roofline, peers=parse_peers(args.peer),
+        peer_timeout=args.peer_timeout, peer_shape=args.peer_shape, command=command_line(args),
+    )
+
+
+def command_line(args) -> str:
+    """The command as typed when this process is the blitzgen CLI, else its canonical form."""
+    argv0 = sys.argv[0].replace("\\", "/") if sys.argv else ""
+    ours = argv0.rsplit("/", 1)[-1] in ("blitzgen", "blitzgen.exe") or argv0.endswith(
+        ("blitzgen/cli.py", "blitzgen/__main__.py"))
+    if ours and "bench" in sys.argv[1:]:
+        return shlex.join(["blitzgen", *sys.argv[1:]])
+    parts = ["blitzgen", "bench"]
+    for key in ("shape", "model", "mode", "group_size", "prompt_len", "new_tokens", "runs", "warmup", "device",
+                "dtype", "temperature", "top_k", "seed", "json", "peer_timeout", "peer_shape"):
+        v = getattr(args, key, None)
+        if v is not None:
+            parts += [f"--{key.replace('_', '-')}", str(v)]
+    if args.compile is not None:
+        parts.append("--compile" if args.compile else "--no-compile")
+    if not args.roofline:
+        parts.append("--no-roofline")
+    for item in args.peer:
+        parts += ["--peer", item]
+    return shlex.join(parts)
+
+
+def run_cmd(args) -> int:
+    from ..bench import format_table, run_bench, write_json
+
+    result = run_bench(options_from_args(args))
+    table = format_table(result)
+    to_stdout = args.json != "-"
+    print(table, file=sys.stdout if to_stdout else sys.stderr, flush=True)
+    if args.json:
+        write_json(result, args.json)
+    peers = result.get("peers") or {}
+    return 1 if any(p.get("error") for p in peers.values()) else 0
