@@ -196,6 +196,9 @@ def get_kernel(name: str) -> Callable | None:
         mod = importlib.import_module("blitzgen.kernels")
     except Exception:  # ImportError, or a kernel module that fails to import (no triton, ...)
         return None
+    available = getattr(mod, "available", None)
+    if callable(available) and not available():  # e.g. no Triton: the module's own path is faster
+        return None
     fn = getattr(mod, name, None)
     return fn if callable(fn) else None
 
