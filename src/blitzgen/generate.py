@@ -146,7 +146,8 @@ class Generator:
         if n_tokens <= self.capacity:
             return
         cap = min(-(-n_tokens // CACHE_ROUND) * CACHE_ROUND, self.max_seq_len)
-        self.model.setup_caches(1, cap)
+        with torch.inference_mode(False):  # plain tensors, so the model still works outside inference mode
+            self.model.setup_caches(1, cap)
         self.capacity = cap
 
     # ---- token generation -----------------------------------------------------------------------
