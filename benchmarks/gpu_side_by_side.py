@@ -194,7 +194,8 @@ def main(argv=None) -> int:
 def _run_all(a, named, budget, left, save, results, not_run, out, t_start) -> int:
     import torch
 
-    from blitzgen.bench import BenchOptions, _release, check_peers, gptfast_preset, run_bench, run_gptfast
+    from blitzgen.bench import BenchOptions, _release, run_bench
+    from blitzgen.bench_peers import check_peers, gptfast_preset, run_gptfast
     from blitzgen.errors import BlitzgenError
 
     for name, (shape, mode, group, P, N) in named:

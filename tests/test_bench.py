@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from blitzgen import bench
+from blitzgen import bench, bench_peers
 from blitzgen.cli import main
 from blitzgen.config import NAMED_SHAPES, ModelArgs
 from blitzgen.errors import BlitzgenError
@@ -101,18 +101,18 @@ def test_cuda_without_gpu(capsys):
 
 
 def test_gptfast_shape_mapping():
-    assert bench.gptfast_preset("llama-2-7b") == "Llama-2-7b-chat-hf"
-    assert bench.gptfast_preset("Llama-2-13B") == "13B"
-    assert bench.gptfast_preset("llama-2-70b") == "70B"
-    assert bench.gptfast_preset("llama-3-8b") == "llama-3-8b"
-    assert bench.gptfast_preset("mistral-7b") == "Mistral-7B"
-    assert bench.gptfast_preset("codellama-7b") == "CodeLlama-7b-Python-hf"
-    assert bench.gptfast_preset("llama-3.1-8b") == "llama-3.1-8b"
-    assert set(bench.PEER_SHAPES) <= set(NAMED_SHAPES)  # every mapped shape is one of ours
+    assert bench_peers.gptfast_preset("llama-2-7b") == "Llama-2-7b-chat-hf"
+    assert bench_peers.gptfast_preset("Llama-2-13B") == "13B"
+    assert bench_peers.gptfast_preset("llama-2-70b") == "70B"
+    assert bench_peers.gptfast_preset("llama-3-8b") == "llama-3-8b"
+    assert bench_peers.gptfast_preset("mistral-7b") == "Mistral-7B"
+    assert bench_peers.gptfast_preset("codellama-7b") == "CodeLlama-7b-Python-hf"
+    assert bench_peers.gptfast_preset("llama-3.1-8b") == "llama-3.1-8b"
+    assert set(bench_peers.PEER_SHAPES) <= set(NAMED_SHAPES)  # every mapped shape is one of ours
     with pytest.raises(BlitzgenError, match="no preset for shape 'tiny'.*llama-2-7b"):
-        bench.gptfast_preset("tiny")
+        bench_peers.gptfast_preset("tiny")
     with pytest.raises(BlitzgenError, match="needs --shape"):
-        bench.gptfast_preset(None)
+        bench_peers.gptfast_preset(None)
 
 
 def test_gptfast_presets_match_our_shapes():
@@ -121,32 +121,32 @@ def test_gptfast_presets_match_our_shapes():
         pytest.skip("gpt-fast sources are not exported into .peers/gpt-fast")
     ns: dict = {}
     exec(compile((GPT_FAST / "model.py").read_text(), "gpt-fast-model.py", "exec"), ns)
-    for ours, preset in bench.PEER_SHAPES.items():
+    for ours, preset in bench_peers.PEER_SHAPES.items():
         a, g = ModelArgs.from_name(ours), ns["ModelArgs"].from_name(preset)
         assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.intermediate_size) == \
                (g.dim, g.n_layer, g.n_head, g.n_local_heads, g.intermediate_size), ours
-        assert g.block_size == bench.PEER_BLOCK_SIZE[preset]
+        assert g.block_size == bench_peers.PEER_BLOCK_SIZE[preset]
         if ours != "codellama-7b":  # gpt-fast's CodeLlama preset says 32000 (the HF model has 32016)
             assert a.vocab_size == g.vocab_size, ours
 
 
 def test_check_peers(tmp_path):
-    for f in bench.PEER_FILES:
+    for f in bench_peers.PEER_FILES:
         (tmp_path / f).write_text("")
     ok = bench.BenchOptions(shape="llama-2-7b", prompt_len=1800, new_tokens=200, peers={"gpt-fast": str(tmp_path)})
-    bench.check_peers(ok)
+    bench_peers.check_peers(ok)
     with pytest.raises(BlitzgenError, match="block_size"):
-        bench.check_peers(bench.BenchOptions(shape="llama-2-7b", prompt_len=2000, new_tokens=100,
+        bench_peers.check_peers(bench.BenchOptions(shape="llama-2-7b", prompt_len=2000, new_tokens=100,
                                              peers={"gpt-fast": str(tmp_path)}))
     with pytest.raises(BlitzgenError, match="unknown peer"):
-        bench.check_peers(bench.BenchOptions(shape="llama-2-7b", peers={"vllm": str(tmp_path)}))
+        bench_peers.check_peers(bench.BenchOptions(shape="llama-2-7b", peers={"vllm": str(tmp_path)}))
     (tmp_path / "quantize.py").unlink()
     with pytest.raises(BlitzgenError, match="lacks quantize.py"):
-        bench.check_peers(ok)
+        bench_peers.check_peers(ok)
 
 
 def test_gptfast_command_carries_the_config():
-    cmd = bench.gptfast_command("/g", "13B", "int4", None, 7, 9, 3, device="cuda", compile=False)
+    cmd = bench_peers.gptfast_command("/g", "13B", "int4", None, 7, 9, 3, device="cuda", compile=False)
     s = " ".join(cmd)
     assert cmd[1].endswith("benchmarks/peers/gptfast_generate.py")
     for part in ("--shape 13B", "--mode int4", "--group-size 32", "--prompt-len 7", "--new-tokens 9",
@@ -207,7 +207,7 @@ def test_peer_script_reports_missing_files(tmp_path):
 
     if shutil.which(sys.executable) is None:
         pytest.skip("no interpreter path")
-    proc = subprocess.run([sys.executable, str(bench.peer_script()), "--gpt-fast-dir", str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(bench_peers.peer_script()), "--gpt-fast-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     obj = json.loads(proc.stdout.strip().splitlines()[-1])

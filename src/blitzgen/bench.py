@@ -17,12 +17,9 @@ import dataclasses
 import datetime as _dt
 import gc
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,28 +27,11 @@ from typing import Callable
 
 import torch
 
+from .bench_peers import _group_size, _peer_preset, check_peers, run_gptfast
 from .errors import BlitzgenError
 
 MODES = ("bf16", "int8", "int4")
-DEFAULT_INT4_GROUP_SIZE = 32  # gpt-fast's published int4 figure and issue 4's target use g32
 
-# Our named shapes -> gpt-fast's ``transformer_configs`` presets (model.py of pytorch-labs/gpt-fast).
-PEER_SHAPES = {
-    "llama-2-7b": "Llama-2-7b-chat-hf",
-    "llama-2-13b": "13B",
-    "llama-2-70b": "70B",
-    "llama-3-8b": "llama-3-8b",
-    "mistral-7b": "Mistral-7B",
-    "codellama-7b": "CodeLlama-7b-Python-hf",
-    "llama-3.1-8b": "llama-3.1-8b",
-}
-# gpt-fast's block_size per preset (its KV cache can never be longer; default 2048).
-PEER_BLOCK_SIZE = {
-    "Llama-2-7b-chat-hf": 2048, "13B": 2048, "70B": 2048, "Mistral-7B": 2048,
-    "llama-3-8b": 8192, "CodeLlama-7b-Python-hf": 16384, "llama-3.1-8b": 131072,
-}
-PEER_FILES = ("model.py", "generate.py", "quantize.py", "tokenizer.py")
-PEER_INT4_GROUP_SIZES = (32, 64, 128, 256)
 CUDA_COPY_BYTES = 2 * 1024**3
 CPU_COPY_BYTES = 128 * 1024**2
 
@@ -78,59 +58,6 @@ class BenchOptions:
     peer_compile: bool | None = None  # default: same as ours
     peer_shape: str | None = None  # a gpt-fast preset name, instead of the one mapped from shape
     command: str | None = None
-
-
-def gptfast_preset(shape: str | None) -> str:
-    """gpt-fast's preset name for one of our shapes, or a BlitzgenError naming the ones it has."""
-    if shape is None:
-        raise BlitzgenError("--peer gpt-fast needs --shape (gpt-fast runs random weights of a named shape)")
-    key = shape.lower()
-    if key not in PEER_SHAPES:
-        raise BlitzgenError(f"gpt-fast has no preset for shape {shape!r}; shapes it can run: "
-                            f"{', '.join(sorted(PEER_SHAPES))}")
-    return PEER_SHAPES[key]
-
-
-def peer_script() -> Path:
-    """benchmarks/peers/gptfast_generate.py of this checkout (blitzgen installed editable)."""
-    env = os.environ.get("BLITZGEN_GPTFAST_SCRIPT")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "benchmarks" / "peers" / "gptfast_generate.py"
-    if not path.is_file():
-        raise BlitzgenError(f"the gpt-fast harness {path} is missing: --peer needs a blitzgen source checkout "
-                            "(or BLITZGEN_GPTFAST_SCRIPT pointing at benchmarks/peers/gptfast_generate.py)")
-    return path
-
-
-def check_peers(opts: BenchOptions) -> None:
-    """Fail fast, before our own (long) run, on anything that would make a peer run fail."""
-    for name, where in opts.peers.items():
-        if name != "gpt-fast":
-            raise BlitzgenError(f"unknown peer {name!r}: the only peer is gpt-fast (--peer gpt-fast=DIR)")
-        d = Path(where).expanduser()
-        missing = [f for f in PEER_FILES if not (d / f).is_file()]
-        if not d.is_dir() or missing:
-            what = "does not exist" if not d.is_dir() else f"lacks {', '.join(missing)}"
-            raise BlitzgenError(
-                f"--peer gpt-fast={where}: {what}; DIR must hold gpt-fast's files (export model.py, generate.py, "
-                "quantize.py and tokenizer.py of github:pytorch-labs/gpt-fast into it)")
-        preset = _peer_preset(opts)
-        block = PEER_BLOCK_SIZE.get(preset, 2048)
-        if opts.prompt_len + opts.new_tokens > block:
-            raise BlitzgenError(f"gpt-fast's {preset} preset holds at most {block} positions (block_size); "
-                                f"prompt {opts.prompt_len} + {opts.new_tokens} new tokens do not fit")
-        if opts.mode == "int4" and _group_size(opts) not in PEER_INT4_GROUP_SIZES:
-            raise BlitzgenError(f"gpt-fast's int4 takes group sizes {PEER_INT4_GROUP_SIZES}, not {_group_size(opts)}")
-        peer_script()
-
-
-def _peer_preset(opts: BenchOptions) -> str:
-    return opts.peer_shape or gptfast_preset(opts.shape)
-
-
-def _group_size(opts: BenchOptions) -> int | None:
-    if opts.mode == "int4" and opts.group_size is None:
-        return DEFAULT_INT4_GROUP_SIZE
-    return opts.group_size
 
 
 def _count(n: int) -> str:
@@ -464,74 +391,6 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> d
         result["peers"] = peers
         result["ratio"] = ratios
     return result
-
-
-# ---- the peer ------------------------------------------------------------------------------------
-def gptfast_command(gpt_fast_dir: str, preset: str, mode: str, group_size: int | None, prompt_len: int,
-                    new_tokens: int, runs: int, *, device: str = "cuda", compile: bool = True,
-                    temperature: float = 0.8, top_k: int = 200, seed: int = 0) -> list[str]:
-    cmd = [sys.executable, str(peer_script()), "--gpt-fast-dir", str(gpt_fast_dir), "--shape", preset,
-           "--mode", mode, "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens), "--runs", str(runs),
-           "--device", device, "--temperature", str(temperature), "--top-k", str(top_k), "--seed", str(seed)]
-    if mode == "int4":
-        cmd += ["--group-size", str(group_size or DEFAULT_INT4_GROUP_SIZE)]
-    if not compile:
-        cmd.append("--no-compile")
-    return cmd
-
-
-def run_gptfast(gpt_fast_dir: str, preset: str, mode: str, group_size: int | None, prompt_len: int,
-                new_tokens: int, runs: int, *, device: str = "cuda", compile: bool = True,
-                temperature: float = 0.8, top_k: int = 200, seed: int = 0, timeout: float = 900.0,
-                log: Callable[[str], None] | None = None) -> dict:
-    """Run benchmarks/peers/gptfast_generate.py; returns its JSON (or {"error": ...}). Its output
-    lines go to ``log`` as they come."""
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    cmd = gptfast_command(gpt_fast_dir, preset, mode, group_size, prompt_len, new_tokens, runs, device=device,
-                          compile=compile, temperature=temperature, top_k=top_k, seed=seed)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore::FutureWarning")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    found: list[dict] = []
-    tail: list[str] = []
-    skipped = [0]
-
-    def pump():
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            if line.startswith("{"):
-                try:
-                    obj = json.loads(line)
-                    if isinstance(obj, dict) and obj.get("peer") == "gpt-fast":
-                        found.append(obj)
-                        continue
-                except ValueError:
-                    pass
-            if line.startswith("linear: "):  # gpt-fast's int4 quantizer prints one line per layer
-                skipped[0] += 1
-                continue
-            tail.append(line)
-            del tail[:-20]
-            log(f"  [gpt-fast] {line}")
-
-    th = threading.Thread(target=pump, daemon=True)
-    th.start()
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        th.join(5)
-        return dict(peer="gpt-fast", error=f"timed out after {timeout:.0f} s", command=cmd,
-                    wall_s=time.perf_counter() - t0)
-    th.join(10)
-    out = found[-1] if found else {}
-    out.setdefault("peer", "gpt-fast")
-    out["command"] = cmd
-    out["wall_s"] = time.perf_counter() - t0
-    if rc != 0 or not found or "tok_s" not in out:
-        out.setdefault("error", f"exit code {rc}: " + " | ".join(tail[-3:]))
-    return out
 
 
 # ---- output --------------------------------------------------------------------------------------
