@@ -145,7 +145,11 @@ class Generator:
         """Grow the static KV cache to hold n_tokens (rounded up; a recompile when compiled)."""
         if n_tokens <= self.capacity:
             return
-        cap = min(-(-n_tokens // CACHE_ROUND) * CACHE_ROUND, self.max_seq_len)
+        if self.compiled:  # each size is a recompile: grow geometrically so there are few
+            cap = max(CACHE_ROUND, 1 << (n_tokens - 1).bit_length())
+        else:
+            cap = -(-n_tokens // CACHE_ROUND) * CACHE_ROUND
+        cap = min(cap, self.max_seq_len)
         with torch.inference_mode(False):  # plain tensors, so the model still works outside inference mode
             self.model.setup_caches(1, cap)
         self.capacity = cap
@@ -281,7 +285,8 @@ class Generator:
                prompt_len: int = 8, new_tokens: int = 4) -> float:
         """Run short generations so compilation (and CUDA graph capture) happens now; returns seconds."""
         t0 = time.perf_counter()
-        prompt = [0] * min(prompt_len, max(1, self.max_seq_len - new_tokens - 1))
+        new_tokens = max(1, min(new_tokens, self.max_seq_len - 1))
+        prompt = [0] * max(1, min(prompt_len, self.max_seq_len - new_tokens))
         for sp in sampling_modes:
             for _ in self.generate_ids(prompt, new_tokens, sp, stop_token_ids=()):
                 pass

@@ -197,8 +197,7 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = KVCache(max_batch, self.args.n_kv_heads, max_seq_len,
                                                self.args.head_dim, dtype, device)
         self.register_buffer("rope", rope_cache(self.args, max_seq_len, device, dtype), persistent=False)
-        mask = torch.tril(torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device))
-        self.register_buffer("causal_mask", mask, persistent=False)
+        self.register_buffer("cache_pos", torch.arange(max_seq_len, device=device), persistent=False)
         self.max_seq_len, self.max_batch = max_seq_len, max_batch
 
     def forward(self, idx: Tensor, input_pos: Tensor, kv_len: int | None = None,
@@ -209,7 +208,7 @@ class Transformer(nn.Module):
         must cover every position written so far). logits_at: [N] indices into T; only those
         positions get logits ([B, N, V]), which saves the output matmul over a long prompt.
         """
-        mask = self.causal_mask[None, None, input_pos]  # [1, 1, T, S]
+        mask = (self.cache_pos[None, :] <= input_pos[:, None])[None, None]  # causal: [1, 1, T, S]
         rope = self.rope[:, input_pos]  # [2, T, D]
         x = self.tok_embeddings(idx)
         for layer in self.layers:

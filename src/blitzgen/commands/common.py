@@ -49,11 +49,11 @@ def load_engine(args, *, warm: bool = True, log=None):
         from ..quant import make_config
 
         quant = make_config(args.quantize, group_size=args.group_size)
-    lm = load(args.model, device=device, dtype=dtype, quantize=quant, progress=sys.stderr.isatty())
     if args.max_model_len is not None and args.max_model_len < 2:
         from ..errors import InvalidRequestError
 
         raise InvalidRequestError(f"--max-model-len must be at least 2, got {args.max_model_len}")
+    lm = load(args.model, device=device, dtype=dtype, quantize=quant, progress=sys.stderr.isatty())
     compile_ = args.compile if args.compile is not None else device.startswith("cuda")
     gen = Generator(lm.model, lm.tokenizer, compile=compile_, max_seq_len=args.max_model_len)
     log(f"Loaded {lm.name} ({lm.kind}, {lm.args.n_layers} layers, {dtype_name(dtype)}"

@@ -77,7 +77,7 @@ def run(args) -> int:
     gen.check_request(len(ids), args.max_new_tokens)
     gen.ensure_capacity(len(ids) + args.max_new_tokens)
     if gen.compiled:
-        secs = gen.warmup([sampling])
+        secs = gen.warmup([sampling], prompt_len=len(ids))  # compiles this prompt's prefill bucket too
         print(f"Compilation time: {secs:.2f} seconds", file=sys.stderr, flush=True)
     nbytes = weight_bytes(lm.model)
     rates = []
