@@ -22,6 +22,7 @@ from ..errors import BlitzgenError
 from ..sampling import SamplingParams
 from .metrics import Metrics
 
+WARM_CACHE_TOKENS = 8192  # KV-cache positions allocated up front when compiled
 log = logging.getLogger("blitzgen.server")
 
 DISCONNECT_POLL_SECONDS = 0.5
@@ -239,7 +240,8 @@ class Engine:
         gen = self.gen
         modes = [SamplingParams(temperature=0.0)]
         if gen.compiled:  # compiled graphs are per cache size and sampler mode: fix both now
-            gen.ensure_capacity(gen.max_seq_len)
+            # ...but never preallocate a 128K-token cache: longer requests grow it (one recompile)
+            gen.ensure_capacity(min(gen.max_seq_len, WARM_CACHE_TOKENS))
             modes.append(SamplingParams(temperature=1.0))
         seconds = gen.warmup(modes)
         log.info("warm-up done in %.2f seconds%s", seconds, " (compiled)" if gen.compiled else "")
