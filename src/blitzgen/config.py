@@ -8,8 +8,7 @@ names.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from .errors import UnsupportedModelError
 
@@ -34,7 +33,6 @@ class ModelArgs:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 has biases on q, k and v
     model_type: str = "llama"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:

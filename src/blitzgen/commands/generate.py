@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 
@@ -45,10 +46,6 @@ def register(sub) -> None:
 
 
 def build_prompt_ids(tokenizer, prompt: str, raw: bool, system: str | None = None) -> list[int]:
-    from ..errors import InvalidRequestError
-
-    if not prompt.strip():
-        raise InvalidRequestError("the prompt is empty", param="prompt")
     if raw or not tokenizer.chat_template:
         return tokenizer.encode(prompt)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -83,7 +80,7 @@ def run(args) -> int:
     rates = []
     out = sys.stdout
     for i in range(args.num_samples):
-        sp = sampling if sampling.seed is None else type(sampling)(**{**sampling.__dict__, "seed": sampling.seed + i})
+        sp = sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + i)
         for d in gen.stream(ids, args.max_new_tokens, sp, args.stop):
             if not args.quiet:
                 out.write(d.text)

@@ -13,7 +13,7 @@ import importlib.util
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,7 +41,6 @@ class LoadedModel:
     name: str
     load_seconds: float = 0.0
     quant: dict | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def default_model_path() -> Path:
