@@ -136,6 +136,9 @@ def main(argv=None) -> int:
                     help="stop starting work when this many seconds have passed (the call limit is 600)")
     ap.add_argument("--min-left", type=float, default=100,
                     help="start a side of a config only with at least this many seconds of the total left")
+    ap.add_argument("--decode-attention", default=None, metavar="IMPL[:CHUNKS]",
+                    help="blitzgen's one-token attention: sdpa, matmul or split:C (default: the model's own; "
+                         "benchmarks/attention_gpu.py compares them)")
     ap.add_argument("--cache-dir", default=None,
                     help="TORCHINDUCTOR_CACHE_DIR for both engines (an ignored folder such as out/inductor-cache "
                          "survives between calls on a warm machine)")
@@ -164,6 +167,15 @@ def main(argv=None) -> int:
         sys.path.insert(0, str(REPO / "src"))
     import torch
 
+    if a.decode_attention:
+        from blitzgen.model import DECODE_ATTENTION, Attention
+        impl, _, chunks = a.decode_attention.partition(":")
+        if impl not in DECODE_ATTENTION or (chunks and not chunks.isdigit()):
+            log(f"--decode-attention takes one of {', '.join(DECODE_ATTENTION)} (split:C), got {a.decode_attention!r}")
+            return 2
+        Attention.decode_impl = impl
+        if chunks:
+            Attention.decode_chunks = int(chunks)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         log("no CUDA GPU here (use --device cpu for a smoke test)")
         return 2
@@ -203,7 +215,8 @@ def _run_all(a, named, budget, left, save, results, not_run, out, t_start) -> in
             not_run.append(name)
             continue
         log(f"\n=== {name} ({left():.0f} s of the total budget left) ===")
-        rec: dict = dict(config=name, shape=shape, mode=mode, group_size=group, prompt_len=P, new_tokens=N)
+        rec: dict = dict(config=name, shape=shape, mode=mode, group_size=group, prompt_len=P, new_tokens=N,
+                         decode_attention=a.decode_attention or "default")
         results.append(rec)
         opts = BenchOptions(shape=shape, mode=mode, group_size=group, prompt_len=P, new_tokens=N, runs=a.runs,
                             warmup=a.warmup, device=a.device, compile=a.compile,

@@ -101,6 +101,10 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.q_size, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
+    # how one-token decode attends (see decode_attention); a class default that benchmarks can change
+    decode_impl = "auto"
+    decode_chunks = 4
+
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, kv_len: int | None) -> Tensor:
         B, T, _ = x.shape
         qk, v = self.wqkv(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
@@ -114,27 +118,50 @@ class Attention(nn.Module):
         if kv_len is not None:  # eager decode: attend only over the filled prefix of the cache
             k, v, mask = k[:, :, :kv_len], v[:, :, :kv_len], mask[..., :kv_len]
         if T == 1:
-            y = decode_attention(q, k, v, mask)
+            y = decode_attention(q, k, v, mask, self.decode_impl, self.decode_chunks)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
         y = y.transpose(1, 2).reshape(B, T, self.q_size)
         return self.wo(y)
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+DECODE_ATTENTION = ("auto", "sdpa", "matmul", "split")
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, impl: str = "auto", chunks: int = 4) -> Tensor:
     """Attention for one query token with grouped KV heads, without repeating the cache.
 
     q: [B, H, 1, D]; k, v: [B, Hkv, S, D]; mask: [1, 1, 1, S]. The G = H / Hkv query heads that
-    share a KV head become G rows of one matmul, so each cache entry is read once (SDPA's math
-    path would materialise the cache G times). Plain ops, so inductor fuses mask and softmax.
+    share a KV head all sit at the same position, so they are G query rows against that KV head
+    under the same mask: each cache entry is read once (SDPA's enable_gqa and gpt-fast's
+    repeat_interleave read or copy it G times).
+
+    impl "sdpa": one fused SDPA call on [B, Hkv, G, D] queries. "matmul": scores by one matmul,
+    softmax over the cache, one matmul with V. "split": as matmul, but probabilities times V in
+    `chunks` slices of the cache as a batch of matmuls, summed after (flash-decoding's split-K in
+    plain ops: the sum over S gets chunks times more parallel work). All give the same result up
+    to rounding; which is fastest depends on Hkv, G and S. "auto" takes what measured fastest
+    (benchmarks/attention_gpu.py, H100, torch 2.11, BENCHMARKS.md): SDPA when G == 1 (it launches
+    one block per head, and 32 heads fill the card well enough: 56% of the copy bandwidth at S=2000,
+    matmul 49%), split in 4 when G > 1 (SDPA's 8 blocks for 8 KV heads reached 6% at S=4256, split:4
+    27%, gpt-fast's repeat_interleave 9%).
     """
     B, H, _, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, S = k.shape[1], k.shape[2]
+    if impl == "auto":
+        impl = "sdpa" if H == Hkv else "split"
     qg = q.reshape(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D]
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).reshape(B, H, 1, D)
     scores = (qg @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(D))  # [B, Hkv, G, S]
-    scores = scores.masked_fill(~mask[0], -float("inf"))
-    probs = scores.softmax(-1).to(v.dtype)
-    return (probs @ v).reshape(B, H, 1, D)
+    probs = scores.masked_fill(~mask, -float("inf")).softmax(-1).to(v.dtype)
+    if impl == "split" and chunks > 1 and S % chunks == 0:
+        L = S // chunks
+        pc = probs.view(B, Hkv, H // Hkv, chunks, L).transpose(2, 3)  # [B, Hkv, C, G, L]
+        out = (pc @ v.view(B, Hkv, chunks, L, D)).float().sum(2).to(v.dtype)  # [B, Hkv, G, D]
+    else:
+        out = probs @ v
+    return out.reshape(B, H, 1, D)
 
 
 class FeedForward(nn.Module):
