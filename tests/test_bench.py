@@ -156,13 +156,30 @@ def test_gptfast_command_carries_the_config():
 
 def test_build_random_model_on_device():
     args = ModelArgs.from_name("tiny").replace(tie_word_embeddings=True)
-    m = bench.build_random_model(args, torch.device("cpu"), torch.bfloat16, seed=1)
-    assert m.output.weight is m.tok_embeddings.weight
+    m, meta = bench.build_random_model(args, torch.device("cpu"), torch.bfloat16, seed=1)
+    assert meta is None and m.output.weight is m.tok_embeddings.weight
     assert m.norm.weight.dtype == torch.bfloat16 and bool((m.layers[0].ffn_norm.weight == 1).all())
     w = m.layers[0].feed_forward.w13.weight.float()
     assert abs(w.std().item() - 0.02) < 0.003 and w.device.type == "cpu"
-    m2 = bench.build_random_model(args, torch.device("cpu"), torch.bfloat16, seed=1)
+    m2, _ = bench.build_random_model(args, torch.device("cpu"), torch.bfloat16, seed=1)
     assert torch.equal(m2.layers[1].attention.wqkv.weight, m.layers[1].attention.wqkv.weight)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_build_random_model_quantizes_layer_by_layer(scheme):
+    """Each Linear is quantized as it is made; no float weight of a target Linear is kept."""
+    from blitzgen.quant import is_quantized, make_config
+
+    args = ModelArgs.from_name("tiny").replace(tie_word_embeddings=True)
+    m, meta = bench.build_random_model(args, torch.device("cpu"), torch.bfloat16, seed=1,
+                                       quantize=make_config(scheme))
+    assert is_quantized(m) and meta["scheme"] == scheme and meta["quantized_modules"] == 4 * args.n_layers + 1
+    assert not any(isinstance(mod, torch.nn.Linear) for mod in m.modules())
+    assert not any(t.device.type == "meta" for t in list(m.parameters()) + list(m.buffers()))
+    assert m.tok_embeddings.weight.dtype == torch.bfloat16  # the embedding stays float
+    m.setup_caches(1, 16)
+    logits = m(torch.tensor([[1, 2, 3]]), torch.arange(3))
+    assert logits.shape == (1, 3, args.vocab_size) and bool(torch.isfinite(logits).all())
 
 
 def test_format_table_with_peer():

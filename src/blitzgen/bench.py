@@ -126,26 +126,48 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int | None = None, reps
 
 
 # ---- the model -----------------------------------------------------------------------------------
-def build_random_model(args, device: torch.device, dtype: torch.dtype, seed: int = 0):
+def build_random_model(args, device: torch.device, dtype: torch.dtype, seed: int = 0, quantize=None):
     """``Transformer(args)`` with random weights made directly on ``device`` (never on the host):
-    normal(0, 0.02) everywhere, RMSNorm weights 1."""
+    normal(0, 0.02) everywhere, RMSNorm weights 1. With ``quantize`` (a quant config) each Linear is
+    quantized as soon as its random weight exists, so a 70B int4 shape needs the int4 bytes plus
+    one float layer, not the float model. Returns (model, quantization metadata or None)."""
+    import torch.nn as nn
+
     from .model import RMSNorm, Transformer
 
     with torch.device("meta"):
         model = Transformer(args)
-    model = model.to(dtype).to_empty(device=device)
-    if args.tie_word_embeddings:  # to_empty makes a new tensor per module: tie again
-        model.output.weight = model.tok_embeddings.weight
+    handler, targets = None, {}
+    if quantize is not None:
+        from .quant.core import plan_quantization, quant_metadata, quantize_weight, set_submodule
+
+        handler, targets = plan_quantization(model, quantize, dtype)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
+
+    def fresh(shape, norm: bool) -> torch.Tensor:
+        t = torch.empty(shape, device=device, dtype=dtype)
+        return t.fill_(1.0) if norm else t.normal_(0.0, 0.02, generator=gen)
+
     with torch.no_grad():
-        for mod in model.modules():
-            for name, p in mod.named_parameters(recurse=False):
-                if isinstance(mod, RMSNorm):
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0.0, 0.02, generator=gen)
-    return model.eval()
+        for name, mod in list(model.named_modules()):
+            if name in targets:
+                continue
+            for pname, p in list(mod.named_parameters(recurse=False)):
+                setattr(mod, pname, nn.Parameter(fresh(p.shape, isinstance(mod, RMSNorm)), requires_grad=False))
+        if args.tie_word_embeddings and "output" not in targets:
+            model.output.weight = model.tok_embeddings.weight
+        for name, has_bias in targets.items():
+            lin = model.get_submodule(name)
+            if name == "output" and args.tie_word_embeddings:
+                weight = model.tok_embeddings.weight.detach()  # quantized as its own copy
+            else:
+                weight = fresh(lin.weight.shape, False)
+            bias = fresh(lin.bias.shape, False) if has_bias else None
+            set_submodule(model, name, quantize_weight(handler, quantize, weight, bias, dtype))
+            del weight, bias
+    meta = quant_metadata(quantize, dtype, len(targets)) if quantize is not None else None
+    return model.eval(), meta
 
 
 def _quant_config(mode: str, group_size: int | None):
@@ -238,12 +260,7 @@ def _run_ours(opts: BenchOptions, device: torch.device, dtype: torch.dtype, comp
         log(f"building {shape} ({_count(args.num_params())} parameters, {est / 1e9:.3g} GB in "
             f"{str(dtype).replace('torch.', '')}) with random weights on {device}")
         try:
-            model = build_random_model(args, device, dtype, opts.seed)
-            quant_meta = None
-            if quant_cfg is not None:
-                from .quant import quantize_model
-
-                quant_meta = quantize_model(model, quant_cfg)
+            model, quant_meta = build_random_model(args, device, dtype, opts.seed, quantize=quant_cfg)
         except Exception as e:  # noqa: BLE001
             if _is_oom(e):
                 model = None

@@ -110,9 +110,11 @@ def default_device() -> str:
 
 
 def load(spec: str | os.PathLike | None = None, *, device: str | None = None, dtype: torch.dtype | None = None,
-         quantize: object | None = None, progress: bool = True) -> LoadedModel:
+         quantize: object | None = None, quant_dtype: torch.dtype | None = None,
+         progress: bool = True) -> LoadedModel:
     """Load model and tokenizer from any supported source. ``quantize`` is a quant config or
-    ``"int8"``/``"int4"``; it quantizes on the fly after loading."""
+    ``"int8"``/``"int4"``; each layer is quantized as it is loaded (the float model is never whole in memory),
+    with scales and zeros in ``quant_dtype`` (default: dtype)."""
     from ..tokenizer import Tokenizer
 
     t0 = time.perf_counter()
@@ -136,19 +138,16 @@ def load(spec: str | os.PathLike | None = None, *, device: str | None = None, dt
     elif kind == "hf":
         args = hf_src.load_args(path)
         src = hf_src.SafetensorsSource(hf_src.safetensors_files(path))
-        model = build_model(args, "hf", src.get, src.names(), device=device, dtype=dtype, progress=progress)
+        model, quant_meta = build_model(args, "hf", src.get, src.names(), device=device, dtype=dtype,
+                                        progress=progress, quantize=quantize, quant_dtype=quant_dtype)
         tokenizer = Tokenizer.from_hf_dir(path)
     else:
         reader = gguf_src.open_reader(path)
         args = gguf_src.load_args(reader)
         src = gguf_src.GGUFSource(reader, args)
-        model = build_model(args, "gguf", src.get, src.names(), device=device, dtype=dtype,
-                            transform=src.transform, progress=progress)
+        model, quant_meta = build_model(args, "gguf", src.get, src.names(), device=device, dtype=dtype,
+                                        transform=src.transform, progress=progress, quantize=quantize, quant_dtype=quant_dtype)
         tokenizer = Tokenizer.from_gguf(reader)
-    if quantize is not None and quant_meta is None:
-        from ..quant import quantize_model
-
-        quant_meta = quantize_model(model, quantize)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     name = path.stem if path.is_file() else path.name

@@ -124,6 +124,38 @@ def config_meta(config) -> dict:
     return {"scheme": config.scheme, "group_size": config.group_size}
 
 
+def quant_metadata(config, dtype: torch.dtype, n_modules: int) -> dict:
+    return {**config_meta(config), "dtype": str(dtype).replace("torch.", ""), "quantized_modules": n_modules}
+
+
+def plan_quantization(model: nn.Module, config, dtype: torch.dtype) -> tuple[Handler, dict[str, bool]]:
+    """Check every target Linear of ``model`` (its weights may still be on the meta device) against
+    ``config`` before anything is loaded or quantized. Returns the handler and {module name: has
+    bias} of the targets, for quantizing layer by layer as the weights arrive (``quantize_weight``)."""
+    if isinstance(config, str):
+        config = make_config(config)
+    handler = handler_for(config)
+    if not dtype.is_floating_point:
+        raise BlitzgenError(f"scales must be a float dtype, not {dtype}")
+    targets = target_linears(model)
+    if not targets:
+        raise BlitzgenError("the model has no Linear layers to quantize")
+    for name, lin in targets:
+        handler.check(name, lin, config)
+    return handler, {name: lin.bias is not None for name, lin in targets}
+
+
+@torch.no_grad()
+def quantize_weight(handler: Handler, config, weight: torch.Tensor, bias: torch.Tensor | None,
+                    dtype: torch.dtype) -> nn.Module:
+    """The quantized module for one Linear's weight [out, in] (and bias), on the weight's device."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias, requires_grad=False)
+    return handler.quantize(lin, config, dtype)
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, config, *, dtype: torch.dtype | None = None) -> dict:
     """Replace the model's Linear layers (wqkv, wo, w13, w2, output) in place by quantized modules.
@@ -133,28 +165,24 @@ def quantize_model(model: nn.Module, config, *, dtype: torch.dtype | None = None
     biases are in ``dtype`` (default: the weights' dtype, i.e. the compute dtype); the math is
     float32 either way, with values quantized against the scales as rounded to dtype. Returns
     metadata ({"scheme", "group_size", "dtype", "quantized_modules"}).
+
+    This needs the whole float model in memory first; ``loading.load(..., quantize=...)`` and
+    the benchmark's random-weight builder quantize each layer as it arrives instead.
     """
     if isinstance(config, str):
         config = make_config(config)
-    handler = handler_for(config)
     if is_quantized(model):
         raise BlitzgenError("the model is already quantized")
     targets = target_linears(model)
-    if not targets:
-        raise BlitzgenError("the model has no Linear layers to quantize")
     for name, lin in targets:
         if lin.weight.device.type == "meta":
             raise BlitzgenError(f"{name} has no weights (meta device); load the model before quantizing")
-        handler.check(name, lin, config)
-    dtype = dtype or targets[0][1].weight.dtype
-    if not dtype.is_floating_point:
-        raise BlitzgenError(f"scales must be a float dtype, not {dtype}")
-    names = [name for name, _ in targets]
+    dtype = dtype or (targets[0][1].weight.dtype if targets else torch.float32)
+    handler, names = plan_quantization(model, config, dtype)
     del targets, lin  # hold no reference, so each float weight is freed as soon as it is replaced
     for name in names:
         set_submodule(model, name, handler.quantize(model.get_submodule(name), config, dtype))
-    n_done = len(names)
-    return {**config_meta(config), "dtype": str(dtype).replace("torch.", ""), "quantized_modules": n_done}
+    return quant_metadata(config, dtype, len(names))
 
 
 def prepare_model(model: nn.Module) -> nn.Module:
