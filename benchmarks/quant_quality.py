@@ -1,7 +1,7 @@
 """Quality of weight-only quantization: greedy agreement and KL divergence vs the float model.
 
     python benchmarks/quant_quality.py [--model PATH] [--device cpu|cuda] [--dtype float32|bfloat16]
-                                       [--schemes int8,int4-g32,int4-g64] [--json OUT]
+                                       [--schemes int8,int4-g32,int4-g64] [--gptq CALIBRATION.txt] [--json OUT]
 
 Teacher-forced over a fixed ~128-token passage (blitzgen.quant.quality.QUALITY_TEXT): one forward
 pass of the float model and of each quantized copy; per position, does the argmax agree, and what
@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     p.add_argument("--schemes", default="int8,int4-g32,int4-g64",
                    help="comma-separated: int8, int4-g32, int4-g64, int4-g128")
     p.add_argument("--text", default=None, help="a text file to use instead of the fixed passage")
+    p.add_argument("--gptq", default=None, metavar="FILE",
+                   help="also quantize each int4 scheme with GPTQ calibrated on this text file (rows 'int4-gNN-gptq')")
+    p.add_argument("--calibration-tokens", type=int, default=8192)
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     a = p.parse_args(argv)
 
@@ -52,12 +55,22 @@ def main(argv=None) -> int:
     base_bytes = weight_bytes(lm.model)
     rows = [{"scheme": f"float ({a.dtype})", "agreement": 1.0, "kl": 0.0, "max_kl": 0.0,
              "weight_gb": base_bytes / 1e9, "quant_s": 0.0}]
-    for spec in a.schemes.split(","):
-        name, _, g = spec.strip().partition("-g")
+    specs = [s.strip() for s in a.schemes.split(",")]
+    if a.gptq:
+        specs += [s + "-gptq" for s in specs if s.startswith("int4")]
+        from blitzgen.quant.gptq import calibration_samples, gptq_quantize_model
+
+        samples = calibration_samples(lm.tokenizer, a.gptq, max_tokens=a.calibration_tokens, seq_len=512)
+    for spec in specs:
+        gptq = spec.endswith("-gptq")
+        name, _, g = spec.removesuffix("-gptq").partition("-g")
         model = copy.deepcopy(lm.model)
         try:
             t0 = time.perf_counter()
-            quantize_model(model, make_config(name, int(g) if g else None))
+            if gptq:
+                gptq_quantize_model(model, make_config(name, int(g) if g else None), samples)
+            else:
+                quantize_model(model, make_config(name, int(g) if g else None))
             secs = time.perf_counter() - t0
         except BlitzgenError as e:
             print(f"{spec}: skipped ({e})", file=sys.stderr)

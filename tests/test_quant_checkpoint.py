@@ -209,7 +209,8 @@ def test_save_refuses_unquantized_model(tmp_path):
 @pytest.fixture(scope="module")
 def smol_int4_dir(smol, smol_path, tmp_path_factory):
     """``blitzgen quantize`` of the real SmolLM2 GGUF. To save a second 15-20 s GGUF load, the
-    command's ``load`` returns a copy of the session's float32 ``smol`` (what it would load)."""
+    command's ``load`` returns a copy of the session's float32 ``smol``, quantized as asked (what
+    it would load; tests/test_quant_load.py checks that quantizing at load gives the same model)."""
     import copy
     import dataclasses
 
@@ -218,16 +219,18 @@ def smol_int4_dir(smol, smol_path, tmp_path_factory):
 
     calls = []
 
-    def fake_load(spec, *, device=None, dtype=None, quantize=None, progress=True):
-        calls.append((str(spec), device, dtype, quantize))
-        return dataclasses.replace(smol, model=copy.deepcopy(smol.model))
+    def fake_load(spec, *, device=None, dtype=None, quantize=None, quant_dtype=None, progress=True):
+        calls.append((str(spec), device, dtype, quantize, quant_dtype))
+        model = copy.deepcopy(smol.model)
+        meta = quantize_model(model, quantize, dtype=quant_dtype) if quantize is not None else None
+        return dataclasses.replace(smol, model=model, quant=meta)
 
     out = tmp_path_factory.mktemp("smol") / "smol-int4"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(blitzgen.loading, "load", fake_load)
         assert main(["quantize", "--model", str(smol_path), "--mode", "int4", "--out", str(out),
                      "--device", "cpu"]) == 0
-    assert calls == [(str(smol_path), "cpu", torch.float32, None)]
+    assert calls == [(str(smol_path), "cpu", torch.float32, make_config("int4"), torch.bfloat16)]
     return out
 
 

@@ -21,6 +21,13 @@ def register(sub) -> None:
                    help="where to quantize (default: cuda if available)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                    help="dtype of the saved scales, zeros, norms and embedding (the math is float32 either way)")
+    p.add_argument("--gptq", action="store_true",
+                   help="int4 with GPTQ (rounding errors compensated using calibration text) instead of round-to-nearest")
+    p.add_argument("--calibration", metavar="FILE", default=None,
+                   help="GPTQ calibration text: a plain text file, or .jsonl with a \"text\" field per line; "
+                        "text like the model's real inputs, a few thousand tokens or more")
+    p.add_argument("--calibration-tokens", type=int, default=8192, help="GPTQ: tokens of calibration text used")
+    p.add_argument("--calibration-seq-len", type=int, default=512, help="GPTQ: tokens per calibration sample")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing its files")
     p.set_defaults(func=run)
 
@@ -51,10 +58,22 @@ def run(args) -> int:
 
     from ..errors import BlitzgenError
     from ..loading import default_device, load
-    from ..quant import make_config, quantize_model
+    from ..quant import make_config
     from ..quant.checkpoint import checkpoint_bytes, save_quantized
 
     config = make_config(args.mode, group_size=args.group_size)
+    if args.gptq and args.mode != "int4":
+        raise BlitzgenError("--gptq applies to --mode int4 only")
+    if args.gptq and not args.calibration:
+        raise BlitzgenError("--gptq needs calibration text: --calibration FILE (plain text, or .jsonl with a "
+                            "\"text\" field per line)")
+    if args.calibration and not args.gptq:
+        raise BlitzgenError("--calibration is only used with --gptq")
+    for name, v in (("--calibration-tokens", args.calibration_tokens), ("--calibration-seq-len", args.calibration_seq_len)):
+        if v < 1:
+            raise BlitzgenError(f"{name} must be >= 1, got {v}")
+    if args.calibration and not Path(args.calibration).expanduser().is_file():
+        raise BlitzgenError(f"--calibration {args.calibration}: no such file")
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise BlitzgenError(f"--out {out} exists and is not a directory")
@@ -64,16 +83,35 @@ def run(args) -> int:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
-    t0 = time.perf_counter()
-    lm = load(args.model, device=device, dtype=dtype, progress=sys.stderr.isatty())
-    if lm.quant is not None:
-        raise BlitzgenError(f"{lm.source} is already quantized ({lm.quant.get('scheme')}); quantize the original model")
-    before = state_bytes(lm.model)
-    log(f"Loaded {lm.name} ({lm.kind}, {lm.args.n_layers} layers, {str(dtype).replace('torch.', '')}) on {device} "
-        f"in {lm.load_seconds:.2f} seconds")
-    t1 = time.perf_counter()
+    from ..loading import detect_kind, resolve
+
+    if detect_kind(resolve(args.model)) == "blitzgen":
+        raise BlitzgenError(f"{args.model} is already quantized; quantize the original model")
     save_dtype = getattr(torch, args.dtype)
-    meta = quantize_model(lm.model, config, dtype=save_dtype)
+    t0 = time.perf_counter()
+    if args.gptq:  # GPTQ needs the float model whole (each layer's inputs come from the float layers before)
+        from ..quant.gptq import calibration_samples, gptq_quantize_model
+
+        lm = load(args.model, device=device, dtype=dtype, progress=sys.stderr.isatty())
+        before = state_bytes(lm.model)
+        log(f"Loaded {lm.name} ({lm.kind}, {lm.args.n_layers} layers, {str(dtype).replace('torch.', '')}) on "
+            f"{device} in {lm.load_seconds:.2f} seconds")
+        t1 = time.perf_counter()
+        samples = calibration_samples(lm.tokenizer, args.calibration, max_tokens=args.calibration_tokens,
+                                      seq_len=args.calibration_seq_len)
+        n_tokens = sum(len(s) for s in samples)
+        if n_tokens < 2048:
+            log(f"warning: only {n_tokens} calibration tokens; GPTQ is more reliable with several thousand")
+        log(f"GPTQ calibration: {n_tokens} tokens in {len(samples)} samples from {args.calibration}")
+        meta = gptq_quantize_model(lm.model, config, samples, dtype=save_dtype, log=log)
+    else:  # round to nearest, layer by layer as the weights load: the float model is never whole in memory
+        t1 = t0
+        lm = load(args.model, device=device, dtype=dtype, quantize=config, quant_dtype=save_dtype,
+                  progress=sys.stderr.isatty())
+        meta = lm.quant
+        before = lm.args.num_params() * torch.empty((), dtype=dtype).element_size()
+        log(f"Loaded {lm.name} ({lm.kind}, {lm.args.n_layers} layers) on {device}, quantizing each layer as it "
+            f"arrived, in {lm.load_seconds:.2f} seconds")
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t_quant = time.perf_counter() - t1
@@ -81,8 +119,9 @@ def run(args) -> int:
     t2 = time.perf_counter()
     save_quantized(lm, out, meta, dtype=save_dtype)
     t_save = time.perf_counter() - t2
-    label = config.scheme + (f" (group size {config.group_size})" if config.group_size else "")
-    log(f"Quantized to {label} in {t_quant:.2f} seconds")
+    label = config.scheme + (f" (group size {config.group_size})" if config.group_size else "") + \
+        (" with GPTQ" if args.gptq else "")
+    log(f"Quantized to {label} in {t_quant:.2f} seconds" if args.gptq else f"Quantized to {label} while loading")
     after = state_bytes(lm.model, save_dtype)
     log(f"Weights: {_mb(before)} -> {_mb(after)} ({after / before:.1%}; scales and the unquantized token "
         f"embedding and norms in {args.dtype})")

@@ -9,7 +9,8 @@ A checkpoint is a directory:
 - ``tokenizer.json``, ``tokenizer_config.json``, ``generation_config.json``
   (``Tokenizer.save_pretrained``);
 - ``blitzgen.json``: {"format": "blitzgen-quantized", "format_version": 1, "scheme",
-  "group_size", "dtype", "source_model", "source_kind", "blitzgen_version", "created"}.
+  "group_size", "dtype", "method" ("rtn": round to nearest, or "gptq"), "calibration_tokens" (GPTQ),
+  "source_model", "source_kind", "blitzgen_version", "created"}.
 
 Loading needs no flag and parses no file name: the model is built on the meta device, quantized
 modules are put in per the metadata, and every tensor is assigned after a name, shape and dtype
@@ -84,6 +85,8 @@ def build_metadata(lm, meta: dict) -> dict:
         "scheme": meta["scheme"],
         "group_size": meta.get("group_size"),
         "dtype": meta.get("dtype"),
+        "method": meta.get("method", "rtn"),
+        "calibration_tokens": meta.get("calibration_tokens"),
         "source_model": str(getattr(lm, "source", "") or ""),
         "source_kind": str(getattr(lm, "kind", "") or ""),
         "blitzgen_version": __version__,

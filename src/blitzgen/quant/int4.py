@@ -67,12 +67,17 @@ def quantize_int4(w: Tensor, group_size: int, dtype: torch.dtype | None = None) 
     if k % group_size:
         raise BlitzgenError(f"group size {group_size} does not divide in_features {k}")
     wf = w.detach().float().reshape(n, k // group_size, group_size)
-    lo, hi = torch.aminmax(wf, dim=-1)
-    scales = ((hi - lo).clamp(min=1e-6) / 15.0).clamp(min=scale_eps(dtype)).to(dtype)
-    zeros = (lo + 8.0 * scales.float()).to(dtype)
+    scales, zeros = group_params(wf, dtype)
     s, z = scales.float()[..., None], zeros.float()[..., None]
     q = torch.sub(wf, z).div_(s).round_().add_(8.0).clamp_(0, 15).to(torch.uint8).reshape(n, k)
     return pack_int4(q), scales, zeros
+
+
+def group_params(wf: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(scales, zeros) in dtype for float32 groups along the last dim: min/max, 15 steps."""
+    lo, hi = torch.aminmax(wf, dim=-1)
+    scales = ((hi - lo).clamp(min=1e-6) / 15.0).clamp(min=scale_eps(dtype)).to(dtype)
+    return scales, (lo + 8.0 * scales.float()).to(dtype)
 
 
 def dequantize_int4(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
