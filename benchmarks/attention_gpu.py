@@ -10,6 +10,7 @@ reference. Variants:
     sdpa        blitzgen: SDPA on [Hkv, G, D] queries per KV head (model.decode_attention)
     matmul      blitzgen: matmul, softmax, matmul
     split-C     blitzgen: as matmul, probabilities @ V in C slices of the cache (split-K)
+    triton      blitzgen: the split-K Triton kernel (kernels/attention.py), one program per head and slice
     repeat      gpt-fast: repeat_interleave the cache to H heads, then SDPA
     flex        torch flex_attention (flex decoding) with enable_gqa and a position score_mod
 
@@ -51,6 +52,8 @@ def variants(S: int):
     for c in (4, 8, 16, 32, 64):
         if S % c == 0:
             out[f"split:{c}"] = (lambda c: lambda q, k, v, m, p: decode_attention(q, k, v, m, "split", c))(c)
+
+    out["triton"] = lambda q, k, v, m, p: decode_attention(q, k, v, m, "triton")
 
     def repeat(q, k, v, m, p):
         g = q.shape[1] // k.shape[1]
@@ -129,7 +132,7 @@ def main() -> int:
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
     ours = {k: v for k, v in results["shapes"].get(a.pick, {}).get("variants", {}).items()
-            if k in ("sdpa", "matmul") or k.startswith("split")}
+            if k in ("sdpa", "matmul", "triton") or k.startswith("split")}
     ok = {k: v["us_per_token"] for k, v in ours.items() if "us_per_token" in v and v["rel_err"] < 2e-2}
     if ok:
         print(f"BEST {a.pick} {min(ok, key=ok.get)}")

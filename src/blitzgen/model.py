@@ -125,7 +125,7 @@ class Attention(nn.Module):
         return self.wo(y)
 
 
-DECODE_ATTENTION = ("auto", "sdpa", "matmul", "split")
+DECODE_ATTENTION = ("auto", "sdpa", "matmul", "split", "triton")
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, impl: str = "auto", chunks: int = 4) -> Tensor:
@@ -144,11 +144,16 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, impl: str = 
     (benchmarks/attention_gpu.py, H100, torch 2.11, BENCHMARKS.md): SDPA when G == 1 (it launches
     one block per head, and 32 heads fill the card well enough: 56% of the copy bandwidth at S=2000,
     matmul 49%), split in 4 when G > 1 (SDPA's 8 blocks for 8 KV heads reached 6% at S=4256, split:4
-    27%, gpt-fast's repeat_interleave 9%).
+    27%, gpt-fast's repeat_interleave 9%). "triton" (CUDA only, opt-in, not timed yet) is the
+    split-K kernel in kernels/attention.py; elsewhere it means "auto".
     """
     B, H, _, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    if impl == "auto":
+    if impl == "triton" and q.is_cuda:  # opt-in, not yet timed: blitzgen/kernels/attention.py
+        from .kernels.attention import decode_attention as triton_decode_attention
+
+        return triton_decode_attention(qg.contiguous(), k, v, mask).reshape(B, H, 1, D)
+    if impl in ("auto", "triton"):
         impl = "sdpa" if H == Hkv else "split"
     qg = q.reshape(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D]
     if impl == "sdpa":

@@ -1,4 +1,5 @@
-"""Custom Triton kernels for batch-1 decode: weight-only int8 / int4 GEMV (see gemv.py).
+"""Custom Triton kernels for batch-1 decode: weight-only int8 / int4 GEMV (see gemv.py), and a
+split-K attention for one query token over the KV cache (attention.py: opt-in, imported on use).
 
     from blitzgen import kernels
     if kernels.available():                      # Triton importable, CUDA present, not disabled

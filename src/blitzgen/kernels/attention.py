@@ -1,0 +1,145 @@
+"""Split-K ("flash-decoding") attention for one query token over a static KV cache, in Triton.
+
+Why: for one token, SDPA's fused kernels run one thread block per (batch, head), so a model with 8
+KV heads puts 8 blocks on a 132-SM H100. benchmarks/attention_gpu.py measured 6% of the copy
+bandwidth at 4256 positions, and 27% for blitzgen's split-in-4 matmuls. This kernel cuts the
+cache into slices: one program per (KV head, slice). Each program attends the G query heads that
+share its KV head to its slice, with an online softmax, and writes a partial output with its
+running max and sum. A few torch ops then merge the slices (the log-sum-exp trick). Every cache
+entry is read once, and only where the mask is set: masked loads fetch nothing.
+
+    out = decode_attention(q, k, v, mask)   # q [B, Hkv, G, D], k/v [B, Hkv, S, D], mask [1, 1, 1, S] bool
+
+**Status: opt-in and unmeasured.** It is selected with
+``model.Attention.decode_impl = "triton"`` (``gpu_side_by_side.py --decode-attention triton``)
+and is not the default. It is correct against a float64 reference under Triton's interpreter
+(tests/test_kernels.py), but has not been timed on a GPU yet.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 64
+
+
+@triton.jit
+def _split_kernel(Q, K, V, MASK, OUT, MAX, SUM,
+                  stride_qb, stride_qh, stride_qg,
+                  stride_kb, stride_kh, stride_ks,
+                  stride_vb, stride_vh, stride_vs,
+                  G, S, HKV, scale,
+                  SPLIT_LEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr):
+    bh = tl.program_id(0)  # b * HKV + h
+    sp = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    b = bh // HKV
+    h = bh % HKV
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_g[:, None] * stride_qg + offs_d[None, :],
+                mask=offs_g[:, None] < G, other=0.0).to(tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    start = sp * SPLIT_LEN
+    for off in range(0, SPLIT_LEN, BLOCK_N):
+        offs_n = start + off + tl.arange(0, BLOCK_N)
+        valid = tl.load(MASK + offs_n, mask=offs_n < S, other=0) != 0
+        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=valid[:, None], other=0.0)
+        # float32 operands (tf32 on the GPU: exact for bf16 inputs): the kernel is bound by reading
+        # the cache, not by the dots, and Triton's CPU interpreter gets bf16 dots wrong
+        s = tl.dot(q, tl.trans(k.to(tl.float32))) * scale  # [BLOCK_G, BLOCK_N]
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+        m_i = m_new
+    row = (bh * n_splits + sp) * BLOCK_G + offs_g  # partials: [B * HKV, n_splits, BLOCK_G, (D)]
+    tl.store(OUT + row[:, None] * D + offs_d[None, :], acc)
+    tl.store(MAX + row, m_i)
+    tl.store(SUM + row, l_i)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132 if device.type == "cuda" else 4  # fake CUDA tensors (tracing without a GPU): an H100
+
+
+def plan(batch_heads: int, S: int, device: torch.device) -> tuple[int, int]:
+    """(slice length, number of slices): about 4 programs per SM, slices a multiple of BLOCK_N."""
+    want = max(1, math.ceil(4 * _num_sms(device) / batch_heads))
+    splits = max(1, min(want, math.ceil(S / BLOCK_N)))
+    split_len = math.ceil(math.ceil(S / splits) / BLOCK_N) * BLOCK_N
+    return split_len, math.ceil(S / split_len)
+
+
+def _impl(q, k, v, mask, launch) -> torch.Tensor:
+    B, Hkv, G, D = q.shape
+    S = k.shape[2]
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or q.stride(-1) != 1 or D not in (16, 32, 64, 128, 256):
+        raise ValueError("decode_attention: head_dim must be a power of two in 16..256 with contiguous rows")
+    flat_mask = mask.reshape(-1)
+    if flat_mask.numel() != S:
+        raise ValueError(f"decode_attention: the mask must hold one flag per cache position ({S})")
+    block_g = max(16, triton.next_power_of_2(G))
+    split_len, splits = plan(B * Hkv, S, q.device)
+    out = torch.empty(B * Hkv, splits, block_g, D, device=q.device, dtype=torch.float32)
+    mx = torch.empty(B * Hkv, splits, block_g, device=q.device, dtype=torch.float32)
+    sm = torch.empty_like(mx)
+    launch(_split_kernel)[(B * Hkv, splits)](
+        q, k, v, flat_mask, out, mx, sm,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), G, S, Hkv, 1.0 / math.sqrt(D),
+        SPLIT_LEN=split_len, BLOCK_N=BLOCK_N, BLOCK_G=block_g, D=D, num_warps=4)
+    # merge the slices: weights exp(m_s - max_s m_s); a slice that saw no unmasked key has m = -inf
+    m_all = mx.amax(1, keepdim=True)
+    w = torch.exp(mx - m_all.clamp(min=torch.finfo(torch.float32).min))
+    w = torch.where(mx == float("-inf"), torch.zeros_like(w), w)
+    num = (out * w[..., None]).sum(1)  # [B * Hkv, block_g, D]
+    den = (sm * w).sum(1)  # [B * Hkv, block_g]
+    y = num[:, :G] / den[:, :G, None]
+    return y.reshape(B, Hkv, G, D).to(q.dtype)
+
+
+def _identity(fn):
+    return fn
+
+
+def decode_attention_raw(q, k, v, mask) -> torch.Tensor:
+    """Launch directly (no torch.library; works on CPU tensors under TRITON_INTERPRET=1)."""
+    return _impl(q, k, v, mask, _identity)
+
+
+def _register_op():
+    if not isinstance(_split_kernel, triton.runtime.jit.JITFunction):
+        return None  # the interpreter has no JITFunction for wrap_triton
+    from torch.library import triton_op, wrap_triton
+
+    @triton_op("blitzgen::decode_attention", mutates_args=())
+    def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return _impl(q, k, v, mask, wrap_triton)
+
+    return decode_attention_op
+
+
+_op = _register_op()
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) masked) v for q [B, Hkv, G, D] against k, v [B, Hkv, S, D]; mask
+    [..., S] bool, the same for every query row. Output [B, Hkv, G, D] in q's dtype."""
+    if _op is None or not q.is_cuda:
+        return decode_attention_raw(q, k, v, mask)
+    return torch.ops.blitzgen.decode_attention(q, k, v, mask)
