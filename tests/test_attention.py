@@ -18,6 +18,7 @@ def _reference(q, k, v, mask):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("heads,kv_heads", [(8, 8), (8, 2), (9, 3), (4, 1)])
+# "triton" on CPU tensors falls back to "auto" (the kernel itself: tests/test_attention_kernel.py)
 @pytest.mark.parametrize("impl,chunks,S", [("auto", 4, 48), ("auto", 4, 37), ("triton", 4, 48), ("sdpa", 1, 37), ("matmul", 1, 37), ("split", 4, 48), ("split", 4, 37)])
 def test_decode_attention_matches_float64(dtype, tol, heads, kv_heads, impl, chunks, S):
     g = torch.Generator().manual_seed(heads * 10 + kv_heads)

@@ -111,7 +111,7 @@ def test_sm90_codegen():
     sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "MASK": "*i1", "OUT": "*fp32", "MAX": "*fp32", "SUM": "*fp32"}
     sig.update({f"stride_{t}{d}": "i32" for t in "qkv" for d in ("b", "h", "gs"[t != "q"])})
     sig.update({"G": "i32", "S": "i32", "HKV": "i32", "scale": "fp32"})
-    ce = {"SPLIT_LEN": 320, "BLOCK_N": A.BLOCK_N, "BLOCK_G": 16, "D": 128}
+    ce = {"SPLIT_LEN": 320, "BLOCK_N": A.BLOCK_N, "BLOCK_G": 16, "D": 128, "PRECISION": "tf32"}
     n_ptr_and_strides = 16  # what a real launch marks divisible by 16 (pointers, strides of D=128 rows)
     sig.update({k: "constexpr" for k in ce})
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(n_ptr_and_strides)}
@@ -122,5 +122,29 @@ def test_sm90_codegen():
         pytest.skip(f"cannot drive triton.compile here: {e}")
     ptx = c.asm["ptx"]
     assert ptx.count("ld.global.v4") >= 2  # K and V tiles
-    assert "mma" in ptx
+    assert "mma" in ptx and "tf32" in ptx
     assert "ld.local" not in ptx and "st.local" not in ptx
+
+
+def test_model_dispatches_to_the_kernel(monkeypatch):
+    """decode_attention(impl="triton") hands the grouped queries to the kernel (on CUDA; here the
+    device check and the kernel are stand-ins) and reshapes its answer back."""
+    import torch
+
+    import blitzgen.kernels.attention as A
+    import blitzgen.model as M
+
+    calls = []
+
+    def fake_kernel(qg, k, v, mask):
+        calls.append((tuple(qg.shape), qg.is_contiguous(), tuple(k.shape), tuple(mask.shape)))
+        return torch.nn.functional.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
+
+    monkeypatch.setattr(A, "decode_attention", fake_kernel)
+    monkeypatch.setattr(M, "_triton_attention_ok", lambda q, d: True)
+    q = torch.randn(1, 1, 8, 64).transpose(1, 2)  # [B, H, 1, D], not contiguous, as in the model
+    k, v = torch.randn(1, 2, 40, 64), torch.randn(1, 2, 40, 64)
+    mask = (torch.arange(40) < 30).view(1, 1, 1, 40)
+    y = M.decode_attention(q, k, v, mask, "triton")
+    assert calls == [((1, 2, 4, 64), True, (1, 2, 40, 64), (1, 1, 1, 40))]
+    torch.testing.assert_close(y, M.decode_attention(q, k, v, mask, "sdpa"))

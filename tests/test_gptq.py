@@ -57,11 +57,31 @@ def test_gptq_model_is_an_ordinary_int4_model():
         gptq_quantize_model(model, Int4Config(32), samples)
 
 
+def test_scales_in_another_dtype_keep_the_activation_dtype():
+    """GPTQ with float16 scales on a bfloat16 model with qkv bias (what `quantize --dtype float16`
+    does on CUDA): the calibration forwards keep running in bfloat16 and write the bf16 KV cache."""
+    model = tiny_model(seed=5, dtype=torch.bfloat16, qkv_bias=True)
+    samples = [[int(t) for t in torch.randint(3, 500, (24,))] for _ in range(2)]
+    meta = gptq_quantize_model(model, Int4Config(32), samples, dtype=torch.float16)
+    assert meta["dtype"] == "float16" and model.layers[0].attention.wqkv.bias.dtype == torch.float16
+    out = model(torch.tensor([[1, 2, 3]]), torch.arange(3))
+    assert bool(torch.isfinite(out).all())
+    for cfg in ("int8", "int4"):  # and round to nearest, both module types
+        m = tiny_model(seed=6, dtype=torch.bfloat16, qkv_bias=True)
+        quantize_model(m, cfg, dtype=torch.float32)
+        x = torch.randn(1, 2, m.args.dim, dtype=torch.bfloat16)
+        assert m.layers[0].attention.wqkv(x).dtype == torch.bfloat16
+
+
 def test_gptq_refuses_bad_input():
     with pytest.raises(BlitzgenError, match="int4 only"):
         gptq_quantize_model(tiny_model(), "int8", [[1, 2]])
     with pytest.raises(BlitzgenError, match="calibration"):
         gptq_quantize_model(tiny_model(), Int4Config(32), [[]])
+    model = tiny_model()
+    with pytest.raises(BlitzgenError, match="exceed the model's context length"):
+        gptq_quantize_model(model, Int4Config(32), [[1] * (model.args.max_seq_len + 1)])
+    assert not is_quantized(model)
 
 
 @pytest.mark.slow

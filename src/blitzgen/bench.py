@@ -150,16 +150,17 @@ def build_random_model(args, device: torch.device, dtype: torch.dtype, seed: int
         return t.fill_(1.0) if norm else t.normal_(0.0, 0.02, generator=gen)
 
     with torch.no_grad():
+        tied = args.tie_word_embeddings
         for name, mod in list(model.named_modules()):
-            if name in targets:
+            if name in targets or (name == "output" and tied):  # a tied head shares the embedding
                 continue
             for pname, p in list(mod.named_parameters(recurse=False)):
                 setattr(mod, pname, nn.Parameter(fresh(p.shape, isinstance(mod, RMSNorm)), requires_grad=False))
-        if args.tie_word_embeddings and "output" not in targets:
+        if tied and "output" not in targets:
             model.output.weight = model.tok_embeddings.weight
         for name, has_bias in targets.items():
             lin = model.get_submodule(name)
-            if name == "output" and args.tie_word_embeddings:
+            if name == "output" and tied:
                 weight = model.tok_embeddings.weight.detach()  # quantized as its own copy
             else:
                 weight = fresh(lin.weight.shape, False)

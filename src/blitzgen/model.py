@@ -128,6 +128,11 @@ class Attention(nn.Module):
 DECODE_ATTENTION = ("auto", "sdpa", "matmul", "split", "triton")
 
 
+def _triton_attention_ok(q: Tensor, head_dim: int) -> bool:
+    """The Triton decode kernel runs on CUDA tensors with a power-of-two head size in 16..256."""
+    return q.is_cuda and head_dim in (16, 32, 64, 128, 256)
+
+
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, impl: str = "auto", chunks: int = 4) -> Tensor:
     """Attention for one query token with grouped KV heads, without repeating the cache.
 
@@ -149,13 +154,13 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, impl: str = 
     """
     B, H, _, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    if impl == "triton" and q.is_cuda:  # opt-in, not yet timed: blitzgen/kernels/attention.py
+    qg = q.reshape(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D]
+    if impl == "triton" and _triton_attention_ok(q, D):  # opt-in, not yet timed: kernels/attention.py
         from .kernels.attention import decode_attention as triton_decode_attention
 
         return triton_decode_attention(qg.contiguous(), k, v, mask).reshape(B, H, 1, D)
     if impl in ("auto", "triton"):
         impl = "sdpa" if H == Hkv else "split"
-    qg = q.reshape(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D]
     if impl == "sdpa":
         return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).reshape(B, H, 1, D)
     scores = (qg @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(D))  # [B, Hkv, G, S]

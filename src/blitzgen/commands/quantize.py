@@ -98,7 +98,7 @@ def run(args) -> int:
             f"{device} in {lm.load_seconds:.2f} seconds")
         t1 = time.perf_counter()
         samples = calibration_samples(lm.tokenizer, args.calibration, max_tokens=args.calibration_tokens,
-                                      seq_len=args.calibration_seq_len)
+                                      seq_len=min(args.calibration_seq_len, lm.args.max_seq_len))
         n_tokens = sum(len(s) for s in samples)
         if n_tokens < 2048:
             log(f"warning: only {n_tokens} calibration tokens; GPTQ is more reliable with several thousand")

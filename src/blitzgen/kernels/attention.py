@@ -13,7 +13,10 @@ entry is read once, and only where the mask is set: masked loads fetch nothing.
 **Status: opt-in and unmeasured.** It is selected with
 ``model.Attention.decode_impl = "triton"`` (``gpu_side_by_side.py --decode-attention triton``)
 and is not the default. It is correct against a float64 reference under Triton's interpreter
-(tests/test_kernels.py), but has not been timed on a GPU yet.
+(tests/test_attention_kernel.py), but has not been timed on a GPU yet. The slice length is a
+compile-time constant that follows the cache length: the compiled decode graph sees one static
+cache length, but eager decode over a growing ``kv_len`` compiles a new variant each time the
+slice length changes (about every thousand tokens).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ def _split_kernel(Q, K, V, MASK, OUT, MAX, SUM,
                   stride_kb, stride_kh, stride_ks,
                   stride_vb, stride_vh, stride_vs,
                   G, S, HKV, scale,
-                  SPLIT_LEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr):
+                  SPLIT_LEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+                  PRECISION: tl.constexpr):
     bh = tl.program_id(0)  # b * HKV + h
     sp = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -53,9 +57,11 @@ def _split_kernel(Q, K, V, MASK, OUT, MAX, SUM,
         offs_n = start + off + tl.arange(0, BLOCK_N)
         valid = tl.load(MASK + offs_n, mask=offs_n < S, other=0) != 0
         k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=valid[:, None], other=0.0)
-        # float32 operands (tf32 on the GPU: exact for bf16 inputs): the kernel is bound by reading
-        # the cache, not by the dots, and Triton's CPU interpreter gets bf16 dots wrong
-        s = tl.dot(q, tl.trans(k.to(tl.float32))) * scale  # [BLOCK_G, BLOCK_N]
+        # float32 operands: the kernel is bound by reading the cache, not by the dots, and Triton's
+        # CPU interpreter gets bf16 dots wrong. PRECISION is "tf32" for 16-bit caches (q.k exact:
+        # bf16/fp16 values fit tf32; p rounded to tf32, finer than the bf16 p of flash kernels) and
+        # "ieee" for float32 caches.
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK_N]
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
@@ -63,7 +69,7 @@ def _split_kernel(Q, K, V, MASK, OUT, MAX, SUM,
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
         m_i = m_new
     row = (bh * n_splits + sp) * BLOCK_G + offs_g  # partials: [B * HKV, n_splits, BLOCK_G, (D)]
     tl.store(OUT + row[:, None] * D + offs_d[None, :], acc)
@@ -102,7 +108,8 @@ def _impl(q, k, v, mask, launch) -> torch.Tensor:
         q, k, v, flat_mask, out, mx, sm,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), G, S, Hkv, 1.0 / math.sqrt(D),
-        SPLIT_LEN=split_len, BLOCK_N=BLOCK_N, BLOCK_G=block_g, D=D, num_warps=4)
+        SPLIT_LEN=split_len, BLOCK_N=BLOCK_N, BLOCK_G=block_g, D=D,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
     # merge the slices: weights exp(m_s - max_s m_s); a slice that saw no unmasked key has m = -inf
     m_all = mx.amax(1, keepdim=True)
     w = torch.exp(mx - m_all.clamp(min=torch.finfo(torch.float32).min))

@@ -102,7 +102,8 @@ def gptq_quantize_model(model, config: Int4Config, samples: Sequence[Sequence[in
                         dtype: torch.dtype | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Quantize a loaded float model's Linear layers to int4 in place with GPTQ, calibrated on
     ``samples`` (lists of token ids, run one at a time). Scales and zeros are in ``dtype`` (default:
-    the weights' dtype). Returns quantization metadata."""
+    the weights' dtype). Returns quantization metadata. The model is changed layer by layer: after
+    an error part way (out of memory, say) it is partly quantized and should be reloaded."""
     if not isinstance(config, Int4Config):
         raise BlitzgenError("GPTQ applies to int4 only")
     if is_quantized(model):
@@ -117,6 +118,9 @@ def gptq_quantize_model(model, config: Int4Config, samples: Sequence[Sequence[in
     dtype = dtype or targets[0][1].weight.dtype
     device = targets[0][1].weight.device
     longest = max(len(s) for s in samples)
+    if longest > model.args.max_seq_len:
+        raise BlitzgenError(f"calibration samples of {longest} tokens exceed the model's context length "
+                            f"({model.args.max_seq_len}); use shorter samples")
     if model.max_seq_len < longest:
         model.setup_caches(1, longest)
     t0 = time.perf_counter()

@@ -242,8 +242,10 @@ class Int4Linear(nn.Module):
         else:
             y = F.linear(x, self.dequantize(x.dtype))
         if self.bias is not None:
-            y = y + self.bias
-        return y
+            y = y + self.bias.to(y.dtype)
+        # scales / bias may be stored in another dtype than the activations (quantize's --dtype,
+        # load(quant_dtype=)); the output is always in the activations' dtype
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
