@@ -78,6 +78,7 @@ def test_bench_int8_int4_tiny(tmp_path):
       "--no-roofline"], "context length"),
     (["bench", "--shape", "tiny", "--device", "cpu", "--runs", "0"], "--runs"),
     (["bench", "--shape", "tiny", "--model", "x", "--device", "cpu"], "not both"),
+    (["bench", "--shape", "tiny", "--device", "cpu", "--group-size", "64"], "int4 only"),
 ])
 def test_bench_errors_are_one_line(argv, needle, capsys):
     assert main(argv) == 2

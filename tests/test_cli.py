@@ -54,6 +54,7 @@ def test_generate_raw_completion_with_stop(capsys):
     (["--prompt", "hi", "--temperature", "-1"], "temperature"),
     (["--prompt", "hi", "--top-p", "0"], "top_p"),
     (["--prompt", "hi", "--num-samples", "0"], "num-samples"),
+    (["--prompt", "hi", "--max-new-tokens", "0", "--model", "/nonexistent/model.gguf"], "max-new-tokens"),
     (["--prompt", "hi", "--model", "/nonexistent/model.gguf"], "model not found"),
     (["--prompt", "x " * 3000, "--max-model-len", "1024"], "maximum context length is 1024"),
 ])
@@ -109,6 +110,39 @@ def test_unsupported_gguf_architecture(tmp_path, capsys):
 def test_unsupported_hf_architecture(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}))
     assert_user_error(main(["generate", "--prompt", "hi", "--model", str(tmp_path)]), capsys, "gpt_neox")
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("generate", "chat", "serve", "quantize", "bench"):
+        assert cmd in out
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"intermediate_size": None}, "lacks intermediate_size"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks low_freq_factor"),
+])
+def test_broken_hf_config(tmp_path, capsys, change, match):
+    from blitzgen.config import ModelArgs
+
+    cfg = ModelArgs.from_name("tiny").replace(model_type="llama").to_hf_config()
+    cfg.update(change)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert_user_error(main(["generate", "--prompt", "hi", "--model", str(tmp_path)]), capsys, match)
+
+
+def test_corrupt_tokenizer_config(tmp_path, smol_tokenizer, capsys):
+    from blitzgen.tokenizer import Tokenizer
+
+    smol_tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(Exception) as e:
+        Tokenizer.from_hf_dir(tmp_path)
+    assert type(e.value).__name__ == "ModelLoadError" and "tokenizer_config.json" in str(e.value)
 
 
 def test_truncated_safetensors_shard(tmp_path, capsys):

@@ -28,9 +28,8 @@ from typing import Callable
 import torch
 
 from .bench_peers import _group_size, _peer_preset, check_peers, run_gptfast
+from .config import BENCH_MODES as MODES  # defined in config so the CLI reads them without torch
 from .errors import BlitzgenError
-
-MODES = ("bf16", "int8", "int4")
 
 CUDA_COPY_BYTES = 2 * 1024**3
 CPU_COPY_BYTES = 128 * 1024**2
@@ -214,6 +213,8 @@ def _resolve(opts: BenchOptions):
         raise BlitzgenError(f"unknown --mode {opts.mode!r} (choose from {', '.join(MODES)})")
     if opts.shape and opts.model:
         raise BlitzgenError("give --shape (random weights) or --model (real weights), not both")
+    if opts.group_size is not None and opts.mode != "int4":
+        raise BlitzgenError(f"--group-size applies to --mode int4 only (got --mode {opts.mode})")
     for name, v, low in (("--prompt-len", opts.prompt_len, 1), ("--new-tokens", opts.new_tokens, 1),
                          ("--runs", opts.runs, 1), ("--warmup", opts.warmup, 0)):
         if v < low:
@@ -284,6 +285,8 @@ def _run_ours(opts: BenchOptions, device: torch.device, dtype: torch.dtype, comp
     res["quant"] = _jsonable(quant_meta)
     if quant_meta and isinstance(quant_meta, dict) and quant_meta.get("scheme"):
         res["quant_scheme"] = quant_meta["scheme"]
+        if opts.mode == "bf16":  # a quantized checkpoint: report what actually ran
+            res["mode"], res["group_size"] = quant_meta["scheme"], quant_meta.get("group_size")
 
     P, N = opts.prompt_len, opts.new_tokens
     gen = Generator(model, tokenizer, compile=compile_, max_seq_len=P + N)

@@ -10,11 +10,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .errors import UnsupportedModelError
+from .errors import ModelLoadError, UnsupportedModelError
 
 # model_type values of config.json that run on model.py as they are.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_SCALING = ("llama3", "linear", "freq_factors")  # freq_factors: GGUF rope_freqs
+_ROPE_SCALING_KEYS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                      "linear": ("factor",), "freq_factors": ("factors",)}
+BENCH_MODES = ("bf16", "int8", "int4")  # `blitzgen bench --mode`
+_REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
 @dataclass
@@ -52,6 +56,10 @@ class ModelArgs:
                     f"rope_scaling type {kind!r} is not supported "
                     f"(supported: {', '.join(SUPPORTED_ROPE_SCALING)})"
                 )
+            else:
+                missing = [k for k in _ROPE_SCALING_KEYS[kind] if k not in self.rope_scaling]
+                if missing:
+                    raise ModelLoadError(f"rope_scaling of type {kind!r} lacks {', '.join(missing)}")
 
     @property
     def q_size(self) -> int:
@@ -84,6 +92,9 @@ class ModelArgs:
                 f"supported; blitzgen runs the Llama family: {', '.join(SUPPORTED_MODEL_TYPES)} "
                 "(Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, SmolLM2, TinyLlama, CodeLlama)"
             )
+        missing = [k for k in _REQUIRED_HF_KEYS if cfg.get(k) is None]
+        if missing:
+            raise ModelLoadError(f"config.json lacks {', '.join(missing)}")
         if cfg.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (only silu)")
         if cfg.get("mlp_bias"):

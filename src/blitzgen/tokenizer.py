@@ -130,8 +130,11 @@ class Tokenizer:
             is_json = name.endswith(".json")
             if not os.path.isfile(p):
                 return {} if is_json else None
-            with open(p, encoding="utf-8") as fh:
-                return json.load(fh) if is_json else fh.read()
+            try:
+                with open(p, encoding="utf-8") as fh:
+                    return json.load(fh) if is_json else fh.read()
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise ModelLoadError(f"{p}: cannot read: {e}") from None
 
         cfg, gen, stm = load("tokenizer_config.json"), load("generation_config.json"), load("special_tokens_map.json")
 

@@ -34,6 +34,7 @@ class FakeGenerator:
 
     def __init__(self, max_seq_len: int = 64, fail_at: int | None = None):
         self.max_seq_len = max_seq_len
+        self.capacity = max_seq_len  # KV-cache positions allocated (Generator.capacity)
         self.fail_at = fail_at
         self.permits: threading.Semaphore | None = None
         self.started: list[int] = []

@@ -9,11 +9,11 @@ import sys
 
 
 def register(sub) -> None:
-    from ..bench import MODES
+    from ..config import BENCH_MODES as MODES
     from .common import DTYPES
 
     p = sub.add_parser(
-        "bench", help="benchmark batch-1 decode (tokens/s, % of roofline), optionally beside gpt-fast",
+        "bench", help="benchmark batch-1 decode (tokens/s, %% of roofline), optionally beside gpt-fast",
         description="Generate exactly --new-tokens tokens after a random --prompt-len token prompt, --runs "
                     "times after a warm-up (compile) run, and report tokens/s (generated tokens over the whole "
                     "generate time, like gpt-fast), decode-only tokens/s, time to first token, bandwidth achieved "

@@ -57,6 +57,8 @@ def run(args) -> int:
 
     if args.num_samples < 1:
         raise InvalidRequestError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.max_new_tokens < 1:
+        raise InvalidRequestError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     sampling = sampling_from_args(args)
     if not args.prompt.strip():
         raise InvalidRequestError("the prompt is empty", param="prompt")

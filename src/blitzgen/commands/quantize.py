@@ -93,7 +93,7 @@ def run(args) -> int:
         from ..quant.gptq import calibration_samples, gptq_quantize_model
 
         lm = load(args.model, device=device, dtype=dtype, progress=sys.stderr.isatty())
-        before = state_bytes(lm.model)
+        before = state_bytes(lm.model, save_dtype)
         log(f"Loaded {lm.name} ({lm.kind}, {lm.args.n_layers} layers, {str(dtype).replace('torch.', '')}) on "
             f"{device} in {lm.load_seconds:.2f} seconds")
         t1 = time.perf_counter()
@@ -109,7 +109,7 @@ def run(args) -> int:
         lm = load(args.model, device=device, dtype=dtype, quantize=config, quant_dtype=save_dtype,
                   progress=sys.stderr.isatty())
         meta = lm.quant
-        before = lm.args.num_params() * torch.empty((), dtype=dtype).element_size()
+        before = lm.args.num_params() * torch.empty((), dtype=save_dtype).element_size()
         log(f"Loaded {lm.name} ({lm.kind}, {lm.args.n_layers} layers) on {device}, quantizing each layer as it "
             f"arrived, in {lm.load_seconds:.2f} seconds")
     if device.startswith("cuda"):
@@ -123,8 +123,8 @@ def run(args) -> int:
         (" with GPTQ" if args.gptq else "")
     log(f"Quantized to {label} in {t_quant:.2f} seconds" if args.gptq else f"Quantized to {label} while loading")
     after = state_bytes(lm.model, save_dtype)
-    log(f"Weights: {_mb(before)} -> {_mb(after)} ({after / before:.1%}; scales and the unquantized token "
-        f"embedding and norms in {args.dtype})")
+    log(f"Weights in {args.dtype}: {_mb(before)} -> {_mb(after)} ({after / before:.1%}; scales and the unquantized "
+        f"token embedding and norms stay {args.dtype})")
     log(f"Wrote {out} ({_mb(checkpoint_bytes(out))} on disk) in {t_save:.2f} seconds; "
         f"total {time.perf_counter() - t0:.2f} seconds")
     log(f"Run it with: blitzgen generate --model {out} --prompt ...")

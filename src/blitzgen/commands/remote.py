@@ -106,7 +106,8 @@ class RemoteClient:
                         break
                     chunk = _json(data)
                     if "error" in chunk:
-                        raise RemoteError(f"the server failed: {chunk['error'].get('message')}")
+                        err = chunk["error"]
+                        raise RemoteError(f"the server failed: {err.get('message') if isinstance(err, dict) else err}")
                     if chunk.get("usage"):
                         stats.prompt_tokens = chunk["usage"]["prompt_tokens"]
                         stats.completion_tokens = chunk["usage"]["completion_tokens"]

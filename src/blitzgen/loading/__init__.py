@@ -131,8 +131,8 @@ def load(spec: str | os.PathLike | None = None, *, device: str | None = None, dt
         from ..quant.checkpoint import load_quantized
 
         if quantize is not None:
-            raise ModelLoadError(f"{path} is already a quantized checkpoint; drop --quantize "
-                                 "(re-quantize from the original model to change the scheme)")
+            raise ModelLoadError(f"{path} is already a quantized checkpoint: load it without asking for "
+                                 "quantization (re-quantize from the original model to change the scheme)")
 
         model, args, tokenizer, quant_meta = load_quantized(path, device=device, dtype=dtype, progress=progress)
     elif kind == "hf":

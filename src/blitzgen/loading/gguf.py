@@ -57,10 +57,11 @@ def load_args(reader) -> ModelArgs:
 
     dim = key("embedding_length")
     n_heads = key("attention.head_count")
-    if dim is None or n_heads is None or key("block_count") is None:
-        raise ModelLoadError("GGUF metadata lacks the model's shape (embedding_length/head_count/block_count)")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = key("vocab_size") or (len(tokens.data) if tokens is not None else None)
+    if None in (dim, n_heads, key("block_count"), key("feed_forward_length"), vocab):
+        raise ModelLoadError("GGUF metadata lacks the model's shape (embedding_length, head_count, block_count, "
+                             "feed_forward_length, vocab_size or tokenizer tokens)")
     names = {t.name for t in reader.tensors}
     rope_scaling = None
     if "rope_freqs.weight" in names:  # llama 3.1+: per-frequency divisors stored as a tensor

@@ -128,7 +128,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
         check_model(req.model)
         try:
             ids = await asyncio.to_thread(prompt_ids, req)  # a long prompt must not stall other streams
-            max_tokens = req.max_tokens or max(1, engine.max_model_len - len(ids))
+            max_tokens = req.max_tokens or engine.default_max_tokens(len(ids))
             engine.check_request(len(ids), max_tokens)
         except ContextLengthError as e:
             raise APIError(400, str(e), param="messages" if kind == "chat" else "prompt",

@@ -116,6 +116,14 @@ class Engine:
     def vocab_size(self) -> int:
         return self.lm.args.vocab_size
 
+    def default_max_tokens(self, prompt_len: int) -> int:
+        """max_tokens for a request that sets none: up to WARM_CACHE_TOKENS positions in all (what
+        a compiled server preallocates), so a 128K-context model does not grow its KV cache to the
+        whole context, and recompile, for every such request; the rest of the context when the
+        prompt alone does not fit there."""
+        room = min(self.max_model_len, max(self.gen.capacity, WARM_CACHE_TOKENS)) - prompt_len
+        return room if room > 0 else max(1, self.max_model_len - prompt_len)
+
     def check_request(self, prompt_len: int, max_tokens: int) -> None:
         """Raise InvalidRequestError / ContextLengthError when the request cannot run (pure check)."""
         self.gen.check_request(prompt_len, max_tokens)
