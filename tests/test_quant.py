@@ -264,6 +264,11 @@ def test_int8_prefill_op_is_the_same_formula():
     x = torch.randn(2, 3, 64)
     assert torch.equal(int8_linear_op(x, m.weight, m.scales), F.linear(x, m.weight.to(x.dtype)) * m.scales)
     torch.library.opcheck(int8_linear_op, (x, m.weight, m.scales))
+    # scales stored in another dtype (quantize --dtype, load(quant_dtype=)): the output is x's dtype,
+    # as the fake implementation that torch.compile trusts says
+    xb = x.to(torch.bfloat16)
+    assert int8_linear_op(xb, m.weight, m.scales).dtype == torch.bfloat16
+    torch.library.opcheck(int8_linear_op, (xb, m.weight, m.scales))
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

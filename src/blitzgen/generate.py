@@ -183,19 +183,20 @@ class Generator:
         t_first = t0
         for i in range(max_new_tokens):
             last = i + 1 == max_new_tokens
+            kv = None if self.compiled else prompt_len + i + 1  # eager: attend to the filled prefix only
             if self.is_cuda:
                 self._host_tok.copy_(tok, non_blocking=True)
                 self._event.record()
                 if not last:  # launch the next step before reading this token back
-                    # clone: a CUDA-graph output is overwritten by the next replay
-                    nxt = self._decode(self.model, tok.view(1, 1), pos, samp, mode, noise()).clone()
+                    nxt = self._decode(self.model, tok.view(1, 1), pos, samp, mode, noise(), kv)
+                    if self.compiled:  # a CUDA-graph output is overwritten by the next replay
+                        nxt = nxt.clone()
                     pos += 1
                 self._event.synchronize()
                 value = int(self._host_tok[0])
             else:
                 value = int(tok[0])
                 if not last:
-                    kv = None if self.compiled else prompt_len + i + 1
                     nxt = self._decode(self.model, tok.view(1, 1), pos, samp, mode, noise(), kv)
                     pos += 1
             now = time.perf_counter()

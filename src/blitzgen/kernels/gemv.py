@@ -502,6 +502,7 @@ def _overrides() -> dict[str, GemvConfig]:
 
 
 _TUNED: dict[str, GemvConfig] = {}
+_CHOSEN: dict[tuple, GemvConfig] = {}  # heuristic picks per (shape key, device): eager decode asks every call
 
 
 def tuned_configs() -> dict[str, dict]:
@@ -524,9 +525,14 @@ def _pick_config(kind: str, N: int, K: int, group_size: int | None, ref: torch.T
     key = _config_key(kind, N, K, group_size)
     if key in _TUNED:
         return _TUNED[key]
+    if not _autotune_enabled(*tensors):
+        chosen = (key, ref.device)
+        if chosen not in _CHOSEN:
+            _CHOSEN[chosen] = choose_config(kind, N, K, group_size, _device_sms(ref))
+        return _CHOSEN[chosen]
     sms = _device_sms(ref)
     cfg = choose_config(kind, N, K, group_size, sms)
-    if key not in _overrides() and _autotune_enabled(*tensors):
+    if key not in _overrides():
         from triton.testing import do_bench
 
         best = None

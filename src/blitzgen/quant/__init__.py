@@ -7,10 +7,9 @@
 place for ``Int8Linear`` / ``Int4Linear``, through a registry of handlers keyed by config type
 (torchao's ``quantize_(model, Config)`` pattern; one file per scheme: int8.py, int4.py). The token
 embedding is never quantized; a tied output head is quantized as its own copy. Math is
-round-to-nearest in float32 on the weight's own device; biases stay in the compute dtype. No GPTQ
-or other calibration (not done: round-to-nearest already keeps SmolLM2's greedy agreement high,
-see benchmarks/quant_quality.py). ``checkpoint.py`` saves and loads self-describing quantized
-checkpoints.
+round-to-nearest in float32 on the weight's own device; ``loading.load(quantize=...)`` applies the
+same per layer while the weights load. ``gptq.py`` is the calibrated alternative for int4 (same
+layout). ``checkpoint.py`` saves and loads self-describing quantized checkpoints.
 
 Why our own modules rather than torchao's
 -----------------------------------------

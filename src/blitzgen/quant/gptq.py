@@ -24,10 +24,11 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..errors import BlitzgenError
-from .core import Int4Config, handler_for, is_quantized, quant_metadata, set_submodule, target_linears
-from .int4 import Int4Linear, group_params, pack_int4
+from .core import (Int4Config, handler_for, is_quantized, plan_quantization, quant_metadata, set_submodule,
+                   target_linears)
+from .int4 import Int4Linear, group_params, pack_int4, quantize_int4
 
-BLOCK_TARGETS = (("attention.wqkv",), ("attention.wo",), ("feed_forward.w13",), ("feed_forward.w2",))
+BLOCK_TARGETS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")  # in this order
 
 
 @torch.no_grad()
@@ -49,8 +50,6 @@ def gptq_quantize_weight(w: Tensor, H: Tensor, group_size: int, dtype: torch.dty
         L = torch.linalg.cholesky(H)
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     except RuntimeError:  # not positive definite even with damping: round to nearest instead
-        from .int4 import quantize_int4
-
         return quantize_int4(w, group_size, dtype)
     q = torch.empty(n, k, dtype=torch.uint8, device=W.device)
     scales = torch.empty(n, k // group_size, dtype=dtype, device=W.device)
@@ -80,12 +79,10 @@ class _HessianHook:
 
     def __init__(self, k: int, device):
         self.H = torch.zeros(k, k, dtype=torch.float32, device=device)
-        self.rows = 0
 
     def __call__(self, module, args):
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
         self.H.addmm_(x.t(), x)
-        self.rows += x.shape[0]
 
 
 def _quantized_linear(lin: nn.Linear, H: Tensor, config: Int4Config, dtype: torch.dtype, damp: float) -> Int4Linear:
@@ -112,11 +109,9 @@ def gptq_quantize_model(model, config: Int4Config, samples: Sequence[Sequence[in
     if not samples:
         raise BlitzgenError("GPTQ needs calibration text (no tokens given)")
     targets = target_linears(model)
-    handler = handler_for(config)
-    for name, lin in targets:
-        handler.check(name, lin, config)
-    dtype = dtype or targets[0][1].weight.dtype
-    device = targets[0][1].weight.device
+    dtype = dtype or (targets[0][1].weight.dtype if targets else torch.float32)
+    _, names = plan_quantization(model, config, dtype)  # every layer checked before any is changed
+    device = model.tok_embeddings.weight.device
     longest = max(len(s) for s in samples)
     if longest > model.args.max_seq_len:
         raise BlitzgenError(f"calibration samples of {longest} tokens exceed the model's context length "
@@ -133,17 +128,15 @@ def gptq_quantize_model(model, config: Int4Config, samples: Sequence[Sequence[in
     xs = [model.tok_embeddings(torch.tensor([ids], device=device)) for ids in samples]
     ctx = [block_inputs(ids) for ids in samples]
     for li, layer in enumerate(model.layers):
-        for group in BLOCK_TARGETS:
-            hooks = {name: _HessianHook(layer.get_submodule(name).in_features, device) for name in group}
-            handles = [layer.get_submodule(name).register_forward_pre_hook(h) for name, h in hooks.items()]
+        for name in BLOCK_TARGETS:
+            hook = _HessianHook(layer.get_submodule(name).in_features, device)
+            handle = layer.get_submodule(name).register_forward_pre_hook(hook)
             try:
                 for x, (pos, mask, rope) in zip(xs, ctx):
                     layer(x, rope, mask, pos, len(pos))
             finally:
-                for h in handles:
-                    h.remove()
-            for name, hook in hooks.items():
-                set_submodule(layer, name, _quantized_linear(layer.get_submodule(name), hook.H, config, dtype, damp))
+                handle.remove()
+            set_submodule(layer, name, _quantized_linear(layer.get_submodule(name), hook.H, config, dtype, damp))
         xs = [layer(x, rope, mask, pos, len(pos)) for x, (pos, mask, rope) in zip(xs, ctx)]
         if log:
             log(f"GPTQ: block {li + 1}/{len(model.layers)} ({time.perf_counter() - t0:.0f} s)")
@@ -152,7 +145,7 @@ def gptq_quantize_model(model, config: Int4Config, samples: Sequence[Sequence[in
         hook(None, (model.norm(x),))
     # a tied head gets its own quantized copy; the embedding stays float
     model.output = _quantized_linear(model.output, hook.H, config, dtype, damp)
-    return {**quant_metadata(config, dtype, len(targets)), "method": "gptq",
+    return {**quant_metadata(config, dtype, len(names)), "method": "gptq",
             "calibration_tokens": sum(len(s) for s in samples), "damp": damp}
 
 

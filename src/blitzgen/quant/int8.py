@@ -24,8 +24,9 @@ from .core import Handler, Int8Config, get_kernel, is_single_token, register_han
 
 @torch.library.custom_op("blitzgen_quant::int8_linear", mutates_args=())
 def int8_linear_op(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
-    """F.linear(x, weight.to(x.dtype)) * scales as one opaque op (see the module docstring)."""
-    return F.linear(x, weight.to(x.dtype)) * scales
+    """F.linear(x, weight.to(x.dtype)) * scales as one opaque op (see the module docstring), in x's
+    dtype (what its fake implementation promises) whatever the scales' dtype."""
+    return F.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
 
 
 @int8_linear_op.register_fake
