@@ -171,10 +171,8 @@ def build_random_model(args, device: torch.device, dtype: torch.dtype, seed: int
 
 
 def _quant_config(mode: str, group_size: int | None):
-    try:
-        from .quant import make_config
-    except ImportError as e:
-        raise BlitzgenError(f"--mode {mode} needs blitzgen.quant, which is not available here ({e})") from None
+    from .quant import make_config
+
     return make_config(mode, group_size=group_size)
 
 

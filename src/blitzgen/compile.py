@@ -13,13 +13,14 @@ from typing import Callable
 
 import torch
 
-_configured = False
+_configured: set[str] = set()  # device types configured so far
 
 
 def configure_inductor(device: str) -> None:
-    """Global inductor settings; applied once, before the first compile."""
-    global _configured
-    if _configured:
+    """Global inductor settings, applied before the first compile for each device type (a CUDA
+    compile after a CPU one still gets the CUDA settings)."""
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    if kind in _configured:
         return
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
@@ -38,7 +39,7 @@ def configure_inductor(device: str) -> None:
     dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
     dynamo_config.accumulated_cache_size_limit = max(dynamo_config.accumulated_cache_size_limit, 512)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_cache_root(), "inductor"))
-    _configured = True
+    _configured.add(kind)
 
 
 def _cache_root() -> str:
@@ -53,13 +54,9 @@ def compile_decode(fn: Callable, device: str) -> Callable:
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
-def compile_prefill(fn: Callable, device: str) -> Callable:
-    configure_inductor(device)
-    return torch.compile(fn, fullgraph=True, dynamic=False)
-
-
-def compile_sampler(fn: Callable, device: str) -> Callable:
-    """The sampler after prefill: one small graph per sampler mode, without CUDA graphs (it runs
-    once per request, and a graph's output would be overwritten by the next replay)."""
+def compile_static(fn: Callable, device: str) -> Callable:
+    """Prefill (one graph per length bucket) and the sampler after it (one per sampler mode):
+    fullgraph, static shapes, no CUDA graphs (each runs once per request, and a graph's output
+    would be overwritten by the next replay)."""
     configure_inductor(device)
     return torch.compile(fn, fullgraph=True, dynamic=False)

@@ -114,14 +114,14 @@ class Generator:
         self.compile_seconds = 0.0
         self.last_stats = GenerationStats()
         if compile:
-            from .compile import compile_decode, compile_prefill, compile_sampler
+            from .compile import compile_decode, compile_static
 
             # Decode is one graph (model + sampler; one graph per sampler mode). Prefill's model
             # graph (per length bucket) is compiled apart from its sampler so that bucket graphs
             # are shared by every sampler mode; neither of those two uses CUDA graphs.
             self._decode = compile_decode(_decode_step, str(self.device))
-            self._prefill = compile_prefill(_prefill_logits, str(self.device))
-            self._sample = compile_sampler(sample, str(self.device))
+            self._prefill = compile_static(_prefill_logits, str(self.device))
+            self._sample = compile_static(sample, str(self.device))
         else:
             self._decode, self._prefill, self._sample = _decode_step, _prefill_logits, sample
         self._host_tok = torch.empty(1, dtype=torch.int64, pin_memory=self.is_cuda)

@@ -222,14 +222,13 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.norm.weight.device
 
-    def setup_caches(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+    def setup_caches(self, max_batch: int, max_seq_len: int) -> None:
         """(Re)allocate the static KV cache, RoPE table and causal mask for max_seq_len positions."""
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context {self.args.max_seq_len}")
         if max_seq_len == self.max_seq_len and max_batch == self.max_batch:
             return
-        dtype = dtype or self.dtype
-        device = self.device
+        dtype, device = self.dtype, self.device
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch, self.args.n_kv_heads, max_seq_len,
                                                self.args.head_dim, dtype, device)

@@ -96,13 +96,6 @@ def sample(logits: Tensor, t: dict[str, Tensor], mode: tuple[bool, bool, bool, b
     return (probs / noise).argmax(-1)
 
 
-def probabilities(logits: Tensor, t: dict[str, Tensor], mode: tuple[bool, bool, bool, bool]) -> Tensor:
-    """The distribution ``sample`` draws from (one-hot when greedy). Used by speculative decoding."""
-    if mode[0]:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    return filter_logits(logits, t, mode).softmax(-1)
-
-
 def make_generator(seed: int | None, device) -> torch.Generator:
     g = torch.Generator(device=device)
     if seed is None:

@@ -71,7 +71,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _field(reader, key: str, default=None):
-    """A GGUF metadata value as plain Python (str, int, float, bool or list), or `default`."""
+    """A GGUF metadata value as plain Python (str, int, float, bool or list), or `default`.
+    (loading.gguf.field does the same; importing it here would pull torch into the tokenizer.)"""
     f = reader.fields.get(key)
     return default if f is None else f.contents()
 

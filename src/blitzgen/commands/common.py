@@ -26,7 +26,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="longest prompt + completion to allow (default: the model's context)")
 
 
-def resolve_dtype(name: str | None, device: str):
+def resolve_dtype(name: str | None):
     import torch
 
     if name is None:
@@ -34,8 +34,8 @@ def resolve_dtype(name: str | None, device: str):
     return getattr(torch, DTYPES[name])
 
 
-def load_engine(args, *, warm: bool = True, log=None):
-    """Load the model named by the options and build a Generator (compiled and warmed up if asked)."""
+def load_engine(args, *, log=None):
+    """Load the model named by the options and build a Generator (compiled when asked; callers warm it up)."""
     import torch
 
     from ..generate import Generator
@@ -43,7 +43,7 @@ def load_engine(args, *, warm: bool = True, log=None):
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     device = args.device or default_device()
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = resolve_dtype(args.dtype)
     quant = None
     if args.quantize:
         from ..quant import make_config

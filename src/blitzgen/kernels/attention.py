@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gemv import _num_sms  # SM count (an H100's without a GPU)
+
 BLOCK_N = 64
 
 
@@ -77,15 +79,9 @@ def _split_kernel(Q, K, V, MASK, OUT, MAX, SUM,
     tl.store(SUM + row, l_i)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132 if device.type == "cuda" else 4  # fake CUDA tensors (tracing without a GPU): an H100
-
-
 def plan(batch_heads: int, S: int, device: torch.device) -> tuple[int, int]:
     """(slice length, number of slices): about 4 programs per SM, slices a multiple of BLOCK_N."""
-    want = max(1, math.ceil(4 * _num_sms(device) / batch_heads))
+    want = max(1, math.ceil(4 * _num_sms(device.index if device.type == "cuda" else None) / batch_heads))
     splits = max(1, min(want, math.ceil(S / BLOCK_N)))
     split_len = math.ceil(math.ceil(S / splits) / BLOCK_N) * BLOCK_N
     return split_len, math.ceil(S / split_len)

@@ -77,14 +77,3 @@ def load_args(path: Path) -> ModelArgs:
     return ModelArgs.from_hf_config(read_config(path))
 
 
-def generation_eos_ids(path: Path) -> list[int]:
-    f = path / "generation_config.json"
-    if not f.is_file():
-        return []
-    try:
-        eos = json.loads(f.read_text()).get("eos_token_id")
-    except (OSError, json.JSONDecodeError):
-        return []
-    if eos is None:
-        return []
-    return [eos] if isinstance(eos, int) else list(eos)
