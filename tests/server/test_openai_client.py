@@ -92,3 +92,17 @@ def test_errors_map_to_the_client_exception_classes(server):
     ok = client.chat.completions.create(messages=HI, model="", temperature=0, max_tokens=1,
                                         extra_body={"repetition_penalty": 1.0, "foo": "bar"})
     assert ok.usage.completion_tokens == 1
+
+
+def test_server_generates_what_the_in_process_generator_does(server, smol):
+    """The server path (queue, engine thread, detokenizing, SSE) against the plain Generator on the
+    same float32 weights: the same greedy text."""
+    from blitzgen.generate import Generator
+    from blitzgen.sampling import SamplingParams
+
+    prompt = "The capital of France is"
+    want = Generator(smol.model, smol.tokenizer).complete(smol.tokenizer.encode(prompt), 8,
+                                                           SamplingParams(temperature=0.0)).text
+    got = server.openai().completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt=prompt, temperature=0,
+                                             max_tokens=8)
+    assert got.choices[0].text == want
