@@ -1,0 +1,134 @@
+"""Runtime options: how a model runs (device, dtype, compile, quantization, context, kernels,
+caches). This is the only module that reads blitzgen's environment variables, and the one place
+that reports a fallback to a slower path (once per reason, never swallowed).
+
+Environment variables (each read here only):
+  BLITZGEN_CACHE             root of blitzgen's caches (compile artifacts, Inductor); default
+                             $XDG_CACHE_HOME/blitzgen or ~/.cache/blitzgen
+  BLITZGEN_KERNELS           0/false/off: do not use the Triton kernels (GEMV, decode attention)
+  BLITZGEN_DECODE_ATTENTION  auto | sdpa | matmul | split | triton: one-token attention
+  BLITZGEN_GEMV_CONFIGS      a JSON file of GEMV launch configs that override the built-in table
+  BLITZGEN_GEMV_AUTOTUNE     1: time candidate GEMV configs on first use (eager only)
+  BLITZGEN_GPTFAST_SCRIPT    the gpt-fast harness that `bench --peer` runs
+  BLITZGEN_API_KEY           the server's API key (read as `serve --api-key`'s default)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+
+log = logging.getLogger("blitzgen")
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+DECODE_ATTENTION = ("auto", "sdpa", "matmul", "split", "triton")
+DEFAULT_DTYPE = "bfloat16"  # on CUDA and CPU alike
+WARM_CACHE_TOKENS = 8192  # KV-cache positions a compiled server allocates up front
+_FALSE = ("0", "false", "no", "off")
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """os.environ[name] (stripped), or default when unset or empty."""
+    value = os.environ.get(name, "").strip()
+    return value if value else default
+
+
+def env_flag(name: str, default: bool) -> bool:
+    value = env(name)
+    return default if value is None else value.lower() not in _FALSE
+
+
+def cache_root() -> str:
+    base = env("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return env("BLITZGEN_CACHE") or os.path.join(base, "blitzgen")
+
+
+def triton_interpret() -> bool:
+    """Triton's own TRITON_INTERPRET (kernels pick interpreter-friendly code paths under it)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Everything that decides how a loaded model runs. ``None`` fields are resolved by
+    ``resolved()``: device to cuda when a GPU is present, compile to on for CUDA."""
+
+    device: str | None = None
+    dtype: str = DEFAULT_DTYPE
+    compile: bool | None = None
+    quantize: str | None = None  # "int8" | "int4"
+    group_size: int | None = None  # int4 only
+    max_model_len: int | None = None  # the user's limit on prompt + completion
+    decode_attention: str = "auto"
+    kernels: bool = True
+    gemv_configs: str | None = None
+    gemv_autotune: bool = False
+    cache_dir: str | None = None
+    warm_cache_tokens: int = WARM_CACHE_TOKENS
+
+    @classmethod
+    def from_env(cls, **overrides) -> "RuntimeOptions":
+        """Defaults, then the environment, then ``overrides`` (None values are ignored)."""
+        base = dict(
+            decode_attention=env("BLITZGEN_DECODE_ATTENTION", "auto"),
+            kernels=env_flag("BLITZGEN_KERNELS", True),
+            gemv_configs=env("BLITZGEN_GEMV_CONFIGS"),
+            gemv_autotune=env_flag("BLITZGEN_GEMV_AUTOTUNE", False),
+            cache_dir=cache_root(),
+        )
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        opts = cls(**base)
+        opts.validate()
+        return opts
+
+    def validate(self) -> "RuntimeOptions":
+        from .errors import BlitzgenError
+
+        if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise BlitzgenError(f"unknown device {self.device!r} (cpu or cuda)")
+        if self.dtype not in DTYPES:
+            raise BlitzgenError(f"unknown dtype {self.dtype!r} (one of {', '.join(sorted(DTYPES))})")
+        if self.decode_attention not in DECODE_ATTENTION:
+            raise BlitzgenError(f"unknown decode attention {self.decode_attention!r} "
+                                f"(one of {', '.join(DECODE_ATTENTION)}; BLITZGEN_DECODE_ATTENTION)")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise BlitzgenError(f"--max-model-len must be at least 2, got {self.max_model_len}")
+        if self.warm_cache_tokens < 1:
+            raise BlitzgenError(f"warm cache size must be positive, got {self.warm_cache_tokens}")
+        return self
+
+    def resolved(self) -> "RuntimeOptions":
+        """A copy with device and compile decided (imports torch)."""
+        import torch
+
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        compile_ = self.compile if self.compile is not None else device.startswith("cuda")
+        return dataclasses.replace(self, device=device, compile=compile_)
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, DTYPES[self.dtype])
+
+    @property
+    def is_cuda(self) -> bool:
+        return (self.device or "").startswith("cuda")
+
+    def replace(self, **changes) -> "RuntimeOptions":
+        return dataclasses.replace(self, **changes).validate()
+
+
+_REPORTED: set[str] = set()  # fallback reasons reported so far in this process
+
+
+def fallback(what: str, reason: str) -> None:
+    """Report, once per process and reason, that ``what`` runs on a slower path, and why."""
+    key = f"{what}: {reason}"
+    if key in _REPORTED:
+        return
+    _REPORTED.add(key)
+    log.warning("blitzgen: %s falls back to a slower path: %s", what, reason)
