@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from blitzgen.errors import BlitzgenError, ModelLoadError
 from blitzgen.loading import LoadedModel, detect_kind, load
 from blitzgen.quant import Int4Linear, Int8Linear, make_config, quantize_model
-from blitzgen.quant.checkpoint import METADATA_KEY, is_quantized_checkpoint, save_quantized
+from blitzgen.loading.checkpoint import METADATA_KEY, is_quantized_checkpoint, save_quantized
 
 from .conftest import tiny_model
 

@@ -46,15 +46,20 @@ def safetensors_files(path: Path) -> list[Path]:
 
 
 class SafetensorsSource:
-    """name -> tensor over several safetensors files, opened lazily (mmap), nothing copied upfront."""
+    """name -> tensor over several safetensors files, opened lazily (mmap), nothing copied upfront.
 
-    def __init__(self, files: list[Path]):
+    ``column`` names the tensors' naming scheme for the name table ("hf", or "ours" for blitzgen's
+    own checkpoints). With ``device`` set, safetensors reads each tensor straight to that device
+    (on CUDA it copies from the mmap to the GPU without an extra host tensor)."""
+
+    def __init__(self, files: list[Path], column: str = "hf", device: str = "cpu"):
+        self.column = column
         self.handles = {}
         self.where: dict[str, object] = {}
         self.metadata: dict[str, str] = {}
         for f in files:
             try:
-                h = safe_open(str(f), framework="pt", device="cpu")
+                h = safe_open(str(f), framework="pt", device=str(device))
                 names = list(h.keys())
             except (SafetensorError, OSError, ValueError) as e:
                 raise ModelLoadError(f"corrupt or truncated safetensors file {f}: {e}") from None
