@@ -132,7 +132,7 @@ def resolve_options(options: RuntimeOptions | None = None, *, device: str | None
     if quantize is None and options.quantize is not None:
         quantize = make_config(options.quantize, options.group_size)
     elif isinstance(quantize, str):
-        quantize = make_config(quantize)
+        quantize = make_config(quantize, options.group_size if quantize.lower() == "int4" else None)
     return device, dtype, quantize
 
 
