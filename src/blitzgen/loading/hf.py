@@ -49,8 +49,10 @@ class SafetensorsSource:
     """name -> tensor over several safetensors files, opened lazily (mmap), nothing copied upfront.
 
     ``column`` names the tensors' naming scheme for the name table ("hf", or "ours" for blitzgen's
-    own checkpoints). With ``device`` set, safetensors reads each tensor straight to that device
-    (on CUDA it copies from the mmap to the GPU without an extra host tensor)."""
+    own checkpoints). With ``device`` set, safetensors reads each tensor straight to that device:
+    on CUDA it stages the mmapped bytes through pinned host memory and copies them to the GPU, so
+    the cast to the model's dtype runs on the GPU; on the CPU a tensor is a view of the mmap until
+    it is cast or concatenated (fused wqkv / w13)."""
 
     def __init__(self, files: list[Path], column: str = "hf", device: str = "cpu"):
         self.column = column
