@@ -93,6 +93,92 @@ def test_env_disables_kernels():
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
 
+def _fresh_probe(monkeypatch):
+    """Forget the cached availability and the fallbacks reported so far (restored afterwards)."""
+    from blitzgen import runtime
+
+    monkeypatch.setattr(kernels, "_AVAILABLE", None)
+    monkeypatch.setattr(kernels, "_REASON", None)
+    monkeypatch.setattr(kernels, "_GEMV", kernels._GEMV)
+    monkeypatch.setattr(runtime, "_REPORTED", set())
+
+
+def _fallback_records(caplog):
+    return [r for r in caplog.records if "falls back to a slower path" in r.getMessage()]
+
+
+def test_disabled_kernels_are_reported_once_with_the_reason(monkeypatch, caplog):
+    from blitzgen.quant.core import get_kernel
+
+    _fresh_probe(monkeypatch)
+    monkeypatch.setenv("BLITZGEN_KERNELS", "0")
+    caplog.set_level("WARNING", logger="blitzgen")
+    assert kernels.available() is False
+    assert "BLITZGEN_KERNELS=0" in kernels.unavailable_reason()
+    assert get_kernel("int8_gemv") is None and get_kernel("int8_gemv") is None
+    assert get_kernel("int4_gemv") is None
+    recs = _fallback_records(caplog)
+    assert len(recs) == 2, [r.getMessage() for r in recs]  # once per kernel, not per call
+    assert all("disabled by the user (BLITZGEN_KERNELS=0)" in r.getMessage() for r in recs)
+    assert "int8_gemv" in recs[0].getMessage() and "int4_gemv" in recs[1].getMessage()
+    with pytest.raises(ValueError, match="no kernel named"):
+        get_kernel("int3_gemv")
+
+
+def test_triton_import_failure_is_reported_with_the_exception(monkeypatch, caplog):
+    import blitzgen.kernels
+    from blitzgen.quant.core import get_kernel
+
+    _fresh_probe(monkeypatch)
+    monkeypatch.delenv("BLITZGEN_KERNELS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delattr(blitzgen.kernels, "gemv", raising=False)
+    monkeypatch.setitem(sys.modules, "blitzgen.kernels.gemv", None)  # the import raises ImportError
+    caplog.set_level("WARNING", logger="blitzgen")
+    assert kernels.available() is False
+    reason = kernels.unavailable_reason()
+    assert reason.startswith("Triton kernels could not be imported (ModuleNotFoundError:"), reason
+    assert "blitzgen.kernels.gemv halted" in reason  # the exception's own text
+    assert get_kernel("int8_gemv") is None
+    get_kernel("int8_gemv")
+    recs = _fallback_records(caplog)
+    assert len(recs) == 1 and reason in recs[0].getMessage()
+
+
+def test_no_cuda_is_a_reason_and_cpu_tensors_are_not_a_fallback(monkeypatch, caplog):
+    _fresh_probe(monkeypatch)
+    monkeypatch.delenv("BLITZGEN_KERNELS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    caplog.set_level("WARNING", logger="blitzgen")
+    assert kernels.available() is False and kernels.unavailable_reason() == "CUDA is not available"
+    x, w, s = torch.randn(1, 64), torch.randint(-128, 128, (8, 64), dtype=torch.int8), torch.rand(8)
+    kernels.int8_gemv(x, w, s)  # CPU tensors: the plain path is the CPU's own, nothing to report
+    assert not _fallback_records(caplog)
+
+
+@needs_triton
+def test_gemv_configs_file_that_does_not_exist_is_reported(monkeypatch, caplog, tmp_path):
+    from blitzgen import runtime
+    from blitzgen.kernels import gemv
+
+    monkeypatch.setattr(runtime, "_REPORTED", set())
+    monkeypatch.setenv("BLITZGEN_GEMV_CONFIGS", str(tmp_path / "missing.json"))
+    caplog.set_level("WARNING", logger="blitzgen")
+    gemv._overrides.cache_clear()
+    try:
+        assert gemv._overrides() == {}
+        (tmp_path / "c.json").write_text(json.dumps({"best_configs": {
+            "int8:4096:4096:0": {"block_n": 2, "num_warps": 8, "wpt": 4, "split_k": 1, "num_stages": 1}}}))
+        monkeypatch.setenv("BLITZGEN_GEMV_CONFIGS", str(tmp_path / "c.json"))
+        gemv._overrides.cache_clear()
+        assert gemv.choose_config("int8", 4096, 4096) == gemv.GemvConfig(2, 8, 4, 1, 1)
+    finally:
+        monkeypatch.undo()
+        gemv._overrides.cache_clear()
+    recs = _fallback_records(caplog)
+    assert len(recs) == 1 and "missing.json" in recs[0].getMessage()
+
+
 # ------------------------------------------------------------------ configs (Triton imported, no GPU)
 
 LLAMA_SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (28672, 4096),
