@@ -99,6 +99,26 @@ def test_gemv_candidate_configs(kind, g, seed, summary):
     summary(f"{n} configs")
 
 
+def test_float_gemv_kernel(seed, summary):
+    """The opt-in unquantized GEMV (kernels/gemv_float.py): op and raw launcher (poisoned out)."""
+    from blitzgen.kernels import gemv, gemv_float
+    from blitzgen.kernels.reference import float_gemv_ref
+
+    worst = 0.0
+    for N, K in BIG + ODD:
+        for dtype in (torch.bfloat16, torch.float16):
+            x = torch.randn(1, 1, K, device="cuda").to(dtype)
+            w = (torch.randn(N, K, device="cuda") * 0.02).to(dtype)
+            r = float_gemv_ref(x, w)
+            what = f"float GEMV N={N} K={K} {dtype} seed={seed}"
+            worst = max(worst, _check(gemv_float.float_gemv(x, w), r, TOL[dtype], what + " (op)"))
+            cfg = gemv_float.choose_config(N, K, gemv._device_sms(x))
+            poison = torch.full((N,), float("nan"), dtype=dtype, device="cuda")
+            y = gemv_float.float_gemv_raw(x, w, cfg, out=poison if cfg.split_k == 1 else None)
+            worst = max(worst, _check(y, r, TOL[dtype], f"{what} raw {cfg}"))
+    summary(f"{len(BIG) + len(ODD)} shapes, worst relative error {worst:.1e}")
+
+
 def _attention_ref(q, k, v, mask):
     s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
     return s.masked_fill(~mask.view(1, 1, 1, -1), -float("inf")).softmax(-1) @ v.double()
