@@ -539,7 +539,9 @@ def _pick_config(kind: str, N: int, K: int, group_size: int | None, ref: torch.T
                 continue
             try:
                 ms = do_bench(lambda: run(c), warmup=5, rep=20)
-            except Exception:  # a config that fails to compile/launch is skipped
+            except Exception as e:  # a config that fails to compile/launch is skipped, and said
+                runtime.fallback(f"GEMV autotuning of {key}", f"config {tuple(c)} failed "
+                                 f"({type(e).__name__}: {e}); skipped")
                 continue
             if best is None or ms < best[0]:
                 best = (ms, c)
