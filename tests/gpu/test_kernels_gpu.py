@@ -187,3 +187,27 @@ def test_quantized_decode_uses_the_triton_kernels(scheme, g, monkeypatch, caplog
     falls = [r.getMessage() for r in caplog.records if "falls back" in r.getMessage()]
     assert not falls, falls
     summary(f"{launches} {scheme} GEMV launches per decode step for {len(mods)} layers")
+
+
+def test_disabled_kernels_report_and_still_decode(summary):
+    """BLITZGEN_KERNELS=0 on a GPU: the int8 model says once why it is slower, and still decodes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import logging, torch; logging.basicConfig()\n"
+            "from tests.gpu.common import random_model\n"
+            "m = random_model(quantize='int8', n_layers=1)\n"
+            "with torch.inference_mode():\n"
+            "    y = m(torch.tensor([[1]], device='cuda'), torch.tensor([0], device='cuda'))\n"
+            "assert torch.isfinite(y).all()\nprint('decoded')\n")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "BLITZGEN_KERNELS": "0",
+           "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "decoded" in r.stdout, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if "falls back to a slower path" in ln and "int8_gemv" in ln]
+    assert len(lines) == 1 and "BLITZGEN_KERNELS=0" in lines[0], r.stderr[-3000:]  # once, with the reason
+    summary(lines[0].split("blitzgen: ", 1)[-1][:120])
