@@ -11,7 +11,7 @@ calls the kernel on several weight copies in turn (>= 256 MB of weights in all, 
 never holds the next copy; the activation stays in L2, as in decode). Median over graph replays of
 the time per call, next to:
 
-* ``bf16``       : F.linear(x, w_bf16) (cuBLAS);
+* ``bf16``       : F.linear(x, w_bf16) (cuBLAS); ``bf16-triton``: the opt-in kernels/gemv_float.py;
 * ``int8-gptfast``: torch.compile(F.linear(x, w.to(bf16)) * s) (gpt-fast's WeightOnlyInt8Linear);
 * ``int4-tinygemm``: aten._weight_int4pack_mm (gpt-fast's int4; torch >= 2.5 packing, even k in the
   high nibble, inner_k_tiles=8, scales_and_zeros [K/g, N, 2]).
@@ -259,6 +259,15 @@ def main():
                 yb = F.linear(x, wbs[0])
                 us = graph_us(lambda i: F.linear(x, wbs[i]), len(wbs))
                 row(rep, K, N, "bf16", us, 2 * N * K, rel_err(yb, ref), copy)
+                try:  # the opt-in Triton GEMV on the same bf16 weights (kernels/gemv_float.py)
+                    from blitzgen.kernels import gemv_float
+
+                    yt = gemv_float.float_gemv(x, wbs[0])
+                    us = graph_us(lambda i: gemv_float.float_gemv(x, wbs[i]), len(wbs))
+                    row(rep, K, N, "bf16-triton", us, 2 * N * K, rel_err(yt, ref), copy,
+                        gemv_float.choose_config(N, K, sms))
+                except Exception as e:
+                    rep.error(f"bf16-triton {K}x{N}", e)
             except Exception as e:
                 rep.error(f"bf16 {K}x{N}", e)
         cps = wbs = wb = None

@@ -2,77 +2,91 @@
 split-K attention for one query token over the KV cache (attention.py: opt-in, imported on use).
 
     from blitzgen import kernels
-    if kernels.available():                      # Triton importable, CUDA present, not disabled
+    if kernels.available():                      # not disabled, CUDA present, Triton importable
         y = kernels.int8_gemv(x, weight, scales)   # x: [..., K] holding ONE token
         y = kernels.int4_gemv(x, qweight, scales, zeros, group_size)
 
 ``int8_gemv`` / ``int4_gemv`` dispatch to the ``torch.ops.blitzgen.*`` custom ops (built with
 ``torch.library.triton_op``, so torch.compile traces through them). On tensors that are not on
-CUDA, or when the kernels are unavailable, they fall back to plain PyTorch (int8: the module's
-``F.linear(x, w.to(x.dtype)) * s``; int4: dequantize + matmul, slow), so callers never break;
-callers should check ``available()`` (once, eagerly) before routing decode through them.
-Importing this package decides ``available()`` once: on machines without CUDA it never imports
-Triton; ``BLITZGEN_KERNELS=0`` (set before the import) disables the kernels.
+CUDA, or when the kernels are unavailable, they compute the same result in plain PyTorch (int8:
+the module's ``F.linear(x, w.to(x.dtype)) * s``; int4: dequantize + matmul, slow), so callers never
+break. A CUDA call that takes that slower path is reported once, with ``unavailable_reason()``
+(``runtime.fallback``). Importing this package decides ``available()`` once: on machines without
+CUDA it never imports Triton; ``BLITZGEN_KERNELS=0`` (read through ``blitzgen.runtime``, set before
+the import) disables the kernels.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .. import runtime
 from .reference import int4_gemv_ref, int8_gemv_ref
 
-__all__ = ["available", "int8_gemv", "int4_gemv", "int8_gemv_ref", "int4_gemv_ref"]
-
-
-def _disabled() -> bool:
-    return os.environ.get("BLITZGEN_KERNELS", "1").strip().lower() in ("0", "false", "no", "off")
-
+__all__ = ["available", "unavailable_reason", "int8_gemv", "int4_gemv", "int8_gemv_ref", "int4_gemv_ref"]
 
 # Plain module globals (no lru_cache) so that torch.compile/dynamo can trace int8_gemv/int4_gemv
-# once available() has run eagerly (the quantized modules call it when they are built).
+# once available() has run eagerly (this module calls it on import).
 _GEMV = None  # the blitzgen.kernels.gemv module once imported
-_AVAILABLE = None  # cached result of available()
+_REASON: str | None = None  # why the kernels cannot run here (None: they can)
+_AVAILABLE: bool | None = None  # cached result of available()
 
 
-def _gemv_module():
-    """blitzgen.kernels.gemv, or None when Triton can't be imported (or the import fails)."""
+def _probe() -> str | None:
+    """None when the kernels can run, else the reason they cannot (imports Triton on CUDA hosts)."""
     global _GEMV
-    if _GEMV is None:
-        try:
-            from . import gemv
-        except Exception:  # ImportError, or a broken Triton install
-            return None
-        _GEMV = gemv
-    return _GEMV
+    if not runtime.env_flag("BLITZGEN_KERNELS", True):
+        return "disabled by the user (BLITZGEN_KERNELS=0)"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    try:
+        from . import gemv
+    except Exception as e:  # ImportError, or a broken Triton install: reported, never swallowed
+        return f"Triton kernels could not be imported ({type(e).__name__}: {e})"
+    _GEMV = gemv
+    return None
 
 
 def available() -> bool:
     """True when the Triton kernels can run here: not disabled, CUDA present, Triton importable.
 
     Cached for the process (computed when the package is imported)."""
-    global _AVAILABLE
+    global _AVAILABLE, _REASON
     if _AVAILABLE is None:
-        ok = False
-        if not _disabled():
-            try:
-                ok = torch.cuda.is_available() and _gemv_module() is not None
-            except Exception:
-                ok = False
-        _AVAILABLE = ok
+        _REASON = _probe()
+        _AVAILABLE = _REASON is None
     return _AVAILABLE
 
 
-def _use_kernels(*tensors: torch.Tensor) -> bool:
-    return all(t.is_cuda for t in tensors) and available()
+def unavailable_reason() -> str | None:
+    """Why ``available()`` is False (one line, with the import error's text), or None."""
+    available()
+    return _REASON
+
+
+def report_unavailable(what: str) -> bool:
+    """Report once that ``what`` takes a slower path because the kernels are unavailable; returns
+    True when they are (nothing to report)."""
+    if available():
+        return True
+    runtime.fallback(what, unavailable_reason() or "unknown")
+    return False
+
+
+def _use_kernels(what: str, *tensors: torch.Tensor) -> bool:
+    if not all(t.is_cuda for t in tensors):
+        return False  # CPU tensors: plain PyTorch is this device's path, not a fallback
+    if available():
+        return True
+    if not torch.compiler.is_compiling():
+        report_unavailable(what)
+    return False
 
 
 def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """y = (x @ weight.T) * scales; x [..., K] with one row, weight int8 [N, K], scales [N]."""
-    if _use_kernels(x, weight, scales):
+    if _use_kernels("int8 GEMV", x, weight, scales):
         return _GEMV.int8_gemv(x, weight, scales)
-    # fallback (CPU tensors, or kernels unavailable): the quantized module's own math
     return torch.nn.functional.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
 
 
@@ -80,14 +94,11 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
               group_size: int) -> torch.Tensor:
     """y = x @ dequant(qweight).T; qweight uint8 [N, K // 2] (even k low nibble), scales/zeros
     [N, K // group_size]; w = (q - 8) * scale + zero."""
-    if _use_kernels(x, qweight, scales, zeros):
+    if _use_kernels("int4 GEMV", x, qweight, scales, zeros):
         return _GEMV.int4_gemv(x, qweight, scales, zeros, group_size)
     return int4_gemv_ref(x, qweight, scales, zeros, group_size)
 
 
 # Decide now (eagerly, outside any torch.compile trace): on CPU-only machines this is a cheap False
 # that never imports Triton; on CUDA machines it imports gemv.py (Triton) and registers the ops.
-try:
-    available()
-except Exception:  # pragma: no cover - never let the import fail
-    _AVAILABLE = False
+available()

@@ -78,6 +78,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import runtime
+
 
 def _patch_interpreter_for_numpy2() -> None:
     """Triton 3.6's interpreter turns loop bounds into Python ints with ``int(array)``, which
@@ -98,7 +100,7 @@ def _patch_interpreter_for_numpy2() -> None:
     ti._patch_lang_tensor = patched
 
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
+if runtime.triton_interpret():
     _patch_interpreter_for_numpy2()
 
 # float 128.0: OR a nibble into bits 16..19 -> 128 + q
@@ -113,9 +115,6 @@ class GemvConfig(NamedTuple):
     wpt: int            # 32-bit words per thread per row per tile: 2 (8 bytes) or 4 (16 bytes)
     split_k: int = 1    # programs along K (>1: fp32 atomics into a zeroed buffer, then a cast)
     num_stages: int = 1  # >1: software-pipelined K loop (cp.async through shared memory)
-
-    def as_dict(self) -> dict:
-        return self._asdict()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,8 +491,12 @@ def _config_key(kind: str, N: int, K: int, group_size: int | None) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _overrides() -> dict[str, GemvConfig]:
-    path = os.environ.get("BLITZGEN_GEMV_CONFIGS")
-    if not path or not os.path.exists(path):
+    path = runtime.env("BLITZGEN_GEMV_CONFIGS")
+    if not path:
+        return {}
+    if not os.path.exists(path):
+        runtime.fallback("GEMV configs", f"BLITZGEN_GEMV_CONFIGS names no file ({path}); "
+                         "using the built-in table")
         return {}
     with open(path) as f:
         data = json.load(f)
@@ -505,13 +508,8 @@ _TUNED: dict[str, GemvConfig] = {}
 _CHOSEN: dict[tuple, GemvConfig] = {}  # heuristic picks per (shape key, device): eager decode asks every call
 
 
-def tuned_configs() -> dict[str, dict]:
-    """Configs picked by BLITZGEN_GEMV_AUTOTUNE=1 so far (JSON-ready, BLITZGEN_GEMV_CONFIGS format)."""
-    return {k: v.as_dict() for k, v in _TUNED.items()}
-
-
 def _autotune_enabled(*tensors: torch.Tensor) -> bool:
-    if os.environ.get("BLITZGEN_GEMV_AUTOTUNE", "0") != "1":
+    if not runtime.env_flag("BLITZGEN_GEMV_AUTOTUNE", False):
         return False
     if torch.compiler.is_compiling():
         return False
@@ -541,7 +539,9 @@ def _pick_config(kind: str, N: int, K: int, group_size: int | None, ref: torch.T
                 continue
             try:
                 ms = do_bench(lambda: run(c), warmup=5, rep=20)
-            except Exception:  # a config that fails to compile/launch is skipped
+            except Exception as e:  # a config that fails to compile/launch is skipped, and said
+                runtime.fallback(f"GEMV autotuning of {key}", f"config {tuple(c)} failed "
+                                 f"({type(e).__name__}: {e}); skipped")
                 continue
             if best is None or ms < best[0]:
                 best = (ms, c)
@@ -600,6 +600,13 @@ def _launch_int4(x1, qweight, scales, zeros, group_size: int, cfg: GemvConfig,
     return y if split_k == 1 else y.to(x1.dtype)
 
 
+def _report_unsupported(kind: str, N: int, K: int, group_size: int | None) -> None:
+    if not torch.compiler.is_compiling():
+        g = f", group {group_size}" if group_size else ""
+        runtime.fallback(f"{kind} GEMV [{N}x{K}{g}]", "the Triton kernel does not take this shape "
+                         "(int8: K % 8; int4: a power-of-two group >= 16 dividing K); plain PyTorch")
+
+
 def _check_x(x: torch.Tensor, K: int) -> None:
     if x.shape[-1] != K or x.numel() != K:
         raise ValueError(f"GEMV kernels take one token: x of shape {tuple(x.shape)}, K={K}")
@@ -616,6 +623,7 @@ def _int8_impl(x, weight, scales, launch, cfg: GemvConfig | None = None, out=Non
         cfg = _pick_config("int8", N, K, None, x1,
                            lambda c: _launch_int8(x1, weight, scales, c), (x1, weight, scales))
     if not supported("int8", K, None, cfg):
+        _report_unsupported("int8", N, K, None)
         y = (x1.to(torch.float32) @ weight.to(torch.float32).t()) * scales.to(torch.float32)
         return y.to(x.dtype).reshape(out_shape)
     return _launch_int8(x1, weight, scales, cfg, launch, out).reshape(out_shape)
@@ -636,6 +644,7 @@ def _int4_impl(x, qweight, scales, zeros, group_size: int, launch, cfg: GemvConf
                            lambda c: _launch_int4(x1, qweight, scales, zeros, group_size, c),
                            (x1, qweight, scales, zeros))
     if cfg is None or not supported("int4", K, group_size, cfg):
+        _report_unsupported("int4", N, K, group_size)
         from .reference import int4_gemv_ref
 
         return int4_gemv_ref(x, qweight, scales, zeros, group_size)
@@ -662,7 +671,7 @@ def int4_gemv_raw(x, qweight, scales, zeros, group_size: int, cfg: GemvConfig | 
 
 
 def _register_ops():
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if runtime.triton_interpret():
         return None, None  # wrap_triton needs JITFunction objects; the interpreter has none
     from torch.library import triton_op, wrap_triton
 

@@ -6,8 +6,9 @@ Layouts (the quantized modules' storage format, see blitzgen.quant):
 * int4: ``qweight`` uint8 [N, K // 2], byte j of row n = q[n, 2j] | q[n, 2j + 1] << 4 (even k in the
   LOW nibble), q in 0..15; ``scales``, ``zeros`` [N, K // group_size];
   w[n, k] = (q[n, k] - 8) * scales[n, k // g] + zeros[n, k // g].
+* float: ``weight`` [N, K] in any float dtype; y = x @ weight.T (``float_gemv_ref``).
 
-Both references dequantize to float32, multiply in float32 and return x's dtype with x's leading
+The references dequantize to float32, multiply in float32 and return x's dtype with x's leading
 dims: y has shape (*x.shape[:-1], N).
 """
 
@@ -49,3 +50,10 @@ def int4_gemv_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     w = dequantize_int4_ref(qweight, scales, zeros, group_size)
     y = x.reshape(-1, K).to(torch.float32) @ w.t()
     return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def float_gemv_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y = x @ weight.T for a float weight [N, K] (kernels/gemv_float.py), float32 math."""
+    K = x.shape[-1]
+    y = x.reshape(-1, K).to(torch.float32) @ weight.to(torch.float32).t()
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import os
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -270,19 +268,21 @@ class QuantizedLinear(nn.Module):
 
 
 def get_kernel(name: str) -> Callable | None:
-    """``blitzgen.kernels.<name>`` if that module defines it and kernels are not disabled
-    (BLITZGEN_QUANT_KERNELS=0), else None."""
-    if os.environ.get("BLITZGEN_QUANT_KERNELS", "1").lower() in ("0", "false", "no", "off"):
-        return None
+    """``blitzgen.kernels.<name>`` (e.g. "int8_gemv") when the Triton kernels can run here, else
+    None. A None is reported once per kernel with its reason (``runtime.fallback``): disabled by
+    BLITZGEN_KERNELS=0, no CUDA, or Triton's import error. Callers ask only for CUDA modules."""
+    from .. import runtime
+
+    what = f"quantized decode ({name})"
     try:
-        mod = importlib.import_module("blitzgen.kernels")
-    except Exception:  # ImportError, or a kernel module that fails to import (no triton, ...)
+        from .. import kernels
+    except Exception as e:  # a broken install: reported, never swallowed
+        runtime.fallback(what, f"blitzgen.kernels failed to import ({type(e).__name__}: {e})")
         return None
-    available = getattr(mod, "available", None)
-    if callable(available) and not available():  # e.g. no Triton: the module's own path is faster
-        return None
-    fn = getattr(mod, name, None)
-    return fn if callable(fn) else None
+    fn = getattr(kernels, name, None)
+    if not callable(fn):
+        raise ValueError(f"blitzgen.kernels has no kernel named {name!r}")
+    return fn if kernels.report_unavailable(what) else None
 
 
 def is_single_token(x: torch.Tensor) -> bool:

@@ -1,0 +1,42 @@
+"""GPU suite (``pytest -m gpu tests/gpu``): every test here needs CUDA and is skipped without it.
+
+Each test adds one short summary line (``summary`` fixture); they are printed together at the end
+of the run, so ``-q`` output still shows what was measured.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+_HERE = Path(__file__).resolve().parent
+_LINES: list[str] = []
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (the GPU suite)")
+    for item in items:
+        if _HERE in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def summary(request):
+    """summary(text): one line for the end-of-run report, prefixed with the test's name."""
+    parts: list[str] = []
+    t0 = time.perf_counter()
+    yield parts.append
+    dt = time.perf_counter() - t0
+    _LINES.append(f"{request.node.name} [{dt:.1f}s]: " + "; ".join(parts))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _LINES:
+        terminalreporter.section("blitzgen GPU suite")
+        for line in _LINES:
+            terminalreporter.write_line(line)
