@@ -45,8 +45,12 @@ _UNAVAILABLE = {
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, served_model_name: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """Build the app around `engine`; the app's lifespan starts the engine and stops it at shutdown."""
+               max_body_bytes: int = MAX_BODY_BYTES, max_request_tokens: int | None = None) -> FastAPI:
+    """Build the app around `engine`; the app's lifespan starts the engine and stops it at shutdown.
+
+    `max_request_tokens`: the most tokens one request may generate over all its choices (default:
+    the model's context length), so a vanished or greedy client cannot hold the worker for hours.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -112,6 +116,16 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
                                 f"{engine.vocab_size})", param="prompt")
         return list(req.prompt)
 
+    def budget(req: GenerationRequest, prompt_len: int) -> int:
+        """max_tokens of each choice: n of them share at most max_request_tokens."""
+        limit = max_request_tokens or engine.max_model_len
+        if req.max_tokens is None:
+            return min(engine.default_max_tokens(prompt_len), max(1, limit // req.n))
+        if req.max_tokens * req.n > limit:
+            raise APIError(400, f"n * max_tokens = {req.n * req.max_tokens} is more than this server generates "
+                                f"for one request ({limit} tokens)", param="max_tokens")
+        return req.max_tokens
+
     def submit(job: Job) -> int:
         try:
             return engine.submit(job)
@@ -128,7 +142,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
         check_model(req.model)
         try:
             ids = await asyncio.to_thread(prompt_ids, req)  # a long prompt must not stall other streams
-            max_tokens = req.max_tokens or engine.default_max_tokens(len(ids))
+            max_tokens = budget(req, len(ids))
             engine.check_request(len(ids), max_tokens)
         except ContextLengthError as e:
             raise APIError(400, str(e), param="messages" if kind == "chat" else "prompt",
@@ -167,7 +181,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
         """Gather a whole response; None when the client went away (the job is then cancelled)."""
         texts: list[list[str]] = [[] for _ in range(job.n)]
         finish = ["length"] * job.n
-        async for ev in engine.events(job, disconnected=request.is_disconnected):
+        async for ev in engine.events(job, disconnected=client_gone(request)):
             if ev.kind == "delta":
                 texts[ev.index].append(ev.text)
             elif ev.kind == "finish":
@@ -210,6 +224,18 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
         return await generate(request, "chat")
 
     return app
+
+
+def client_gone(request: Request):
+    """An awaitable that returns once the client has disconnected: after the body was read, the next
+    ASGI message is the disconnect (or the end of the response)."""
+
+    async def gone() -> bool:
+        while (await request.receive())["type"] != "http.disconnect":
+            await asyncio.sleep(0.05)  # not expected after the body; never spin
+        return True
+
+    return gone
 
 
 def unavailable(state: str) -> APIError:
