@@ -35,6 +35,7 @@ log = logging.getLogger("blitzgen.server")
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 _DRAIN_BYTES = 64 * 1024 * 1024  # an oversized body is read (and dropped) up to this, so the client sees the 413
+FALLBACK_TOKEN_CHARS = 64
 _PAGE = Path(__file__).parent / "static" / "index.html"
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _UNAVAILABLE = {
@@ -86,6 +87,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
         return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code, headers=e.headers)
 
     # ---- helpers -----------------------------------------------------------------------------------
+    encode_lock = asyncio.Lock()  # one prompt tokenized at a time: tokenizers may hold the GIL
+    encoding = 0  # requests admitted but still being tokenized: they count against the queue
+    token_chars: dict[int, int] = {}  # id(tokenizer) -> the longest token's length in characters
+
     async def check_key(request: Request) -> None:
         if key is None:
             return
@@ -105,6 +110,31 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
         if requested and requested not in (model_name(), engine.model_name):
             raise APIError(404, f"The model `{requested}` does not exist; this server serves `{model_name()}`.",
                            param="model", code="model_not_found")
+
+    def check_prompt_chars(req: GenerationRequest) -> None:
+        """Reject, before tokenizing it, a prompt that cannot fit: no token spans more characters than
+        the longest token of the vocabulary, so more than context * that many characters never fit."""
+        tok = engine.tokenizer
+        if id(tok) not in token_chars:
+            token_chars[id(tok)] = max_token_chars(tok)
+        chars, limit = req.prompt_chars(), engine.max_model_len * token_chars[id(tok)]
+        if chars > limit:
+            raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens; the "
+                                f"prompt has {chars} characters, which cannot fit. Please reduce the prompt.",
+                           param="messages" if req.kind == "chat" else "prompt", code="context_length_exceeded")
+
+    @asynccontextmanager
+    async def tokenizing():
+        """A place in the queue while the prompt is tokenized (429 when there is none), then the lock."""
+        nonlocal encoding
+        if engine.num_waiting + engine.num_running + encoding > engine.max_queue:
+            raise queue_full()
+        encoding += 1
+        try:
+            async with encode_lock:
+                yield
+        finally:
+            encoding -= 1
 
     def prompt_ids(req: GenerationRequest) -> list[int]:
         if req.kind == "chat":
@@ -126,12 +156,15 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
                                 f"for one request ({limit} tokens)", param="max_tokens")
         return req.max_tokens
 
+    def queue_full() -> APIError:
+        return APIError(429, f"the server is busy ({engine.num_waiting} requests waiting); retry later",
+                        type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+
     def submit(job: Job) -> int:
         try:
             return engine.submit(job)
         except Overloaded:
-            raise APIError(429, f"the server is busy ({engine.num_waiting} requests waiting); retry later",
-                           type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+            raise queue_full() from None
         except Unavailable as e:
             raise unavailable(e.state) from None
 
@@ -140,8 +173,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
         req = parse_chat_request(body) if kind == "chat" else parse_completion_request(body)
         require_ready()
         check_model(req.model)
+        check_prompt_chars(req)
         try:
-            ids = await asyncio.to_thread(prompt_ids, req)  # a long prompt must not stall other streams
+            async with tokenizing():
+                ids = await asyncio.to_thread(prompt_ids, req)
             max_tokens = budget(req, len(ids))
             engine.check_request(len(ids), max_tokens)
         except ContextLengthError as e:
@@ -224,6 +259,15 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
         return await generate(request, "chat")
 
     return app
+
+
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token of `tokenizer` stands for (a generous constant when unknown)."""
+    try:
+        vocab = tokenizer._tok.get_vocab(with_added_tokens=True)  # the `tokenizers` object
+        return max(16, max(map(len, vocab)))
+    except Exception:  # noqa: BLE001 - not a `tokenizers` tokenizer
+        return FALLBACK_TOKEN_CHARS
 
 
 def client_gone(request: Request):

@@ -151,6 +151,10 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def num_running(self) -> int:
+        return int(self._running is not None)
+
     # ---- the asyncio side -------------------------------------------------------------------------
     def submit(self, job: Job) -> int:
         """Queue a job (from the event loop); return how many requests are ahead of it.

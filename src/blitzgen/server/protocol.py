@@ -65,6 +65,20 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False
 
+    def prompt_chars(self) -> int:
+        """Characters of text in the prompt (0 for token ids): a cheap bound before tokenizing."""
+        if self.kind == "chat":
+            return sum(len(_text(m.get("content"))) + len(m["role"]) for m in self.messages)
+        return len(self.prompt) if isinstance(self.prompt, str) else 0
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
 
 # ---- field readers ---------------------------------------------------------------------------------
 _MISSING = object()
