@@ -10,9 +10,12 @@ included (400, never 422). ``/health`` and ``/metrics`` stay open when an API ke
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import hmac
 import json
 import logging
+import re
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import ContextLengthError, InvalidRequestError
 from .engine import Engine, Job, Overloaded, Unavailable
+from .guard import Guard, default_allowed_hosts  # noqa: F401 - default_allowed_hosts: for serve
 from .protocol import (
     SSE_DONE, APIError, GenerationRequest, ResponseBuilder, error_body, parse_chat_request,
     parse_completion_request, sse,
@@ -37,6 +41,7 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 _DRAIN_BYTES = 64 * 1024 * 1024  # an oversized body is read (and dropped) up to this, so the client sees the 413
 FALLBACK_TOKEN_CHARS = 64
 _PAGE = Path(__file__).parent / "static" / "index.html"
+_ICON = Path(__file__).parent / "static" / "favicon.svg"
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _UNAVAILABLE = {
     "loading": ("the model is still loading; retry shortly", "model_loading"),
@@ -46,11 +51,13 @@ _UNAVAILABLE = {
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, served_model_name: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, max_request_tokens: int | None = None) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, max_request_tokens: int | None = None,
+               allowed_hosts: list[str] | None = None) -> FastAPI:
     """Build the app around `engine`; the app's lifespan starts the engine and stops it at shutdown.
 
     `max_request_tokens`: the most tokens one request may generate over all its choices (default:
     the model's context length), so a vanished or greedy client cannot hold the worker for hours.
+    `allowed_hosts`: the Host header names answered (default: any; see guard.default_allowed_hosts).
     """
 
     @asynccontextmanager
@@ -62,7 +69,11 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
     app = FastAPI(title="blitzgen", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.engine = engine
+    app.add_middleware(Guard, allowed_hosts=allowed_hosts)
     page = _PAGE.read_text(encoding="utf-8")
+    page_headers = {"Cache-Control": "no-cache", "Content-Security-Policy": page_csp(page),
+                    "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+    icon = _ICON.read_bytes()
     key = api_key.encode() if api_key else None
 
     # ---- errors ------------------------------------------------------------------------------------
@@ -231,7 +242,13 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
     # ---- routes ------------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
     async def index():
-        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+        return HTMLResponse(page, headers=page_headers)
+
+    @app.get("/favicon.svg", include_in_schema=False)
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return Response(icon, media_type="image/svg+xml",
+                        headers={"Cache-Control": "max-age=86400", "X-Content-Type-Options": "nosniff"})
 
     @app.get("/health")
     async def health():
@@ -259,6 +276,18 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
         return await generate(request, "chat")
 
     return app
+
+
+def page_csp(page: str) -> str:
+    """The chat page's Content-Security-Policy: its own inline script and style (by hash), requests to
+    this origin only, no framing."""
+    def hashes(tag: str) -> str:
+        found = re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.S)
+        return " ".join("'sha256-" + base64.b64encode(hashlib.sha256(s.encode()).digest()).decode() + "'"
+                        for s in found)
+
+    return (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
+            "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 def max_token_chars(tokenizer) -> int:
@@ -304,6 +333,8 @@ async def read_json(request: Request, limit: int) -> dict:
         raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
     try:
         body = json.loads(b"".join(parts))
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
