@@ -387,7 +387,11 @@ def test_the_drain_has_a_time_limit(fake_server):
         time.sleep(0.01)
     t0 = time.monotonic()
     srv.server.handle_exit(signal.SIGTERM, None)
-    gen.permits.release(1)  # let the worker reach its next token check after the abort
+    running = srv.engine._running
+    while not running.cancelled.is_set():  # aborted after 0.5 s
+        assert time.monotonic() - t0 < 3
+        time.sleep(0.01)
+    gen.permits.release(1)  # the worker then sees the abort before its next token
     assert srv.wait_stopped(8) and time.monotonic() - t0 < 5
     t.join(10)
     assert done and done[0].status_code >= 500
@@ -404,4 +408,7 @@ def test_a_half_sent_body_times_out(fake_server):
     reply = sock.recv(65536)
     assert time.monotonic() - t0 < 3
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    while reply:  # and the connection is closed, not held
+        reply = sock.recv(65536)
+    assert time.monotonic() - t0 < 3
     sock.close()

@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import re
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import ContextLengthError, InvalidRequestError
 from .engine import Engine, Job, Overloaded, Unavailable
+from . import openapi
 from .guard import Guard, default_allowed_hosts  # noqa: F401 - default_allowed_hosts: for serve
 from .protocol import (
     SSE_DONE, APIError, GenerationRequest, ResponseBuilder, error_body, parse_chat_request,
@@ -38,6 +40,8 @@ from .protocol import (
 log = logging.getLogger("blitzgen.server")
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+BODY_TIMEOUT_SECONDS = 10.0
+DRAIN_TIMEOUT_SECONDS = 25.0  # under Kubernetes' default 30 s grace period
 _DRAIN_BYTES = 64 * 1024 * 1024  # an oversized body is read (and dropped) up to this, so the client sees the 413
 FALLBACK_TOKEN_CHARS = 64
 _PAGE = Path(__file__).parent / "static" / "index.html"
@@ -52,12 +56,13 @@ _UNAVAILABLE = {
 
 def create_app(engine: Engine, *, api_key: str | None = None, served_model_name: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, max_request_tokens: int | None = None,
-               allowed_hosts: list[str] | None = None) -> FastAPI:
+               allowed_hosts: list[str] | None = None, body_timeout: float = BODY_TIMEOUT_SECONDS) -> FastAPI:
     """Build the app around `engine`; the app's lifespan starts the engine and stops it at shutdown.
 
     `max_request_tokens`: the most tokens one request may generate over all its choices (default:
     the model's context length), so a vanished or greedy client cannot hold the worker for hours.
     `allowed_hosts`: the Host header names answered (default: any; see guard.default_allowed_hosts).
+    `body_timeout`: seconds a client has to send a request body (408 after that).
     """
 
     @asynccontextmanager
@@ -67,7 +72,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
         await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="blitzgen", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url="/openapi.json")
     app.state.engine = engine
     app.add_middleware(Guard, allowed_hosts=allowed_hosts)
     page = _PAGE.read_text(encoding="utf-8")
@@ -105,9 +110,15 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
     async def check_key(request: Request) -> None:
         if key is None:
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        header = request.headers.get("authorization", "").strip()
+        scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
-            message = "Incorrect API key provided." if token else "Missing API key: send 'Authorization: Bearer KEY'."
+            if not header:
+                message = "Missing API key: send 'Authorization: Bearer KEY'."
+            elif scheme.lower() != "bearer":
+                message = "Invalid API key: send it as 'Authorization: Bearer KEY'."
+            else:
+                message = "Incorrect API key provided."
             raise APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     def require_ready() -> None:
@@ -180,7 +191,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
             raise unavailable(e.state) from None
 
     async def generate(request: Request, kind: str):
-        body = await read_json(request, max_body_bytes)
+        body = await read_json(request, max_body_bytes, body_timeout)
         req = parse_chat_request(body) if kind == "chat" else parse_completion_request(body)
         require_ready()
         check_model(req.model)
@@ -233,6 +244,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
             elif ev.kind == "finish":
                 finish[ev.index] = ev.finish_reason
             elif ev.kind == "error":
+                if engine.state == "draining":
+                    raise unavailable("draining")
                 raise APIError(500, ev.text, type="server_error")
             elif ev.kind == "done":
                 return builder.response([("".join(t), f) for t, f in zip(texts, finish)], len(job.prompt_ids),
@@ -250,7 +263,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
         return Response(icon, media_type="image/svg+xml",
                         headers={"Cache-Control": "max-age=86400", "X-Content-Type-Options": "nosniff"})
 
-    @app.get("/health")
+    @app.get("/health", responses={503: _error_response("loading, draining or failed to load")})
     async def health():
         ready = engine.state == "ready"
         return JSONResponse({"status": "ok" if ready else engine.state}, status_code=200 if ready else 503)
@@ -260,22 +273,35 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
         body, content_type = engine.metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    @app.get("/v1/models", dependencies=[Depends(check_key)], responses=_errors(401, 503))
     async def models():
         require_ready()
         card = {"id": model_name(), "object": "model", "created": 0, "owned_by": "blitzgen",
                 "max_model_len": engine.max_model_len}
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    @app.post("/v1/completions", dependencies=[Depends(check_key)], responses=_GENERATION_ERRORS,
+              openapi_extra=openapi.request_body(openapi.COMPLETION))
     async def completions(request: Request):
         return await generate(request, "completion")
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)], responses=_GENERATION_ERRORS,
+              openapi_extra=openapi.request_body(openapi.CHAT))
     async def chat_completions(request: Request):
         return await generate(request, "chat")
 
     return app
+
+
+def _error_response(description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": openapi.ERROR}}}
+
+
+def _errors(*codes: int) -> dict:
+    return {code: _error_response(openapi.STATUS[code]) for code in codes}
+
+
+_GENERATION_ERRORS = _errors(400, 401, 404, 408, 413, 415, 429, 500, 503)
 
 
 def page_csp(page: str) -> str:
@@ -317,18 +343,24 @@ def unavailable(state: str) -> APIError:
     return APIError(503, message, type="service_unavailable", code=code, headers={"Retry-After": "5"})
 
 
-async def read_json(request: Request, limit: int) -> dict:
-    """The request body as a JSON object: 413 past `limit` bytes, 400 when it is not a JSON object."""
+async def read_json(request: Request, limit: int, timeout: float = BODY_TIMEOUT_SECONDS) -> dict:
+    """The request body as a JSON object: 413 past `limit` bytes, 408 when it takes more than `timeout`
+    seconds to arrive, 400 when it is not a JSON object."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > _DRAIN_BYTES:
         raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
     parts, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= limit:
-            parts.append(chunk)
-        elif size > _DRAIN_BYTES:
-            break
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size <= limit:
+                    parts.append(chunk)
+                elif size > _DRAIN_BYTES:
+                    break
+    except TimeoutError:
+        raise APIError(408, f"the request body was not received within {timeout:g} seconds",
+                       code="request_timeout", headers={"Connection": "close"}) from None
     if size > limit:
         raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
     try:
@@ -343,16 +375,34 @@ async def read_json(request: Request, limit: int) -> dict:
 
 
 class DrainingServer(uvicorn.Server):
-    """A uvicorn server whose shutdown signal first makes the engine refuse new work (503); uvicorn
-    then waits for the running and queued requests before the app's lifespan stops the engine."""
+    """A uvicorn server whose first shutdown signal drains: the engine refuses new work (503 with
+    Retry-After, on a socket that still listens) while the running and queued requests finish; the
+    server exits once the engine is idle, or after `drain_timeout` seconds, when what is left is
+    aborted. A second signal stops it at once."""
 
-    def __init__(self, config: uvicorn.Config, engine: Engine):
+    def __init__(self, config: uvicorn.Config, engine: Engine, drain_timeout: float | None = DRAIN_TIMEOUT_SECONDS):
         super().__init__(config)
         self.engine = engine
+        self.drain_timeout = drain_timeout
+        self.draining_since: float | None = None
 
     def handle_exit(self, sig, frame) -> None:
-        self.engine.drain()
+        if self.draining_since is None and not self.should_exit:
+            self._captured_signals.append(sig)  # uvicorn re-raises it once the server is down
+            self.draining_since = time.monotonic()
+            self.engine.drain()
+            return
         super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.draining_since is not None and not self.should_exit:
+            if self.engine.idle:
+                self.should_exit = True
+            elif self.drain_timeout is not None and time.monotonic() - self.draining_since > self.drain_timeout:
+                n = self.engine.abort_all("the server is shutting down")
+                log.warning("drain timeout (%g s): aborted %d requests", self.drain_timeout, n)
+                self.should_exit = True
+        return await super().on_tick(counter)
 
     def exit_now(self) -> None:
         """Ask the server to stop (thread-safe: uvicorn polls the flag)."""

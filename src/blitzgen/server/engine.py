@@ -155,6 +155,24 @@ class Engine:
     def num_running(self) -> int:
         return int(self._running is not None)
 
+    @property
+    def idle(self) -> bool:
+        return self._running is None and not self._waiting
+
+    def abort_all(self, message: str) -> int:
+        """Stop every job, waiting or running, telling each consumer `message`; return how many."""
+        with self._cond:
+            jobs = [*self._waiting, *([self._running] if self._running else [])]
+            for job in self._waiting:
+                self.metrics.finished.labels("abort").inc()
+            self._waiting.clear()
+            self.metrics.waiting.set(0)
+            for job in jobs:
+                job.cancelled.set()
+        for job in jobs:
+            job.emit(Event("error", text=message))
+        return len(jobs)
+
     # ---- the asyncio side -------------------------------------------------------------------------
     def submit(self, job: Job) -> int:
         """Queue a job (from the event loop); return how many requests are ahead of it.
