@@ -204,6 +204,8 @@ class Engine:
                     return
                 if event.kind in ("done", "error"):
                     job.finished = True
+                    if watcher is not None:  # the response is about to end: that is no disconnect
+                        watcher.cancel()
                 yield event
                 if job.finished:
                     return
@@ -216,6 +218,8 @@ class Engine:
     async def _watch(self, job: Job, disconnected: Callable[[], Awaitable[bool]]) -> None:
         while not await disconnected():
             await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+        if job.finished:
+            return
         log.info("%s: the client went away", job.id)
         self.cancel(job)  # the worker stops before its next token, even with events still queued
         job._events.put_nowait(Event("gone"))
