@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import sys
 from pathlib import Path
 
 log = logging.getLogger("blitzgen.server")
@@ -91,6 +92,12 @@ def run(args) -> int:
     port = sock.getsockname()[1]
     log.info("loading the model; the chat page will be at http://%s:%d/", _url_host(args.host), port)
     _run_quietly_on_sigterm(server, sock)
+    if engine.worker_alive:  # still in an aborted prefill: exiting under it would abort the process (134)
+        log.warning("the engine thread is still busy; exiting without waiting for it")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1 if engine.state == "failed" else 0)
     if engine.state == "failed":
         if isinstance(engine.error, BlitzgenError):
             raise engine.error

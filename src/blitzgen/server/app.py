@@ -173,6 +173,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
         limit = max_request_tokens or engine.max_model_len
         if req.max_tokens is None:
             return min(engine.default_max_tokens(prompt_len), max(1, limit // req.n))
+        engine.check_request(prompt_len, req.max_tokens)  # a context overflow is reported as such first
         if req.max_tokens * req.n > limit:
             raise APIError(400, f"n * max_tokens = {req.n * req.max_tokens} is more than this server generates "
                                 f"for one request ({limit} tokens)", param="max_tokens")

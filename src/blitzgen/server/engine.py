@@ -156,6 +156,10 @@ class Engine:
         return int(self._running is not None)
 
     @property
+    def worker_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def idle(self) -> bool:
         return self._running is None and not self._waiting
 
