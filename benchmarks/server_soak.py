@@ -42,8 +42,10 @@ def resources(proc: psutil.Process) -> dict:
 
 
 class Client(threading.Thread):
-    def __init__(self, url: str, headers: dict, deadline: float, seed: int, stats: Counter, lock: threading.Lock):
+    def __init__(self, url: str, headers: dict, deadline: float, seed: int, stats: Counter, lock: threading.Lock,
+                 max_words: int = 200):
         super().__init__(daemon=True)
+        self.max_words = max_words
         self.url, self.headers, self.deadline = url, headers, deadline
         self.rng = random.Random(seed)
         self.stats, self.lock = stats, lock
@@ -82,7 +84,7 @@ class Client(threading.Thread):
             self.record("chat", self.http.post("/v1/chat/completions", json=body).status_code)
 
     def completion(self) -> None:
-        words = self.rng.randint(1, 300)  # a new prompt length almost every time
+        words = self.rng.randint(1, self.max_words)  # a new prompt length almost every time
         prompt = " ".join(self.rng.choice(["alpha", "beta", "gamma", "delta", "7", "\u00e9t\u00e9", "\u6771"])
                           for _ in range(words))
         r = self.http.post("/v1/completions", json={"prompt": prompt, "max_tokens": self.rng.randint(1, 8)})
@@ -135,6 +137,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--api-key", default=None)
     p.add_argument("--pid", type=int, default=None)
+    p.add_argument("--max-prompt-words", type=int, default=200, help="completion prompts have 1 to this many words")
     args = p.parse_args()
     if args.host not in LOOPBACK:
         raise SystemExit("server_soak.py only targets a server on this machine (127.0.0.1, localhost, ::1)")
@@ -151,7 +154,7 @@ def main() -> None:
     lock = threading.Lock()
     t0 = time.monotonic()
     deadline = t0 + args.seconds
-    clients = [Client(url, headers, deadline, seed, stats, lock) for seed in range(args.clients)]
+    clients = [Client(url, headers, deadline, seed, stats, lock, args.max_prompt_words) for seed in range(args.clients)]
     for c in clients:
         c.start()
     samples = [(0.0, start)]

@@ -412,3 +412,23 @@ def test_a_half_sent_body_times_out(fake_server):
         reply = sock.recv(65536)
     assert time.monotonic() - t0 < 3
     sock.close()
+
+
+def test_a_streamed_request_whose_client_left_while_queued_leaves_the_queue(fake_server):
+    gen = FakeGenerator(max_seq_len=64)
+    gen.permits = threading.Semaphore(0)
+    srv = fake_server(gen)
+    blocker = raw_request(srv.url, json.dumps({"prompt": "Hi", "max_tokens": 3}).encode())
+    while srv.engine._running is None:
+        time.sleep(0.01)
+    queued = raw_request(srv.url, json.dumps({"prompt": "Hi", "max_tokens": 3, "stream": True}).encode())
+    while srv.engine.num_waiting == 0:
+        time.sleep(0.01)
+    queued.close()
+    t0 = time.monotonic()
+    while srv.engine.num_waiting:
+        assert time.monotonic() - t0 < 1.0, "the vanished stream is still queued"
+        time.sleep(0.01)
+    assert aborted(srv.engine) == 1
+    gen.permits.release(100)
+    blocker.close()
