@@ -168,17 +168,20 @@ def _sampling(body: dict) -> SamplingParams:
 
 
 def _valid_unicode(value: Any) -> bool:
-    """False when a string anywhere in `value` holds a lone surrogate."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return False
-        return True
-    if isinstance(value, dict):
-        return all(_valid_unicode(k) and _valid_unicode(v) for k, v in value.items())
-    if isinstance(value, list):
-        return all(_valid_unicode(v) for v in value)
+    """False when a string anywhere in `value` (keys included) holds a lone surrogate."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
     return True
 
 
@@ -196,7 +199,7 @@ def _common(body: dict, kind: str) -> GenerationRequest:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     for name, value in body.items():
-        if not _valid_unicode(name) or not _valid_unicode(value):
+        if not (_valid_unicode(name) and _valid_unicode(value)):
             raise bad_request(f"'{name if _valid_unicode(name) else '?'}' is not valid Unicode: it holds a lone "
                               "surrogate", name if _valid_unicode(name) else None)
     _unsupported(body)
