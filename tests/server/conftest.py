@@ -99,7 +99,8 @@ def server(tmp_path_factory) -> LiveServer:
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     cmd = [sys.executable, "-m", "blitzgen.cli", "serve", "--port", str(port), "--device", "cpu", "--dtype",
-           "float32", "--max-model-len", str(MAX_MODEL_LEN), "--api-key", API_KEY, "--max-queue", str(MAX_QUEUE)]
+           "float32", "--max-model-len", str(MAX_MODEL_LEN), "--api-key", API_KEY, "--max-queue", str(MAX_QUEUE),
+           "--drain-timeout", "600"]  # the SIGTERM test waits for its requests, however slow the machine
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -175,9 +175,9 @@ def test_a_huge_prompt_is_rejected_at_once_and_a_concurrent_stream_keeps_its_pac
     took = time.monotonic() - t0
     t.join(30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
-    assert took < 0.5, f"rejecting took {took:.2f} s"
+    assert took < 0.8, f"rejecting took {took:.2f} s"  # (tokenizing it took 2 s; margins for a busy CI box)
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    assert len(arrivals) > 100 and max(gaps) < 0.2, f"the stream stalled {max(gaps):.2f} s"
+    assert len(arrivals) > 100 and max(gaps) < 0.5, f"the stream stalled {max(gaps):.2f} s"
 
 
 def test_pending_tokenizations_count_against_the_queue(fake_server):
@@ -269,7 +269,8 @@ def test_unsupported_chat_fields_are_400_naming_the_field(client, extra, param):
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"best_of": 3}, "best_of"), ({"logit_bias": {"1": -100}}, "logit_bias"), ({"presence_penalty": 1}, "presence_penalty"),
+    ({"best_of": 3}, "best_of"), ({"logit_bias": {"1": -100}}, "logit_bias"),
+    ({"presence_penalty": 1}, "presence_penalty"),
 ])
 def test_unsupported_completion_fields_are_400(client, extra, param):
     error_of(client.post("/v1/completions", json={"prompt": "Hi", **extra}), 400, param)
@@ -315,7 +316,7 @@ def ready_with_host(c: TestClient) -> TestClient:
 
 
 def test_default_allowed_hosts_follow_the_bind_address():
-    from blitzgen.server.app import default_allowed_hosts
+    from blitzgen.server.guard import default_allowed_hosts
 
     assert default_allowed_hosts("127.0.0.1", None) == ["localhost", "127.0.0.1", "::1", "[::1]"]
     assert default_allowed_hosts("localhost", None) == ["localhost", "127.0.0.1", "::1", "[::1]"]

@@ -59,8 +59,10 @@ def test_a_message_streams_in_and_stop_stops_the_next(chat_page, server):
 
     aborted = server.metrics()['blitzgen_request_finished_total{finish_reason="abort"}']
     send(page, "Count from 1 to 500, separated by commas.", 1000)
-    page.wait_for_function("document.querySelectorAll('.msg.assistant')[1].innerText.trim().length > 0",
-                           timeout=300_000)
+    deadline = time.monotonic() + 300  # polled from here: the page's CSP forbids wait_for_function's eval
+    while not page.evaluate("() => document.querySelectorAll('.msg.assistant')[1].innerText.trim().length"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
     assert page.is_visible("#stop")
     page.click("#stop")
     page.wait_for_selector(".msg.assistant:nth-of-type(4):not(.streaming)", timeout=30_000)

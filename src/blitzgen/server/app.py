@@ -31,7 +31,7 @@ from .. import __version__
 from ..errors import ContextLengthError, InvalidRequestError
 from .engine import Engine, Job, Overloaded, Unavailable
 from . import openapi
-from .guard import Guard, default_allowed_hosts  # noqa: F401 - default_allowed_hosts: for serve
+from .guard import Guard
 from .protocol import (
     SSE_DONE, APIError, GenerationRequest, ResponseBuilder, error_body, parse_chat_request,
     parse_completion_request, sse,
