@@ -228,7 +228,8 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special token strings in it become their ids. BOS is prepended iff
         `add_special_tokens` and the model wants BOS (`add_bos`)."""
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL (encode does not): a long prompt does not stall other threads
+        ids = self._tok.encode_batch([text], add_special_tokens=False)[0].ids
         return [self.bos_token_id, *ids] if add_special_tokens and self.add_bos else ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:

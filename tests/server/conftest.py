@@ -99,7 +99,8 @@ def server(tmp_path_factory) -> LiveServer:
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     cmd = [sys.executable, "-m", "blitzgen.cli", "serve", "--port", str(port), "--device", "cpu", "--dtype",
-           "float32", "--max-model-len", str(MAX_MODEL_LEN), "--api-key", API_KEY, "--max-queue", str(MAX_QUEUE)]
+           "float32", "--max-model-len", str(MAX_MODEL_LEN), "--api-key", API_KEY, "--max-queue", str(MAX_QUEUE),
+           "--drain-timeout", "600"]  # the SIGTERM test waits for its requests, however slow the machine
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -143,3 +144,62 @@ def fake_gen():
     from fake_model import FakeGenerator
 
     return FakeGenerator()
+
+
+# ---- an in-process uvicorn server around the fake model (fast tests over real sockets) ----------------
+@dataclass
+class FakeServer:
+    url: str
+    gen: object
+    engine: object
+    server: object  # the DrainingServer
+    thread: object
+
+    def wait_stopped(self, timeout: float = 10.0) -> bool:
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+
+@pytest.fixture
+def fake_server():
+    """A factory: ``fake_server(gen, app_kw={...}, server_kw={...})`` serves `gen` on a free loopback port
+    in a thread; everything it started is stopped at teardown."""
+    import asyncio
+    import threading
+
+    import uvicorn
+    from fake_model import fake_loader
+
+    from blitzgen.server.app import DrainingServer, create_app
+    from blitzgen.server.engine import Engine
+
+    started: list[FakeServer] = []
+
+    def make(gen, *, app_kw=None, server_kw=None, max_queue: int = 4) -> FakeServer:
+        engine = Engine(fake_loader(gen), max_queue=max_queue, warmup=False)
+        app = create_app(engine, **(app_kw or {}))
+        port = free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, log_level="warning",
+                                timeout_graceful_shutdown=2)
+        server = DrainingServer(config, engine, **(server_kw or {}))
+        thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+        thread.start()
+        srv = FakeServer(f"http://127.0.0.1:{port}", gen, engine, server, thread)
+        started.append(srv)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if httpx.get(srv.url + "/health", timeout=2).status_code == 200:
+                    return srv
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the in-process server did not start"
+            time.sleep(0.02)
+
+    yield make
+    for srv in started:
+        if getattr(srv.gen, "permits", None) is not None:
+            srv.gen.permits.release(100_000)
+        srv.server.should_exit = True
+        srv.server.force_exit = True
+        srv.thread.join(10)

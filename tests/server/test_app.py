@@ -155,7 +155,8 @@ def test_invalid_completion_values_are_400(client, body, param):
 
 
 def test_malformed_bodies(client):
-    post = lambda content: client.post("/v1/chat/completions", content=content, headers=AUTH)  # noqa: E731
+    post = lambda content: client.post("/v1/chat/completions", content=content,  # noqa: E731
+                                       headers={**AUTH, "Content-Type": "application/json"})
     assert "JSON" in assert_error(post(b"{not json"), 400)["message"]
     assert_error(post(b"[1, 2]"), 400)
     assert_error(post(b"\xff\xfe"), 400)

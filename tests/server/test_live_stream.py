@@ -58,7 +58,7 @@ def test_completion_stream_invariants(server):
 
 def test_bad_requests_get_clean_errors_and_the_server_keeps_serving(server):
     url = server.url + "/v1/chat/completions"
-    with httpx.Client(timeout=60, headers=server.auth) as c:
+    with httpx.Client(timeout=60, headers={**server.auth, "Content-Type": "application/json"}) as c:
         assert c.post(url, content=b"{oops").status_code == 400
         assert c.post(url, json={"messages": "not a list"}).status_code == 400
         assert c.post(url, json={"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}

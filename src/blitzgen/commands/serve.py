@@ -1,15 +1,21 @@
 """``blitzgen serve``: the OpenAI-compatible HTTP server (FastAPI + uvicorn) with a chat page at ``/``.
 
-uvicorn starts listening at once while the model loads (and compiles and warms up) in the engine's
-thread: ``/health`` answers 503 until the model is ready. SIGTERM or Ctrl-C drains: new requests get
-503, the running and queued ones finish, then the process exits.
+The address is bound and the model source checked first (a busy port or a missing model is a
+one-line error, exit 2). uvicorn then listens at once while the model loads (and compiles and warms
+up) in the engine's thread: ``/health`` answers 503 until the model is ready. SIGTERM or Ctrl-C
+drains: new requests get 503 with Retry-After, the running and queued ones finish (for at most
+--drain-timeout seconds), then the process exits.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
+import socket
+import sys
+from pathlib import Path
 
 log = logging.getLogger("blitzgen.server")
 
@@ -24,10 +30,21 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("BLITZGEN_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $BLITZGEN_API_KEY; "
-                        "/health and /metrics stay open)")
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $BLITZGEN_API_KEY, which is "
+                        "better: a command line is visible to every user in `ps`; /health and /metrics stay open)")
+    p.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                   help="comma-separated Host header names to answer ('*': any), against DNS rebinding "
+                        "(default: localhost names when --host is a loopback address, any otherwise)")
     p.add_argument("--max-queue", type=int, default=16,
                    help="requests that may wait while one runs; more get 429 (default: 16)")
+    p.add_argument("--max-request-tokens", type=int, default=None, metavar="N",
+                   help="most tokens one request may generate over all its n choices (default: the model's "
+                        "context length)")
+    p.add_argument("--drain-timeout", type=float, default=25.0, metavar="SECONDS",
+                   help="on SIGTERM, how long running and queued requests may take before they are aborted "
+                        "(default: 25)")
+    p.add_argument("--body-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="how long a client may take to send a request body; then 408 (default: 10)")
     p.add_argument("--served-model-name", default=None,
                    help="the model name the API reports and accepts (default: the model file's name)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -52,22 +69,35 @@ def run(args) -> int:
         raise InvalidRequestError(f"--port must be between 0 and 65535, got {args.port}")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise InvalidRequestError(f"--max-model-len must be at least 2, got {args.max_model_len}")
-    if args.model is None:
-        from ..loading import default_model_path
-
-        default_model_path()  # fail now, in one line, when the default model is not installed
+    if args.max_request_tokens is not None and args.max_request_tokens < 1:
+        raise InvalidRequestError(f"--max-request-tokens must be >= 1, got {args.max_request_tokens}")
+    for name in ("drain_timeout", "body_timeout"):
+        if not getattr(args, name) > 0:
+            raise InvalidRequestError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    check_model(args.model)
+    sock = bind(args.host, args.port)  # before the slow part, so a busy port fails now
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from ..server.guard import default_allowed_hosts
     from .common import load_engine
 
     engine = Engine(lambda: load_engine(args, log=log.info), max_queue=args.max_queue)
-    app = create_app(engine, api_key=args.api_key, served_model_name=args.served_model_name)
+    app = create_app(engine, api_key=args.api_key, served_model_name=args.served_model_name,
+                     max_request_tokens=args.max_request_tokens, body_timeout=args.body_timeout,
+                     allowed_hosts=default_allowed_hosts(args.host, args.allowed_hosts))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
-                            timeout_keep_alive=5)  # log_config=None: uvicorn logs in our format
-    server = DrainingServer(config, engine)
+                            timeout_keep_alive=5, timeout_graceful_shutdown=10)  # log_config=None: our format
+    server = DrainingServer(config, engine, drain_timeout=args.drain_timeout)
     engine.on_failure = server.exit_now
-    log.info("loading the model; the chat page will be at http://%s:%d/", args.host, args.port)
-    _run_quietly_on_sigterm(server)
+    port = sock.getsockname()[1]
+    log.info("loading the model; the chat page will be at http://%s:%d/", _url_host(args.host), port)
+    _run_quietly_on_sigterm(server, sock)
+    if engine.worker_alive:  # still in an aborted prefill: exiting under it would abort the process (134)
+        log.warning("the engine thread is still busy; exiting without waiting for it")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1 if engine.state == "failed" else 0)
     if engine.state == "failed":
         if isinstance(engine.error, BlitzgenError):
             raise engine.error
@@ -75,11 +105,53 @@ def run(args) -> int:
     return 0
 
 
-def _run_quietly_on_sigterm(server) -> None:
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model(spec: str | None) -> None:
+    """Fail in one line, before binding or loading, when --model names nothing loadable here (a Hub
+    repo id is left for the loader, which may download it)."""
+    from ..loading import default_model_path, detect_kind, resolve
+
+    if spec is None:
+        default_model_path()
+        return
+    path = Path(spec).expanduser()
+    if path.exists():
+        detect_kind(path)
+    elif not _REPO_ID.match(spec) or spec.startswith((".", "/")):
+        resolve(spec)  # raises "model not found"
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (listening starts in uvicorn); a one-line error when it cannot be."""
+    from ..errors import BlitzgenError
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise BlitzgenError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise BlitzgenError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _run_quietly_on_sigterm(server, sock) -> None:
     """Run uvicorn. After a graceful SIGTERM shutdown uvicorn re-raises the signal with the handler
     it found; a no-op one there lets the process exit 0 instead of dying of the signal."""
     previous = signal.signal(signal.SIGTERM, lambda sig, frame: None)
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -45,7 +45,7 @@ class Event:
     """What a job's consumer receives, in order: per choice its ``delta`` texts then one ``finish``;
     then one ``done`` (or an ``error`` instead, at any point)."""
 
-    kind: str  # "delta" | "finish" | "done" | "error"
+    kind: str  # "delta" | "finish" | "done" | "error" ("gone": internal, the client left)
     index: int = 0  # the choice
     text: str = ""  # delta: the new text; error: the message
     finish_reason: str | None = None  # finish: "stop" | "length"
@@ -151,6 +151,32 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def num_running(self) -> int:
+        return int(self._running is not None)
+
+    @property
+    def worker_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def idle(self) -> bool:
+        return self._running is None and not self._waiting
+
+    def abort_all(self, message: str) -> int:
+        """Stop every job, waiting or running, telling each consumer `message`; return how many."""
+        with self._cond:
+            jobs = [*self._waiting, *([self._running] if self._running else [])]
+            for job in self._waiting:
+                self.metrics.finished.labels("abort").inc()
+            self._waiting.clear()
+            self.metrics.waiting.set(0)
+            for job in jobs:
+                job.cancelled.set()
+        for job in jobs:
+            job.emit(Event("error", text=message))
+        return len(jobs)
+
     # ---- the asyncio side -------------------------------------------------------------------------
     def submit(self, job: Job) -> int:
         """Queue a job (from the event loop); return how many requests are ahead of it.
@@ -171,26 +197,36 @@ class Engine:
     async def events(self, job: Job, disconnected: Callable[[], Awaitable[bool]] | None = None
                      ) -> AsyncIterator[Event]:
         """The job's events until "done" or "error". Leaving early (the consumer was cancelled or
-        closed it, or `disconnected()` said so, polled while no event comes) cancels the job."""
+        closed it) cancels the job; so does `disconnected()` returning true: it runs in a task of its
+        own, whatever the token flow, either waiting for the disconnect or polled every
+        DISCONNECT_POLL_SECONDS."""
+        watcher = asyncio.create_task(self._watch(job, disconnected)) if disconnected is not None else None
         try:
             while True:
-                if disconnected is None:
-                    event = await job._events.get()
-                else:
-                    try:
-                        event = await asyncio.wait_for(job._events.get(), DISCONNECT_POLL_SECONDS)
-                    except asyncio.TimeoutError:
-                        if await disconnected():
-                            return
-                        continue
+                event = await job._events.get()
+                if event.kind == "gone":
+                    return
                 if event.kind in ("done", "error"):
                     job.finished = True
+                    if watcher is not None:  # the response is about to end: that is no disconnect
+                        watcher.cancel()
                 yield event
                 if job.finished:
                     return
         finally:
+            if watcher is not None:
+                watcher.cancel()
             if not job.finished:
                 self.cancel(job)
+
+    async def _watch(self, job: Job, disconnected: Callable[[], Awaitable[bool]]) -> None:
+        while not await disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+        if job.finished:
+            return
+        log.info("%s: the client went away", job.id)
+        self.cancel(job)  # the worker stops before its next token, even with events still queued
+        job._events.put_nowait(Event("gone"))
 
     def cancel(self, job: Job) -> None:
         """Stop a job: a waiting one leaves the queue now, a running one before its next token

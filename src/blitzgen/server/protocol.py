@@ -2,9 +2,10 @@
 
 Requests are plain JSON objects (dicts) checked field by field, so every mistake becomes a 400 that
 names the offending ``param``, as OpenAI, vLLM and llama.cpp's server report them. Fields this
-server does not know are tolerated and ignored (so are the sampling penalties and ``logit_bias``,
-which the engine does not implement); features whose absence would change the shape of the answer
-(logprobs, echo, suffix, structured output, batched prompts) are refused with a 400.
+server does not know are tolerated and ignored; fields of features it lacks (tools, logit bias,
+penalties, best_of, logprobs, echo, suffix, structured output, batched prompts) are refused with a
+400 unless their value asks for nothing (``UNSUPPORTED``). Strings must be valid Unicode (no lone
+surrogates, which no tokenizer or UTF-8 encoder takes).
 """
 
 from __future__ import annotations
@@ -21,6 +22,25 @@ from ..sampling import SamplingParams
 
 MAX_N = 16  # most choices per request (they run one after another)
 MAX_STOP = 16  # most stop strings per request
+ROLES = ("system", "developer", "user", "assistant", "tool")
+PENALTIES = ("presence_penalty", "frequency_penalty")  # OpenAI's range is [-2, 2]; only 0 is supported
+
+
+def _asks(neutral: tuple) -> Any:
+    return lambda v: v not in neutral
+
+
+# field -> does this value ask for a feature this server lacks? (a 400 naming the field if so)
+UNSUPPORTED = {
+    "tools": _asks((None, [])),
+    "tool_choice": _asks((None, "none")),
+    "functions": _asks((None, [])),
+    "function_call": _asks((None, "none")),
+    "logit_bias": _asks((None, {})),
+    "best_of": _asks((None, 1)),
+    "presence_penalty": _asks((None, 0)),
+    "frequency_penalty": _asks((None, 0)),
+}
 SSE_DONE = b"data: [DONE]\n\n"
 
 
@@ -64,6 +84,20 @@ class GenerationRequest:
     n: int = 1
     stream: bool = False
     include_usage: bool = False
+
+    def prompt_chars(self) -> int:
+        """Characters of text in the prompt (0 for token ids): a cheap bound before tokenizing."""
+        if self.kind == "chat":
+            return sum(len(_text(m.get("content"))) + len(m["role"]) for m in self.messages)
+        return len(self.prompt) if isinstance(self.prompt, str) else 0
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
 
 
 # ---- field readers ---------------------------------------------------------------------------------
@@ -133,9 +167,42 @@ def _sampling(body: dict) -> SamplingParams:
         raise bad_request(str(e), e.param) from None
 
 
+def _valid_unicode(value: Any) -> bool:
+    """False when a string anywhere in `value` (keys included) holds a lone surrogate."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return True
+
+
+def _unsupported(body: dict) -> None:
+    for name in PENALTIES:
+        v = _float(body, name, 0.0)
+        if not -2.0 <= v <= 2.0:
+            raise bad_request(f"'{name}' must be between -2 and 2, got {v}", name)
+    for name, asks in UNSUPPORTED.items():
+        if name in body and asks(body[name]):
+            raise bad_request(f"'{name}' is not supported by this server", name, code="unsupported_parameter")
+
+
 def _common(body: dict, kind: str) -> GenerationRequest:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
+    for name, value in body.items():
+        if not (_valid_unicode(name) and _valid_unicode(value)):
+            raise bad_request(f"'{name if _valid_unicode(name) else '?'}' is not valid Unicode: it holds a lone "
+                              "surrogate", name if _valid_unicode(name) else None)
+    _unsupported(body)
     model = _get(body, "model")
     if model is not None and not isinstance(model, str):
         raise bad_request("'model' must be a string", "model")
@@ -169,13 +236,24 @@ def parse_chat_request(body: Any) -> GenerationRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list", "messages")
+    req.messages = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise bad_request(f"messages[{i}] must be an object with a string 'role'", "messages")
+        role = m["role"]
+        if role not in ROLES:
+            raise bad_request(f"messages[{i}].role must be one of {', '.join(ROLES)}; got {json.dumps(role)[:64]}",
+                              "messages")
+        if role == "tool" and not isinstance(m.get("tool_call_id"), str):
+            raise bad_request(f"messages[{i}]: a 'tool' message needs a string 'tool_call_id'", "messages")
+        for name in ("tool_calls", "function_call"):
+            if m.get(name):
+                raise bad_request(f"messages[{i}].{name}: tool calls are not supported by this server", "messages",
+                                  code="unsupported_parameter")
         content = m.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise bad_request(f"messages[{i}].content must be a string or a list of content parts", "messages")
-    req.messages = messages
+        req.messages.append({**m, "role": "system"} if role == "developer" else m)  # OpenAI's newer name
     return req
 
 
