@@ -274,3 +274,26 @@ def test_cache_command_runs_through_the_cli(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert "no compile cache entries" in out.stdout
+
+
+def test_cached_opens_before_and_saves_after_the_block(root, monkeypatch):
+    import torch
+
+    class Info:
+        artifacts = {"inductor": ["a", "b"]}
+
+    saved = []
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: saved.append(1) or (b"blob" * 10, Info()))
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda b: Info())
+    args = ModelArgs.from_name("tiny")
+    with cc.cached(args, _opts(), {"w": 1}) as entry:
+        assert entry.status == "miss" and not saved
+    assert saved and entry.key in {e.key for e in cc.list_entries(root)}
+    with cc.cached(args, _opts(), {"w": 1}) as again:
+        assert again.hit and again.loaded == {"inductor": 2}
+    with pytest.raises(RuntimeError):
+        with cc.cached(args, _opts(), {"w": 2}):
+            raise RuntimeError("compile failed")
+    assert len(cc.list_entries(root)) == 1  # nothing saved for the failed block
+    with cc.cached(args, _opts(), enabled=False) as none:
+        assert none is None

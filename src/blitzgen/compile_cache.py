@@ -15,6 +15,8 @@ concurrent starts sharing the directory never see half a file.
     entry = CompileCache(key_for(model.args, options, extra)).open()   # before the first compile
     ...compile and warm up...
     entry.save()                                                         # after warm-up
+
+or ``with cached(model.args, options, extra): ...warm up...``.
 """
 
 from __future__ import annotations
@@ -148,10 +150,13 @@ def use_inductor_dir(root: str | None = None) -> str:
 
 @contextlib.contextmanager
 def _locked(directory: str, exclusive: bool = True) -> Iterator[None]:
-    os.makedirs(directory, exist_ok=True)
+    if exclusive:
+        os.makedirs(directory, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # not POSIX: atomic replaces still keep readers safe
+        fcntl = None
+    if fcntl is None or not os.path.isdir(directory):  # a reader of a missing entry: nothing to lock
         yield
         return
     with open(os.path.join(directory, LOCK), "a+") as f:
@@ -280,6 +285,23 @@ class CompileCache:
             return False
 
 
+@contextlib.contextmanager
+def cached(model_args, options=None, extra: dict | None = None, *, enabled: bool = True,
+           root: str | None = None) -> Iterator[CompileCache | None]:
+    """Open the entry before the block (which compiles and warms up) and save it after; a block
+    that raises saves nothing. ``enabled=False`` (eager) yields None and touches nothing.
+
+        with compile_cache.cached(lm.args, options, {"warmup": modes}) as entry:
+            gen.warmup(...)
+    """
+    if not enabled:
+        yield None
+        return
+    entry = CompileCache(key_for(model_args, options, extra), root).open()
+    yield entry
+    entry.save()
+
+
 # ---- listing (blitzgen cache ls|clear) ------------------------------------------------------------
 @dataclasses.dataclass
 class EntryInfo:
@@ -307,8 +329,8 @@ def list_entries(root: str | None = None) -> list[EntryInfo]:
         return out
     for key in sorted(os.listdir(croot)):
         path = os.path.join(croot, key)
-        if not os.path.isdir(path):
-            continue
+        if not os.path.isdir(path) or not ({MANIFEST, BLOB} & set(os.listdir(path))):
+            continue  # not an entry, or one removed (its lock file stays)
         try:
             with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
                 m = json.load(f)
