@@ -204,6 +204,7 @@ class CompileCache:
         logged and removed, and the caller compiles as if there was none."""
         t0 = time.perf_counter()
         use_inductor_dir(self.root)
+        blob = None
         try:
             with _locked(self.dir, exclusive=False):
                 blob, manifest = self._read()
@@ -212,7 +213,8 @@ class CompileCache:
             else:
                 self._load(blob, manifest)
         except Exception as e:  # noqa: BLE001 - a cache must never stop a start
-            self._discard(f"{type(e).__name__}: {e}")
+            # an entry that failed its own checks may have been rewritten since: recheck before removing
+            self._discard(f"{type(e).__name__}: {e}", recheck=blob is None)
         self.load_seconds = time.perf_counter() - t0
         return self
 
@@ -244,11 +246,15 @@ class CompileCache:
         log.info("blitzgen: compile cache hit %s (%s)", self.key,
                  ", ".join(f"{n} {k}" for k, n in sorted(self.loaded.items())) or "empty")
 
-    def _discard(self, reason: str) -> None:
+    def _discard(self, reason: str, recheck: bool = False) -> None:
         log.warning("blitzgen: compile cache entry %s is unusable (%s); rebuilding it", self.key, reason)
         self.status = f"rebuilt: {reason}"
         try:
             with _locked(self.dir):
+                if recheck:
+                    with contextlib.suppress(Exception):
+                        if self._read()[0] is not None:
+                            return  # a concurrent start has written a sound entry meanwhile
                 for name in (MANIFEST, BLOB):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(self.dir, name))
