@@ -52,6 +52,11 @@ def test_key_changes_with_model_quantization_and_compile_settings():
     hashes = {name: cc.key_hash(parts) for name, parts in changed.items()}
     assert base not in hashes.values(), hashes
     assert len(set(hashes.values())) == len(hashes)
+    import torch._dynamo.config as dynamo_config
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dynamo_config, "caching_precompile", True)
+        assert base != cc.key_hash(cc.key_for(tiny, _opts(), {"modes": ["greedy"]}))
     # where the cache lives is not part of the key
     assert base == cc.key_hash(cc.key_for(tiny, _opts(cache_dir="/elsewhere"), {"modes": ["greedy"]}))
 

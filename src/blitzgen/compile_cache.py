@@ -123,6 +123,8 @@ def key_for(model_args, options=None, extra: dict | None = None) -> dict:
         "quantize": {"scheme": opts.pop("quantize", None), "group_size": opts.pop("group_size", None)},
         "compile": opts,
         "extra": extra or {},
+        # Dynamo's experimental cache (TORCH_CACHING_PRECOMPILE=1) changes what is saved
+        "dynamo_precompile": bool(getattr(torch._dynamo.config, "caching_precompile", False)),
     }
 
 
