@@ -1,0 +1,38 @@
+"""``blitzgen cache ls|clear``: the compile cache (compiled artifacts kept across processes)."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("cache", help="list or clear the compile cache",
+                       description="Compiled artifacts are kept under $BLITZGEN_CACHE (default "
+                                   "~/.cache/blitzgen), one entry per model, quantization, compile "
+                                   "settings, device and torch version, so a later start loads them "
+                                   "instead of compiling.")
+    p.add_argument("action", choices=["ls", "clear"], help="ls: list the entries; clear: remove them all")
+    p.add_argument("--dir", default=None, help="cache root (default: $BLITZGEN_CACHE or ~/.cache/blitzgen)")
+    p.add_argument("--keep-inductor", action="store_true",
+                   help="clear: keep Inductor's own local cache (<root>/inductor)")
+    p.set_defaults(func=run)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def run(args) -> int:
+    from ..compile_cache import clear, compile_root, list_entries
+
+    if args.action == "clear":
+        freed = clear(args.dir, inductor=not args.keep_inductor)
+        print(f"cleared the compile cache ({_size(freed)} freed)")
+        return 0
+    entries = list_entries(args.dir)
+    if not entries:
+        print(f"no compile cache entries in {compile_root(args.dir)}")
+        return 0
+    print(f"{'KEY':<24}  {'SIZE':>10}  {'CREATED':<20}  {'STATE':<7}  WHAT")
+    for e in entries:
+        print(f"{e.key:<24}  {_size(e.size):>10}  {e.created:<20}  {'ok' if e.ok else 'broken':<7}  {e.summary}")
+    print(f"{len(entries)} entries in {compile_root(args.dir)}, {_size(sum(e.size for e in entries))}")
+    return 0
