@@ -422,6 +422,7 @@ class SpeculativeDecoder:
             dvalid = n0
         self.draft.reset(prompt)
         self.draft.extend([first])
+        self.draft_valid = dvalid  # for tests: the draft cache is exact on [0, draft_valid)
         idx = torch.zeros((1, K + 1), dtype=torch.int64, device=dev)
         q = torch.zeros((K, V), device=dev)
         emitted = 0
@@ -480,6 +481,7 @@ class SpeculativeDecoder:
                 st.record(k, n)
                 ctl.update(k, n)
             st.switched_off = ctl.switched_off
+            self.draft_valid = dvalid
             seq.extend(new)
             self.draft.extend(new)
             if (yield from emit(new)):
