@@ -223,7 +223,10 @@ def main(argv=None) -> int:
         p.add_argument("--dtype", default=None)
         p.add_argument("--compile", action="store_true")
         p.add_argument("--json", default=None)
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.cmd == "real" and a.device is None:
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     result = run_real(a) if a.cmd == "real" else run_shapes(a)

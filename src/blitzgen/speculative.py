@@ -290,6 +290,7 @@ class SpeculativeDecoder:
         self.draft_cost = draft_cost if draft_cost is not None else draft.estimate_cost(target)
         self.min_gain = min_gain
         self.last_result_stats = SpeculationStats()
+        self._mark_step = compile and self.device.type == "cuda"
         if compile:
             from .compile import compile_decode, compile_static
 
@@ -381,7 +382,8 @@ class SpeculativeDecoder:
     @torch.inference_mode()
     def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingParams | None = None,
                      stop_token_ids: Sequence[int] | None = (), stats: SpeculationStats | None = None) -> Iterator[int]:
-        """Yield new token ids, stopping after a stop token (yielded) or max_new_tokens. ``stats``
+        """Yield new token ids, stopping after a stop token (yielded) or max_new_tokens (pass the
+        tokenizer's EOS ids as stop_token_ids: the decoder has no tokenizer). ``stats``
         (or ``self.last_result_stats``) is filled as tokens come; the generator returns it too."""
         sampling = (sampling or SamplingParams(temperature=0.0)).validate()
         prompt = list(prompt_ids)
@@ -450,6 +452,10 @@ class SpeculativeDecoder:
             if k > 0 and self.dmodel is None:
                 drafts = self.draft.propose(k)
                 k = len(drafts)
+                if ctl.on and self.adaptive and k and ctl.gain(k) < ctl.min_gain:
+                    k = 0  # too short a proposal to pay for a verify
+            if self._mark_step:
+                torch.compiler.cudagraph_mark_step_begin()  # earlier graph outputs are all consumed
             if k <= 0:  # plain step
                 tok = self._tstep(self.model, torch.tensor([[seq[-1]]], device=dev), torch.tensor([P], device=dev),
                                   samp, mode, noise((1, V)))
