@@ -305,9 +305,8 @@ def test_compiled_equals_eager():
         torch._dynamo.reset()
         comp = SpeculativeDecoder(tiny_model(seed=1), make(None), k=3, adaptive=False, compile=True, max_seq_len=64)
         assert list(comp.generate_ids(PROMPT, 20, GREEDY)) == want_g
+        assert comp.last_result_stats.verify_steps > 0  # the compiled verify ran
         assert list(comp.generate_ids(PROMPT, 20, sp)) == want_s
-        hist = comp.last_result_stats.accepted_hist
-        assert sum(1 for h in hist if h) >= 1
 
 
 # ---- the real model ---------------------------------------------------------------------------
