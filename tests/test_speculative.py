@@ -328,3 +328,10 @@ def test_smol_greedy_identity(smol, kind):
 def test_smol_tokenizer_check(smol):
     check_same_tokenizer(smol.tokenizer, smol.tokenizer)
     assert spec.SOURCES == ("ngram", "self-int4", "draft-model")
+
+
+def test_warmup_runs_every_step():
+    dec = SpeculativeDecoder(tiny_model(seed=1), NgramDraft(), k=3)
+    dec.warmup((GREEDY, SamplingParams(temperature=0.8, top_k=5)))
+    st = dec.last_result_stats
+    assert st.verify_steps > 0 and st.plain_steps > 0 and dec.adaptive

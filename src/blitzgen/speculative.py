@@ -291,6 +291,7 @@ class SpeculativeDecoder:
         self.min_gain = min_gain
         self.last_result_stats = SpeculationStats()
         self._mark_step = compile and self.device.type == "cuda"
+        self._warming = False
         if compile:
             from .compile import compile_decode, compile_static
 
@@ -378,6 +379,21 @@ class SpeculativeDecoder:
         return {"verify_cost": self.verify_cost, "draft_cost": self.draft_cost, "step_s": t_step,
                 "verify_s": t_verify, "draft_s": t_draft}
 
+    def warmup(self, sampling_modes: Sequence[SamplingParams] = (SamplingParams(temperature=0.0),)) -> float:
+        """Compile (and capture) every step a request can hit, per sampler mode: prefill bucket,
+        draft step, verify and the plain step. Returns seconds."""
+        t0 = time.perf_counter()
+        adaptive, self.adaptive = self.adaptive, False  # always speculate, so verify runs
+        self._warming = True  # host drafts propose something even without a match
+        try:
+            prompt = [1, 2, 3] * 3  # repeats, so the n-gram lookup proposes
+            for sp in sampling_modes:
+                for _ in self.generate_ids(prompt, self.k_max + 2, sp):
+                    pass
+        finally:
+            self.adaptive, self._warming = adaptive, False
+        return time.perf_counter() - t0
+
     # ---- generation -----------------------------------------------------------------------------
     @torch.inference_mode()
     def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingParams | None = None,
@@ -450,7 +466,7 @@ class SpeculativeDecoder:
             k = min(k, max_new_tokens - emitted - 1)  # no point drafting past the end
             drafts: list[int] | None = None
             if k > 0 and self.dmodel is None:
-                drafts = self.draft.propose(k)
+                drafts = self.draft.propose(k) or ([0] * k if self._warming else [])
                 k = len(drafts)
                 if ctl.on and self.adaptive and k and ctl.gain(k) < ctl.min_gain:
                     k = 0  # too short a proposal to pay for a verify
