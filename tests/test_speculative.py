@@ -335,3 +335,12 @@ def test_warmup_runs_every_step():
     dec.warmup((GREEDY, SamplingParams(temperature=0.8, top_k=5)))
     st = dec.last_result_stats
     assert st.verify_steps > 0 and st.plain_steps > 0 and dec.adaptive
+
+
+def test_free_evidence_turns_speculation_back_on():
+    ctl = AdaptiveK(4, verify_cost=1.3)
+    while ctl.on:
+        ctl.update(4, 0)
+    for _ in range(6):
+        ctl.observe(1, 1)  # the n-gram guess was right on plain steps
+    assert ctl.on and ctl.next_k() == 4

@@ -232,6 +232,15 @@ class AdaptiveK:
             return self.k
         return 0
 
+    def observe(self, k: int, n: int) -> None:
+        """Free evidence, no verify ran (a host draft checked against a plain step's token): it
+        may turn speculation back on, but is never a failed probe."""
+        self.acc = self.decay * self.acc + n
+        self.rej = self.decay * self.rej + (1 if n < k else 0)
+        self._choose()
+        if self.adaptive and not self.on and self.gain(self.k) >= self.min_gain:
+            self.on, self.probe = True, self.probe0
+
     def update(self, k: int, n: int) -> None:
         """A round drafted k tokens and n were accepted."""
         self.acc = self.decay * self.acc + n
@@ -473,10 +482,14 @@ class SpeculativeDecoder:
             if self._mark_step:
                 torch.compiler.cudagraph_mark_step_begin()  # earlier graph outputs are all consumed
             if k <= 0:  # plain step
+                # while off, a host draft's guess is checked against the token for free
+                shadow = self.draft.propose(1) if self.dmodel is None and self.adaptive and not ctl.on else []
                 tok = self._tstep(self.model, torch.tensor([[seq[-1]]], device=dev), torch.tensor([P], device=dev),
                                   samp, mode, noise((1, V)))
                 new = [int(tok[0])]
                 st.plain_steps += 1
+                if shadow:
+                    ctl.observe(1, int(shadow[0] == new[0]))
             else:
                 idx.zero_()
                 q.zero_()
