@@ -1,0 +1,544 @@
+"""Speculative decoding: draft K tokens, verify them with one target forward of K_max+1 tokens.
+
+    from blitzgen.speculative import SpeculativeDecoder, NgramDraft, SelfInt4Draft, DraftModel
+    dec = SpeculativeDecoder(model, NgramDraft(), k=4, compile=False, adaptive=True)
+    for tok in dec.generate_ids(prompt_ids, 200, SamplingParams(temperature=0), stop_token_ids=[2]):
+        ...
+    dec.last_result_stats  # or pass stats=SpeculationStats() to generate_ids
+
+Exactness (Leviathan et al. 2023, Chen et al. 2023): the target's distribution p at each drafted
+position comes from ``sampling_probs`` (temperature, top-k, top-p, min-p exactly as sampling.py
+filters; greedy is a one-hot at the argmax). Draft token x, drawn from the draft's q (filtered the
+same way; one-hot for deterministic drafts such as n-gram), is accepted with probability
+min(1, p(x)/q(x)); at the first rejection the token is drawn from max(0, p - q) (normalised);
+if all drafts pass, a bonus token is drawn from p at the last position. Each emitted token is then
+distributed exactly as p. In greedy mode p and q are one-hot: a draft is accepted iff it equals
+the target's argmax and the correction is that argmax, so the output equals plain decoding.
+
+KV cache: verify writes positions [P, P+K_max]; entries past the accepted prefix are stale but
+invisible (the mask is by position) and are overwritten before any query can see them. The draft
+model's cache is kept in step the same way (it is caught up on tokens it has not seen).
+
+Shapes are static: the verify always takes K_max+1 tokens (padded), draft steps are one-token
+decode steps, prefill is padded to power-of-two buckets; nothing recompiles per accepted length.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import BlitzgenError, ContextLengthError, InvalidRequestError
+from .model import Transformer
+from .sampling import SamplingParams, exponential_noise, filter_logits, make_generator, sample
+from .speculative_draft import (DraftMismatchError, DraftModel, DraftSource, NgramDraft, SelfInt4Draft,
+                                check_draft_model, check_same_tokenizer)
+
+__all__ = ["SpeculativeDecoder", "SpeculationStats", "AdaptiveK", "DraftSource", "NgramDraft", "DraftModel",
+           "SelfInt4Draft", "DraftMismatchError", "check_same_tokenizer", "sampling_probs", "accept_tokens",
+           "make_draft", "SOURCES"]
+
+SOURCES = ("ngram", "self-int4", "draft-model")
+CACHE_ROUND = 256
+MIN_PREFILL_BUCKET = 16
+
+
+# ---- probabilities and acceptance (pure tensor functions, compiled into the verify graph) ------
+def sampling_probs(logits: Tensor, t: dict[str, Tensor], mode: tuple) -> Tensor:
+    """logits [N, V] -> the distribution sampling.sample draws from, [N, V] float32: one-hot at
+    the argmax when greedy, else softmax of sampling.filter_logits."""
+    if mode[0]:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return filter_logits(logits, t, mode).softmax(-1)
+
+
+def accept_tokens(p: Tensor, q: Tensor, draft: Tensor, k_eff: Tensor, u: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """Speculative rejection sampling for one round.
+
+    p: [K+1, V] target probabilities at the K+1 verify positions; q: [K, V] the draft's
+    probabilities of its K tokens (one-hot for deterministic drafts); draft: [K] tokens; k_eff: []
+    how many drafts are real (the rest is padding); u: [K] uniforms in [0, 1); noise: [V] Exp(1)
+    draws. Returns (n accepted drafts [], next token []): x_i is accepted iff u_i q(x_i) < p(x_i),
+    the next token is drawn from max(0, p_n - q_n) (or p_n after k_eff accepts) by the exponential
+    race, which needs no normalisation. Greedy: u = 0, noise = 1.
+    """
+    K = draft.shape[0]
+    live = torch.arange(K, device=draft.device) < k_eff  # [K]
+    px = p[:K].gather(1, draft[:, None]).squeeze(1)
+    qx = q.gather(1, draft[:, None]).squeeze(1)
+    ok = (u * qx < px) & live
+    n = ok.long().cumprod(0).sum()  # leading accepts
+    q_rows = torch.cat([q * live[:, None], torch.zeros_like(q[:1])])  # no q row after the drafts
+    pn = p.index_select(0, n.view(1))[0]
+    r = (pn - q_rows.index_select(0, n.view(1))[0]).clamp_min(0)
+    r = torch.where(r.sum() > 0, r, pn)
+    return n, (r / noise).argmax()
+
+
+# ---- compiled step functions -------------------------------------------------------------------
+def _fit_vocab(logits: Tensor, vocab: int) -> Tensor:
+    """A draft model's logits cut or padded (with -inf) to the target's vocabulary size."""
+    V = logits.shape[-1]
+    if V == vocab:
+        return logits
+    if V > vocab:
+        return logits[..., :vocab]
+    return F.pad(logits, (0, vocab - V), value=-float("inf"))
+
+
+def _target_step(model: Transformer, tok: Tensor, pos: Tensor, samp: dict, mode: tuple, noise: Tensor | None) -> Tensor:
+    """Plain one-token decode (the fallback): [1, 1] token at pos [1] -> next token [1]."""
+    return sample(model(tok, pos)[:, -1], samp, mode, noise)
+
+
+def _draft_step(model: Transformer, tok: Tensor, pos: Tensor, samp: dict, mode: tuple, noise: Tensor,
+                vocab: int) -> tuple[Tensor, Tensor]:
+    """One draft decode step: -> (token [1], its distribution q [1, V_target])."""
+    q = sampling_probs(_fit_vocab(model(tok, pos)[:, -1], vocab), samp, mode)
+    return (q / noise).argmax(-1), q
+
+
+def _verify_step(model: Transformer, idx: Tensor, pos: Tensor, q: Tensor, k_eff: Tensor, u: Tensor,
+                 noise: Tensor, samp: dict, mode: tuple) -> tuple[Tensor, Tensor]:
+    """Target forward on idx [1, K+1] (last token + K drafts) at pos [K+1], then acceptance."""
+    p = sampling_probs(model(idx, pos)[0], samp, mode)  # [K+1, V]
+    return accept_tokens(p, q, idx[0, 1:], k_eff, u, noise)
+
+
+def _forward_chunk(model: Transformer, ids: Tensor, pos: Tensor, last: Tensor) -> Tensor:
+    """Prefill / catch-up: ids [1, T] at pos [T]; returns the logits at index `last` [1, V]."""
+    return model(ids, pos)[0].index_select(0, last)
+
+
+# ---- statistics --------------------------------------------------------------------------------
+@dataclass
+class SpeculationStats:
+    """Per request (or summed over requests with ``merge``)."""
+
+    source: str = ""
+    k_max: int = 0
+    verify_steps: int = 0  # target forwards of K_max+1 tokens
+    plain_steps: int = 0  # one-token target steps (fallback, or no n-gram match)
+    draft_steps: int = 0  # one-token draft-model steps (incl. catch-up)
+    drafted: int = 0
+    accepted: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    switched_off: int = 0  # times the controller turned speculation off
+    accepted_hist: list[int] = field(default_factory=list)  # [k_max+1]: verify steps by accepted count
+    k_hist: list[int] = field(default_factory=list)  # [k_max+1]: verify steps by drafted count
+    time_to_first_token: float = 0.0
+    total_seconds: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_tokens_per_verify(self) -> float:
+        """Tokens emitted per verify step (accepted drafts + the corrected/bonus token)."""
+        return (self.accepted + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.total_seconds if self.total_seconds > 0 else 0.0
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.verify_steps += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.accepted_hist[accepted] += 1
+        self.k_hist[drafted] += 1
+
+    def merge(self, other: "SpeculationStats") -> "SpeculationStats":
+        """Add another request's counts (for a server's /metrics)."""
+        for f in ("verify_steps", "plain_steps", "draft_steps", "drafted", "accepted", "generated_tokens",
+                  "prompt_tokens", "switched_off", "time_to_first_token", "total_seconds"):
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+        n = max(len(self.accepted_hist), len(other.accepted_hist))
+        for name in ("accepted_hist", "k_hist"):
+            a, b = getattr(self, name), getattr(other, name)
+            setattr(self, name, [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)])
+        self.source = self.source or other.source
+        self.k_max = max(self.k_max, other.k_max)
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(acceptance_rate=self.acceptance_rate, mean_tokens_per_verify=self.mean_tokens_per_verify,
+                 tokens_per_second=self.tokens_per_second)
+        return d
+
+    def summary(self) -> str:
+        """One line for the CLI."""
+        return (f"speculation {self.source} k<={self.k_max}: acceptance {self.acceptance_rate:.0%}, "
+                f"{self.mean_tokens_per_verify:.2f} tokens/verify over {self.verify_steps} verify + "
+                f"{self.plain_steps} plain steps, accepted lengths {self.accepted_hist}")
+
+
+# ---- adaptive draft length ---------------------------------------------------------------------
+class AdaptiveK:
+    """Chooses the draft length from the acceptance seen, or 0 (a plain step) when speculating
+    would not pay.
+
+    Per-draft-token acceptance alpha is estimated from decayed counts of accepted tokens A and
+    rejections R (alpha = A / (A + R), the geometric model's estimate). A round of k drafts emits
+    E(k) = (1 - alpha^(k+1)) / (1 - alpha) tokens and costs verify_cost + k * draft_cost target
+    steps; k maximises E(k) / cost, and speculation is off while that ratio is below min_gain.
+    While off, a probe round runs after `probe` plain steps (doubling after each failed probe up
+    to max_probe), so a request that becomes predictable later still gains.
+    """
+
+    def __init__(self, k_max: int, *, verify_cost: float = 1.3, draft_cost: float = 0.0, min_gain: float = 1.05,
+                 decay: float = 0.8, prior: float = 0.8, probe: int = 16, max_probe: int = 256, adaptive: bool = True):
+        self.k_max, self.verify_cost, self.draft_cost = k_max, verify_cost, draft_cost
+        self.min_gain, self.decay, self.adaptive = min_gain, decay, adaptive
+        self.prior, self.probe0, self.max_probe = prior, probe, max_probe
+        self.reset()
+
+    def reset(self) -> None:
+        self.acc, self.rej = 2 * self.prior, 2 * (1 - self.prior)  # a prior worth two rounds
+        self.on, self.since_off, self.probe = True, 0, self.probe0
+        self.k = self.k_max
+        self.switched_off = 0
+        self._choose()
+
+    @property
+    def alpha(self) -> float:
+        return self.acc / (self.acc + self.rej)
+
+    def expected_tokens(self, k: int) -> float:
+        a = min(self.alpha, 1 - 1e-6)
+        return (1 - a ** (k + 1)) / (1 - a)
+
+    def gain(self, k: int) -> float:
+        return self.expected_tokens(k) / (self.verify_cost + k * self.draft_cost)
+
+    def _choose(self) -> None:
+        self.k = max(range(1, self.k_max + 1), key=self.gain) if self.adaptive else self.k_max
+
+    def next_k(self) -> int:
+        """Draft length for the next round; 0 means take a plain step."""
+        if not self.adaptive or self.on:
+            return self.k
+        self.since_off += 1
+        if self.since_off > self.probe:  # a probe round
+            return self.k
+        return 0
+
+    def observe(self, k: int, n: int) -> None:
+        """Free evidence, no verify ran (a host draft checked against a plain step's token): it
+        may turn speculation back on, but is never a failed probe."""
+        self.acc = self.decay * self.acc + n
+        self.rej = self.decay * self.rej + (1 if n < k else 0)
+        self._choose()
+        if self.adaptive and not self.on and self.gain(self.k) >= self.min_gain:
+            self.on, self.probe = True, self.probe0
+
+    def update(self, k: int, n: int) -> None:
+        """A round drafted k tokens and n were accepted."""
+        self.acc = self.decay * self.acc + n
+        self.rej = self.decay * self.rej + (1 if n < k else 0)
+        self._choose()
+        if not self.adaptive:
+            return
+        good = self.gain(self.k) >= self.min_gain
+        if self.on and not good:
+            self.on, self.since_off = False, 0
+            self.switched_off += 1
+        elif not self.on:
+            if good:
+                self.on, self.probe = True, self.probe0
+            else:  # failed probe: wait longer before the next one
+                self.since_off, self.probe = 0, min(2 * self.probe, self.max_probe)
+
+
+# ---- the decoder -------------------------------------------------------------------------------
+def make_draft(kind: str, target: Transformer, *, draft_model: Transformer | None = None, draft_tokenizer=None,
+               target_tokenizer=None, group_size: int = 32) -> DraftSource:
+    """The draft source for a CLI/server name: "ngram", "self-int4" or "draft-model"."""
+    if kind == "ngram":
+        return NgramDraft()
+    if kind == "self-int4":
+        return SelfInt4Draft(target, group_size)
+    if kind == "draft-model":
+        if draft_model is None:
+            raise BlitzgenError("--speculate draft-model needs --draft-model")
+        return DraftModel(draft_model, draft_tokenizer, target_tokenizer)
+    raise BlitzgenError(f"unknown speculation source {kind!r} (known: {', '.join(SOURCES)})")
+
+
+class SpeculativeDecoder:
+    """Runs requests on a target model with a draft source, one at a time (batch size 1)."""
+
+    def __init__(self, target: Transformer, draft: DraftSource, *, k: int = 4, compile: bool = False,
+                 adaptive: bool = True, verify_cost: float | None = None, draft_cost: float | None = None,
+                 min_gain: float = 1.05, max_seq_len: int | None = None):
+        if not isinstance(k, int) or not 1 <= k <= 32:
+            raise InvalidRequestError(f"speculation length k must be an integer in 1..32, got {k!r}", param="k")
+        if not isinstance(draft, DraftSource):
+            raise BlitzgenError(f"not a draft source: {type(draft).__name__}")
+        self.model, self.draft, self.k_max = target, draft, k
+        self.dmodel = draft.model
+        if self.dmodel is not None:
+            check_draft_model(target, self.dmodel)
+        self.device = target.device
+        self.vocab = target.args.vocab_size
+        self.context = target.args.max_seq_len
+        if self.dmodel is not None:
+            self.context = min(self.context, self.dmodel.args.max_seq_len)
+        self.max_seq_len = min(max_seq_len or self.context, self.context)
+        self.compiled, self.adaptive = compile, adaptive
+        self.verify_cost = verify_cost if verify_cost is not None else (1.3 if self.device.type == "cuda" else 1.5)
+        self.draft_cost = draft_cost if draft_cost is not None else draft.estimate_cost(target)
+        self.min_gain = min_gain
+        self.last_result_stats = SpeculationStats()
+        self._mark_step = compile and self.device.type == "cuda"
+        self._warming = False
+        if compile:
+            from .compile import compile_decode, compile_static
+
+            dev = str(self.device)
+            self._tstep = compile_decode(_target_step, dev)
+            self._verify = compile_decode(_verify_step, dev)
+            self._dstep = compile_decode(_draft_step, dev) if self.dmodel is not None else None
+            self._chunk = compile_static(_forward_chunk, dev)
+            self._sample = compile_static(sample, dev)
+        else:
+            self._tstep, self._verify, self._dstep = _target_step, _verify_step, _draft_step
+            self._chunk, self._sample = _forward_chunk, sample
+
+    # ---- capacity -------------------------------------------------------------------------------
+    def _ensure_capacity(self, model: Transformer, n: int) -> None:
+        if n <= model.max_seq_len:
+            return
+        if self.compiled:
+            cap = max(CACHE_ROUND, 1 << (n - 1).bit_length())
+        else:
+            cap = -(-n // CACHE_ROUND) * CACHE_ROUND
+        with torch.inference_mode(False):
+            model.setup_caches(1, min(cap, model.args.max_seq_len))
+
+    def _check(self, prompt_len: int, max_new_tokens: int) -> None:
+        if prompt_len == 0:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if max_new_tokens < 1:
+            raise InvalidRequestError(f"max_new_tokens must be >= 1, got {max_new_tokens}", param="max_tokens")
+        if prompt_len + max_new_tokens > self.max_seq_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_seq_len} tokens. However, you requested "
+                f"{prompt_len + max_new_tokens} tokens ({prompt_len} in the prompt, {max_new_tokens} for the "
+                "completion). Please reduce the prompt or the number of new tokens.", param="messages")
+
+    # ---- pieces ---------------------------------------------------------------------------------
+    def _run_chunk(self, model: Transformer, ids: Sequence[int], start: int) -> Tensor:
+        """Write ids at positions start.. into model's cache; logits of the last one [1, V]. When
+        compiled, padded to a power-of-two bucket (padding lands past the real positions, or on
+        the last cache slot, which is overwritten before any query sees it)."""
+        dev, n = self.device, len(ids)
+        cap = model.max_seq_len
+        T = n
+        if self.compiled:
+            T = min(max(MIN_PREFILL_BUCKET, 1 << (n - 1).bit_length()), cap)
+        idx = torch.zeros((1, T), dtype=torch.int64, device=dev)
+        idx[0, :n] = torch.tensor(list(ids), dtype=torch.int64, device=dev)
+        pos = (torch.arange(T, device=dev) + start).clamp_max(cap - 1)
+        return self._chunk(model, idx, pos, torch.tensor([n - 1], device=dev))
+
+    def calibrate(self, reps: int = 5, prompt_len: int = 64) -> dict:
+        """Time a verify, a plain step and a draft step on this device (after warm-up) and use
+        the ratios as the controller's costs. Returns {"verify_cost", "draft_cost", seconds...}."""
+        dev, K = self.device, self.k_max
+        with torch.inference_mode():
+            self._ensure_capacity(self.model, prompt_len + K + 8)
+            if self.dmodel is not None:
+                self._ensure_capacity(self.dmodel, prompt_len + K + 8)
+            samp, mode = SamplingParams(temperature=0.0).tensors(dev), SamplingParams(temperature=0.0).mode
+            tok = torch.zeros((1, 1), dtype=torch.int64, device=dev)
+            pos = torch.tensor([prompt_len], device=dev)
+            idx = torch.zeros((1, K + 1), dtype=torch.int64, device=dev)
+            vpos = torch.arange(K + 1, device=dev) + prompt_len
+            q = torch.zeros((K, self.vocab), device=dev)
+            kk, u, ones = torch.tensor(K, device=dev), torch.zeros(K, device=dev), torch.ones(self.vocab, device=dev)
+
+            def timed(fn):
+                for _ in range(2):
+                    fn()
+                ts = []
+                for _ in range(reps):
+                    _sync(dev)
+                    t = time.perf_counter()
+                    fn()
+                    _sync(dev)
+                    ts.append(time.perf_counter() - t)
+                return sorted(ts)[len(ts) // 2]
+
+            t_step = timed(lambda: self._tstep(self.model, tok, pos, samp, mode, None))
+            t_verify = timed(lambda: self._verify(self.model, idx, vpos, q, kk, u, ones, samp, mode))
+            t_draft = 0.0
+            if self.dmodel is not None:
+                t_draft = timed(lambda: self._dstep(self.dmodel, tok, pos, samp, mode, ones[None], self.vocab))
+        self.verify_cost, self.draft_cost = t_verify / t_step, t_draft / t_step
+        return {"verify_cost": self.verify_cost, "draft_cost": self.draft_cost, "step_s": t_step,
+                "verify_s": t_verify, "draft_s": t_draft}
+
+    def warmup(self, sampling_modes: Sequence[SamplingParams] = (SamplingParams(temperature=0.0),)) -> float:
+        """Compile (and capture) every step a request can hit, per sampler mode: prefill bucket,
+        draft step, verify and the plain step. Returns seconds."""
+        t0 = time.perf_counter()
+        adaptive, self.adaptive = self.adaptive, False  # always speculate, so verify runs
+        self._warming = True  # host drafts propose something even without a match
+        try:
+            prompt = [1, 2, 3] * 3  # repeats, so the n-gram lookup proposes
+            for sp in sampling_modes:
+                for _ in self.generate_ids(prompt, self.k_max + 2, sp):
+                    pass
+        finally:
+            self.adaptive, self._warming = adaptive, False
+        return time.perf_counter() - t0
+
+    # ---- generation -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingParams | None = None,
+                     stop_token_ids: Sequence[int] | None = (), stats: SpeculationStats | None = None) -> Iterator[int]:
+        """Yield new token ids, stopping after a stop token (yielded) or max_new_tokens (pass the
+        tokenizer's EOS ids as stop_token_ids: the decoder has no tokenizer). ``stats``
+        (or ``self.last_result_stats``) is filled as tokens come; the generator returns it too."""
+        sampling = (sampling or SamplingParams(temperature=0.0)).validate()
+        prompt = list(prompt_ids)
+        n0 = len(prompt)
+        self._check(n0, max_new_tokens)
+        K, dev, V = self.k_max, self.device, self.vocab
+        room = n0 + max_new_tokens + K + 1  # verify may write K+1 positions past the last token
+        self._ensure_capacity(self.model, room)
+        if self.dmodel is not None:
+            self._ensure_capacity(self.dmodel, room)
+        cap = self.model.max_seq_len if self.dmodel is None else min(self.model.max_seq_len, self.dmodel.max_seq_len)
+        stop_set = set(stop_token_ids or ())
+        mode, samp = sampling.mode, sampling.tensors(dev)
+        greedy = mode[0]
+        gen = None if greedy else make_generator(sampling.seed, dev)
+        ones_v = torch.ones(V, device=dev)
+        zeros_k = torch.zeros(K, device=dev)
+
+        def noise(shape):
+            return exponential_noise(shape, gen, dev) if gen is not None else None
+
+        st = stats if stats is not None else SpeculationStats()
+        st.__init__(source=self.draft.name, k_max=K, prompt_tokens=n0, accepted_hist=[0] * (K + 1),
+                    k_hist=[0] * (K + 1))
+        self.last_result_stats = st
+        ctl = AdaptiveK(K, verify_cost=self.verify_cost, draft_cost=self.draft_cost, min_gain=self.min_gain,
+                        adaptive=self.adaptive)
+        self.controller = ctl
+        t0 = time.perf_counter()
+
+        # prefill both models; the first token comes from the target
+        logits = self._run_chunk(self.model, prompt, 0)
+        first = int(self._sample(logits, samp, mode, noise((1, V)))[0])
+        seq = prompt + [first]
+        dvalid = 0  # draft-model cache positions [0, dvalid) hold seq's tokens
+        if self.dmodel is not None:
+            self._run_chunk(self.dmodel, prompt, 0)
+            dvalid = n0
+        self.draft.reset(prompt)
+        self.draft.extend([first])
+        self.draft_valid = dvalid  # for tests: the draft cache is exact on [0, draft_valid)
+        idx = torch.zeros((1, K + 1), dtype=torch.int64, device=dev)
+        q = torch.zeros((K, V), device=dev)
+        emitted = 0
+
+        def emit(toks):
+            nonlocal emitted
+            for tok in toks:
+                emitted += 1
+                st.generated_tokens = emitted
+                if emitted == 1:
+                    st.time_to_first_token = time.perf_counter() - t0
+                st.total_seconds = time.perf_counter() - t0
+                yield tok
+                if tok in stop_set or emitted >= max_new_tokens:
+                    return True
+            return False
+
+        if (yield from emit([first])):
+            return st
+        while True:
+            P = len(seq) - 1  # position of the last token, not yet in the target's cache
+            k = ctl.next_k() if P + K + 1 <= cap else 0
+            k = min(k, max_new_tokens - emitted - 1)  # no point drafting past the end
+            drafts: list[int] | None = None
+            if k > 0 and self.dmodel is None:
+                drafts = self.draft.propose(k) or ([0] * k if self._warming else [])
+                k = len(drafts)
+                if ctl.on and self.adaptive and k and ctl.gain(k) < ctl.min_gain:
+                    k = 0  # too short a proposal to pay for a verify
+            if self._mark_step:
+                torch.compiler.cudagraph_mark_step_begin()  # earlier graph outputs are all consumed
+            if k <= 0:  # plain step
+                # while off, a host draft's guess is checked against the token for free
+                shadow = self.draft.propose(1) if self.dmodel is None and self.adaptive and not ctl.on else []
+                tok = self._tstep(self.model, torch.tensor([[seq[-1]]], device=dev), torch.tensor([P], device=dev),
+                                  samp, mode, noise((1, V)))
+                new = [int(tok[0])]
+                st.plain_steps += 1
+                if shadow:
+                    ctl.observe(1, int(shadow[0] == new[0]))
+            else:
+                idx.zero_()
+                q.zero_()
+                idx[0, 0] = seq[-1]
+                if drafts is not None:
+                    idx[0, 1:k + 1] = torch.tensor(drafts, device=dev)
+                    q[torch.arange(k, device=dev), idx[0, 1:k + 1]] = 1.0
+                else:
+                    dvalid = self._catch_up(seq, dvalid, P, samp, mode, ones_v)
+                    for i in range(k):
+                        d, qi = self._dstep(self.dmodel, idx[:, i:i + 1].clone(), torch.tensor([P + i], device=dev),
+                                            samp, mode, ones_v[None] if greedy else noise((1, V)), V)
+                        idx[0, i + 1] = d[0]
+                        q[i] = qi[0]
+                    st.draft_steps += k
+                    dvalid = P + k
+                u = zeros_k if greedy else torch.rand(K, generator=gen, device=dev)
+                n_t, tok_t = self._verify(self.model, idx, torch.arange(K + 1, device=dev) + P, q,
+                                          torch.tensor(k, device=dev), u, ones_v if greedy else noise((V,)), samp, mode)
+                n = int(n_t)
+                new = idx[0, 1:n + 1].tolist() + [int(tok_t)]
+                if self.dmodel is not None:
+                    dvalid = min(dvalid, P + 1 + n)  # drafts past the first rejection are stale
+                st.record(k, n)
+                ctl.update(k, n)
+            st.switched_off = ctl.switched_off
+            self.draft_valid = dvalid
+            seq.extend(new)
+            self.draft.extend(new)
+            if (yield from emit(new)):
+                return st
+
+    def _catch_up(self, seq: list[int], dvalid: int, P: int, samp: dict, mode: tuple, ones_v: Tensor) -> int:
+        """Bring the draft model's cache to positions [0, P): one-token steps for one or two
+        missing tokens, a padded chunk forward for more."""
+        missing = P - dvalid
+        dev = self.device
+        if missing <= 0:
+            return dvalid
+        if missing <= 2:
+            for i in range(dvalid, P):
+                self._dstep(self.dmodel, torch.tensor([[seq[i]]], device=dev), torch.tensor([i], device=dev),
+                            samp, mode, ones_v[None], self.vocab)
+        else:
+            self._run_chunk(self.dmodel, seq[dvalid:P], dvalid)
+        self.last_result_stats.draft_steps += missing
+        return P
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)

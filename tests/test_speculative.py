@@ -1,0 +1,346 @@
+"""Speculative decoding: greedy identity, exact sampling distribution, KV-cache state, adaptivity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import blitzgen.speculative as spec
+from blitzgen.errors import BlitzgenError
+from blitzgen.generate import Generator
+from blitzgen.sampling import SamplingParams, exponential_noise, make_generator, sample
+from blitzgen.speculative import (AdaptiveK, DraftMismatchError, DraftModel, NgramDraft, SelfInt4Draft,
+                                  SpeculationStats, SpeculativeDecoder, accept_tokens, check_same_tokenizer,
+                                  make_draft, sampling_probs)
+
+from .conftest import tiny_model
+
+GREEDY = SamplingParams(temperature=0.0)
+PROMPT = [5, 17, 42, 99, 3, 250, 5, 17, 42, 99, 7, 8]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run many small ops: on a busy machine OpenMP's spinning threads make each op
+    ~20x slower, so these tests use one thread (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def plain(model, prompt, n, sampling=GREEDY, stop=()):
+    return list(Generator(model).generate_ids(prompt, n, sampling, stop_token_ids=stop))
+
+
+def sources(model):
+    return {"ngram": NgramDraft(), "self-int4": SelfInt4Draft(model),
+            "draft-model": DraftModel(tiny_model(seed=11)), "same-model": DraftModel(tiny_model(seed=1))}
+
+
+# ---- probabilities ----------------------------------------------------------------------------
+@pytest.mark.parametrize("sp", [GREEDY, SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_k=7),
+                                SamplingParams(top_p=0.8), SamplingParams(min_p=0.1),
+                                SamplingParams(temperature=0.9, top_k=20, top_p=0.9, min_p=0.05)])
+def test_sampling_probs_match_sampler(sp):
+    """argmax(probs / noise) is the token sampling.sample picks with the same noise."""
+    torch.manual_seed(0)
+    logits = torch.randn(64, 50) * 3
+    t = sp.tensors("cpu")
+    probs = sampling_probs(logits, t, sp.mode)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(64))
+    noise = exponential_noise((64, 50), make_generator(1, "cpu"), "cpu")
+    want = sample(logits, t, sp.mode, None if sp.greedy else noise)
+    assert torch.equal((probs / noise).argmax(-1), want)
+    if sp.top_k:
+        assert int((probs[0] > 0).sum()) <= sp.top_k
+
+
+# ---- n-gram lookup ----------------------------------------------------------------------------
+def test_ngram_proposes_longest_recent_match():
+    d = NgramDraft(n_max=3)
+    d.reset([1, 2, 3, 4, 9, 2, 3, 5, 6, 7, 1, 2, 3])
+    assert d.propose(3) == [4, 9, 2]  # "1 2 3" -> 4 (the 3-gram beats the more recent "2 3" -> 5)
+    d.extend([8, 2, 3])  # "8 2 3": no 3-gram match; "2 3" was last followed by 8
+    assert d.propose(2) == [8, 2]
+    d.extend([42])
+    assert d.propose(4) == []
+    d.reset([7, 7, 7])
+    assert d.propose(4) == [7]  # the continuation stops at the end of the sequence
+
+
+# ---- exactness --------------------------------------------------------------------------------
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_greedy_identity_all_sources(adaptive):
+    model = tiny_model(seed=1)
+    want = plain(model, PROMPT, 40)
+    for name, src in sources(model).items():
+        dec = SpeculativeDecoder(model, src, k=4, adaptive=adaptive, verify_cost=1.1)
+        assert list(dec.generate_ids(PROMPT, 40, GREEDY)) == want, name
+        st = dec.last_result_stats
+        assert st.generated_tokens == 40 and sum(st.accepted_hist) == st.verify_steps
+        if name == "same-model":
+            assert st.acceptance_rate == 1.0
+    # stop tokens and a length limit inside an accepted run
+    dec = SpeculativeDecoder(model, DraftModel(tiny_model(seed=1)), k=4)
+    stop = want[13]
+    assert list(dec.generate_ids(PROMPT, 40, GREEDY, stop_token_ids=[stop])) == want[:want.index(stop) + 1]
+    assert list(dec.generate_ids(PROMPT, 7, GREEDY)) == want[:7]
+
+
+def _first_token_freqs(p, q, accept, n, seed=0):
+    """Frequencies of the first emitted token over n rounds of one verify with K = q.shape[0]."""
+    g = torch.Generator().manual_seed(seed)
+    K, V = q.shape
+    counts = torch.zeros(V)
+    for _ in range(n):
+        draft = torch.stack([torch.multinomial(q[i], 1, generator=g)[0] for i in range(K)])
+        u = torch.rand(K, generator=g)
+        noise = torch.empty(V).exponential_(generator=g)
+        n_acc, tok = accept(p, q, draft, torch.tensor(K), u, noise)
+        counts[int(draft[0]) if int(n_acc) > 0 else int(tok)] += 1
+    return counts / n
+
+
+def _always_accept(p, q, draft, k_eff, u, noise):  # the deliberately broken rule
+    return k_eff, (p[k_eff] / noise).argmax()
+
+
+def test_rejection_sampling_distribution():
+    """First emitted token ~ p (filtered as the sampler filters), not q; a broken rule is caught."""
+    torch.manual_seed(3)
+    V = 6
+    sp = SamplingParams(temperature=0.8, top_k=5, top_p=0.95)
+    t = sp.tensors("cpu")
+    p = sampling_probs(torch.randn(3, V) * 1.5, t, sp.mode)
+    q = sampling_probs(torch.randn(2, V) * 1.5, t, sp.mode)
+    tv_pq = 0.5 * (p[0] - q[0]).abs().sum()
+    assert tv_pq > 0.2
+    n = 4000
+    tv = 0.5 * (_first_token_freqs(p, q, accept_tokens, n) - p[0]).abs().sum()
+    bound = 0.035  # E[TV] of 4000 exact draws over 6 outcomes is ~0.014, its sd ~0.006
+    assert tv < bound
+    tv_broken = 0.5 * (_first_token_freqs(p, q, _always_accept, n) - p[0]).abs().sum()
+    assert tv_broken > bound
+    # deterministic draft (n-gram): q one-hot, accepted with probability p(x)
+    q1 = torch.nn.functional.one_hot(torch.tensor([2, 4]), V).float()
+    assert 0.5 * (_first_token_freqs(p, q1, accept_tokens, n) - p[0]).abs().sum() < bound
+
+
+def _exact_marginals(model, prompt, sp, steps):
+    """Marginal distribution of each of the first `steps` generated tokens, by enumeration."""
+    t = sp.tensors("cpu")
+    V = model.args.vocab_size
+    out = [torch.zeros(V) for _ in range(steps)]
+
+    def walk(seq, prob, i):
+        if i == steps:
+            return
+        with torch.no_grad():
+            model.setup_caches(1, 32)
+            logits = model(torch.tensor([seq]), torch.arange(len(seq)))[:, -1]
+        p = sampling_probs(logits, t, sp.mode)[0]
+        out[i] += prob * p
+        for tok in torch.nonzero(p).flatten().tolist():
+            walk(seq + [tok], prob * float(p[tok]), i + 1)
+
+    walk(list(prompt), 1.0, 0)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["draft-model", "ngram"])
+def test_end_to_end_distribution(kind):
+    """Tokens drawn through verify rounds follow the target's filtered distribution."""
+    target = tiny_model(seed=21, vocab_size=8, max_seq_len=32)
+    draft = DraftModel(tiny_model(seed=22, vocab_size=8, max_seq_len=32)) if kind == "draft-model" else NgramDraft(n_max=1)
+    prompt = [1, 2, 3, 1, 2, 4, 1, 2, 5]
+    sp = SamplingParams(temperature=0.9, top_k=6, top_p=0.97)
+    exact = _exact_marginals(target, prompt, sp, 4)
+    dec = SpeculativeDecoder(target, draft, k=3, adaptive=False)
+    n = 1000
+    counts = [torch.zeros(8) for _ in range(4)]
+    total = SpeculationStats()
+    for seed in range(n):
+        toks = list(dec.generate_ids(prompt, 4, SamplingParams(**{**sp.__dict__, "seed": seed})))
+        for i, tok in enumerate(toks):
+            counts[i][tok] += 1
+        total.merge(dec.last_result_stats)
+    assert total.verify_steps > n / 2 and 0 < total.accepted < total.drafted
+    for i in range(4):  # token 0 from prefill, 1-2 from the first verify round (2 drafts), 3 after
+        assert 0.5 * (counts[i] / n - exact[i]).abs().sum() < 0.07, i  # E[TV] <= ~0.04 here
+
+
+def test_seeded_runs_reproducible():
+    model = tiny_model(seed=1)
+    dec = SpeculativeDecoder(model, DraftModel(tiny_model(seed=11)), k=3)
+    sp = SamplingParams(temperature=1.2, seed=5)
+    a = list(dec.generate_ids(PROMPT, 24, sp))
+    assert a == list(dec.generate_ids(PROMPT, 24, sp))
+    assert a != list(dec.generate_ids(PROMPT, 24, SamplingParams(temperature=1.2, seed=6)))
+
+
+# ---- KV cache ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["draft-model", "self-int4"])
+def test_cache_after_rejection_equals_plain(kind):
+    ref, model = tiny_model(seed=1), tiny_model(seed=1)
+    n = 30
+    want = plain(ref, PROMPT, n)
+    src = DraftModel(tiny_model(seed=11)) if kind == "draft-model" else SelfInt4Draft(model)
+    dec = SpeculativeDecoder(model, src, k=4, adaptive=False)
+    assert list(dec.generate_ids(PROMPT, n, GREEDY)) == want
+    st = dec.last_result_stats
+    assert st.verify_steps > st.accepted_hist[-1] > 0 or st.accepted_hist[0] > 0  # there were rejections
+    L = len(PROMPT) + n - 1  # positions written in both runs
+    for a, b in zip(ref.layers, model.layers):
+        torch.testing.assert_close(a.attention.kv_cache.k_cache[:, :, :L], b.attention.kv_cache.k_cache[:, :, :L],
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.attention.kv_cache.v_cache[:, :, :L], b.attention.kv_cache.v_cache[:, :, :L],
+                                   atol=1e-5, rtol=1e-5)
+    # the draft model's cache equals a fresh prefill of the same tokens on its valid prefix
+    dm, D = src.model, dec.draft_valid
+    assert D > len(PROMPT)
+    seq = PROMPT + want
+    fresh = tiny_model(seed=11) if kind == "draft-model" else SelfInt4Draft(tiny_model(seed=1)).model
+    with torch.no_grad():
+        fresh(torch.tensor([seq[:D]]), torch.arange(D))
+    for a, b in zip(fresh.layers, dm.layers):
+        torch.testing.assert_close(a.attention.kv_cache.k_cache[:, :, :D], b.attention.kv_cache.k_cache[:, :, :D],
+                                   atol=1e-5, rtol=1e-5)
+
+
+# ---- tokenizers -------------------------------------------------------------------------------
+def _tokenizer(words, eos=0):
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    from blitzgen.tokenizer import Tokenizer
+
+    rt = RustTokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    rt.pre_tokenizer = Whitespace()
+    return Tokenizer(rt, bos_token_id=None, eos_token_ids=[eos], add_bos=False, chat_template=None,
+                     special_ids={eos}, vocab_size=len(words))
+
+
+def test_draft_with_other_tokenizer_refused():
+    a = _tokenizer(["<eos>", "a", "b", "c"])
+    check_same_tokenizer(a, _tokenizer(["<eos>", "a", "b", "c"]))
+    for other in (_tokenizer(["<eos>", "a", "c", "b"]), _tokenizer(["<eos>", "a", "b"]),
+                  _tokenizer(["<eos>", "a", "b", "c"], eos=1)):
+        with pytest.raises(DraftMismatchError) as e:
+            check_same_tokenizer(a, other)
+        assert isinstance(e.value, BlitzgenError) and "\n" not in str(e.value)
+    with pytest.raises(DraftMismatchError):
+        DraftModel(tiny_model(seed=2), _tokenizer(["<eos>", "x", "b", "c"]), a)
+    with pytest.raises(BlitzgenError):
+        make_draft("medusa", tiny_model())
+
+
+# ---- adaptivity -------------------------------------------------------------------------------
+def test_adaptive_k_shrinks_switches_off_and_recovers():
+    ctl = AdaptiveK(6, verify_cost=1.2, draft_cost=0.1, probe=4, max_probe=16)
+    assert ctl.k == 6 and ctl.on
+    ks = []
+    while ctl.on:  # nothing accepted: K comes down, then speculation goes off
+        ks.append(ctl.next_k())
+        ctl.update(ks[-1], 0)
+    assert ks[0] == 6 and ks[-1] < 6 and ks == sorted(ks, reverse=True) and len(ks) <= 6
+    assert ctl.switched_off == 1
+    steps = [ctl.next_k() for _ in range(5)]
+    assert steps[:4] == [0, 0, 0, 0] and steps[4] > 0  # a probe after 4 plain steps
+    ctl.update(steps[4], 0)  # failed probe: the next one waits twice as long
+    steps = [ctl.next_k() for _ in range(9)]
+    assert steps[:8] == [0] * 8 and steps[8] > 0
+    for _ in range(20):  # predictable text again: back on, full length
+        ctl.update(ctl.k, ctl.k)
+    assert ctl.on and ctl.k == 6
+
+
+@pytest.mark.parametrize("kind", ["ngram", "draft-model"])
+def test_speculation_switches_off_on_unpredictable_text(kind):
+    model = tiny_model(seed=1)
+    src = NgramDraft() if kind == "ngram" else DraftModel(tiny_model(seed=11), draft_cost=0.3)
+    dec = SpeculativeDecoder(model, src, k=4, verify_cost=1.3)
+    want = plain(model, PROMPT, 60)
+    assert list(dec.generate_ids(PROMPT, 60, GREEDY)) == want
+    st = dec.last_result_stats
+    assert st.switched_off >= 1 and st.plain_steps > 2 * st.verify_steps, st.summary()
+    if kind == "draft-model":
+        assert st.k_hist[1] > 0  # K came down before switching off
+
+
+def test_stats_merge_and_export():
+    a = SpeculationStats(source="ngram", k_max=2, accepted_hist=[0, 0, 0], k_hist=[0, 0, 0])
+    a.record(2, 1)
+    a.record(2, 2)
+    b = SpeculationStats(source="ngram", k_max=2, accepted_hist=[0, 0, 0], k_hist=[0, 0, 0])
+    b.record(1, 0)
+    m = SpeculationStats().merge(a).merge(b)
+    assert m.accepted_hist == [1, 1, 1] and m.drafted == 5 and m.accepted == 3
+    assert m.mean_tokens_per_verify == pytest.approx(2.0)
+    d = m.to_dict()
+    assert d["acceptance_rate"] == pytest.approx(0.6) and "accepted lengths" in m.summary()
+
+
+def test_bad_arguments():
+    with pytest.raises(BlitzgenError):
+        SpeculativeDecoder(tiny_model(), NgramDraft(), k=0)
+    dec = SpeculativeDecoder(tiny_model(), NgramDraft(), k=2)
+    with pytest.raises(BlitzgenError):
+        list(dec.generate_ids([], 4))
+    with pytest.raises(BlitzgenError):
+        list(dec.generate_ids([1] * 500, 100))
+
+
+# ---- compiled ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_compiled_equals_eager():
+    """CPU inductor: same tokens as eager for greedy and seeded sampling, no recompile per length."""
+    import torch._dynamo
+
+    sp = SamplingParams(temperature=0.9, top_k=50, seed=3)
+    for make in (lambda m: NgramDraft(), lambda m: DraftModel(tiny_model(seed=11))):
+        eager = SpeculativeDecoder(tiny_model(seed=1), make(None), k=3, adaptive=False)
+        want_g, want_s = list(eager.generate_ids(PROMPT, 20, GREEDY)), list(eager.generate_ids(PROMPT, 20, sp))
+        torch._dynamo.reset()
+        comp = SpeculativeDecoder(tiny_model(seed=1), make(None), k=3, adaptive=False, compile=True, max_seq_len=64)
+        assert list(comp.generate_ids(PROMPT, 20, GREEDY)) == want_g
+        assert comp.last_result_stats.verify_steps > 0  # the compiled verify ran
+        assert list(comp.generate_ids(PROMPT, 20, sp)) == want_s
+
+
+# ---- the real model ---------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ngram", "self-int4"])
+def test_smol_greedy_identity(smol, kind):
+    model, tok = smol.model, smol.tokenizer
+    text = ("def add(a, b):\n    return a + b\n\nRewrite the function add above so that it also accepts a "
+            "third argument c, and return the code.")
+    ids = tok.encode_chat([{"role": "user", "content": text}])
+    want = list(Generator(model, tok).generate_ids(ids, 48, GREEDY, stop_token_ids=tok.eos_token_ids))
+    dec = SpeculativeDecoder(model, make_draft(kind, model), k=4)
+    got = list(dec.generate_ids(ids, 48, GREEDY, stop_token_ids=tok.eos_token_ids))
+    assert got == want, tok.decode(got)
+    assert dec.last_result_stats.verify_steps > 0
+
+
+@pytest.mark.slow
+def test_smol_tokenizer_check(smol):
+    check_same_tokenizer(smol.tokenizer, smol.tokenizer)
+    assert spec.SOURCES == ("ngram", "self-int4", "draft-model")
+
+
+def test_warmup_runs_every_step():
+    dec = SpeculativeDecoder(tiny_model(seed=1), NgramDraft(), k=3)
+    dec.warmup((GREEDY, SamplingParams(temperature=0.8, top_k=5)))
+    st = dec.last_result_stats
+    assert st.verify_steps > 0 and st.plain_steps > 0 and dec.adaptive
+
+
+def test_free_evidence_turns_speculation_back_on():
+    ctl = AdaptiveK(4, verify_cost=1.3)
+    while ctl.on:
+        ctl.update(4, 0)
+    for _ in range(6):
+        ctl.observe(1, 1)  # the n-gram guess was right on plain steps
+    assert ctl.on and ctl.next_k() == 4
