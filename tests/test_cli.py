@@ -195,6 +195,7 @@ FAST_ERRORS = [
     (["generate", "--prompt", "hi", "--url", "http://127.0.0.1:9", "--dtype", "fp32"], "--dtype applies to a model"),
     (["chat", "--url", "http://127.0.0.1:9", "--max-model-len", "512"], "--max-model-len applies to a model"),
     (["chat", "--url", "http://127.0.0.1:9", "--no-compile"], "--compile applies to a model"),
+    (["generate", "--prompt", "hi", "--url", "http://127.0.0.1:9"], "cannot reach the server"),  # a client only
 ]
 
 CHECK_IN_A_FRESH_PROCESS = """

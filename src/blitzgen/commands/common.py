@@ -100,13 +100,14 @@ SAMPLING = {
 }
 
 
-def _add(group, table: dict, only, overrides: dict) -> None:
+def _options(table: dict, only, overrides: dict):
+    """(dest, flags, argparse keywords) of the table's options in ``only`` (all when None)."""
     unknown = set(overrides) - set(table)
     if unknown:
         raise TypeError(f"unknown option override(s): {', '.join(sorted(unknown))}")
     for dest, (flags, kw) in table.items():
         if only is None or dest in only:
-            group.add_argument(*flags, dest=dest, **{"default": None, **kw, **overrides.get(dest, {})})
+            yield dest, flags, {"default": None, **kw, **overrides.get(dest, {})}
 
 
 def add_model_source_args(p: argparse.ArgumentParser, *, help: str = MODEL_HELP):
@@ -120,19 +121,14 @@ def add_runtime_args(p: argparse.ArgumentParser, *, only=None, mode_alias: bool 
     deprecated ``--mode`` spelling of ``--quantize`` (``mode_none``: extra --mode values that mean
     no quantization); with ``quantize={"required": True}`` one of the two is then required."""
     g = p.add_argument_group("runtime")
-    if not mode_alias or (only is not None and "quantize" not in only):
-        _add(g, RUNTIME, only, overrides)
-        return g
-    quantize = dict(overrides.pop("quantize", {}))
-    required = quantize.pop("required", False)
-    before = [d for d in RUNTIME if d != "quantize" and list(RUNTIME).index(d) < list(RUNTIME).index("quantize")]
-    _add(g, {d: RUNTIME[d] for d in before}, only, {k: v for k, v in overrides.items() if k in before})
-    either = g.add_mutually_exclusive_group(required=required)
-    _add(either, {"quantize": RUNTIME["quantize"]}, None, {"quantize": quantize})
-    either.add_argument("--mode", dest="quantize", action=DeprecatedAlias, new="--quantize", none=mode_none,
-                        choices=[*quantize.get("choices", QUANT_SCHEMES), *mode_none], help=argparse.SUPPRESS)
-    after = [d for d in RUNTIME if d != "quantize" and d not in before]
-    _add(g, {d: RUNTIME[d] for d in after}, only, {k: v for k, v in overrides.items() if k in after})
+    for dest, flags, kw in _options(RUNTIME, only, overrides):
+        if dest == "quantize" and mode_alias:
+            either = g.add_mutually_exclusive_group(required=kw.pop("required", False))
+            either.add_argument(*flags, dest=dest, **kw)
+            either.add_argument("--mode", dest=dest, action=DeprecatedAlias, new="--quantize", none=mode_none,
+                                choices=[*kw["choices"], *mode_none], help=argparse.SUPPRESS)
+        else:
+            g.add_argument(*flags, dest=dest, **kw)
     return g
 
 
@@ -144,7 +140,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_args(p: argparse.ArgumentParser, *, only=None, **overrides):
     g = p.add_argument_group("sampling")
-    _add(g, SAMPLING, only, overrides)
+    for dest, flags, kw in _options(SAMPLING, only, overrides):
+        g.add_argument(*flags, dest=dest, **kw)
     return g
 
 
