@@ -34,6 +34,7 @@ def assert_user_error(rc_or_proc, capsys=None, match: str = ""):
     assert match.lower() in lines[0].lower(), lines[0]
 
 
+@pytest.mark.slow  # a fresh process loads SmolLM2 (it timed out at 300 s on a busy 2-core machine)
 def test_generate_default_model_streams_and_reports():
     p = run_cli("generate", "--prompt", "Implement fibonacci in python", "--max-new-tokens", "48",
                 "--temperature", "0")
