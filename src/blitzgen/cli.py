@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
@@ -10,10 +9,11 @@ import sys
 COMMANDS = ["generate", "chat", "serve", "quantize", "bench"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser():
     from . import __version__
+    from .commands.common import Parser
 
-    p = argparse.ArgumentParser(prog="blitzgen", description="Fast batch-1 LLM inference in pure PyTorch.")
+    p = Parser(prog="blitzgen", description="Fast batch-1 LLM inference in pure PyTorch.")
     p.add_argument("--version", action="version", version=f"blitzgen {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -30,11 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1" if not _has_cuda_hint() else "0")
+    from .commands.common import check_args
     from .errors import BlitzgenError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_args(args)  # what needs neither torch nor the model, for every verb
         return int(args.func(args) or 0)
     except BlitzgenError as e:
         print(f"blitzgen: error: {e}", file=sys.stderr)

@@ -3,14 +3,12 @@ gpt-fast's own generate() on the same card (see blitzgen/bench.py)."""
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 
 
 def register(sub) -> None:
-    from ..config import BENCH_MODES as MODES
-    from .common import DTYPES
+    from .common import add_model_source_args, add_runtime_args, add_sampling_args
 
     p = sub.add_parser(
         "bench", help="benchmark batch-1 decode (tokens/s, %% of roofline), optionally beside gpt-fast",
@@ -18,31 +16,28 @@ def register(sub) -> None:
                     "times after a warm-up (compile) run, and report tokens/s (generated tokens over the whole "
                     "generate time, like gpt-fast), decode-only tokens/s, time to first token, bandwidth achieved "
                     "and its share of the card's measured copy bandwidth.")
-    src = p.add_argument_group("model")
+    src = add_model_source_args(p, help="real weights: HF directory, GGUF file, quantized checkpoint or repo id "
+                                        "(default: random weights of --shape)")
     src.add_argument("--shape", default=None,
                      help="named architecture with random weights made on the device (llama-2-7b, llama-3-8b, "
                           "llama-2-13b, llama-2-70b, mistral-7b, tiny, ...). Default: llama-2-7b on CUDA, the "
                           "embedded SmolLM2-135M model on CPU")
-    src.add_argument("--model", "-m", default=None,
-                     help="real weights instead: HF directory, GGUF file, quantized checkpoint or repo id")
     src.add_argument("--save", default=None, metavar="DIR",
                      help="write the --shape's random weights to DIR as a Hugging Face checkpoint (sharded "
                           "safetensors, config.json, a tokenizer) and exit, to time loading with --model DIR")
-    src.add_argument("--mode", choices=MODES, default="bf16",
-                     help="bf16: unquantized weights in --dtype; int8/int4: weight-only quantization")
-    src.add_argument("--group-size", type=int, default=None, help="quantization group size (int4 default 32)")
-    src.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    src.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight/activation dtype (bfloat16)")
-    src.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                     help="torch.compile decode and prefill (default: on for CUDA)")
+    # --mode bf16|int8|int4 is the old spelling of --quantize (bf16: none)
+    add_runtime_args(p, only=("device", "dtype", "compile", "quantize", "group_size"), mode_alias=True,
+                     mode_none=("bf16",), quantize={"help": "weight-only quantization (default: none, weights in "
+                                                            "--dtype; a quantized checkpoint is labelled as such)"})
     run = p.add_argument_group("run")
-    run.add_argument("--prompt-len", type=int, default=5, help="random prompt tokens (default 5)")
-    run.add_argument("--new-tokens", type=int, default=200, help="tokens generated per run; EOS never stops (200)")
-    run.add_argument("--runs", type=int, default=5, help="timed runs, median reported (5)")
-    run.add_argument("--warmup", type=int, default=1, help="untimed runs first; the first one compiles (1)")
-    run.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (0.8, like gpt-fast)")
-    run.add_argument("--top-k", type=int, default=200, help="(200, like gpt-fast)")
-    run.add_argument("--seed", type=int, default=0, help="weights, prompt and sampling seed (0)")
+    run.add_argument("--prompt-len", type=int, default=5, help="random prompt tokens")
+    run.add_argument("--new-tokens", type=int, default=200, help="tokens generated per run; EOS never stops a run")
+    run.add_argument("--runs", type=int, default=5, help="timed runs, median reported")
+    run.add_argument("--warmup", type=int, default=1, help="untimed runs first; the first one compiles")
+    add_sampling_args(p, only=("temperature", "top_k", "seed"),
+                      temperature={"help": "sampling temperature, as in gpt-fast; 0 is greedy"},
+                      top_k={"help": "sample from the K most likely tokens, as in gpt-fast; 0 disables"},
+                      seed={"default": 0, "help": "weights, prompt and sampling seed"})
     out = p.add_argument_group("output")
     out.add_argument("--json", default=None, metavar="FILE",
                      help="write the result as JSON to FILE ('-': print one JSON object on stdout, the table "
@@ -53,7 +48,7 @@ def register(sub) -> None:
     peer.add_argument("--peer", action="append", default=[], metavar="gpt-fast=DIR",
                       help="also run gpt-fast's own generate() (files exported into DIR) in a subprocess with the "
                            "same shape, mode, prompt and new tokens, and report the ratio")
-    peer.add_argument("--peer-timeout", type=float, default=900.0, help="seconds before the peer run is killed (900)")
+    peer.add_argument("--peer-timeout", type=float, default=900.0, help="seconds before the peer run is killed")
     peer.add_argument("--peer-shape", default=None, metavar="PRESET",
                       help="gpt-fast preset to run instead of the one matching --shape (e.g. stories15M)")
     p.set_defaults(func=run_cmd)
@@ -75,7 +70,7 @@ def options_from_args(args):
     from ..bench import BenchOptions
 
     return BenchOptions(
-        shape=args.shape, model=args.model, mode=args.mode, group_size=args.group_size,
+        shape=args.shape, model=args.model, mode=args.quantize or "bf16", group_size=args.group_size,
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup,
         device=args.device, dtype=args.dtype, compile=args.compile, temperature=args.temperature,
         top_k=args.top_k, seed=args.seed, roofline=args.roofline, peers=parse_peers(args.peer),
@@ -92,7 +87,7 @@ def command_line(args) -> str:
     if ours and "bench" in sys.argv[1:]:
         return shlex.join(["blitzgen", *sys.argv[1:]])
     parts = ["blitzgen", "bench"]
-    for key in ("shape", "model", "mode", "group_size", "prompt_len", "new_tokens", "runs", "warmup", "device",
+    for key in ("shape", "model", "quantize", "group_size", "prompt_len", "new_tokens", "runs", "warmup", "device",
                 "dtype", "temperature", "top_k", "seed", "json", "peer_timeout", "peer_shape"):
         v = getattr(args, key, None)
         if v is not None:

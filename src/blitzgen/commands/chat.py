@@ -16,19 +16,16 @@ HELP = "Commands: /reset clears the conversation, /exit quits (or Ctrl-D); Ctrl-
 
 
 def register(sub) -> None:
-    from .common import add_model_args
-    from .generate import add_sampling_args
+    from .common import add_model_source_args, add_remote_args, add_runtime_args, add_sampling_args
 
     p = sub.add_parser("chat", help="chat with the model in the terminal (local, or --url a server)",
-                       description="Multi-turn streamed chat using the model's chat template. " + HELP)
+                       description="Multi-turn streamed chat using the model's chat template. " + HELP +
+                                   " Sampling is random by default: --seed N or --temperature 0 repeats a reply.")
     p.add_argument("--system", default=None, help="system message")
-    p.add_argument("--url", default=None,
-                   help="chat with a running `blitzgen serve` (or another OpenAI-compatible server) at this URL; "
-                        "--model then names the served model")
-    p.add_argument("--api-key", default=None, help="Bearer key for --url")
-    add_sampling_args(p, default_temperature=0.7)
-    p.set_defaults(max_new_tokens=512)
-    add_model_args(p)
+    add_sampling_args(p, temperature={"default": 0.7}, max_new_tokens={"default": 512, "help": "most tokens per reply"})
+    add_model_source_args(p)
+    add_runtime_args(p)
+    add_remote_args(p)
     p.set_defaults(func=run)
 
 
@@ -80,13 +77,15 @@ class RemoteChat:
 
 
 def run(args) -> int:
-    from ..errors import BlitzgenError, InvalidRequestError
-    from .generate import sampling_from_args
+    from ..errors import BlitzgenError
 
-    if args.max_new_tokens < 1:
-        raise InvalidRequestError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    sampling = sampling_from_args(args)
-    backend = RemoteChat(args) if args.url else LocalChat(args)
+    if args.url:
+        backend, sampling = RemoteChat(args), args  # the flags carry SamplingParams' fields; no torch here
+    else:
+        from .common import sampling_params
+
+        sampling = sampling_params(args)
+        backend = LocalChat(args)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"Chatting with {backend.name}. {HELP}", file=sys.stderr)

@@ -2,46 +2,27 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import sys
 
 
-def add_sampling_args(p: argparse.ArgumentParser, *, default_temperature: float = 0.8) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=default_temperature, help="0 is greedy")
-    g.add_argument("--top-k", type=int, default=200, help="0 disables")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-
-
-def sampling_from_args(args):
-    from ..sampling import SamplingParams
-
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          min_p=args.min_p, seed=args.seed).validate()
-
-
 def register(sub) -> None:
-    from .common import add_model_args
+    from .common import add_model_source_args, add_remote_args, add_runtime_args, add_sampling_args
 
     p = sub.add_parser("generate", help="generate text for one prompt and report speed",
                        description="Stream a completion for --prompt, then print load time, compile "
-                                   "time, tokens/s and the memory bandwidth achieved.")
-    p.add_argument("--prompt", "-p", required=True)
+                                   "time, tokens/s and the memory bandwidth achieved. Sampling is random "
+                                   "by default: --seed N or --temperature 0 gives the same text every run.")
+    p.add_argument("--prompt", "-p", required=True, help="the prompt (the chat template is applied unless --raw)")
     p.add_argument("--system", default=None, help="system message (chat models)")
     p.add_argument("--raw", action="store_true", help="plain completion: do not apply the chat template")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--url", default=None,
-                   help="stream from a running `blitzgen serve` at this URL instead of loading a model")
-    p.add_argument("--api-key", default=None, help="Bearer key for --url")
+    p.add_argument("--num-samples", type=int, default=1, metavar="N", help="completions to generate, one after another")
     p.add_argument("--quiet", action="store_true", help="do not print the generated text")
     add_sampling_args(p)
-    add_model_args(p)
+    add_model_source_args(p)
+    add_runtime_args(p)
+    add_remote_args(p)
     p.set_defaults(func=run)
 
 
@@ -57,20 +38,18 @@ def run(args) -> int:
 
     if args.num_samples < 1:
         raise InvalidRequestError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.max_new_tokens < 1:
-        raise InvalidRequestError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    sampling = sampling_from_args(args)
     if not args.prompt.strip():
         raise InvalidRequestError("the prompt is empty", param="prompt")
     if args.url:
         from .remote import generate_remote
 
-        return generate_remote(args, sampling)
+        return generate_remote(args)
     import torch
 
     from ..generate import weight_bytes
-    from .common import load_engine
+    from .common import load_engine, sampling_params
 
+    sampling = sampling_params(args)
     lm, gen = load_engine(args)
     ids = build_prompt_ids(lm.tokenizer, args.prompt, args.raw, args.system)
     gen.check_request(len(ids), args.max_new_tokens)

@@ -51,7 +51,8 @@ def base_url(url: str) -> str:
 
 
 def sampling_payload(sampling, max_tokens: int, stop: list[str]) -> dict:
-    """The OpenAI request fields for a SamplingParams, a token budget and stop strings."""
+    """The OpenAI request fields for a token budget, stop strings and sampling values: a SamplingParams
+    or the parsed flags (the same field names; the client needs no torch)."""
     payload = {"max_tokens": max_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
                "top_k": sampling.top_k, "min_p": sampling.min_p}
     if sampling.seed is not None:
@@ -164,9 +165,9 @@ def _error_message(resp) -> str:
         return resp.text.strip()[:200] or resp.reason_phrase
 
 
-def generate_remote(args, sampling) -> int:
+def generate_remote(args) -> int:
     """``blitzgen generate --url``: stream --num-samples completions and report each one's speed."""
-    payload = sampling_payload(sampling, args.max_new_tokens, args.stop)
+    payload = sampling_payload(args, args.max_new_tokens, args.stop)
     if args.model:  # with --url, --model names the served model (servers other than blitzgen need it)
         payload["model"] = args.model
     if args.raw:
@@ -180,8 +181,8 @@ def generate_remote(args, sampling) -> int:
     rates = []
     with RemoteClient(args.url, args.api_key) as client:
         for i in range(args.num_samples):
-            if sampling.seed is not None:
-                payload["seed"] = sampling.seed + i
+            if args.seed is not None:
+                payload["seed"] = args.seed + i
             for text in client.stream(kind, payload):
                 if not args.quiet:
                     out.write(text)
