@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from blitzgen.model import decode_attention
+from blitzgen.attention import decode_attention
 
 
 def _reference(q, k, v, mask):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from blitzgen.errors import ContextLengthError, InvalidRequestError
-from blitzgen.generate import Generator, weight_bytes
+from blitzgen.generate import GenerationStats, Generator, weight_bytes
 from blitzgen.sampling import SamplingParams
 
 from .conftest import tiny_model
@@ -44,7 +44,7 @@ def test_decode_logits_equal_full_forward_logits():
         full = model(seq, torch.arange(12))
         model.setup_caches(1, 64)
         model(seq[:, :8], torch.arange(8))
-        steps = [model(seq[:, i:i + 1], torch.tensor([i]), kv_len=i + 1) for i in range(8, 12)]
+        steps = [model(seq[:, i:i + 1], torch.tensor([i])) for i in range(8, 12)]
     torch.testing.assert_close(torch.cat(steps, 1), full[:, 8:], atol=1e-5, rtol=1e-5)
 
 
@@ -65,8 +65,9 @@ def test_compiled_equals_eager():
 def test_stop_token_and_length():
     model = tiny_model(seed=4)
     gen = Generator(model)
-    ids = list(gen.generate_ids([1, 2, 3], 6, GREEDY, stop_token_ids=()))
-    assert len(ids) == 6 and gen.last_stats.generated_tokens == 6
+    stats = GenerationStats()
+    ids = list(gen.generate_ids([1, 2, 3], 6, GREEDY, stop_token_ids=(), stats=stats))
+    assert len(ids) == 6 and stats.generated_tokens == 6 and stats.prompt_tokens == 3
     stop_at = ids[2]
     first = ids.index(stop_at)
     got = list(gen.generate_ids([1, 2, 3], 6, GREEDY, stop_token_ids=[stop_at]))
@@ -87,7 +88,7 @@ def test_context_limits():
         list(gen.generate_ids(list(range(30)), 5, GREEDY))
     with pytest.raises(InvalidRequestError, match="empty"):
         list(gen.generate_ids([], 5, GREEDY))
-    with pytest.raises(InvalidRequestError, match="max_new_tokens"):
+    with pytest.raises(InvalidRequestError, match="new tokens must be at least 1"):
         list(gen.generate_ids([1], 0, GREEDY))
     # the cache grows on demand, up to max_seq_len
     assert len(list(gen.generate_ids(list(range(20)), 12, GREEDY, stop_token_ids=()))) == 12
