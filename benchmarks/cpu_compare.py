@@ -1,4 +1,4 @@
-"""CPU comparison (issue 2): blitzgen vs Hugging Face transformers vs llama.cpp on one GGUF file.
+"""CPU comparison: blitzgen vs Hugging Face transformers vs llama.cpp on one GGUF file.
 
 Same file (default: the embedded SmolLM2-135M-Instruct Q4_1 GGUF), same chat-templated prompt ids,
 greedy decoding of exactly --new-tokens tokens (EOS does not stop any engine), --threads CPU

@@ -1,4 +1,4 @@
-"""blitzgen vs gpt-fast, side by side on one GPU: issue 4's target configurations.
+"""blitzgen vs gpt-fast, side by side on one GPU: the target configurations (Llama-2-7B and Llama-3-8B shapes).
 
 For each (shape, mode, prompt_len, new_tokens) config: blitzgen's ``bench`` logic in this process
 (random weights made on the GPU, compiled decode, warm-up + timed runs, copy roofline measured in
@@ -35,7 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# issue 4's targets: (shape, mode, group_size, prompt_len, new_tokens)
+# the targets: (shape, mode, group_size, prompt_len, new_tokens)
 DEFAULT_CONFIGS = [
     ("llama-2-7b", "bf16", None, 5, 200),
     ("llama-2-7b", "int8", None, 5, 200),
