@@ -243,3 +243,19 @@ def test_eager_prompts_are_bucketed():
     prompt = list(range(5, 26))  # 21 tokens
     assert list(gen.generate_ids(prompt, 6, GREEDY, stop_token_ids=())) == full_forward_greedy(model, prompt, 6)
     assert lengths == [24]
+
+
+@pytest.mark.slow
+def test_stream_cut_inside_a_character_ends_clean(smol):
+    """max_tokens that ends inside a multi-byte character: the text stops before it, no U+FFFD."""
+    tok = smol.tokenizer
+    gen = Generator(smol.model, tok)
+    ids = tok.encode_chat([{"role": "user", "content": "Answer only with emoji and Japanese: 🎉🍣 こんにちは、東京!"}])
+    out = list(gen.generate_ids(ids, 48, GREEDY))
+    cuts = [k for k in range(1, len(out) + 1) if tok.decode(out[:k], skip_special_tokens=True).endswith("\ufffd")]
+    if not cuts:
+        pytest.skip("the model's answer split no character across tokens")
+    k = cuts[0]
+    done = gen.complete(ids, k, GREEDY)
+    assert done.finish_reason == "length" and "\ufffd" not in done.text
+    assert done.text == tok.decode(out[:k], skip_special_tokens=True).rstrip("\ufffd")
