@@ -332,7 +332,7 @@ def _run_ours(opts: BenchOptions, device: torch.device, dtype: torch.dtype, comp
     rates = [N / t for t in times]
     res.update(
         kv_cache_bytes=kv,
-        cache_len=model.max_seq_len,
+        cache_len=model.cache_len,
         tok_s=_median(rates),
         tok_s_runs=rates,
         decode_tok_s=_median([s.decode_tokens_per_second for s in stats]),
