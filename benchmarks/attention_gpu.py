@@ -7,7 +7,7 @@ token (all 32 layers), the bandwidth over the bytes that must move (K and V read
 share of the copy bandwidth measured in the same run, and checks each variant against a float64
 reference. Variants:
 
-    sdpa        blitzgen: SDPA on [Hkv, G, D] queries per KV head (model.decode_attention)
+    sdpa        blitzgen: SDPA on [Hkv, G, D] queries per KV head (attention.decode_attention)
     matmul      blitzgen: matmul, softmax, matmul
     split-C     blitzgen: as matmul, probabilities @ V in C slices of the cache (split-K)
     triton      blitzgen: the split-K Triton kernel (kernels/attention.py), one program per head and slice
@@ -35,7 +35,7 @@ try:
     import blitzgen  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(REPO / "src"))
-from blitzgen.model import decode_attention  # noqa: E402
+from blitzgen.attention import decode_attention  # noqa: E402
 
 LAYERS = 32
 SHAPES = {  # name: (n_heads, n_kv_heads, head_dim, cache length, filled positions)

@@ -1,4 +1,4 @@
-"""blitzgen vs gpt-fast, side by side on one GPU: issue 4's target configurations.
+"""blitzgen vs gpt-fast, side by side on one GPU: the target configurations (Llama-2-7B and Llama-3-8B shapes).
 
 For each (shape, mode, prompt_len, new_tokens) config: blitzgen's ``bench`` logic in this process
 (random weights made on the GPU, compiled decode, warm-up + timed runs, copy roofline measured in
@@ -35,7 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# issue 4's targets: (shape, mode, group_size, prompt_len, new_tokens)
+# the targets: (shape, mode, group_size, prompt_len, new_tokens)
 DEFAULT_CONFIGS = [
     ("llama-2-7b", "bf16", None, 5, 200),
     ("llama-2-7b", "int8", None, 5, 200),
@@ -168,14 +168,14 @@ def main(argv=None) -> int:
     import torch
 
     if a.decode_attention:
-        from blitzgen.model import DECODE_ATTENTION, Attention
-        impl, _, chunks = a.decode_attention.partition(":")
-        if impl not in DECODE_ATTENTION or (chunks and not chunks.isdigit()):
-            log(f"--decode-attention takes one of {', '.join(DECODE_ATTENTION)} (split:C), got {a.decode_attention!r}")
+        from blitzgen.attention import parse_decode_attention
+        try:
+            parse_decode_attention(a.decode_attention)
+        except ValueError as e:
+            log(f"--decode-attention: {e}")
             return 2
-        Attention.decode_impl = impl
-        if chunks:
-            Attention.decode_chunks = int(chunks)
+        # bench's Generator reads RuntimeOptions.from_env(), which applies it to each model it builds
+        os.environ["BLITZGEN_DECODE_ATTENTION"] = a.decode_attention
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         log("no CUDA GPU here (use --device cpu for a smoke test)")
         return 2

@@ -43,7 +43,7 @@ def direct_once(pool: ThreadPoolExecutor, gen, ids, max_tokens: int) -> tuple[fl
             if d.token_ids:
                 t_last = time.perf_counter()
                 t_first = t_first or t_last
-        assert gen.last_stats.generated_tokens == max_tokens, "the model stopped early: choose another prompt"
+        assert d.stats.generated_tokens == max_tokens, "the model stopped early: choose another prompt"
         return _rates(max_tokens, t0, t_first, t_last)
 
     return pool.submit(work).result()

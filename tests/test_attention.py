@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from blitzgen.model import decode_attention
+from blitzgen.attention import decode_attention
 
 
 def _reference(q, k, v, mask):
@@ -35,3 +35,46 @@ def test_decode_attention_matches_float64(dtype, tol, heads, kv_heads, impl, chu
     k2[:, :, filled:] = 1e4
     v2[:, :, filled:] = -1e4
     assert torch.equal(decode_attention(q, k2, v2, mask, impl, chunks), out)
+
+
+def test_attention_op_filled_prefix_equals_whole_cache():
+    """Eager CPU attention reads only the filled prefix (rounded to PREFIX_ROUND): same result."""
+    from blitzgen.attention import PREFIX_ROUND, AttentionOp, _filled_prefix
+
+    g = torch.Generator().manual_seed(0)
+    S, D = 3 * PREFIX_ROUND, 32
+    k, v = torch.randn(1, 2, S, D, generator=g), torch.randn(1, 2, S, D, generator=g)
+    for T, start in ((1, 300), (16, 0), (5, 250)):
+        pos = torch.arange(start, start + T)
+        q = torch.randn(1, 4, T, D, generator=g)
+        mask = (torch.arange(S)[None, :] <= pos[:, None])[None, None]
+        kk, _, mm = _filled_prefix(k, v, mask, pos)
+        assert kk.shape[2] == mm.shape[-1] == -(-(start + T) // PREFIX_ROUND) * PREFIX_ROUND
+        for impl in ("auto", "sdpa", "matmul", "split"):
+            op = AttentionOp(impl)
+            out = op(q, k, v, mask, pos)
+            if T == 1:
+                ref = decode_attention(q, k, v, mask, impl)
+            else:
+                ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_attention_is_chosen_at_construction():
+    from blitzgen.attention import AttentionOp
+    from blitzgen.generate import Generator
+    from blitzgen.runtime import RuntimeOptions
+
+    from .conftest import tiny_model
+
+    model = tiny_model(seed=1)
+    assert all(layer.attention.op is model.attention_op for layer in model.layers)
+    assert model.attention_op.decode_impl == "auto"
+    model.set_decode_attention("split:8")
+    assert all(layer.attention.op is model.attention_op for layer in model.layers)
+    assert (model.attention_op.decode_impl, model.attention_op.chunks) == ("split", 8)
+    Generator(model, options=RuntimeOptions(decode_attention="matmul"))
+    assert model.attention_op.decode_impl == "matmul"
+    with pytest.raises(ValueError, match="unknown decode attention"):
+        AttentionOp("fast")
+    assert AttentionOp("triton", head_dim=48).decode_impl == "auto"  # the kernel needs 16..256, a power of two

@@ -133,7 +133,7 @@ def test_model_dispatches_to_the_kernel(monkeypatch):
     import torch
 
     import blitzgen.kernels.attention as A
-    import blitzgen.model as M
+    import blitzgen.attention as M
 
     calls = []
 

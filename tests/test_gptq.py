@@ -114,13 +114,13 @@ def test_gptq_lowers_held_out_error_on_smollm2_head(smol, tmp_path):
 
     @torch.no_grad()
     def features(ids):
-        if model.max_seq_len < len(ids):
+        if model.cache_len < len(ids):
             model.setup_caches(1, len(ids))
         pos = torch.arange(len(ids))
         x = model.tok_embeddings(torch.tensor([ids]))
-        mask = (model.cache_pos[None, :] <= pos[:, None])[None, None]
+        rope, mask = model.rope_and_mask(pos)
         for layer in model.layers:
-            x = layer(x, model.rope[:, pos], mask, pos, len(ids))
+            x = layer(x, rope, mask, pos)
         return model.norm(x)[0]
 
     train = torch.cat([features(ids) for ids in calibration_samples(smol.tokenizer, calib, seq_len=256)])

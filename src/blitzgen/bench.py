@@ -13,7 +13,6 @@ inductor flags and module state never touch our process.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import gc
 import json
@@ -211,8 +210,9 @@ def _sync(device: torch.device) -> None:
 
 def _run_ours(opts: BenchOptions, device: torch.device, dtype: torch.dtype, compile_: bool, log) -> dict:
     from .config import ModelArgs
-    from .generate import Generator, weight_bytes
-    from .sampling import SamplingParams
+    from .generate import GenerationStats, Generator, weight_bytes
+    from .runtime import RuntimeOptions
+    from .sampling import SamplingParams, choice_sampling
 
     res: dict = {}
     t0 = time.perf_counter()
@@ -254,23 +254,24 @@ def _run_ours(opts: BenchOptions, device: torch.device, dtype: torch.dtype, comp
             res["mode"], res["group_size"] = quant_meta["scheme"], quant_meta.get("group_size")
 
     P, N = opts.prompt_len, opts.new_tokens
-    gen = Generator(model, tokenizer, compile=compile_, max_seq_len=P + N)
+    gen = Generator(model, tokenizer, options=RuntimeOptions.from_env(), compile=compile_, max_seq_len=P + N)
     gen.check_request(P, N)  # ContextLengthError names the model's context
     g = torch.Generator().manual_seed(opts.seed)
     prompt = torch.randint(1, max(2, min(args.vocab_size, 30000)), (P,), generator=g).tolist()
 
     def one_run(i: int) -> tuple[float, object]:
-        sp = SamplingParams(temperature=opts.temperature, top_k=opts.top_k, seed=opts.seed + i)
+        sp = choice_sampling(SamplingParams(temperature=opts.temperature, top_k=opts.top_k, seed=opts.seed), i)
+        stats = GenerationStats()
         _sync(device)
         t = time.perf_counter()
         n = 0
-        for _ in gen.generate_ids(prompt, N, sp, stop_token_ids=()):
+        for _ in gen.generate_ids(prompt, N, sp, stop_token_ids=(), stats=stats):
             n += 1
         _sync(device)
         dt = time.perf_counter() - t
         if n != N:
             raise RuntimeError(f"generated {n} tokens, expected {N}")
-        return dt, dataclasses.replace(gen.last_stats)
+        return dt, stats
 
     try:
         warm = []
@@ -298,7 +299,7 @@ def _run_ours(opts: BenchOptions, device: torch.device, dtype: torch.dtype, comp
     rates = [N / t for t in times]
     res.update(
         kv_cache_bytes=kv,
-        cache_len=model.max_seq_len,
+        cache_len=model.cache_len,
         tok_s=_median(rates),
         tok_s_runs=rates,
         decode_tok_s=_median([s.decode_tokens_per_second for s in stats]),

@@ -13,12 +13,15 @@ from typing import Callable
 
 import torch
 
+from . import runtime
+
 _configured: set[str] = set()  # device types configured so far
 
 
-def configure_inductor(device: str) -> None:
+def configure_inductor(device: str, cache_dir: str | None = None) -> None:
     """Global inductor settings, applied before the first compile for each device type (a CUDA
-    compile after a CPU one still gets the CUDA settings)."""
+    compile after a CPU one still gets the CUDA settings). Inductor's cache goes under cache_dir
+    (default: runtime.cache_root()) unless TORCHINDUCTOR_CACHE_DIR is set."""
     kind = "cuda" if device.startswith("cuda") else "cpu"
     if kind in _configured:
         return
@@ -38,25 +41,20 @@ def configure_inductor(device: str) -> None:
     # Several sampler modes and prefill buckets each compile once; allow enough of them.
     dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
     dynamo_config.accumulated_cache_size_limit = max(dynamo_config.accumulated_cache_size_limit, 512)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_cache_root(), "inductor"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache_dir or runtime.cache_root(), "inductor"))
     _configured.add(kind)
 
 
-def _cache_root() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "blitzgen")
-
-
-def compile_decode(fn: Callable, device: str) -> Callable:
-    configure_inductor(device)
+def compile_decode(fn: Callable, device: str, cache_dir: str | None = None) -> Callable:
+    configure_inductor(device, cache_dir)
     if device.startswith("cuda"):
         return torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
-def compile_static(fn: Callable, device: str) -> Callable:
+def compile_static(fn: Callable, device: str, cache_dir: str | None = None) -> Callable:
     """Prefill (one graph per length bucket) and the sampler after it (one per sampler mode):
     fullgraph, static shapes, no CUDA graphs (each runs once per request, and a graph's output
     would be overwritten by the next replay)."""
-    configure_inductor(device)
+    configure_inductor(device, cache_dir)
     return torch.compile(fn, fullgraph=True, dynamic=False)

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .attention import AttentionOp
 from .config import ModelArgs
 
 
@@ -93,19 +94,16 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, op: AttentionOp):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.q_size, self.kv_size = args.q_size, args.kv_size
         self.wqkv = nn.Linear(args.dim, args.q_size + 2 * args.kv_size, bias=args.qkv_bias)
         self.wo = nn.Linear(args.q_size, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
+        self.op = op  # softmax(q k^T) v over the cache (attention.py); shared by every layer
 
-    # how one-token decode attends (see decode_attention); a class default that benchmarks can change
-    decode_impl = "auto"
-    decode_chunks = 4
-
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, kv_len: int | None) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
         B, T, _ = x.shape
         qk, v = self.wqkv(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # q and k heads side by side, rotated in one go: [B, T, n_heads + n_kv_heads, D]
@@ -115,63 +113,9 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         assert self.kv_cache is not None, "call model.setup_caches() first"
         k, v = self.kv_cache.update(input_pos, k, v)  # [B, n_kv, S, D]
-        if kv_len is not None:  # eager decode: attend only over the filled prefix of the cache
-            k, v, mask = k[:, :, :kv_len], v[:, :, :kv_len], mask[..., :kv_len]
-        if T == 1:
-            y = decode_attention(q, k, v, mask, self.decode_impl, self.decode_chunks)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        y = self.op(q, k, v, mask, input_pos)  # [B, H, T, D]
         y = y.transpose(1, 2).reshape(B, T, self.q_size)
         return self.wo(y)
-
-
-DECODE_ATTENTION = ("auto", "sdpa", "matmul", "split", "triton")
-
-
-def _triton_attention_ok(q: Tensor, head_dim: int) -> bool:
-    """The Triton decode kernel runs on CUDA tensors with a power-of-two head size in 16..256."""
-    return q.is_cuda and head_dim in (16, 32, 64, 128, 256)
-
-
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, impl: str = "auto", chunks: int = 4) -> Tensor:
-    """Attention for one query token with grouped KV heads, without repeating the cache.
-
-    q: [B, H, 1, D]; k, v: [B, Hkv, S, D]; mask: [1, 1, 1, S]. The G = H / Hkv query heads that
-    share a KV head all sit at the same position, so they are G query rows against that KV head
-    under the same mask: each cache entry is read once (SDPA's enable_gqa and gpt-fast's
-    repeat_interleave read or copy it G times).
-
-    impl "sdpa": one fused SDPA call on [B, Hkv, G, D] queries. "matmul": scores by one matmul,
-    softmax over the cache, one matmul with V. "split": as matmul, but probabilities times V in
-    `chunks` slices of the cache as a batch of matmuls, summed after (flash-decoding's split-K in
-    plain ops: the sum over S gets chunks times more parallel work). All give the same result up
-    to rounding; which is fastest depends on Hkv, G and S. "auto" takes what measured fastest
-    (benchmarks/attention_gpu.py, H100, torch 2.11, BENCHMARKS.md): SDPA when G == 1 (it launches
-    one block per head, and 32 heads fill the card well enough: 56% of the copy bandwidth at S=2000,
-    matmul 49%), split in 4 when G > 1 (SDPA's 8 blocks for 8 KV heads reached 6% at S=4256, split:4
-    27%, gpt-fast's repeat_interleave 9%). "triton" (CUDA only, opt-in, not timed yet) is the
-    split-K kernel in kernels/attention.py; elsewhere it means "auto".
-    """
-    B, H, _, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    qg = q.reshape(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D]
-    if impl == "triton" and _triton_attention_ok(q, D):  # opt-in, not yet timed: kernels/attention.py
-        from .kernels.attention import decode_attention as triton_decode_attention
-
-        return triton_decode_attention(qg.contiguous(), k, v, mask).reshape(B, H, 1, D)
-    if impl in ("auto", "triton"):
-        impl = "sdpa" if H == Hkv else "split"
-    if impl == "sdpa":
-        return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).reshape(B, H, 1, D)
-    scores = (qg @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(D))  # [B, Hkv, G, S]
-    probs = scores.masked_fill(~mask, -float("inf")).softmax(-1).to(v.dtype)
-    if impl == "split" and chunks > 1 and S % chunks == 0:
-        L = S // chunks
-        pc = probs.view(B, Hkv, H // Hkv, chunks, L).transpose(2, 3)  # [B, Hkv, C, G, L]
-        out = (pc @ v.view(B, Hkv, chunks, L, D)).float().sum(2).to(v.dtype)  # [B, Hkv, G, D]
-    else:
-        out = probs @ v
-    return out.reshape(B, H, 1, D)
 
 
 class FeedForward(nn.Module):
@@ -189,30 +133,41 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, op: AttentionOp):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args)
+        self.attention = Attention(args, op)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, kv_len: int | None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, kv_len)
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+        """x: [B, T, dim] at positions input_pos [T]; rope and mask from Transformer.rope_and_mask."""
+        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """The model. ``args.max_seq_len`` is the trained context; ``cache_len`` is how many positions
+    the KV cache currently holds (``setup_caches``). ``decode_attention`` names the one-token
+    attention implementation (attention.py), chosen here once."""
+
+    def __init__(self, args: ModelArgs, decode_attention: str = "auto"):
         super().__init__()
         self.args = args
+        self.attention_op = AttentionOp(decode_attention, head_dim=args.head_dim)
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(args, self.attention_op) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.max_seq_len = 0
+        self.cache_len = 0
         self.max_batch = 0
+
+    @property
+    def max_seq_len(self) -> int:
+        """Positions the KV cache holds (the older name of ``cache_len``)."""
+        return self.cache_len
 
     @property
     def dtype(self) -> torch.dtype:
@@ -222,33 +177,40 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.norm.weight.device
 
-    def setup_caches(self, max_batch: int, max_seq_len: int) -> None:
-        """(Re)allocate the static KV cache, RoPE table and causal mask for max_seq_len positions."""
-        if max_seq_len > self.args.max_seq_len:
-            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context {self.args.max_seq_len}")
-        if max_seq_len == self.max_seq_len and max_batch == self.max_batch:
+    def set_decode_attention(self, impl: str, chunks: int = 4) -> None:
+        """Choose the one-token attention implementation (before compiling; see attention.py)."""
+        self.attention_op = AttentionOp(impl, chunks, head_dim=self.args.head_dim)
+        for layer in self.layers:
+            layer.attention.op = self.attention_op
+
+    def setup_caches(self, max_batch: int, cache_len: int) -> None:
+        """(Re)allocate the static KV cache and RoPE table for cache_len positions."""
+        if cache_len > self.args.max_seq_len:
+            raise ValueError(f"cache length {cache_len} exceeds the model's context {self.args.max_seq_len}")
+        if cache_len == self.cache_len and max_batch == self.max_batch:
             return
         dtype, device = self.dtype, self.device
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch, self.args.n_kv_heads, max_seq_len,
+            layer.attention.kv_cache = KVCache(max_batch, self.args.n_kv_heads, cache_len,
                                                self.args.head_dim, dtype, device)
-        self.register_buffer("rope", rope_cache(self.args, max_seq_len, device, dtype), persistent=False)
-        self.register_buffer("cache_pos", torch.arange(max_seq_len, device=device), persistent=False)
-        self.max_seq_len, self.max_batch = max_seq_len, max_batch
+        self.register_buffer("rope", rope_cache(self.args, cache_len, device, dtype), persistent=False)
+        self.register_buffer("cache_pos", torch.arange(cache_len, device=device), persistent=False)
+        self.cache_len, self.max_batch = cache_len, max_batch
 
-    def forward(self, idx: Tensor, input_pos: Tensor, kv_len: int | None = None,
-                logits_at: Tensor | None = None) -> Tensor:
-        """idx: [B, T] token ids at positions input_pos: [T]. Returns logits [B, T, V] (float32).
+    def rope_and_mask(self, input_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE table [2, T, D] and causal mask [1, 1, T, cache_len] for positions input_pos [T]:
+        what every block's forward takes besides x (GPTQ runs the blocks one by one with them)."""
+        mask = (self.cache_pos[None, :] <= input_pos[:, None])[None, None]
+        return self.rope[:, input_pos], mask
 
-        kv_len, when given, limits attention to the first kv_len cache slots (eager speed-up; it
-        must cover every position written so far). logits_at: [N] indices into T; only those
-        positions get logits ([B, N, V]), which saves the output matmul over a long prompt.
-        """
-        mask = (self.cache_pos[None, :] <= input_pos[:, None])[None, None]  # causal: [1, 1, T, S]
-        rope = self.rope[:, input_pos]  # [2, T, D]
+    def forward(self, idx: Tensor, input_pos: Tensor, logits_at: Tensor | None = None) -> Tensor:
+        """idx: [B, T] token ids at positions input_pos: [T] (any positions below cache_len).
+        Returns logits [B, T, V] (float32). logits_at: [N] indices into T; only those positions get
+        logits ([B, N, V]), which saves the output matmul over a long prompt."""
+        rope, mask = self.rope_and_mask(input_pos)
         x = self.tok_embeddings(idx)
         for layer in self.layers:
-            x = layer(x, rope, mask, input_pos, kv_len)
+            x = layer(x, rope, mask, input_pos)
         if logits_at is not None:
             x = x.index_select(1, logits_at)
         return self.output(self.norm(x)).float()

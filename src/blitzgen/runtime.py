@@ -6,7 +6,7 @@ Environment variables (each read here only):
   BLITZGEN_CACHE             root of blitzgen's caches (compile artifacts, Inductor); default
                              $XDG_CACHE_HOME/blitzgen or ~/.cache/blitzgen
   BLITZGEN_KERNELS           0/false/off: do not use the Triton kernels (GEMV, decode attention)
-  BLITZGEN_DECODE_ATTENTION  auto | sdpa | matmul | split | triton: one-token attention
+  BLITZGEN_DECODE_ATTENTION  auto | sdpa | matmul | split[:C] | triton: one-token attention
   BLITZGEN_GEMV_CONFIGS      a JSON file of GEMV launch configs that override the built-in table
   BLITZGEN_GEMV_AUTOTUNE     1: time candidate GEMV configs on first use (eager only)
   BLITZGEN_GPTFAST_SCRIPT    the gpt-fast harness that `bench --peer` runs
@@ -91,9 +91,10 @@ class RuntimeOptions:
             raise BlitzgenError(f"unknown device {self.device!r} (cpu or cuda)")
         if self.dtype not in DTYPES:
             raise BlitzgenError(f"unknown dtype {self.dtype!r} (one of {', '.join(sorted(DTYPES))})")
-        if self.decode_attention not in DECODE_ATTENTION:
+        impl, _, chunks = self.decode_attention.partition(":")
+        if impl not in DECODE_ATTENTION or (chunks and not (chunks.isdigit() and int(chunks) > 0)):
             raise BlitzgenError(f"unknown decode attention {self.decode_attention!r} "
-                                f"(one of {', '.join(DECODE_ATTENTION)}; BLITZGEN_DECODE_ATTENTION)")
+                                f"(one of {', '.join(DECODE_ATTENTION)}, or split:C; BLITZGEN_DECODE_ATTENTION)")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise BlitzgenError(f"--max-model-len must be at least 2, got {self.max_model_len}")
         if self.warm_cache_tokens < 1:

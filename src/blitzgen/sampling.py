@@ -9,6 +9,8 @@ seed reproduces a sequence.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -61,6 +63,24 @@ class SamplingParams:
             "top_p": torch.tensor(self.top_p, dtype=torch.float32, device=device),
             "min_p": torch.tensor(self.min_p, dtype=torch.float32, device=device),
         }
+
+
+def choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
+    """The sampling of choice ``index`` of one request: with a seed, choice i uses seed + i (mod
+    2**63), so choices differ yet a request reproduces; choice 0 is the request's own seed."""
+    if sampling.seed is None or index == 0:
+        return sampling
+    return dataclasses.replace(sampling, seed=(sampling.seed + index) % 2**63)
+
+
+def sampler_modes() -> list[SamplingParams]:
+    """One SamplingParams per distinct ``mode`` (greedy, then every on/off mix of top-k, top-p and
+    min-p): each is its own compiled sampler graph, so a warm-up runs all of them."""
+    modes = [SamplingParams(temperature=0.0)]
+    for k, p, m in itertools.product((False, True), repeat=3):
+        modes.append(SamplingParams(temperature=1.0, top_k=50 if k else 0, top_p=0.9 if p else 1.0,
+                                    min_p=0.05 if m else 0.0))
+    return modes
 
 
 def filter_logits(logits: Tensor, t: dict[str, Tensor], mode: tuple[bool, bool, bool, bool]) -> Tensor:

@@ -33,22 +33,23 @@ class FakeGenerator:
     compiled = False
 
     def __init__(self, max_seq_len: int = 64, fail_at: int | None = None):
-        self.max_seq_len = max_seq_len
-        self.capacity = max_seq_len  # KV-cache positions allocated (Generator.capacity)
+        self.max_model_len = self.max_seq_len = max_seq_len
+        self.cache_len = max_seq_len  # KV-cache positions allocated (the model's cache_len)
+        self.warm_cache_tokens = 8192
         self.fail_at = fail_at
         self.permits: threading.Semaphore | None = None
         self.started: list[int] = []
         self.produced = 0  # tokens made, over all generations
-        self.last_stats = GenerationStats()
 
     check_request = Generator.check_request
+    default_max_tokens = Generator.default_max_tokens
 
-    def warmup(self, modes=(), **kw) -> float:
+    def warmup(self, modes=None, **kw) -> float:
         return 0.0
 
     def stream(self, prompt_ids, max_new_tokens, sampling=None, stop=()):
         self.started.append(len(prompt_ids))
-        stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        stats = GenerationStats(prompt_tokens=len(prompt_ids))
         t0 = time.perf_counter()
         for i in range(max_new_tokens):
             if self.permits is not None:
@@ -59,7 +60,7 @@ class FakeGenerator:
             stats.generated_tokens = i + 1
             stats.total_seconds = stats.decode_seconds = time.perf_counter() - t0
             yield Delta(f"t{i} ", [i])
-        yield Delta("", [], "length")
+        yield Delta("", [], "length", stats)
 
 
 def fake_loader(gen: FakeGenerator, name: str = "fake-model"):

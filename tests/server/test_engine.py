@@ -202,12 +202,12 @@ def test_a_failed_load_is_reported():
 
 
 def test_default_max_tokens_stays_in_the_preallocated_cache():
-    """No max_tokens on a 128K-context model: stop at WARM_CACHE_TOKENS positions rather than grow
-    the cache to the whole context; a prompt longer than that gets the rest of the context."""
-    from blitzgen.server.engine import WARM_CACHE_TOKENS
+    """No max_tokens on a 128K-context model: stop at the warm cache size rather than grow the cache
+    to the whole context; a prompt longer than that gets the rest of the context."""
+    from blitzgen.runtime import WARM_CACHE_TOKENS
 
     gen = FakeGenerator(max_seq_len=131072)
-    gen.capacity = WARM_CACHE_TOKENS
+    gen.cache_len = WARM_CACHE_TOKENS
     eng = Engine(fake_loader(gen))
     eng.gen = gen
     assert eng.default_max_tokens(100) == WARM_CACHE_TOKENS - 100

@@ -45,11 +45,15 @@ class LocalChat:
         ids = self.lm.tokenizer.encode_chat(messages)
         self.gen.check_request(len(ids), max_tokens)
         for delta in self.gen.stream(ids, max_tokens, sampling, stop):
+            if delta.stats is not None:
+                self.last = delta.stats
             yield delta.text
 
+    last = None  # the stats of the last finished reply
+
     def stats(self) -> tuple[int, float]:
-        st = self.gen.last_stats
-        return st.generated_tokens, st.tokens_per_second
+        st = self.last
+        return (st.generated_tokens, st.tokens_per_second) if st else (0, 0.0)
 
 
 class RemoteChat:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import sys
 
@@ -47,6 +46,7 @@ def run(args) -> int:
     import torch
 
     from ..generate import weight_bytes
+    from ..sampling import choice_sampling
     from .common import load_engine, sampling_params
 
     sampling = sampling_params(args)
@@ -61,12 +61,11 @@ def run(args) -> int:
     rates = []
     out = sys.stdout
     for i in range(args.num_samples):
-        sp = sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + i)
-        for d in gen.stream(ids, args.max_new_tokens, sp, args.stop):
+        for d in gen.stream(ids, args.max_new_tokens, choice_sampling(sampling, i), args.stop):
             if not args.quiet:
                 out.write(d.text)
                 out.flush()
-        st = gen.last_stats
+        st = d.stats
         if not args.quiet:
             out.write("\n")
         rates.append(st.tokens_per_second)

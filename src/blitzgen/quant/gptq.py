@@ -116,14 +116,13 @@ def gptq_quantize_model(model, config: Int4Config, samples: Sequence[Sequence[in
     if longest > model.args.max_seq_len:
         raise BlitzgenError(f"calibration samples of {longest} tokens exceed the model's context length "
                             f"({model.args.max_seq_len}); use shorter samples")
-    if model.max_seq_len < longest:
+    if model.cache_len < longest:
         model.setup_caches(1, longest)
     t0 = time.perf_counter()
 
     def block_inputs(ids: list[int]):
         pos = torch.arange(len(ids), device=device)
-        mask = (model.cache_pos[None, :] <= pos[:, None])[None, None]
-        return pos, mask, model.rope[:, pos]
+        return (pos, *model.rope_and_mask(pos))
 
     xs = [model.tok_embeddings(torch.tensor([ids], device=device)) for ids in samples]
     ctx = [block_inputs(ids) for ids in samples]
@@ -132,12 +131,12 @@ def gptq_quantize_model(model, config: Int4Config, samples: Sequence[Sequence[in
             hook = _HessianHook(layer.get_submodule(name).in_features, device)
             handle = layer.get_submodule(name).register_forward_pre_hook(hook)
             try:
-                for x, (pos, mask, rope) in zip(xs, ctx):
-                    layer(x, rope, mask, pos, len(pos))
+                for x, (pos, rope, mask) in zip(xs, ctx):
+                    layer(x, rope, mask, pos)
             finally:
                 handle.remove()
             set_submodule(layer, name, _quantized_linear(layer.get_submodule(name), hook.H, config, dtype, damp))
-        xs = [layer(x, rope, mask, pos, len(pos)) for x, (pos, mask, rope) in zip(xs, ctx)]
+        xs = [layer(x, rope, mask, pos) for x, (pos, rope, mask) in zip(xs, ctx)]
         if log:
             log(f"GPTQ: block {li + 1}/{len(model.layers)} ({time.perf_counter() - t0:.0f} s)")
     hook = _HessianHook(model.output.in_features, device)

@@ -27,9 +27,9 @@ def teacher_forced_logits(model, ids: list[int] | Tensor) -> Tensor:
     """Float32 logits [T, V] of one forward pass over ids (the model's caches are (re)set up)."""
     ids = torch.as_tensor(ids, dtype=torch.int64, device=model.device).view(1, -1)
     n = ids.shape[1]
-    if model.max_seq_len < n:
+    if model.cache_len < n:
         model.setup_caches(1, n)
-    return model(ids, torch.arange(n, device=model.device), kv_len=n)[0].float()
+    return model(ids, torch.arange(n, device=model.device))[0].float()
 
 
 def logit_metrics(ref: Tensor, other: Tensor) -> dict:

@@ -15,14 +15,13 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
 from ..errors import BlitzgenError
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, choice_sampling
 from .metrics import Metrics
 
-WARM_CACHE_TOKENS = 8192  # KV-cache positions allocated up front when compiled
 log = logging.getLogger("blitzgen.server")
 
 DISCONNECT_POLL_SECONDS = 0.5
@@ -117,12 +116,8 @@ class Engine:
         return self.lm.args.vocab_size
 
     def default_max_tokens(self, prompt_len: int) -> int:
-        """max_tokens for a request that sets none: up to WARM_CACHE_TOKENS positions in all (what
-        a compiled server preallocates), so a 128K-context model does not grow its KV cache to the
-        whole context, and recompile, for every such request; the rest of the context when the
-        prompt alone does not fit there."""
-        room = min(self.max_model_len, max(self.gen.capacity, WARM_CACHE_TOKENS)) - prompt_len
-        return room if room > 0 else max(1, self.max_model_len - prompt_len)
+        """max_tokens for a request that sets none (the Generator's cache policy)."""
+        return self.gen.default_max_tokens(prompt_len)
 
     def check_request(self, prompt_len: int, max_tokens: int) -> None:
         """Raise InvalidRequestError / ContextLengthError when the request cannot run (pure check)."""
@@ -280,14 +275,9 @@ class Engine:
                     self.metrics.running.set(0)
 
     def _warm_up(self) -> None:
-        """One short generation per common sampler mode, so the first request pays no compile."""
+        """Every sampler mode and prefill bucket in the warm cache, so no request pays a compile."""
         gen = self.gen
-        modes = [SamplingParams(temperature=0.0)]
-        if gen.compiled:  # compiled graphs are per cache size and sampler mode: fix both now
-            # ...but never preallocate a 128K-token cache: longer requests grow it (one recompile)
-            gen.ensure_capacity(min(gen.max_seq_len, WARM_CACHE_TOKENS))
-            modes.append(SamplingParams(temperature=1.0))
-        seconds = gen.warmup(modes)
+        seconds = gen.warmup()
         log.info("warm-up done in %.2f seconds%s", seconds, " (compiled)" if gen.compiled else "")
 
     def _run(self, job: Job) -> None:
@@ -301,10 +291,8 @@ class Engine:
                 if job.cancelled.is_set():  # gone before this choice began: skip its prefill
                     finish = "abort"
                     break
-                sampling = job.sampling
-                if sampling.seed is not None and index:  # distinct yet reproducible choices
-                    sampling = replace(sampling, seed=(sampling.seed + index) % 2**63)
-                finish, last = "abort", time.perf_counter()
+                sampling = choice_sampling(job.sampling, index)
+                finish, last, stats, seen = "abort", time.perf_counter(), None, 0
                 stream = gen.stream(job.prompt_ids, job.max_tokens, sampling, job.stop)
                 try:
                     for delta in stream:
@@ -320,10 +308,11 @@ class Engine:
                         if delta.text:
                             job.emit(Event("delta", index, delta.text))
                         finish = delta.finish_reason or finish
+                        seen += len(delta.token_ids)
+                        stats = delta.stats or stats
                 finally:
                     stream.close()  # stops generation when we left early
-                stats = gen.last_stats
-                total += stats.generated_tokens
+                total += stats.generated_tokens if stats is not None else seen
                 if job.cancelled.is_set():
                     finish = "abort"
                     break
