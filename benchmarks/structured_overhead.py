@@ -111,6 +111,26 @@ def bench_xgrammar(tok, tokens, bitmask):
     return setup, compile_, run
 
 
+def bench_blitzgen(tok, tokens, bitmask):
+    """What blitzgen ships: xgrammar through GrammarConstraint (fixed whitespace, compile cache on:
+    the median compile is a cache hit for a repeated schema)."""
+    from blitzgen.structured import GrammarConstraint, _compiler_for
+
+    t0 = time.perf_counter()
+    _compiler_for(tok, tok.vocab_size)
+    setup = time.perf_counter() - t0
+
+    def compile_():
+        return GrammarConstraint.from_json_schema(SCHEMA, tok, strict=True)
+
+    def run(c):
+        def advance(t):
+            assert c.advance(t)
+        return _walk(tokens, lambda: c.fill_mask(bitmask), advance)
+
+    return setup, compile_, run
+
+
 def bench_outlines(tok, tokens, bitmask):
     import outlines_core
 
@@ -144,10 +164,24 @@ def _byte_level_bytes(piece: str, _inv={}) -> list[int]:
     return [_inv[c] for c in piece]
 
 
+def _time(fn, n=100, rounds=5) -> float:
+    """Best-of-rounds mean microseconds per call (the machine may be shared)."""
+    for _ in range(5):
+        fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best * 1e6
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--libs", default="llguidance,xgrammar,outlines")
+    ap.add_argument("--libs", default="llguidance,xgrammar,outlines,blitzgen")
+    ap.add_argument("--compiled", action="store_true", help="also time the torch ops under torch.compile")
     a = ap.parse_args()
     torch.set_num_threads(1)
     tok = load_tokenizer()
@@ -157,21 +191,22 @@ def main():
 
     logits = torch.randn(1, tok.vocab_size)
     bitmask = torch.full((1, n_words), -1, dtype=torch.int32)
-    shifts = torch.arange(32, dtype=torch.int32)
-    fill = torch.tensor(float("-inf"))
+    # what blitzgen ships: the bitmask op and the logprob row, eager and compiled (the decode step's case)
+    from blitzgen.logprobs import logprob_rows
+    from blitzgen.structured import apply_token_bitmask
 
-    def apply_mask():
-        bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(1, -1)[:, : tok.vocab_size].bool()
-        return torch.where(bits, logits, fill)
+    token = torch.tensor([5])
+    for label, fn in [("apply_token_bitmask", lambda: apply_token_bitmask(logits, bitmask)),
+                      ("logprob_rows k=0", lambda: logprob_rows(logits, token, 0)),
+                      ("logprob_rows k=20", lambda: logprob_rows(logits, token, 20))]:
+        print(f"{label:22s} eager {_time(fn):5.0f} us/token", end="")
+        if a.compiled:
+            comp = torch.compile(lambda f=fn: f(), dynamic=False)
+            print(f" | compiled {_time(comp):5.0f} us/token", end="")
+        print()
 
-    for _ in range(10):
-        apply_mask()
-    t0 = time.perf_counter()
-    for _ in range(200):
-        apply_mask()
-    print(f"torch apply bitmask to logits (CPU, 1 thread): {(time.perf_counter() - t0) / 200 * 1e6:.0f} us/token")
-
-    benches = {"llguidance": bench_llguidance, "xgrammar": bench_xgrammar, "outlines": bench_outlines}
+    benches = {"llguidance": bench_llguidance, "xgrammar": bench_xgrammar, "outlines": bench_outlines,
+               "blitzgen": bench_blitzgen}
     for name in a.libs.split(","):
         try:
             setup, compile_, run = benches[name](tok, tokens, bitmask)

@@ -116,6 +116,9 @@ def test_disallowed_tokens_are_refused_and_masked(tok):
     hello = tok.encode("hello", add_special_tokens=False)[0]
     logits = torch.zeros(tok.vocab_size)
     masked = c.apply(logits)
+    bitmask = allocate_bitmask(tok.vocab_size)
+    c.fill_mask(bitmask)  # the CPU path (xgrammar's kernel) equals the torch op the compiled step uses
+    assert torch.equal(masked, apply_token_bitmask(logits[None], bitmask)[0])
     assert masked[hello] == float("-inf") and masked[tok.encode("{", add_special_tokens=False)[0]] == 0
     assert not c.advance(hello)
     assert not _allowed(allocate_bitmask(tok.vocab_size).fill_(0), 0)
@@ -123,27 +126,57 @@ def test_disallowed_tokens_are_refused_and_masked(tok):
     assert special and all(masked[i] == float("-inf") for i in special)  # never matched as literal text
 
 
-def _generate(model, tok, constraint, prompt_ids, temperature, gen, max_new=160):
-    """A plain decode loop: prefill, then one token at a time, masking every step."""
-    pos = len(prompt_ids)
-    logits = model(torch.tensor([prompt_ids]), torch.arange(pos))[:, -1]
-    out = []
-    for _ in range(max_new):
-        logits = constraint.apply(logits)
+def _prompts(tok, n):
+    """n different chat prompts of one token length, so they decode as one batch at the same positions."""
+    names = ["Ada", "Alan", "Grace", "Linus", "Ken", "Dennis", "Barbara", "Edsger", "Donald", "John", "Tim",
+             "Anna", "Marie", "Paul", "Sara", "Tom", "Lena", "Omar", "Yuki", "Ravi"]
+    cities = ["Paris", "Tokyo", "Lyon", "Boston", "Leeds", "Rome", "Oslo", "Lima", "Kyoto", "Cairo"]
+    by_len: dict[int, list[list[int]]] = {}
+    for name in names:
+        for city in cities:
+            msgs = [{"role": "system", "content": "Reply with a JSON user profile."},
+                    {"role": "user", "content": f"Profile of {name} from {city}."}]
+            ids = tok.encode_chat(msgs)
+            by_len.setdefault(len(ids), []).append(ids)
+    best = max(by_len.values(), key=len)
+    assert len(best) >= n
+    return best[:n]
+
+
+def _generate_batch(model, tok, constraints, prompts, temperature, gen, max_new=160):
+    """A plain batched decode loop: prefill, then one token per row at a time, each row masked by its
+    own grammar; finished rows keep decoding (unmasked) until all are done."""
+    B, T = len(prompts), len(prompts[0])
+    logits = model(torch.tensor(prompts), torch.arange(T))[:, -1]  # [B, V]
+    bitmask = torch.full((B, (logits.shape[-1] + 31) // 32), -1, dtype=torch.int32)
+    out, done = [[] for _ in range(B)], [False] * B
+    for step in range(max_new):
+        for b, c in enumerate(constraints):
+            if not done[b]:
+                c.fill_mask(bitmask[b:b + 1])
+            else:
+                bitmask[b].fill_(-1)
+        logits = apply_token_bitmask(logits, bitmask)
         if temperature == 0:
-            t = int(logits.argmax(-1))
+            toks = logits.argmax(-1)
         else:
-            t = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen))
-        assert constraint.advance(t), f"the grammar refused token {t} it allowed"
-        if t in tok.eos_token_ids:
+            toks = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)[:, 0]
+        for b, t in enumerate(toks.tolist()):
+            if done[b]:
+                continue
+            assert constraints[b].advance(t), f"row {b}: the grammar refused token {t} it allowed"
+            if t in tok.eos_token_ids:
+                done[b] = True
+            else:
+                out[b].append(t)
+        if all(done):
             break
-        out.append(t)
-        logits = model(torch.tensor([[t]]), torch.tensor([pos]))[:, -1]
-        pos += 1
-    return tok.decode(out, skip_special_tokens=True), constraint.is_terminated()
+        logits = model(toks.view(B, 1), torch.tensor([T + step]))[:, -1]
+    return [tok.decode(o, skip_special_tokens=True) for o in out], done
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_fifty_generated_objects_validate(temperature):
     jsonschema = pytest.importorskip("jsonschema")
@@ -151,17 +184,16 @@ def test_fifty_generated_objects_validate(temperature):
 
     lm = load(device="cpu", dtype=torch.float32, progress=False)
     model, tok = lm.model, lm.tokenizer
-    model.setup_caches(1, 512)
+    prompts = _prompts(tok, 50)
+    model.setup_caches(50, len(prompts[0]) + 176)
     gen = torch.Generator().manual_seed(1234)
-    names = ["Ada", "Alan", "Grace", "Linus", "Ken", "Dennis", "Barbara", "Edsger", "Donald", "John"]
-    cities = ["Paris", "Tokyo", "Lyon", "Boston", "Leeds"]
-    validator = jsonschema.Draft202012Validator(SCHEMA)
+    constraints = [GrammarConstraint.from_response_format(FORMAT, tok, vocab_size=lm.args.vocab_size)
+                   for _ in prompts]
     with torch.inference_mode():
-        for k in range(50):
-            who = f"{names[k % 10]} from {cities[k // 10]}"
-            msgs = [{"role": "system", "content": "Reply with JSON only. Schema: " + json.dumps(SCHEMA)},
-                    {"role": "user", "content": f"Make up a profile for {who}, number {k}."}]
-            c = GrammarConstraint.from_response_format(FORMAT, tok, vocab_size=lm.args.vocab_size)
-            text, done = _generate(model, tok, c, tok.encode_chat(msgs), temperature, gen)
-            assert done, f"object {k} did not finish: {text!r}"
-            validator.validate(json.loads(text))
+        texts, done = _generate_batch(model, tok, constraints, prompts, temperature, gen)
+    validator = jsonschema.Draft202012Validator(SCHEMA)
+    for k, (text, finished) in enumerate(zip(texts, done)):
+        assert finished and constraints[k].is_terminated(), f"object {k} did not finish: {text!r}"
+        validator.validate(json.loads(text))
+    if temperature == 0:
+        assert len(set(texts)) > 10  # fifty prompts, not one answer fifty times

@@ -29,9 +29,6 @@ from torch import Tensor
 
 from blitzgen.errors import BlitzgenError, InvalidRequestError
 
-_BITS = None  # [32] int32 shifts, per device (tiny; built on first use)
-
-
 class StructuredOutputError(InvalidRequestError):
     """A response_format the grammar library rejects (bad schema, unsupported keyword): a 400."""
 
@@ -197,15 +194,17 @@ class GrammarConstraint:
             self._host = allocate_bitmask(self.vocab_size)
         self.fill_mask(self._host)
         dev = logits.device
-        if dev.type == "cpu":
-            mask = self._host
+        flat = logits.dim() == 1
+        rows = logits.unsqueeze(0) if flat else logits
+        if dev.type == "cpu":  # xgrammar's C++ kernel: ~2.5x faster than the torch ops, eager on the CPU
+            out = rows.clone()
+            _library().apply_token_bitmask_inplace(out, self._host.expand(out.shape[0], -1).contiguous())
         else:
             mask = self._device.get(dev)
             if mask is None:
                 mask = self._device[dev] = torch.empty_like(self._host, device=dev)
             mask.copy_(self._host, non_blocking=True)
-        flat = logits.dim() == 1
-        out = apply_token_bitmask(logits.unsqueeze(0) if flat else logits, mask)
+            out = apply_token_bitmask(rows, mask)
         return out[0] if flat else out
 
     def advance(self, token_id: int) -> bool:
