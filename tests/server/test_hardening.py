@@ -249,7 +249,7 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
 
 @pytest.mark.parametrize("extra, param", [
     ({"tools": [TOOL]}, "tools"),
-    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
     ({"functions": [TOOL["function"]]}, "functions"),
     ({"function_call": "auto"}, "function_call"),
     ({"logit_bias": {"42": 5}}, "logit_bias"),

@@ -29,9 +29,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import ContextLengthError, InvalidRequestError
+from ..tool_calls import render_prompt
 from .engine import Engine, Job, Overloaded, Unavailable
 from . import openapi
 from .guard import Guard
+from .responses import ChoiceShaper
 from .protocol import (
     SSE_DONE, APIError, GenerationRequest, ResponseBuilder, error_body, parse_chat_request,
     parse_completion_request, sse,
@@ -160,6 +162,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
 
     def prompt_ids(req: GenerationRequest) -> list[int]:
         if req.kind == "chat":
+            if req.calls_tools or any(m.get("tool_calls") for m in req.messages):
+                return render_prompt(engine.tokenizer, req.messages, req.tools, req.tool_choice)
             return engine.tokenizer.encode_chat(req.messages)
         if isinstance(req.prompt, str):
             return engine.tokenizer.encode(req.prompt)
@@ -206,19 +210,20 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
             raise APIError(400, str(e), param="messages" if kind == "chat" else "prompt",
                            code="context_length_exceeded") from None
         builder = ResponseBuilder(kind, model_name(), req.include_usage)
+        shaper = ChoiceShaper(req, engine.tokenizer)
         job = Job(builder.id, ids, max_tokens, req.sampling, req.stop, req.n)
         ahead = submit(job)
         log.info("%s queued: %s, %d prompt tokens, max_tokens %d, n %d%s, %d ahead", job.id, request.url.path,
                  len(ids), max_tokens, req.n, ", stream" if req.stream else "", ahead)
         headers = {"X-Request-Id": job.id}
         if req.stream:  # the background task cancels the job if the client left before the body began
-            return StreamingResponse(stream(job, builder), media_type="text/event-stream",
+            return StreamingResponse(stream(job, builder, shaper), media_type="text/event-stream",
                                      headers={**headers, **_STREAM_HEADERS},
                                      background=BackgroundTask(engine.cancel, job))
-        result = await collect(job, builder, request)
+        result = await collect(job, builder, shaper, request)
         return JSONResponse(result, headers=headers) if result is not None else Response(status_code=499)
 
-    async def stream(job: Job, builder: ResponseBuilder):
+    async def stream(job: Job, builder: ResponseBuilder, shaper: ChoiceShaper):
         """The SSE body; leaving it early (client gone: Starlette cancels it) cancels the job."""
         opened: set[int] = set()
         async for ev in engine.events(job):
@@ -226,22 +231,28 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
                 opened.add(ev.index)
                 yield sse(builder.chunk(ev.index, role=True))
             if ev.kind == "delta":
-                yield sse(builder.chunk(ev.index, ev.text))
+                for piece in shaper.piece(ev.index, ev.text, ev.logprobs):
+                    yield sse(builder.chunk(ev.index, **piece))
             elif ev.kind == "finish":
-                yield sse(builder.chunk(ev.index, finish_reason=ev.finish_reason))
+                pieces, finish = shaper.finish(ev.index, ev.finish_reason)
+                for piece in pieces:
+                    yield sse(builder.chunk(ev.index, **piece))
+                yield sse(builder.chunk(ev.index, finish_reason=finish))
             elif ev.kind == "done" and builder.include_usage:
                 yield sse(builder.usage_chunk(len(job.prompt_ids), ev.tokens))
             elif ev.kind == "error":
                 yield sse(error_body(ev.text, "server_error"))
         yield SSE_DONE
 
-    async def collect(job: Job, builder: ResponseBuilder, request: Request) -> dict | None:
+    async def collect(job: Job, builder: ResponseBuilder, shaper: ChoiceShaper, request: Request) -> dict | None:
         """Gather a whole response; None when the client went away (the job is then cancelled)."""
         texts: list[list[str]] = [[] for _ in range(job.n)]
+        steps: list[list] = [[] for _ in range(job.n)]
         finish = ["length"] * job.n
         async for ev in engine.events(job, disconnected=client_gone(request)):
             if ev.kind == "delta":
                 texts[ev.index].append(ev.text)
+                steps[ev.index].extend(ev.logprobs or ())
             elif ev.kind == "finish":
                 finish[ev.index] = ev.finish_reason
             elif ev.kind == "error":
@@ -249,8 +260,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
                     raise unavailable("draining")
                 raise APIError(500, ev.text, type="server_error")
             elif ev.kind == "done":
-                return builder.response([("".join(t), f) for t, f in zip(texts, finish)], len(job.prompt_ids),
-                                        ev.tokens)
+                choices = [shaper.whole(i, "".join(t), f, s) for i, (t, f, s) in enumerate(zip(texts, finish, steps))]
+                return builder.response(choices, len(job.prompt_ids), ev.tokens)
         return None
 
     # ---- routes ------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ class Event:
     text: str = ""  # delta: the new text; error: the message
     finish_reason: str | None = None  # finish: "stop" | "length"
     tokens: int = 0  # finish: tokens generated for this choice; done: for all choices
+    logprobs: list | None = None  # delta: the logprob steps of its tokens (requests that asked for them)
 
 
 @dataclass(eq=False)
@@ -61,6 +62,9 @@ class Job:
     sampling: SamplingParams
     stop: list[str] = field(default_factory=list)
     n: int = 1
+    # a decoder other than Generator.stream (grammar and/or logprobs): decode(gen, prompt_ids, max_tokens,
+    # sampling, stop) -> Iterator[Delta], each Delta possibly with a `logprobs` list
+    decode: Callable | None = None
     arrival: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: bool = False  # the consumer saw "done" or "error"
@@ -293,7 +297,10 @@ class Engine:
                     break
                 sampling = choice_sampling(job.sampling, index)
                 finish, last, stats, seen = "abort", time.perf_counter(), None, 0
-                stream = gen.stream(job.prompt_ids, job.max_tokens, sampling, job.stop)
+                if job.decode is not None:
+                    stream = job.decode(gen, job.prompt_ids, job.max_tokens, sampling, job.stop)
+                else:
+                    stream = gen.stream(job.prompt_ids, job.max_tokens, sampling, job.stop)
                 try:
                     for delta in stream:
                         if job.cancelled.is_set():
@@ -305,8 +312,9 @@ class Engine:
                         elif delta.token_ids:
                             m.observe_gaps(now - last, len(delta.token_ids))
                         last = now
-                        if delta.text:
-                            job.emit(Event("delta", index, delta.text))
+                        lps = getattr(delta, "logprobs", None)
+                        if delta.text or lps:
+                            job.emit(Event("delta", index, delta.text, logprobs=lps))
                         finish = delta.finish_reason or finish
                         seen += len(delta.token_ids)
                         stats = delta.stats or stats

@@ -2,8 +2,8 @@
 
 Requests are plain JSON objects (dicts) checked field by field, so every mistake becomes a 400 that
 names the offending ``param``, as OpenAI, vLLM and llama.cpp's server report them. Fields this
-server does not know are tolerated and ignored; fields of features it lacks (tools, logit bias,
-penalties, best_of, logprobs, echo, suffix, structured output, batched prompts) are refused with a
+server does not know are tolerated and ignored; fields of features it lacks (legacy functions, logit
+bias, penalties, best_of, logprobs, echo, suffix, structured output, batched prompts) are refused with a
 400 unless their value asks for nothing (``UNSUPPORTED``). Strings must be valid Unicode (no lone
 surrogates, which no tokenizer or UTF-8 encoder takes).
 """
@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import InvalidRequestError
 from ..sampling import SamplingParams
+from ..tool_calls import validate_tools
 
 MAX_N = 16  # most choices per request (they run one after another)
 MAX_STOP = 16  # most stop strings per request
@@ -32,8 +33,6 @@ def _asks(neutral: tuple) -> Any:
 
 # field -> does this value ask for a feature this server lacks? (a 400 naming the field if so)
 UNSUPPORTED = {
-    "tools": _asks((None, [])),
-    "tool_choice": _asks((None, "none")),
     "functions": _asks((None, [])),
     "function_call": _asks((None, "none")),
     "logit_bias": _asks((None, {})),
@@ -84,6 +83,17 @@ class GenerationRequest:
     n: int = 1
     stream: bool = False
     include_usage: bool = False
+    tools: list[dict] = field(default_factory=list)  # chat: validated tools (empty: none)
+    tool_choice: Any = "none"  # "auto" | "none" | "required" | {"type": "function", "function": {"name"}}
+    parallel_tool_calls: bool = True
+    logprobs: bool = False
+    top_logprobs: int = 0  # chat: 0..20; completions: the `logprobs` integer 0..5
+    response_format: dict | None = None  # json_object / json_schema (text: None)
+
+    @property
+    def calls_tools(self) -> bool:
+        """Tools reach the prompt (tool_choice is not 'none')."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     def prompt_chars(self) -> int:
         """Characters of text in the prompt (0 for token ids): a cheap bound before tokenizing."""
@@ -246,14 +256,24 @@ def parse_chat_request(body: Any) -> GenerationRequest:
                               "messages")
         if role == "tool" and not isinstance(m.get("tool_call_id"), str):
             raise bad_request(f"messages[{i}]: a 'tool' message needs a string 'tool_call_id'", "messages")
-        for name in ("tool_calls", "function_call"):
-            if m.get(name):
-                raise bad_request(f"messages[{i}].{name}: tool calls are not supported by this server", "messages",
-                                  code="unsupported_parameter")
+        if m.get("function_call"):
+            raise bad_request(f"messages[{i}].function_call: the legacy functions API is not supported; use "
+                              "tool_calls", "messages", code="unsupported_parameter")
+        calls = m.get("tool_calls")
+        if calls is not None and (role != "assistant" or not isinstance(calls, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("function"), dict)
+                and isinstance(c["function"].get("name"), str) for c in calls)):
+            raise bad_request(f"messages[{i}].tool_calls must be a list of {{'id', 'type': 'function', 'function': "
+                              "{'name', 'arguments'}} on an assistant message", "messages")
         content = m.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise bad_request(f"messages[{i}].content must be a string or a list of content parts", "messages")
         req.messages.append({**m, "role": "system"} if role == "developer" else m)  # OpenAI's newer name
+    try:
+        req.tools, req.tool_choice = validate_tools(_get(body, "tools", []), _get(body, "tool_choice"))
+    except InvalidRequestError as e:
+        raise bad_request(str(e), e.param) from None
+    req.parallel_tool_calls = _bool(body, "parallel_tool_calls", True)
     return req
 
 
@@ -307,16 +327,20 @@ class ResponseBuilder:
                 "choices": choices}
 
     def chunk(self, index: int, text: str | None = None, *, role: bool = False,
-              finish_reason: str | None = None) -> dict:
-        """A streamed chunk: the role opener (chat), a piece of text, or the finishing chunk."""
+              finish_reason: str | None = None, tool_calls: list[dict] | None = None,
+              logprobs: dict | None = None) -> dict:
+        """A streamed chunk: the role opener (chat), a piece of text or of tool calls (chat), or the
+        finishing chunk; `logprobs` in the endpoint's shape for the tokens of this piece."""
         if self.kind == "chat":
             delta: dict = {"role": "assistant", "content": ""} if role else {}
             if text is not None:
                 delta["content"] = text
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            if tool_calls:
+                delta["tool_calls"] = tool_calls
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             out = self._envelope("chat.completion.chunk", [choice])
         else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
             out = self._envelope("text_completion", [choice])
         if self.include_usage:
             out["usage"] = None
@@ -327,14 +351,19 @@ class ResponseBuilder:
         obj_type = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         return {**self._envelope(obj_type, []), "usage": usage(prompt_tokens, completion_tokens)}
 
-    def response(self, choices: list[tuple[str, str]], prompt_tokens: int, completion_tokens: int) -> dict:
-        """A whole (non-streamed) response; choices are (text, finish_reason) pairs in index order."""
-        if self.kind == "chat":
-            items = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish} for i, (text, finish) in enumerate(choices)]
-            obj_type = "chat.completion"
-        else:
-            items = [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-                     for i, (text, finish) in enumerate(choices)]
-            obj_type = "text_completion"
+    def response(self, choices: list[tuple], prompt_tokens: int, completion_tokens: int) -> dict:
+        """A whole (non-streamed) response; choices are (text, finish_reason) or (text, finish_reason,
+        extra) in index order, extra holding "tool_calls" (chat) and/or "logprobs"."""
+        items = []
+        for i, (text, finish, *rest) in enumerate(choices):
+            extra = rest[0] if rest else {}
+            if self.kind == "chat":
+                message = {"role": "assistant", "content": text}
+                if extra.get("tool_calls"):
+                    message["tool_calls"] = extra["tool_calls"]
+                items.append({"index": i, "message": message, "logprobs": extra.get("logprobs"),
+                              "finish_reason": finish})
+            else:
+                items.append({"index": i, "text": text, "logprobs": extra.get("logprobs"), "finish_reason": finish})
+        obj_type = "chat.completion" if self.kind == "chat" else "text_completion"
         return {**self._envelope(obj_type, items), "usage": usage(prompt_tokens, completion_tokens)}

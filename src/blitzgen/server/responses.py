@@ -1,0 +1,109 @@
+"""Per-choice shaping of generated text into OpenAI's fields: tool calls and logprobs.
+
+``ChoiceShaper`` sits between the engine's events and ``ResponseBuilder``: with tools in play it parses
+the model's tool-call markup (``tool_calls``, ``finish_reason: "tool_calls"``), streamed through
+``ToolCallStreamParser``; with logprobs on it turns the decoder's per-token steps into the endpoint's
+shape (chat ``{"content": [...]}``, completions ``{tokens, token_logprobs, top_logprobs, text_offset}``).
+"""
+
+from __future__ import annotations
+
+from ..logprobs import CompletionLogprobs, TokenText, chat_content
+from ..tool_calls import ToolCallStreamParser, detect_format, parse_forced, parse_tool_calls
+from .protocol import GenerationRequest
+
+
+class ChoiceShaper:
+    """Shapes every choice of one request (choices are generated one after another)."""
+
+    def __init__(self, req: GenerationRequest, tokenizer):
+        self.kind = req.kind
+        self.tool_mode = None  # None | "auto" | "forced"
+        if req.kind == "chat" and req.calls_tools:
+            self.tool_mode = "auto" if req.tool_choice == "auto" else "forced"
+            self.fmt = detect_format(getattr(tokenizer, "chat_template", None))
+        self.tool_choice = req.tool_choice
+        self.logprobs = req.logprobs
+        self.top = req.top_logprobs
+        self._token_text = TokenText(tokenizer) if req.logprobs else None
+        self._parsers: dict[int, ToolCallStreamParser] = {}
+        self._forced_text: dict[int, list[str]] = {}
+        self._completion_lp: dict[int, CompletionLogprobs] = {}
+
+    # ---- logprobs ----------------------------------------------------------------------------------
+    def _lp(self, index: int, steps) -> dict | None:
+        if not self.logprobs or steps is None:
+            return None
+        if self.kind == "chat":
+            return {"content": chat_content(steps, self._token_text)}
+        acc = self._completion_lp.setdefault(index, CompletionLogprobs(self._token_text))
+        for s in steps:
+            acc.add(s)
+        return acc.take()
+
+    def whole_logprobs(self, index: int, steps) -> dict | None:
+        return self._lp(index, steps if steps is not None else [])
+
+    # ---- streaming ---------------------------------------------------------------------------------
+    def piece(self, index: int, text: str, steps=None) -> list[dict]:
+        """Keyword arguments of ResponseBuilder.chunk for one piece of generated text (and its tokens'
+        logprob steps); [] when there is nothing to send yet."""
+        lp = self._lp(index, steps) if steps else None
+        if self.tool_mode == "forced":  # the call is JSON under a grammar: sent whole at the end
+            self._forced_text.setdefault(index, []).append(text)
+            out = []
+        elif self.tool_mode == "auto":
+            parser = self._parsers.setdefault(index, ToolCallStreamParser(self.fmt))
+            out = [self._delta(d) for d in parser.feed(text)] if text else []
+        else:
+            out = [{"text": text}] if text else []
+        if lp is not None:
+            if out:
+                out[0]["logprobs"] = lp
+            else:
+                out = [{"text": "" if self.kind == "completion" else None, "logprobs": lp}]
+        return out
+
+    def finish(self, index: int, finish_reason: str) -> tuple[list[dict], str]:
+        """The last pieces of a streamed choice and its finish reason."""
+        out: list[dict] = []
+        if self.tool_mode == "forced":
+            calls = self._forced_calls("".join(self._forced_text.pop(index, [])))
+            if calls:
+                out.append({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+        elif self.tool_mode == "auto":
+            parser = self._parsers.pop(index, None)
+            if parser is not None:
+                out = [self._delta(d) for d in parser.finish()]
+                if parser.called and finish_reason == "stop":
+                    finish_reason = "tool_calls"
+        return out, finish_reason
+
+    @staticmethod
+    def _delta(d: dict) -> dict:
+        return {"text": d["content"]} if "content" in d else {"tool_calls": d["tool_calls"]}
+
+    # ---- whole responses ---------------------------------------------------------------------------
+    def whole(self, index: int, text: str, finish_reason: str, steps=None) -> tuple:
+        """(content, finish_reason, extra) of a non-streamed choice."""
+        extra: dict = {}
+        if self.logprobs:
+            extra["logprobs"] = self.whole_logprobs(index, steps)
+        if self.tool_mode == "forced":
+            calls = self._forced_calls(text)
+            if calls:
+                extra["tool_calls"] = calls
+                return None, ("tool_calls" if finish_reason == "stop" else finish_reason), extra
+        elif self.tool_mode == "auto":
+            content, calls = parse_tool_calls(text, self.fmt)
+            if calls:
+                extra["tool_calls"] = calls
+                return content, ("tool_calls" if finish_reason == "stop" else finish_reason), extra
+        return text, finish_reason, extra
+
+    def _forced_calls(self, text: str) -> list[dict]:
+        try:
+            return parse_forced(text, self.tool_choice)
+        except (ValueError, KeyError, TypeError):  # cut short by max_tokens: not a whole call
+            return []

@@ -1,0 +1,138 @@
+"""Tool calls, logprobs, structured output and usage details through the app, with the official client.
+
+Fast tests serve a tiny model in-process (a scripted generator or a tiny random Transformer, with a
+byte-level tokenizer whose chat template supports tools); the slow ones use the shared live server.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+
+import openai
+import pytest
+from fake_model import FakeGenerator
+from starlette.testclient import TestClient
+
+from blitzgen.generate import Delta, GenerationStats
+from blitzgen.server.app import create_app
+from blitzgen.server.engine import Engine
+from tests.test_tool_calls import PLAIN, QWEN, TIME, WEATHER, byte_tokenizer
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n</tool_call>'
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+class ScriptedGen(FakeGenerator):
+    """Writes `script` three characters per delta, then stops (finish_reason "stop")."""
+
+    def __init__(self, script: str):
+        super().__init__(max_seq_len=4096)
+        self.script = script
+        self.prompts: list[list[int]] = []
+
+    def stream(self, prompt_ids, max_new_tokens, sampling=None, stop=()):
+        self.prompts.append(list(prompt_ids))
+        stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        t0 = time.perf_counter()
+        pieces = [self.script[i:i + 3] for i in range(0, len(self.script), 3)]
+        for i, p in enumerate(pieces):
+            stats.generated_tokens = i + 1
+            stats.total_seconds = stats.decode_seconds = time.perf_counter() - t0
+            yield Delta(p, [i])
+        yield Delta("", [], "stop", stats)
+
+
+def client_for(gen, tokenizer, name: str = "tiny") -> openai.OpenAI:
+    lm = SimpleNamespace(name=name, tokenizer=tokenizer, args=SimpleNamespace(vocab_size=tokenizer.vocab_size))
+    engine = Engine(lambda: (lm, gen), warmup=False)
+    http = TestClient(create_app(engine))
+    http.__enter__()
+    deadline = time.monotonic() + 30
+    while http.get("/health").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
+
+
+# ---- tool calls -----------------------------------------------------------------------------------------
+def test_auto_tool_call_is_parsed_whole():
+    gen = ScriptedGen("Let me check.\n" + CALL)
+    client = client_for(gen, byte_tokenizer(QWEN))
+    r = client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, TIME])
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Let me check."
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "C"}
+    prompt = byte_tokenizer(QWEN).decode(gen.prompts[-1])
+    assert "# Tools" in prompt and '"get_weather"' in prompt  # the tools went through the template
+
+
+def test_auto_tool_call_is_streamed_as_tool_call_deltas():
+    gen = ScriptedGen("Let me check.\n" + CALL)
+    client = client_for(gen, byte_tokenizer(QWEN))
+    chunks = list(client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER], stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert content.strip() == "Let me check."
+    assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris", "unit": "C"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_plain_answer_with_tools_stays_content():
+    client = client_for(ScriptedGen("It is sunny."), byte_tokenizer(QWEN))
+    r = client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER])
+    assert r.choices[0].message.content == "It is sunny." and not r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_tool_choice_none_leaves_tools_out_and_does_not_parse():
+    gen = ScriptedGen(CALL)
+    client = client_for(gen, byte_tokenizer(QWEN))
+    r = client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER], tool_choice="none")
+    assert r.choices[0].message.content == CALL and r.choices[0].finish_reason == "stop"
+    assert "# Tools" not in byte_tokenizer(QWEN).decode(gen.prompts[-1])
+
+
+def test_tool_results_feed_back_through_the_template():
+    gen = ScriptedGen("It is 21 C in Paris.")
+    client = client_for(gen, byte_tokenizer(QWEN))
+    messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "C"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER])
+    assert r.choices[0].message.content == "It is 21 C in Paris."
+    prompt = byte_tokenizer(QWEN).decode(gen.prompts[-1])
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n</tool_call>' in prompt
+    assert "<tool_response>\n21\n</tool_response>" in prompt
+
+
+def test_template_without_tools_is_400_naming_tools():
+    client = client_for(ScriptedGen("x"), byte_tokenizer(PLAIN))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER])
+    assert e.value.body["param"] == "tools" and "does not support tools" in e.value.body["message"]
+
+
+@pytest.mark.parametrize("kw, param", [
+    ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tool_choice": "sometimes", "tools": [WEATHER]}, "tool_choice"),
+])
+def test_bad_tools_are_400(kw, param):
+    client = client_for(ScriptedGen("x"), byte_tokenizer(QWEN))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=ASK, **kw)
+    assert e.value.body["param"] == param
+
+
+@pytest.mark.slow
+def test_default_model_template_lacks_tools_400(server):
+    with pytest.raises(openai.BadRequestError) as e:
+        server.openai().chat.completions.create(model="", messages=ASK, tools=[WEATHER], max_tokens=2)
+    assert e.value.body["param"] == "tools"
