@@ -25,6 +25,11 @@ _START = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]", "llama3": "<|pytho
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 
 
+def start_marker(fmt: str) -> str:
+    """The text that opens the tool calls of a format (a special token in some vocabularies)."""
+    return _START[fmt]
+
+
 def supports_tools(chat_template: str | None) -> bool:
     """Whether a chat template renders the ``tools`` variable (Qwen2.5, Llama 3.1, Mistral, Hermes...)."""
     return bool(chat_template) and re.search(r"\btools\b", chat_template) is not None

@@ -136,3 +136,101 @@ def test_default_model_template_lacks_tools_400(server):
     with pytest.raises(openai.BadRequestError) as e:
         server.openai().chat.completions.create(model="", messages=ASK, tools=[WEATHER], max_tokens=2)
     assert e.value.body["param"] == "tools"
+
+
+# ---- logprobs (a tiny random model through the app) ------------------------------------------------------
+def tiny_client(seed: int = 5):
+    import torch  # noqa: F401
+
+    from blitzgen.generate import Generator
+    from tests.conftest import tiny_model
+
+    tok = byte_tokenizer(QWEN)
+    model = tiny_model(seed=seed, max_seq_len=512, vocab_size=tok.vocab_size)
+    return client_for(Generator(model, tok), tok), tok, tiny_model(seed=seed, max_seq_len=512,
+                                                                  vocab_size=tok.vocab_size)
+
+
+def reference_logprobs(model, ids: list[int], out: list[int]):
+    """float64 log-softmax of the plain model's logits (full forward each step, no cache reuse)."""
+    import torch
+
+    rows = []
+    with torch.inference_mode():
+        for i in range(len(out)):
+            seq = ids + out[:i]
+            logits = model(torch.tensor([seq]), torch.arange(len(seq)))[0, -1]
+            rows.append(torch.log_softmax(logits.double(), -1))
+    return rows
+
+
+def test_chat_logprobs_match_a_float64_log_softmax():
+    from blitzgen.logprobs import TokenText
+
+    client, tok, ref_model = tiny_client()
+    msgs = [{"role": "user", "content": "Hi"}]
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert 0 < len(content) <= 6
+    ids, chosen, text = tok.encode_chat(msgs), [], TokenText(tok)
+    for c in content:  # greedy: the chosen token is the reference's argmax
+        row = reference_logprobs(ref_model, ids + chosen, [0])[0]
+        top = row.topk(3)
+        best = int(top.indices[0])
+        chosen.append(best)
+        assert abs(c.logprob - float(row[best])) < 1e-4 and bytes(c.bytes) == text.bytes(best)
+        assert [t.token for t in c.top_logprobs] == [text.text(int(i)) for i in top.indices]
+        assert all(abs(t.logprob - float(v)) < 1e-4 for t, v in zip(c.top_logprobs, top.values))
+    assert r.choices[0].message.content == tok.decode(chosen, skip_special_tokens=True)
+
+
+def test_greedy_text_is_the_same_with_and_without_logprobs_streamed_or_not():
+    client, tok, _ = tiny_client(seed=7)
+    kw = {"model": "tiny", "prompt": "Hello there", "max_tokens": 12, "temperature": 0}
+    plain = client.completions.create(**kw)
+    with_lp = client.completions.create(**kw, logprobs=2)
+    assert with_lp.choices[0].text == plain.choices[0].text
+    lp = with_lp.choices[0].logprobs
+    n = with_lp.usage.completion_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+    assert n - 1 <= len(lp.tokens) <= n  # a stop token is not listed
+    assert all(len(t) <= 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0
+    chunks = list(client.completions.create(**kw, logprobs=2, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs
+
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "temperature": 0}
+    a = client.chat.completions.create(**chat)
+    b = client.chat.completions.create(**chat, logprobs=True)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert b.choices[0].logprobs.content and b.choices[0].logprobs.content[0].top_logprobs == []
+    chunks = list(client.chat.completions.create(**chat, logprobs=True, top_logprobs=2, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == a.choices[0].message.content
+    steps = [s.logprob for c in chunks if c.choices and c.choices[0].logprobs for s in c.choices[0].logprobs.content]
+    assert steps == [s.logprob for s in b.choices[0].logprobs.content]
+
+
+def test_seeded_sampling_is_the_same_with_and_without_logprobs():
+    client, _, _ = tiny_client(seed=9)
+    kw = {"model": "tiny", "prompt": "Hello", "max_tokens": 10, "temperature": 1.0, "seed": 123}
+    assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw, logprobs=0).choices[0].text
+
+
+@pytest.mark.parametrize("kw, param", [
+    ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"logprobs": "yes"}, "logprobs"),
+])
+def test_bad_chat_logprobs_are_400(kw, param):
+    client = client_for(ScriptedGen("x"), byte_tokenizer(QWEN))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=ASK, **kw)
+    assert e.value.body["param"] == param
+
+
+def test_bad_completion_logprobs_are_400():
+    client = client_for(ScriptedGen("x"), byte_tokenizer(QWEN))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x", logprobs=6)
+    assert e.value.body["param"] == "logprobs"

@@ -48,12 +48,12 @@ def test_stop_lists_drop_empty_strings():
     ("max_tokens", True), ("max_tokens", 1.5), ("max_tokens", -1), ("temperature", "hot"),
     ("temperature", float("nan")), ("temperature", 101), ("top_p", 1.5), ("top_k", -2), ("min_p", 2),
     ("n", 0), ("n", MAX_N + 1), ("stop", ["a", 1]), ("stop", ["s"] * 17), ("seed", 2**64), ("stream", 1),
-    ("logprobs", True), ("top_logprobs", 2), ("response_format", {"type": "json_object"}),
+    ("logprobs", "yes"), ("top_logprobs", 2), ("top_logprobs", 21), ("response_format", {"type": "json_object"}),
 ])
 def test_bad_values_name_their_param(field, value):
     with pytest.raises(APIError) as e:
         parse_chat_request({"messages": MSGS, field: value})
-    param = "logprobs" if field == "top_logprobs" else field
+    param = field
     assert e.value.status == 400 and e.value.param == param
     assert e.value.body()["error"]["type"] == "invalid_request_error"
 
@@ -77,7 +77,7 @@ def test_completion_prompts(prompt, expected):
 
 @pytest.mark.parametrize("body", [
     {}, {"prompt": ""}, {"prompt": []}, {"prompt": ["a", "b"]}, {"prompt": [1, -2]}, {"prompt": [True]},
-    {"prompt": 5}, {"prompt": "x", "echo": True}, {"prompt": "x", "suffix": "y"}, {"prompt": "x", "logprobs": 2},
+    {"prompt": 5}, {"prompt": "x", "echo": True}, {"prompt": "x", "suffix": "y"}, {"prompt": "x", "logprobs": 6},
 ])
 def test_bad_completion_requests(body):
     with pytest.raises(APIError) as e:

@@ -3,7 +3,7 @@
 Requests are plain JSON objects (dicts) checked field by field, so every mistake becomes a 400 that
 names the offending ``param``, as OpenAI, vLLM and llama.cpp's server report them. Fields this
 server does not know are tolerated and ignored; fields of features it lacks (legacy functions, logit
-bias, penalties, best_of, logprobs, echo, suffix, structured output, batched prompts) are refused with a
+bias, penalties, best_of, echo, suffix, structured output, batched prompts) are refused with a
 400 unless their value asks for nothing (``UNSUPPORTED``). Strings must be valid Unicode (no lone
 surrogates, which no tokenizer or UTF-8 encoder takes).
 """
@@ -23,6 +23,8 @@ from ..tool_calls import validate_tools
 
 MAX_N = 16  # most choices per request (they run one after another)
 MAX_STOP = 16  # most stop strings per request
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs
+MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs
 ROLES = ("system", "developer", "user", "assistant", "tool")
 PENALTIES = ("presence_penalty", "frequency_penalty")  # OpenAI's range is [-2, 2]; only 0 is supported
 
@@ -205,6 +207,19 @@ def _unsupported(body: dict) -> None:
             raise bad_request(f"'{name}' is not supported by this server", name, code="unsupported_parameter")
 
 
+def _logprobs(body: dict, kind: str) -> tuple[bool, int]:
+    """(logprobs wanted, alternatives per token): chat's `logprobs` (bool) and `top_logprobs` (0..20);
+    completions' `logprobs` (an integer 0..5: that many alternatives)."""
+    if kind == "completion":
+        n = _int(body, "logprobs", None, lo=0, hi=MAX_COMPLETION_LOGPROBS)
+        return n is not None, n or 0
+    want = _bool(body, "logprobs")
+    top = _int(body, "top_logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS)
+    if top and not want:
+        raise bad_request("'top_logprobs' needs 'logprobs' to be true", "top_logprobs")
+    return want, top or 0
+
+
 def _common(body: dict, kind: str) -> GenerationRequest:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
@@ -228,15 +243,13 @@ def _common(body: dict, kind: str) -> GenerationRequest:
         if not isinstance(options, dict):
             raise bad_request("'stream_options' must be an object", "stream_options")
         include_usage = _bool(options, "include_usage")
-    logprobs = _get(body, "logprobs")
-    if logprobs not in (None, False, 0) or _get(body, "top_logprobs"):
-        raise bad_request("logprobs are not supported by this server", "logprobs")
+    want_logprobs, top = _logprobs(body, kind)
     fmt = _get(body, "response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type", "text") != "text"):
         raise bad_request("only response_format {\"type\": \"text\"} is supported", "response_format")
     return GenerationRequest(kind=kind, model=model or None, max_tokens=max_tokens, sampling=_sampling(body),
                              stop=_stop(body), n=_int(body, "n", 1, lo=1, hi=MAX_N), stream=stream,
-                             include_usage=include_usage)
+                             include_usage=include_usage, logprobs=want_logprobs, top_logprobs=top)
 
 
 def parse_chat_request(body: Any) -> GenerationRequest:

@@ -8,8 +8,9 @@ shape (chat ``{"content": [...]}``, completions ``{tokens, token_logprobs, top_l
 
 from __future__ import annotations
 
+from .. import constrained
 from ..logprobs import CompletionLogprobs, TokenText, chat_content
-from ..tool_calls import ToolCallStreamParser, detect_format, parse_forced, parse_tool_calls
+from ..tool_calls import ToolCallStreamParser, detect_format, parse_forced, parse_tool_calls, start_marker
 from .protocol import GenerationRequest
 
 
@@ -29,6 +30,22 @@ class ChoiceShaper:
         self._parsers: dict[int, ToolCallStreamParser] = {}
         self._forced_text: dict[int, list[str]] = {}
         self._completion_lp: dict[int, CompletionLogprobs] = {}
+
+    def keep_special(self, tokenizer) -> bool:
+        """Whether the tool-call marker the model writes is a special token (Llama 3.1's <|python_tag|>,
+        Mistral's [TOOL_CALLS]), which plain detokenization drops: then the text keeps special tokens."""
+        if self.tool_mode != "auto" or not hasattr(tokenizer, "is_special"):
+            return False
+        ids = tokenizer.encode(start_marker(self.fmt), add_special_tokens=False)
+        return len(ids) == 1 and tokenizer.is_special(ids[0])
+
+    def decoder(self, tokenizer, constraint=None):
+        """The Job's `decode` for this request (constrained.py's loop), or None for the plain fast path."""
+        keep = self.keep_special(tokenizer)
+        if not (self.logprobs or keep or constraint is not None):
+            return None
+        return constrained.decoder(top_logprobs=self.top if self.logprobs else None, constraint=constraint,
+                                   keep_special=keep)
 
     # ---- logprobs ----------------------------------------------------------------------------------
     def _lp(self, index: int, steps) -> dict | None:

@@ -1,0 +1,160 @@
+"""Decoding with a grammar and/or logprobs: a token loop on the Generator's model-only step.
+
+Plain requests keep the Generator's fused decode step (model + sampler in one compiled graph). A request
+that needs a grammar mask or per-token logprobs runs this loop instead; per token:
+
+    logits = model step                           (Generator.model_logits / prefill)
+    masked = constraint.apply(logits)             (structured.GrammarConstraint: a bitmask, on device)
+    token  = sampling.sample(masked, ...)         (the same sampler and seeded noise as plain decoding)
+    row    = logprobs.logprob_rows(logits, token) (on device: one small row read back with the token)
+
+Logprobs are those of the raw logits (the model's own distribution, before temperature and mask), as
+OpenAI and vLLM report them. With no grammar, greedy or seeded output equals plain decoding's.
+Text comes from ``Generator.stream_tokens``, so stop strings and the final stats behave the same.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from .generate import Delta, GenerationStats
+from .logprobs import TokenLogprob, logprob_rows, unpack
+from .sampling import SamplingParams, exponential_noise, make_generator, sample
+
+
+@dataclass
+class LogprobDelta(Delta):
+    """A Delta with the logprob steps of the tokens generated since the previous delta."""
+
+    logprobs: list[TokenLogprob] | None = None
+
+
+def _prefill(gen, prompt_ids: Sequence[int], stats: GenerationStats) -> Tensor:
+    if hasattr(gen, "prefill"):
+        start = gen.reuse_prefix(prompt_ids) if hasattr(gen, "reuse_prefix") else 0
+        stats.cached_tokens = start
+        return gen.prefill(prompt_ids, start)
+    return gen._run_prefill(prompt_ids)  # FALLBACK: a Generator without the prefill hook
+
+
+def _step(gen, tok: Tensor, pos: Tensor) -> Tensor:
+    if hasattr(gen, "model_logits"):
+        return gen.model_logits(tok, pos)
+    return gen.model(tok, pos)[:, -1]  # FALLBACK: a Generator without the model_logits hook
+
+
+@torch.inference_mode()
+def token_loop(gen, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingParams,
+               stop_ids: set[int], stats: GenerationStats, *, top_logprobs: int | None = None,
+               constraint=None, rows: list | None = None) -> Iterator[int]:
+    """Yield token ids (a stop token is yielded, then the loop ends). top_logprobs None: no logprobs;
+    else each token's TokenLogprob is appended to `rows` before the token is yielded. `constraint`: a
+    structured.GrammarConstraint, advanced with every token; the loop ends when it terminates."""
+    sampling = sampling.validate()
+    gen.check_request(len(prompt_ids), max_new_tokens)
+    gen.ensure_capacity(len(prompt_ids) + max_new_tokens)
+    dev = gen.device
+    mode, samp = sampling.mode, sampling.tensors(dev)
+    noise_gen = None if mode[0] else make_generator(sampling.seed, dev)
+    k = top_logprobs
+    stats.prompt_tokens = len(prompt_ids)
+    t0 = t_first = time.perf_counter()
+    logits = _prefill(gen, prompt_ids, stats)
+    pos = torch.tensor([len(prompt_ids)], dtype=torch.int64, device=dev)
+    for i in range(max_new_tokens):
+        masked = constraint.apply(logits) if constraint is not None else logits
+        noise = None if noise_gen is None else exponential_noise(masked.shape, noise_gen, dev)
+        tok = sample(masked, samp, mode, noise)  # [1]
+        if k is not None:
+            row = logprob_rows(logits, tok, k)[0].cpu()  # the chosen token's and the top-k logprobs
+            value = int(tok[0])
+            rows.append(unpack(row, value, k))
+        else:
+            value = int(tok[0])
+        if constraint is not None and not constraint.advance(value):
+            raise RuntimeError(f"the grammar refused token {value} it allowed")
+        now = time.perf_counter()
+        if i == 0:
+            stats.time_to_first_token = now - t0
+            t_first = now
+        stats.generated_tokens = i + 1
+        stats.decode_seconds = now - t_first
+        stats.total_seconds = now - t0
+        yield value
+        if value in stop_ids or i + 1 == max_new_tokens:
+            break
+        if constraint is not None and constraint.is_terminated():
+            break
+        logits = _step(gen, tok.view(1, 1), pos)
+        pos += 1
+
+
+def _text_deltas(gen, tokens: Iterator[int], stats: GenerationStats, stop: Sequence[str], stop_ids: set[int],
+                 keep_special: bool) -> Iterator[Delta]:
+    if not keep_special and hasattr(gen, "stream_tokens"):
+        yield from gen.stream_tokens(tokens, stats, stop, stop_ids)
+        return
+    # Generator.stream's text loop; keep_special keeps special tokens (tool-call markers) in the text
+    from .textstream import TextStream
+
+    text = TextStream(gen.tokenizer, stop, skip_special_tokens=not keep_special)
+    ids: list[int] = []
+    finish = "length"
+    try:
+        for tok in tokens:
+            if tok in stop_ids:
+                finish = "stop"
+                break
+            ids.append(tok)
+            out = text.add(tok)
+            if text.stopped:
+                yield Delta(out, ids, "stop", stats)
+                return
+            if out:
+                yield Delta(out, ids)
+                ids = []
+        out = text.finish()
+        yield Delta(out, ids, "stop" if text.stopped else finish, stats)
+    finally:
+        tokens.close()
+
+
+def stream(gen, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingParams | None = None,
+           stop: Sequence[str] = (), *, top_logprobs: int | None = None, constraint=None,
+           keep_special: bool = False) -> Iterator[Delta]:
+    """Like Generator.stream, with a grammar and/or logprobs: each delta is a LogprobDelta whose
+    `logprobs` holds the steps of the tokens generated since the previous one (stop tokens left out)
+    when top_logprobs is not None."""
+    sampling = sampling or SamplingParams(temperature=0.0)
+    stop_ids = set(getattr(gen.tokenizer, "eos_token_ids", []) or [])
+    stats = GenerationStats()
+    rows: list[TokenLogprob] = []
+    tokens = token_loop(gen, prompt_ids, max_new_tokens, sampling, stop_ids, stats, top_logprobs=top_logprobs,
+                        constraint=constraint, rows=rows)
+    for d in _text_deltas(gen, tokens, stats, stop, stop_ids, keep_special):
+        steps = None
+        if top_logprobs is not None:
+            steps = [r for r in rows if r.token_id not in stop_ids]
+            rows.clear()
+        yield LogprobDelta(d.text, d.token_ids, d.finish_reason, d.stats, logprobs=steps)
+
+
+def decoder(*, top_logprobs: int | None = None, constraint=None, keep_special: bool = False):
+    """A server Job's `decode` callable: (gen, prompt_ids, max_tokens, sampling, stop) -> deltas. A
+    grammar is stateful: each choice after the first starts from a reset one."""
+    used = []
+
+    def decode(gen, prompt_ids, max_tokens, sampling, stop):
+        if constraint is not None:
+            if used:
+                constraint.reset()
+            used.append(1)
+        return stream(gen, prompt_ids, max_tokens, sampling, stop, top_logprobs=top_logprobs,
+                      constraint=constraint, keep_special=keep_special)
+
+    return decode
