@@ -146,8 +146,8 @@ def tiny_client(seed: int = 5):
     from tests.conftest import tiny_model
 
     tok = byte_tokenizer(QWEN)
-    model = tiny_model(seed=seed, max_seq_len=512, vocab_size=tok.vocab_size)
-    return client_for(Generator(model, tok), tok), tok, tiny_model(seed=seed, max_seq_len=512,
+    model = tiny_model(seed=seed, max_seq_len=1024, vocab_size=tok.vocab_size)
+    return client_for(Generator(model, tok), tok), tok, tiny_model(seed=seed, max_seq_len=1024,
                                                                   vocab_size=tok.vocab_size)
 
 
@@ -234,3 +234,99 @@ def test_bad_completion_logprobs_are_400():
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny", prompt="x", logprobs=6)
     assert e.value.body["param"] == "logprobs"
+
+
+# ---- structured output and forced tool calls -------------------------------------------------------------
+SCHEMA = {"type": "object", "properties": {
+    "kind": {"type": "string", "enum": ["cat", "dog"]},
+    "ok": {"type": "boolean"},
+    "owner": {"type": "object", "properties": {"role": {"type": "string", "enum": ["admin", "guest"]}},
+              "required": ["role"], "additionalProperties": False},
+    "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b"]}, "maxItems": 3}},
+    "required": ["kind", "ok", "owner", "tags"], "additionalProperties": False}
+JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "pet", "schema": SCHEMA, "strict": True}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_schema_output_validates_on_a_random_model(stream):
+    pytest.importorskip("xgrammar")
+    jsonschema = pytest.importorskip("jsonschema")
+    client, _, _ = tiny_client(seed=13)
+    kw = {"model": "tiny", "messages": ASK, "max_tokens": 150, "temperature": 1.0, "response_format": JSON_SCHEMA,
+          "n": 2, "seed": 1}
+    if stream:
+        chunks = list(client.chat.completions.create(**kw, stream=True))
+        texts = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+                 for i in range(2)]
+    else:
+        texts = [c.message.content for c in client.chat.completions.create(**kw).choices]
+    for text in texts:
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_json_object_on_completions():
+    pytest.importorskip("xgrammar")
+    client, _, _ = tiny_client(seed=17)
+    r = client.completions.create(model="tiny", prompt="JSON:", max_tokens=200, temperature=0,
+                                  extra_body={"response_format": {"type": "json_object"}})
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].text), dict)
+    else:  # a random model may write a long string: what it wrote is still a JSON prefix
+        assert r.choices[0].text.startswith("{")
+
+
+@pytest.mark.parametrize("schema, words", [({"type": "banana"}, "banana"), ({"$ref": "#/definitions/nope"}, "nope")])
+def test_a_rejected_schema_is_400_with_the_library_message(schema, words):
+    pytest.importorskip("xgrammar")
+    client, _, _ = tiny_client()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=ASK, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    assert e.value.body["param"] == "response_format" and words in e.value.body["message"]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+@pytest.mark.parametrize("stream", [False, True])
+def test_forced_tool_calls_are_valid_calls(choice, stream):
+    pytest.importorskip("xgrammar")
+    jsonschema = pytest.importorskip("jsonschema")
+    client, _, _ = tiny_client(seed=3)
+    kw = {"model": "tiny", "messages": ASK, "tools": [WEATHER, TIME], "tool_choice": choice, "max_tokens": 150,
+          "temperature": 0.7, "seed": 5, "parallel_tool_calls": False}
+    if stream:
+        chunks = list(client.chat.completions.create(**kw, stream=True))
+        calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        r = client.chat.completions.create(**kw)
+        calls, finish = r.choices[0].message.tool_calls, r.choices[0].finish_reason
+        assert r.choices[0].message.content is None
+    assert finish == "tool_calls" and len(calls) == 1
+    fn = {"get_weather": WEATHER, "get_time": TIME}[calls[0].function.name]["function"]
+    if isinstance(choice, dict):
+        assert calls[0].function.name == "get_weather"
+    jsonschema.validate(json.loads(calls[0].function.arguments), fn["parameters"])
+
+
+@pytest.mark.slow
+def test_default_model_json_schema_objects_validate_at_temperature_1(server):
+    jsonschema = pytest.importorskip("jsonschema")
+    r = server.openai().chat.completions.create(
+        model="", messages=[{"role": "user", "content": "Describe a pet as JSON."}], response_format=JSON_SCHEMA,
+        temperature=1.0, seed=42, n=10, max_tokens=100)
+    assert len(r.choices) == 10
+    for c in r.choices:
+        assert c.finish_reason == "stop"
+        jsonschema.validate(json.loads(c.message.content), SCHEMA)
+
+
+@pytest.mark.slow
+def test_default_model_logprobs_and_greedy_text_unchanged(server):
+    client = server.openai()
+    kw = {"model": "", "messages": ASK, "max_tokens": 12, "temperature": 0}
+    plain = client.chat.completions.create(**kw)
+    with_lp = client.chat.completions.create(**kw, logprobs=True, top_logprobs=5)
+    assert with_lp.choices[0].message.content == plain.choices[0].message.content
+    content = with_lp.choices[0].logprobs.content
+    assert content and all(len(c.top_logprobs) == 5 and c.logprob <= 0 for c in content)
+    assert "".join(c.token for c in content).startswith(plain.choices[0].message.content[:5])

@@ -48,7 +48,7 @@ def test_stop_lists_drop_empty_strings():
     ("max_tokens", True), ("max_tokens", 1.5), ("max_tokens", -1), ("temperature", "hot"),
     ("temperature", float("nan")), ("temperature", 101), ("top_p", 1.5), ("top_k", -2), ("min_p", 2),
     ("n", 0), ("n", MAX_N + 1), ("stop", ["a", 1]), ("stop", ["s"] * 17), ("seed", 2**64), ("stream", 1),
-    ("logprobs", "yes"), ("top_logprobs", 2), ("top_logprobs", 21), ("response_format", {"type": "json_object"}),
+    ("logprobs", "yes"), ("top_logprobs", 2), ("top_logprobs", 21), ("response_format", {"type": "xml"}),
 ])
 def test_bad_values_name_their_param(field, value):
     with pytest.raises(APIError) as e:

@@ -211,8 +211,12 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
                            code="context_length_exceeded") from None
         builder = ResponseBuilder(kind, model_name(), req.include_usage)
         shaper = ChoiceShaper(req, engine.tokenizer)
+        constraint = None
+        if shaper.tool_mode == "forced" or req.response_format is not None:
+            async with tokenizing():  # compiling a grammar holds the same place in the queue
+                constraint = await asyncio.to_thread(shaper.constraint, engine.tokenizer, engine.vocab_size)
         job = Job(builder.id, ids, max_tokens, req.sampling, req.stop, req.n,
-                  decode=shaper.decoder(engine.tokenizer))
+                  decode=shaper.decoder(engine.tokenizer, constraint))
         ahead = submit(job)
         log.info("%s queued: %s, %d prompt tokens, max_tokens %d, n %d%s, %d ahead", job.id, request.url.path,
                  len(ids), max_tokens, req.n, ", stream" if req.stream else "", ahead)

@@ -3,7 +3,7 @@
 Requests are plain JSON objects (dicts) checked field by field, so every mistake becomes a 400 that
 names the offending ``param``, as OpenAI, vLLM and llama.cpp's server report them. Fields this
 server does not know are tolerated and ignored; fields of features it lacks (legacy functions, logit
-bias, penalties, best_of, echo, suffix, structured output, batched prompts) are refused with a
+bias, penalties, best_of, echo, suffix, batched prompts) are refused with a
 400 unless their value asks for nothing (``UNSUPPORTED``). Strings must be valid Unicode (no lone
 surrogates, which no tokenizer or UTF-8 encoder takes).
 """
@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import InvalidRequestError
 from ..sampling import SamplingParams
+from ..structured import json_schema_of
 from ..tool_calls import validate_tools
 
 MAX_N = 16  # most choices per request (they run one after another)
@@ -245,11 +246,15 @@ def _common(body: dict, kind: str) -> GenerationRequest:
         include_usage = _bool(options, "include_usage")
     want_logprobs, top = _logprobs(body, kind)
     fmt = _get(body, "response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type", "text") != "text"):
-        raise bad_request("only response_format {\"type\": \"text\"} is supported", "response_format")
+    try:
+        if json_schema_of(fmt) is None:
+            fmt = None
+    except InvalidRequestError as e:
+        raise bad_request(str(e), e.param) from None
     return GenerationRequest(kind=kind, model=model or None, max_tokens=max_tokens, sampling=_sampling(body),
                              stop=_stop(body), n=_int(body, "n", 1, lo=1, hi=MAX_N), stream=stream,
-                             include_usage=include_usage, logprobs=want_logprobs, top_logprobs=top)
+                             include_usage=include_usage, logprobs=want_logprobs, top_logprobs=top,
+                             response_format=fmt)
 
 
 def parse_chat_request(body: Any) -> GenerationRequest:

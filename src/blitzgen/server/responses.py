@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from .. import constrained
 from ..logprobs import CompletionLogprobs, TokenText, chat_content
-from ..tool_calls import ToolCallStreamParser, detect_format, parse_forced, parse_tool_calls, start_marker
+from ..errors import InvalidRequestError
+from ..tool_calls import (ToolCallStreamParser, detect_format, forced_schema, parse_forced, parse_tool_calls,
+                          start_marker)
 from .protocol import GenerationRequest
 
 
@@ -24,6 +26,8 @@ class ChoiceShaper:
             self.tool_mode = "auto" if req.tool_choice == "auto" else "forced"
             self.fmt = detect_format(getattr(tokenizer, "chat_template", None))
         self.tool_choice = req.tool_choice
+        self.tools, self.parallel_tool_calls = req.tools, req.parallel_tool_calls
+        self.response_format = req.response_format
         self.logprobs = req.logprobs
         self.top = req.top_logprobs
         self._token_text = TokenText(tokenizer) if req.logprobs else None
@@ -38,6 +42,22 @@ class ChoiceShaper:
             return False
         ids = tokenizer.encode(start_marker(self.fmt), add_special_tokens=False)
         return len(ids) == 1 and tokenizer.is_special(ids[0])
+
+    def constraint(self, tokenizer, vocab_size: int):
+        """The grammar this request decodes under (tool_choice required/named, else response_format), or
+        None. Compiling it may take a while: call it off the event loop. A rejected schema: a 400."""
+        from ..structured import GrammarConstraint, GrammarUnavailableError
+
+        try:
+            if self.tool_mode == "forced":
+                schema = forced_schema(self.tools, self.tool_choice, self.parallel_tool_calls)
+                return GrammarConstraint.from_json_schema(schema, tokenizer, vocab_size, param="tool_choice")
+            if self.response_format is not None:
+                return GrammarConstraint.from_response_format(self.response_format, tokenizer, vocab_size)
+        except GrammarUnavailableError as e:
+            raise InvalidRequestError(f"structured output is not available on this server: {e}",
+                                      param="tool_choice" if self.tool_mode else "response_format") from None
+        return None
 
     def decoder(self, tokenizer, constraint=None):
         """The Job's `decode` for this request (constrained.py's loop), or None for the plain fast path."""
