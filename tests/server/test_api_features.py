@@ -27,14 +27,16 @@ ASK = [{"role": "user", "content": "Weather in Paris?"}]
 class ScriptedGen(FakeGenerator):
     """Writes `script` three characters per delta, then stops (finish_reason "stop")."""
 
-    def __init__(self, script: str):
+    def __init__(self, script: str, cached_tokens: int = 0):
         super().__init__(max_seq_len=4096)
         self.script = script
+        self.cached_tokens = cached_tokens
         self.prompts: list[list[int]] = []
 
     def stream(self, prompt_ids, max_new_tokens, sampling=None, stop=()):
         self.prompts.append(list(prompt_ids))
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        stats.cached_tokens = self.cached_tokens
         t0 = time.perf_counter()
         pieces = [self.script[i:i + 3] for i in range(0, len(self.script), 3)]
         for i, p in enumerate(pieces):
@@ -53,7 +55,9 @@ def client_for(gen, tokenizer, name: str = "tiny") -> openai.OpenAI:
     while http.get("/health").status_code != 200:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    return openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
+    client.http = http  # the app itself, for /metrics
+    return client
 
 
 # ---- tool calls -----------------------------------------------------------------------------------------
@@ -330,3 +334,21 @@ def test_default_model_logprobs_and_greedy_text_unchanged(server):
     content = with_lp.choices[0].logprobs.content
     assert content and all(len(c.top_logprobs) == 5 and c.logprob <= 0 for c in content)
     assert "".join(c.token for c in content).startswith(plain.choices[0].message.content[:5])
+
+
+# ---- usage details ---------------------------------------------------------------------------------------
+def test_cached_tokens_in_usage_and_the_hit_rate_in_metrics():
+    client = client_for(ScriptedGen("Hello.", cached_tokens=5), byte_tokenizer(QWEN))
+    r = client.chat.completions.create(model="tiny", messages=ASK)
+    assert r.usage.prompt_tokens_details.cached_tokens == 5
+    chunks = list(client.chat.completions.create(model="tiny", messages=ASK, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens_details.cached_tokens == 5
+    assert chunks[-1].usage.completion_tokens == 2
+    text = client.http.get("/metrics").text
+    assert "blitzgen_prompt_cache_queries_total 2.0" in text and "blitzgen_prompt_cache_hits_total 2.0" in text
+    assert "blitzgen_prompt_cache_hit_tokens_total 10.0" in text
+    miss = client_for(ScriptedGen("Hello."), byte_tokenizer(QWEN))
+    assert miss.chat.completions.create(model="tiny", messages=ASK).usage.prompt_tokens_details.cached_tokens == 0
+    text = miss.http.get("/metrics").text
+    assert "blitzgen_prompt_cache_queries_total 1.0" in text and "blitzgen_prompt_cache_hits_total 0.0" in text

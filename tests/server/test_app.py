@@ -85,7 +85,8 @@ def test_chat_response_shape_and_usage(client):
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "t0 t1 t2 "},
                                 "logprobs": None, "finish_reason": "length"}]
     prompt = len("<user>Hi<assistant>")
-    assert body["usage"] == {"prompt_tokens": prompt, "completion_tokens": 3, "total_tokens": prompt + 3}
+    assert body["usage"] == {"prompt_tokens": prompt, "completion_tokens": 3, "total_tokens": prompt + 3,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_default_max_tokens_is_the_rest_of_the_context(client, fake_gen):

@@ -104,9 +104,9 @@ def test_usage_chunks_and_responses():
     chunk = b.chunk(0, "abc")
     assert chunk["object"] == "text_completion" and chunk["usage"] is None
     assert chunk["choices"][0] == {"index": 0, "text": "abc", "logprobs": None, "finish_reason": None}
-    final = b.usage_chunk(5, 3)
+    final = b.usage_chunk(5, 3, 2)
     assert final["choices"] == [] and final["usage"] == {"prompt_tokens": 5, "completion_tokens": 3,
-                                                          "total_tokens": 8}
+                                                          "total_tokens": 8, "prompt_tokens_details": {"cached_tokens": 2}}
     resp = b.response([("a", "stop"), ("b", "length")], 5, 4)
     assert [c["text"] for c in resp["choices"]] == ["a", "b"] and resp["usage"]["total_tokens"] == 9
     chat = ResponseBuilder("chat", "m").response([("hi", "stop")], 1, 1)

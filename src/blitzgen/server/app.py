@@ -244,7 +244,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
                     yield sse(builder.chunk(ev.index, **piece))
                 yield sse(builder.chunk(ev.index, finish_reason=finish))
             elif ev.kind == "done" and builder.include_usage:
-                yield sse(builder.usage_chunk(len(job.prompt_ids), ev.tokens))
+                yield sse(builder.usage_chunk(len(job.prompt_ids), ev.tokens, ev.cached_tokens))
             elif ev.kind == "error":
                 yield sse(error_body(ev.text, "server_error"))
         yield SSE_DONE
@@ -266,7 +266,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
                 raise APIError(500, ev.text, type="server_error")
             elif ev.kind == "done":
                 choices = [shaper.whole(i, "".join(t), f, s) for i, (t, f, s) in enumerate(zip(texts, finish, steps))]
-                return builder.response(choices, len(job.prompt_ids), ev.tokens)
+                return builder.response(choices, len(job.prompt_ids), ev.tokens, ev.cached_tokens)
         return None
 
     # ---- routes ------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ class Event:
     finish_reason: str | None = None  # finish: "stop" | "length"
     tokens: int = 0  # finish: tokens generated for this choice; done: for all choices
     logprobs: list | None = None  # delta: the logprob steps of its tokens (requests that asked for them)
+    cached_tokens: int = 0  # done: prompt tokens the KV cache already held for the first choice
 
 
 @dataclass(eq=False)
@@ -289,7 +290,7 @@ class Engine:
         start = time.perf_counter()
         m.queue_time.observe(start - job.arrival)
         m.prompt_tokens.inc(len(job.prompt_ids))
-        total, finish, first_at = 0, "abort", None
+        total, finish, first_at, cached = 0, "abort", None, None
         try:
             for index in range(job.n):
                 if job.cancelled.is_set():  # gone before this choice began: skip its prefill
@@ -321,6 +322,9 @@ class Engine:
                 finally:
                     stream.close()  # stops generation when we left early
                 total += stats.generated_tokens if stats is not None else seen
+                if cached is None and stats is not None:  # prompt caching: the first choice's reuse
+                    cached = getattr(stats, "cached_tokens", 0)
+                    m.observe_prompt_cache(len(job.prompt_ids), cached)
                 if job.cancelled.is_set():
                     finish = "abort"
                     break
@@ -328,7 +332,7 @@ class Engine:
                     m.decode_tps.set(stats.decode_tokens_per_second)
                 job.emit(Event("finish", index, finish_reason=finish, tokens=stats.generated_tokens))
             else:
-                job.emit(Event("done", tokens=total))
+                job.emit(Event("done", tokens=total, cached_tokens=cached or 0))
         except Exception as e:  # noqa: BLE001 - a failed request must not take the engine down
             log.exception("%s failed", job.id)
             finish = "error"

@@ -41,12 +41,25 @@ class Metrics:
         self.waiting = Gauge("blitzgen_num_requests_waiting", "Requests waiting in the queue", registry=r)
         self.decode_tps = Gauge("blitzgen_last_decode_tokens_per_second",
                                 "Decode speed of the last finished generation", registry=r)
+        self.cache_queries = Counter("blitzgen_prompt_cache_queries", "Generations that looked up the prompt "
+                                     "cache", registry=r)
+        self.cache_hits = Counter("blitzgen_prompt_cache_hits", "Generations that reused a cached prompt prefix",
+                                  registry=r)
+        self.cached_tokens = Counter("blitzgen_prompt_cache_hit_tokens", "Prompt tokens read from the KV cache "
+                                     "instead of prefilled", registry=r)
         self.info = Gauge("blitzgen_model_info", "The served model (value 1)", ["model"], registry=r)
         if model_name:
             self.set_model(model_name)
 
     def set_model(self, name: str) -> None:
         self.info.labels(name).set(1)
+
+    def observe_prompt_cache(self, prompt_tokens: int, cached_tokens: int) -> None:
+        """One lookup of the prompt cache (hit rate: hits_total / queries_total)."""
+        self.cache_queries.inc()
+        if cached_tokens > 0:
+            self.cache_hits.inc()
+            self.cached_tokens.inc(cached_tokens)
 
     def observe_gaps(self, gap: float, tokens: int) -> None:
         """Record `tokens` inter-token latencies that together took `gap` seconds."""

@@ -320,9 +320,11 @@ def parse_completion_request(body: Any) -> GenerationRequest:
 
 
 # ---- responses --------------------------------------------------------------------------------------
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage; cached_tokens: prompt tokens whose KV the cache already held (not prefilled)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def sse(obj: dict) -> bytes:
@@ -364,12 +366,13 @@ class ResponseBuilder:
             out["usage"] = None
         return out
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
         """The last chunk when stream_options.include_usage is set: no choices, the whole usage."""
         obj_type = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return {**self._envelope(obj_type, []), "usage": usage(prompt_tokens, completion_tokens)}
+        return {**self._envelope(obj_type, []), "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
-    def response(self, choices: list[tuple], prompt_tokens: int, completion_tokens: int) -> dict:
+    def response(self, choices: list[tuple], prompt_tokens: int, completion_tokens: int,
+                 cached_tokens: int = 0) -> dict:
         """A whole (non-streamed) response; choices are (text, finish_reason) or (text, finish_reason,
         extra) in index order, extra holding "tool_calls" (chat) and/or "logprobs"."""
         items = []
@@ -384,4 +387,4 @@ class ResponseBuilder:
             else:
                 items.append({"index": i, "text": text, "logprobs": extra.get("logprobs"), "finish_reason": finish})
         obj_type = "chat.completion" if self.kind == "chat" else "text_completion"
-        return {**self._envelope(obj_type, items), "usage": usage(prompt_tokens, completion_tokens)}
+        return {**self._envelope(obj_type, items), "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
