@@ -39,3 +39,25 @@ def test_logprobs_are_the_raw_distribution():
     with torch.inference_mode():
         lp = torch.log_softmax(ref(torch.tensor([prompt]), torch.arange(len(prompt)))[0, -1].double(), -1)
     assert first.token_id == int(lp.argmax()) and abs(first.logprob - float(lp.max())) < 1e-5
+
+
+def test_keep_special_keeps_tool_markers_in_the_text():
+    from blitzgen.generate import GenerationStats
+    from blitzgen.server.protocol import parse_chat_request
+    from blitzgen.server.responses import ChoiceShaper
+    from tests.test_tool_calls import WEATHER
+
+    tok = byte_tokenizer(QWEN)
+    gen = Generator(tiny_model(seed=2, max_seq_len=64, vocab_size=tok.vocab_size), tok)
+    ids = [256, *tok.encode("hi", add_special_tokens=False), 257]
+    kept = constrained._text_deltas(gen, iter(ids), GenerationStats(), (), {257}, keep_special=True)
+    assert "".join(d.text for d in kept) == "<|im_start|>hi"
+    dropped = constrained._text_deltas(gen, iter(ids), GenerationStats(), (), {257}, keep_special=False)
+    assert "".join(d.text for d in dropped) == "hi"
+    req = parse_chat_request({"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER]})
+    shaper = ChoiceShaper(req, tok)
+    assert not shaper.keep_special(tok)  # Qwen's <tool_call> is an ordinary token
+    shaper.fmt = "mistral"
+    tok._tok.add_special_tokens(["[TOOL_CALLS]"])
+    tok._special_ids = {*tok._special_ids, tok._tok.token_to_id("[TOOL_CALLS]")}
+    assert shaper.keep_special(tok) and shaper.decoder(tok) is not None

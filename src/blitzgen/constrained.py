@@ -121,7 +121,9 @@ def _text_deltas(gen, tokens: Iterator[int], stats: GenerationStats, stop: Seque
         out = text.finish()
         yield Delta(out, ids, "stop" if text.stopped else finish, stats)
     finally:
-        tokens.close()
+        close = getattr(tokens, "close", None)
+        if close is not None:
+            close()
 
 
 def stream(gen, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingParams | None = None,
