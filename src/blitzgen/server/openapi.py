@@ -3,7 +3,7 @@ fuzzers and client generators; the server validates requests in protocol.py, not
 
 from __future__ import annotations
 
-from .protocol import MAX_N, MAX_STOP, ROLES
+from .protocol import MAX_COMPLETION_LOGPROBS, MAX_N, MAX_STOP, MAX_TOP_LOGPROBS, ROLES
 
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"],
@@ -30,19 +30,37 @@ _COMMON = {
     "stop": _STOP,
     "stream": {"type": "boolean"},
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+    "response_format": {"type": "object", "required": ["type"], "properties": {
+        "type": {"enum": ["text", "json_object", "json_schema"]},
+        "json_schema": {"type": "object", "properties": {"name": {"type": "string"}, "schema": {"type": "object"},
+                                                         "strict": {"type": "boolean"}}}}},
 }
+_FUNCTION = {"type": "object", "required": ["name"], "properties": {
+    "name": {"type": "string"}, "description": {"type": "string"}, "parameters": {"type": "object"}}}
+_TOOL_CALL = {"type": "object", "required": ["function"], "properties": {
+    "id": {"type": "string"}, "type": {"const": "function"}, "function": {"type": "object", "properties": {
+        "name": {"type": "string"}, "arguments": {"type": "string"}}}}}
 _PART = {"type": "object", "required": ["type", "text"],
          "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
 _MESSAGE = {"type": "object", "required": ["role"], "properties": {
     "role": {"enum": list(ROLES)}, "tool_call_id": {"type": "string"},
+    "tool_calls": {"type": "array", "items": _TOOL_CALL},
     "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": _PART}, {"type": "null"}]}}}
 
 CHAT = {"type": "object", "required": ["messages"], "properties": {
     **_COMMON, "max_completion_tokens": {"type": "integer", "minimum": 1},
-    "messages": {"type": "array", "minItems": 1, "items": _MESSAGE}}}
+    "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
+    "tools": {"type": "array", "items": {"type": "object", "required": ["type", "function"], "properties": {
+        "type": {"const": "function"}, "function": _FUNCTION}}},
+    "tool_choice": {"oneOf": [{"enum": ["auto", "none", "required"]}, {"type": "object", "properties": {
+        "type": {"const": "function"}, "function": {"type": "object", "properties": {"name": {"type": "string"}}}}}]},
+    "parallel_tool_calls": {"type": "boolean"},
+    "logprobs": {"type": "boolean"},
+    "top_logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS}}}
 COMPLETION = {"type": "object", "required": ["prompt"], "properties": {
     **_COMMON, "prompt": {"oneOf": [{"type": "string", "minLength": 1},
-                                    {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}]}}}
+                                    {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}]},
+    "logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_COMPLETION_LOGPROBS}}}
 
 
 def request_body(schema: dict) -> dict:
