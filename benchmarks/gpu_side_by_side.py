@@ -2,7 +2,7 @@
 
 For each (shape, mode, prompt_len, new_tokens) config: blitzgen's ``bench`` logic in this process
 (random weights made on the GPU, compiled decode, warm-up + timed runs, copy roofline measured in
-the same run), then gpt-fast's own ``generate()`` in a subprocess (benchmarks/peers/
+the same run), then gpt-fast's own ``generate()`` in a subprocess (src/blitzgen/peers/
 gptfast_generate.py) on the same shape, mode, prompt length and new tokens. Every result goes to
 OUT/results.json (rewritten after each config, so a killed run keeps what it finished) and a
 markdown table to OUT/summary.md and stdout.

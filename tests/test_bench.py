@@ -149,7 +149,7 @@ def test_check_peers(tmp_path):
 def test_gptfast_command_carries_the_config():
     cmd = bench_peers.gptfast_command("/g", "13B", "int4", None, 7, 9, 3, device="cuda", compile=False)
     s = " ".join(cmd)
-    assert cmd[1].endswith("benchmarks/peers/gptfast_generate.py")
+    assert cmd[1].endswith("blitzgen/peers/gptfast_generate.py")
     for part in ("--shape 13B", "--mode int4", "--group-size 32", "--prompt-len 7", "--new-tokens 9",
                  "--runs 3", "--gpt-fast-dir /g", "--no-compile"):
         assert part in s

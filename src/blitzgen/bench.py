@@ -56,6 +56,7 @@ class BenchOptions:
     peer_compile: bool | None = None  # default: same as ours
     peer_shape: str | None = None  # a gpt-fast preset name, instead of the one mapped from shape
     command: str | None = None
+    save: str | None = None  # write the random weights of `shape` as an HF checkpoint here instead
 
 
 def _count(n: int) -> str:
@@ -125,48 +126,14 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int | None = None, reps
 
 # ---- the model -----------------------------------------------------------------------------------
 def build_random_model(args, device: torch.device, dtype: torch.dtype, seed: int = 0, quantize=None):
-    """``Transformer(args)`` with random weights made directly on ``device`` (never on the host):
-    normal(0, 0.02) everywhere, RMSNorm weights 1. With ``quantize`` (a quant config) each Linear is
-    quantized as soon as its random weight exists, so a 70B int4 shape needs the int4 bytes plus
-    one float layer, not the float model. Returns (model, quantization metadata or None)."""
-    import torch.nn as nn
+    """``Transformer(args)`` with random weights made directly on ``device`` (never on the host),
+    through loading's one assemble step (``loading.load_random``): normal(0, 0.02), RMSNorm
+    weights 1, each Linear quantized as soon as its weight exists when ``quantize`` is given.
+    Returns (model, quantization metadata or None)."""
+    from .loading import load_random
 
-    from .model import RMSNorm, Transformer
-
-    with torch.device("meta"):
-        model = Transformer(args)
-    handler, targets = None, {}
-    if quantize is not None:
-        from .quant.core import plan_quantization, quant_metadata, quantize_weight, set_submodule
-
-        handler, targets = plan_quantization(model, quantize, dtype)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-
-    def fresh(shape, norm: bool) -> torch.Tensor:
-        t = torch.empty(shape, device=device, dtype=dtype)
-        return t.fill_(1.0) if norm else t.normal_(0.0, 0.02, generator=gen)
-
-    with torch.no_grad():
-        tied = args.tie_word_embeddings
-        for name, mod in list(model.named_modules()):
-            if name in targets or (name == "output" and tied):  # a tied head shares the embedding
-                continue
-            for pname, p in list(mod.named_parameters(recurse=False)):
-                setattr(mod, pname, nn.Parameter(fresh(p.shape, isinstance(mod, RMSNorm)), requires_grad=False))
-        if tied and "output" not in targets:
-            model.output.weight = model.tok_embeddings.weight
-        for name, has_bias in targets.items():
-            lin = model.get_submodule(name)
-            if name == "output" and tied:
-                weight = model.tok_embeddings.weight.detach()  # quantized as its own copy
-            else:
-                weight = fresh(lin.weight.shape, False)
-            bias = fresh(lin.bias.shape, False) if has_bias else None
-            set_submodule(model, name, quantize_weight(handler, quantize, weight, bias, dtype))
-            del weight, bias
-    meta = quant_metadata(quantize, dtype, len(targets)) if quantize is not None else None
-    return model.eval(), meta
+    lm = load_random(args, device=str(device), dtype=dtype, quantize=quantize, seed=seed, progress=False)
+    return lm.model, lm.quant
 
 
 def _quant_config(mode: str, group_size: int | None):
@@ -204,7 +171,7 @@ def _release(device: torch.device) -> None:
 
 # ---- our run -------------------------------------------------------------------------------------
 def _resolve(opts: BenchOptions):
-    from .commands.common import DTYPES
+    from .runtime import DTYPES
 
     if opts.mode not in MODES:
         raise BlitzgenError(f"unknown --mode {opts.mode!r} (choose from {', '.join(MODES)})")
@@ -365,6 +332,31 @@ def _jsonable(x):
         if isinstance(x, (list, tuple)):
             return [_jsonable(v) for v in x]
         return str(x)
+
+
+def save_random(opts: BenchOptions, log: Callable[[str], None] | None = None) -> dict:
+    """``bench --shape S --save DIR``: random weights of S as an HF checkpoint (config.json,
+    sharded safetensors, a tokenizer), so that loading a large shape can be timed with --model DIR."""
+    from .config import ModelArgs
+    from .loading.synthetic import save_random_checkpoint
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if not opts.shape or opts.model:
+        raise BlitzgenError("--save writes random weights of a --shape (and takes no --model)")
+    if opts.mode != "bf16":
+        raise BlitzgenError("--save writes float weights: drop --mode (quantize the saved checkpoint with "
+                            "`blitzgen quantize`)")
+    out = Path(opts.save).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BlitzgenError(f"--save {out}: not an empty directory")
+    device, dtype, _ = _resolve(opts)
+    args = ModelArgs.from_name(opts.shape)
+    log(f"writing {opts.shape} ({_count(args.num_params())} parameters) with random weights to {out}")
+    t0 = time.perf_counter()
+    summary = save_random_checkpoint(args, out, dtype=dtype, seed=opts.seed, device=str(device), log=log)
+    summary["seconds"] = time.perf_counter() - t0
+    log(f"done in {summary['seconds']:.1f} s; time its loading with: blitzgen bench --model {out}")
+    return summary
 
 
 def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> dict:

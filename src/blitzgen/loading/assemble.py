@@ -1,113 +1,147 @@
-"""Build the model on the meta device and assign weights onto it, with a shape check per tensor."""
+"""The one assemble step every source goes through: build the model on the meta device, map
+names through the one table, check each tensor's shape and dtype, quantize each layer as its
+weights arrive (or put in a checkpoint's quantized modules), tie the head, assign."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import dataclasses
+import sys
+from typing import Protocol
 
 import torch
+import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..config import ModelArgs
 from ..errors import ModelLoadError
 from ..model import Transformer
+from ..quant.core import (handler_for, make_config, plan_quantization, prepare_model, quant_metadata,
+                          quantize_weight, set_submodule, target_linears)
 from .names import mapping
 
 
-def build_model(
+class Source(Protocol):
+    """A weight source. ``column``: its naming ("hf", "gguf", or "ours": our own state-dict names)."""
+
+    column: str
+
+    def names(self) -> list[str]: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+def assemble(
     args: ModelArgs,
-    source: str,
-    get_tensor: Callable[[str], torch.Tensor],
-    available: Iterable[str],
+    source: Source,
     *,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
-    progress: bool = True,
+    dtype: torch.dtype = torch.bfloat16,
     quantize: object | None = None,
     quant_dtype: torch.dtype | None = None,
-) -> tuple[Transformer, dict | None]:
-    """Create ``Transformer(args)`` without allocating, then fill every parameter from the source.
+    prequantized: object | None = None,
+    progress: bool = True,
+    where: str = "checkpoint",
+) -> tuple[Transformer, ModelArgs, dict | None]:
+    """``Transformer(args)`` filled from ``source``; returns (model, args, quantization metadata).
 
-    get_tensor(name) returns one source tensor; transform(name, tensor) may fix a source layout
-    (GGUF's q/k permutation). Parts are concatenated along dim 0 (fused wqkv / w13).
+    ``args`` is never changed: a source without an output head gets a copy with a tied head
+    (SmolLM2, Llama 3.2). Float tensors are cast to ``dtype``; integer ones are kept as they are.
 
-    With ``quantize`` (a quant config), each target Linear is quantized as soon as its weight is
-    on the device and the float weight is dropped, so the peak is the quantized model plus one
-    float layer rather than the whole float model; scales and zeros are in ``quant_dtype``
-    (default: dtype). Returns (model, quantization metadata or None).
+    quantize: a quant config (or "int8"/"int4"). Each target Linear is quantized as soon as its
+    weight is on the device and the float weight is dropped, so the peak is the quantized model
+    plus one float layer; scales and zeros in ``quant_dtype`` (default: dtype). Bad configs fail
+    before anything is read.
+    prequantized: the config of a checkpoint whose tensors are already quantized (our names):
+    the quantized modules are put in empty and filled as they are, never re-quantized.
     """
-    available = set(available)
-    tied = args.tie_word_embeddings
-    if not tied and "output.weight" not in _ours_present(args, source, available):
-        # Checkpoints that omit the output head share it with the embedding (SmolLM2, Llama 3.2).
-        tied = True
-        args.tie_word_embeddings = True
+    names = set(source.names())
+    column = source.column
     with torch.device("meta"):
         model = Transformer(args)
-    table = mapping(args.n_layers, source, args.qkv_bias, tied)
-    missing = [p for parts in table.values() for p in parts if p not in available]
+    if not args.tie_word_embeddings and prequantized is None:  # no head in the file: it shares the embedding
+        head = _table(args, column, model, tied=False).get("output.weight")
+        if head is not None and not all(p in names for p in head):
+            args = dataclasses.replace(args, tie_word_embeddings=True)
+            with torch.device("meta"):
+                model = Transformer(args)
+    tied = args.tie_word_embeddings
+    qdtype = quant_dtype or dtype
+    handler, targets, config = None, {}, quantize
+    if prequantized is not None:
+        handler = handler_for(prequantized)
+        for name, lin in target_linears(model):
+            set_submodule(model, name, handler.empty(lin.in_features, lin.out_features, lin.bias is not None,
+                                                     prequantized, dtype, "meta"))
+    elif quantize is not None:
+        config = make_config(quantize) if isinstance(quantize, str) else quantize
+        handler, targets = plan_quantization(model, config, qdtype)
+    expected = model.state_dict(keep_vars=True)
+    table = _table(args, column, model, tied)
+    missing = [p for parts in table.values() for p in parts if p not in names]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise ModelLoadError(f"checkpoint is missing tensors: {', '.join(missing[:5])}{more}")
-    expected = dict(model.named_parameters(remove_duplicate=False))
-    handler, targets = None, {}
-    qdtype = quant_dtype or dtype
-    if quantize is not None:
-        from ..quant.core import make_config, plan_quantization
-
-        if isinstance(quantize, str):
-            quantize = make_config(quantize)
-        handler, targets = plan_quantization(model, quantize, qdtype)  # bad configs fail before loading
+        raise ModelLoadError(f"{where} is missing tensors: {', '.join(missing[:5])}{more}")
+    if column == "ours":  # our own files must match the model exactly
+        extra = sorted(names - {p for parts in table.values() for p in parts})
+        if extra:
+            more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
+            raise ModelLoadError(f"{where} has tensors this model does not use: {', '.join(extra[:5])}{more} "
+                                 "(config.json does not match the weights)")
+    transform = getattr(source, "transform", None)
     pending: dict[str, dict[str, torch.Tensor]] = {}
     state: dict[str, torch.Tensor] = {}
-    bar = tqdm(table.items(), desc="loading weights", unit="tensor", disable=not progress, leave=False)
-    for ours, parts in bar:
+    total = sum(expected[k].numel() * _size(expected[k], dtype) for k in table)
+    bar = tqdm(total=total, desc="loading weights", unit="B", unit_scale=True, leave=False,
+               disable=not (progress and sys.stderr.isatty()))
+    for ours, parts in table.items():
         tensors = []
         for name in parts:
-            t = get_tensor(name)
-            if transform is not None:
-                t = transform(name, t)
-            tensors.append(t)
+            t = source.get(name)
+            tensors.append(transform(name, t) if transform is not None else t)
         t = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
-        want = tuple(expected[ours].shape)
-        if tuple(t.shape) != want:
-            raise ModelLoadError(
-                f"tensor {'+'.join(parts)} has shape {tuple(t.shape)}, expected {want} for {ours}"
-            )
-        t = t.to(device=device, dtype=dtype)
+        want = expected[ours]
+        if tuple(t.shape) != tuple(want.shape):
+            raise ModelLoadError(f"tensor {'+'.join(parts)} has shape {tuple(t.shape)}, expected "
+                                 f"{tuple(want.shape)} for {ours}")
+        if want.is_floating_point() != t.is_floating_point() or (not want.is_floating_point() and t.dtype != want.dtype):
+            raise ModelLoadError(f"tensor {'+'.join(parts)} in {where} is {t.dtype}, expected {want.dtype}")
+        t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        bar.update(t.numel() * t.element_size())
         module, _, pname = ours.rpartition(".")
         if module in targets:
-            parts_in = pending.setdefault(module, {})
-            parts_in[pname] = t
-            if "weight" in parts_in and ("bias" in parts_in or not targets[module]):
-                _swap_quantized(model, module, pending.pop(module), handler, quantize, qdtype)
+            got = pending.setdefault(module, {})
+            got[pname] = t
+            if "weight" in got and ("bias" in got or not targets[module]):
+                got = pending.pop(module)
+                set_submodule(model, module, quantize_weight(handler, config, got["weight"], got.get("bias"), qdtype))
             continue
         state[ours] = t
+        del t, tensors
+    bar.close()
     if tied and "output" in targets:  # the head gets its own quantized copy; the embedding stays float
-        _swap_quantized(model, "output", {"weight": state["tok_embeddings.weight"]}, handler, quantize, qdtype)
-    elif tied:
+        set_submodule(model, "output", quantize_weight(handler, config, state["tok_embeddings.weight"], None, qdtype))
+    elif tied and isinstance(model.output, nn.Linear):
         state["output.weight"] = state["tok_embeddings.weight"]
     done = tuple(name + "." for name in targets)
     result = model.load_state_dict(state, strict=False, assign=True)
     left = [k for k in result.missing_keys if not k.startswith(done)] + list(result.unexpected_keys)
     if left or pending:  # the name table and the model disagree: a bug, not a user error
         raise RuntimeError(f"weights not assigned: {left + sorted(pending)}")
-    if tied and "output" not in targets:
+    if tied and isinstance(model.output, nn.Linear):
         model.output.weight = model.tok_embeddings.weight
-    meta = None
-    if quantize is not None:
-        from ..quant.core import quant_metadata
-
-        meta = quant_metadata(quantize, qdtype, len(targets))
-    return model.eval(), meta
+    if prequantized is not None:
+        prepare_model(model)  # assigned buffers: build the packed copies and kernel hooks
+    meta = quant_metadata(config, qdtype, len(targets)) if targets else None
+    return model.eval(), args, meta
 
 
-def _swap_quantized(model, name, tensors, handler, config, dtype) -> None:
-    from ..quant.core import quantize_weight, set_submodule
+def _table(args: ModelArgs, column: str, model: nn.Module, tied: bool) -> dict[str, list[str]]:
+    """{our state-dict name: [source tensors concatenated along dim 0]}."""
+    if column != "ours":
+        return mapping(args.n_layers, column, args.qkv_bias, tied)
+    shared = tied and isinstance(model.output, nn.Linear)  # a float tied head is the embedding itself
+    return {k: [k] for k in model.state_dict(keep_vars=True) if not (shared and k == "output.weight")}
 
-    set_submodule(model, name, quantize_weight(handler, config, tensors["weight"], tensors.get("bias"), dtype))
 
-
-def _ours_present(args: ModelArgs, source: str, available: set[str]) -> set[str]:
-    table = mapping(args.n_layers, source, args.qkv_bias, tied=False)
-    return {ours for ours, parts in table.items() if all(p in available for p in parts)}
+def _size(t: torch.Tensor, dtype: torch.dtype) -> int:
+    return (dtype if t.is_floating_point() else t.dtype).itemsize

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ModelArgs
+from ..config import ModelArgs, check_float, check_int
 from ..errors import ModelLoadError, UnsupportedModelError
 
 GGUF_MAGIC = b"GGUF"
@@ -34,7 +34,92 @@ def open_reader(path: Path):
     try:
         return gguf.GGUFReader(str(path), "r")
     except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on bad files
-        raise ModelLoadError(f"corrupt or truncated GGUF file {path}: {type(e).__name__}: {e}") from None
+        raise ModelLoadError(_damage(path, f"{type(e).__name__}: {e}")) from None
+
+
+# value sizes of the GGUF metadata types (gguf.GGUFValueType): 8 is a string, 9 an array
+_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def expected_size(path: Path) -> int | None:
+    """The byte length the GGUF header promises (data start + the end of the last tensor), or
+    None when the header itself is cut short or unreadable. Reads the header only."""
+    import mmap
+    import struct
+
+    import gguf
+
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            pos = 0
+
+            def take(fmt):
+                nonlocal pos
+                vals = struct.unpack_from("<" + fmt, m, pos)
+                pos += struct.calcsize("<" + fmt)
+                return vals[0] if len(vals) == 1 else vals
+
+            def string():
+                nonlocal pos
+                n = take("Q")
+                if pos + n > len(m):
+                    raise struct.error("string past the end")
+                pos += n
+                return bytes(m[pos - n:pos])
+
+            def skip(vtype):
+                nonlocal pos
+                if vtype == 8:
+                    string()
+                elif vtype == 9:
+                    sub, n = take("IQ")
+                    if sub in _SCALAR:
+                        pos += n * _SCALAR[sub]
+                    else:
+                        for _ in range(n):
+                            skip(sub)
+                else:
+                    pos += _SCALAR[vtype]
+
+            magic, _version, n_tensors, n_kv = take("4sIQQ")
+            alignment = 32
+            for _ in range(n_kv):
+                name = string()
+                vtype = take("I")
+                if name == b"general.alignment" and vtype == 4:
+                    alignment = take("I")
+                else:
+                    skip(vtype)
+            end = 0
+            for _ in range(n_tensors):
+                string()
+                dims = [take("Q") for _ in range(take("I"))]
+                ttype, offset = take("IQ")
+                block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+                count = 1
+                for d in dims:
+                    count *= d
+                end = max(end, offset + count // block * size)
+            if pos > len(m):
+                return None
+            start = pos + (-pos % alignment)
+            return start + end
+    except (OSError, ValueError, KeyError, struct.error):
+        return None
+
+
+def _damage(path: Path, detail: str) -> str:
+    """A one-line message for a GGUF that failed to read: truncated (with the sizes) when the file
+    is shorter than its header promises or its header is cut short, else corrupt."""
+    try:
+        have = Path(path).stat().st_size
+    except OSError:
+        return f"cannot read GGUF file {path}"
+    want = expected_size(path)
+    if want is None or have < want:
+        need = f"; its header describes {want:,} bytes" if want else ""
+        return f"GGUF file {path} is truncated ({have:,} bytes{need}): download or copy it again"
+    return f"corrupt GGUF file {path} ({detail})"
 
 
 def field(reader, key: str, default=None):
@@ -45,45 +130,57 @@ def field(reader, key: str, default=None):
 
 
 def load_args(reader) -> ModelArgs:
+    """ModelArgs from the GGUF metadata, each value type- and range-checked (one-line errors)."""
     arch = field(reader, "general.architecture")
-    if arch not in ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise UnsupportedModelError(
             f"GGUF architecture {arch!r} is not supported; blitzgen runs: {', '.join(ARCHITECTURES)} "
             "(Llama 2/3, Mistral, SmolLM2, TinyLlama, CodeLlama, Qwen2/2.5)"
         )
+    where = "GGUF metadata"
 
     def key(k, default=None):
         return field(reader, f"{arch}.{k}", default)
 
-    dim = key("embedding_length")
-    n_heads = key("attention.head_count")
+    def num(k, default=None, kind=int):
+        value = key(k, default)
+        if kind is int:
+            return check_int(where, f"{arch}.{k}", value)
+        return check_float(where, f"{arch}.{k}", value)
+
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = key("vocab_size") or (len(tokens.data) if tokens is not None else None)
-    if None in (dim, n_heads, key("block_count"), key("feed_forward_length"), vocab):
+    if None in (key("embedding_length"), key("attention.head_count"), key("block_count"),
+                key("feed_forward_length"), vocab):
         raise ModelLoadError("GGUF metadata lacks the model's shape (embedding_length, head_count, block_count, "
                              "feed_forward_length, vocab_size or tokenizer tokens)")
+    dim, n_heads = num("embedding_length"), num("attention.head_count")
     names = {t.name for t in reader.tensors}
     rope_scaling = None
+    scaling_type = key("rope.scaling.type")
     if "rope_freqs.weight" in names:  # llama 3.1+: per-frequency divisors stored as a tensor
         t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
         rope_scaling = {"rope_type": "freq_factors", "factors": [float(x) for x in np.asarray(t.data)]}
-    elif key("rope.scaling.type") == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
-    elif key("rope.scaling.type") not in (None, "none"):
-        raise UnsupportedModelError(f"GGUF rope scaling {key('rope.scaling.type')!r} is not supported")
-    head_dim = key("attention.key_length") or key("rope.dimension_count") or dim // n_heads
+    elif scaling_type == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": num("rope.scaling.factor", kind=float)}
+    elif scaling_type not in (None, "none"):
+        raise UnsupportedModelError(f"GGUF rope scaling {scaling_type!r} is not supported")
+    head_dim = key("attention.key_length") or key("rope.dimension_count")
+    if head_dim is None and dim % n_heads:
+        raise ModelLoadError(f"{where}: {arch}.attention.head_count ({n_heads}) does not divide "
+                             f"{arch}.embedding_length ({dim})")
     return ModelArgs(
-        vocab_size=int(vocab),
-        dim=int(dim),
-        n_layers=int(key("block_count")),
-        n_heads=int(n_heads),
-        n_kv_heads=int(key("attention.head_count_kv", n_heads)),
-        head_dim=int(head_dim),
-        intermediate_size=int(key("feed_forward_length")),
-        norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(key("rope.freq_base", 10000.0)),
+        vocab_size=check_int(where, f"{arch}.vocab_size", vocab),
+        dim=dim,
+        n_layers=num("block_count"),
+        n_heads=n_heads,
+        n_kv_heads=num("attention.head_count_kv", n_heads),
+        head_dim=check_int(where, f"{arch}.attention.key_length", head_dim) if head_dim is not None else None,
+        intermediate_size=num("feed_forward_length"),
+        norm_eps=num("attention.layer_norm_rms_epsilon", 1e-5, kind=float),
+        rope_theta=num("rope.freq_base", 10000.0, kind=float),
         rope_scaling=rope_scaling,
-        max_seq_len=int(key("context_length", 2048)),
+        max_seq_len=num("context_length", 2048),
         tie_word_embeddings="output.weight" not in names,
         qkv_bias="blk.0.attn_q.bias" in names,
         model_type=ARCHITECTURES[arch],
@@ -103,10 +200,13 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 class GGUFSource:
     """name -> dequantized float32 tensor, in torch's [out, in] layout."""
 
+    column = "gguf"
+
     def __init__(self, reader, args: ModelArgs):
         import gguf
 
         self.args = args
+        self.path = Path(reader.data.filename) if hasattr(reader.data, "filename") else Path("?")
         self.arch = field(reader, "general.architecture")
         self.tensors = {t.name: t for t in reader.tensors}
         for t in reader.tensors:
@@ -129,7 +229,7 @@ class GGUFSource:
                 "dequantize; re-export the model with another quantization (e.g. Q8_0, Q4_K_M, F16)"
             ) from None
         except Exception as e:
-            raise ModelLoadError(f"cannot read GGUF tensor {name}: {e} (is the file truncated?)") from None
+            raise ModelLoadError(_damage(self.path, f"tensor {name}: {type(e).__name__}: {e}")) from None
         arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)
         if not arr.flags.writeable:  # float tensors come straight from the read-only mmap
             arr = arr.copy()

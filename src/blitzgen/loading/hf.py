@@ -46,15 +46,22 @@ def safetensors_files(path: Path) -> list[Path]:
 
 
 class SafetensorsSource:
-    """name -> tensor over several safetensors files, opened lazily (mmap), nothing copied upfront."""
+    """name -> tensor over several safetensors files, opened lazily (mmap), nothing copied upfront.
 
-    def __init__(self, files: list[Path]):
+    ``column`` names the tensors' naming scheme for the name table ("hf", or "ours" for blitzgen's
+    own checkpoints). With ``device`` set, safetensors reads each tensor straight to that device:
+    on CUDA it stages the mmapped bytes through pinned host memory and copies them to the GPU, so
+    the cast to the model's dtype runs on the GPU; on the CPU a tensor is a view of the mmap until
+    it is cast or concatenated (fused wqkv / w13)."""
+
+    def __init__(self, files: list[Path], column: str = "hf", device: str = "cpu"):
+        self.column = column
         self.handles = {}
         self.where: dict[str, object] = {}
         self.metadata: dict[str, str] = {}
         for f in files:
             try:
-                h = safe_open(str(f), framework="pt", device="cpu")
+                h = safe_open(str(f), framework="pt", device=str(device))
                 names = list(h.keys())
             except (SafetensorError, OSError, ValueError) as e:
                 raise ModelLoadError(f"corrupt or truncated safetensors file {f}: {e}") from None

@@ -1,4 +1,4 @@
-"""Weight-only quantization: int8 (per output channel) and int4 (group-wise), plus checkpoints.
+"""Weight-only quantization: int8 (per output channel) and int4 (group-wise): math and modules.
 
     from blitzgen.quant import Int4Config, make_config, quantize_model
     meta = quantize_model(model, Int4Config(group_size=32))   # or make_config("int8")
@@ -9,7 +9,8 @@ place for ``Int8Linear`` / ``Int4Linear``, through a registry of handlers keyed 
 embedding is never quantized; a tied output head is quantized as its own copy. Math is
 round-to-nearest in float32 on the weight's own device; ``loading.load(quantize=...)`` applies the
 same per layer while the weights load. ``gptq.py`` is the calibrated alternative for int4 (same
-layout). ``checkpoint.py`` saves and loads self-describing quantized checkpoints.
+layout). Quantized checkpoints are saved and loaded by ``blitzgen.loading.checkpoint`` (loading
+imports quant, never the reverse).
 
 Why our own modules rather than torchao's
 -----------------------------------------
@@ -19,7 +20,7 @@ two small modules instead give:
 
 * full control of the storage layout, which blitzgen.kernels' Triton GEMVs consume directly
   (qweight uint8 [out, in/2], low nibble = even k; scales/zeros [out, in/group]);
-* no runtime dependency (torchao stays an optional extra, used at most to cross-check in tests);
+* no runtime dependency on torchao;
 * exactly gpt-fast's math (``WeightOnlyInt8Linear``; ``group_quantize_tensor`` + tinygemm's
   ``_weight_int4pack_mm``), which inductor fuses well under torch.compile;
 * plain tensors in ``state_dict``: safetensors checkpoints need no tensor-subclass serialization.

@@ -201,13 +201,67 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     types = quantized_module_types()
     for name, m in list(model.named_modules()):
         if isinstance(m, types):
-            w = m.dequantize()
-            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-            lin.weight = nn.Parameter(w, requires_grad=False)
-            if m.bias is not None:
-                lin.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=False)
-            set_submodule(model, name, lin)
+            set_submodule(model, name, m.to_linear())
     return model
+
+
+# ------------------------------------------------------------------------------------------------
+# what the quantized linears share
+
+
+class QuantizedLinear(nn.Module):
+    """Base of Int8Linear and Int4Linear: shape, an optional bias (in the scales' dtype), the
+    persistent storage buffers (``STORAGE``, what checkpoints hold), device caches rebuilt by
+    ``prepare()`` after every move, the output cast to the activations' dtype, and the float twin."""
+
+    STORAGE: ClassVar[tuple[str, ...]] = ()  # persistent buffers besides the bias, main one first
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    def storage(self) -> torch.Tensor:
+        return getattr(self, self.STORAGE[0])
+
+    def prepare(self) -> None:
+        """(Re)build device-specific caches (packed copies, kernel hooks); nothing by default."""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # a device or dtype move: rebuild the caches
+        if self.storage().device.type != "meta":
+            self.prepare()
+        return self
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _copy_bias(self, lin: nn.Linear, dtype: torch.dtype) -> None:
+        if lin.bias is not None:
+            self.bias = lin.bias.detach().to(dtype=dtype, copy=True)
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Add the bias; return in x's dtype (scales and bias may be stored in another dtype:
+        quantize's --dtype, load(quant_dtype=))."""
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear holding the dequantized weight (in the scales' dtype)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        lin.weight = nn.Parameter(self.dequantize(), requires_grad=False)
+        if self.bias is not None:
+            lin.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+        return lin
+
+    def describe(self) -> str:
+        return ""
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, {self.describe()}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import BlitzgenError
-from .core import (INT4_GROUP_SIZES, Handler, Int4Config, get_kernel, is_single_token, register_handler,
-                   scale_eps)
+from .core import (INT4_GROUP_SIZES, Handler, Int4Config, QuantizedLinear, get_kernel, is_single_token,
+                   register_handler, scale_eps)
 
 # On CPU the packed int4 op beats dequantize + F.linear in bf16 up to this many rows (4 cores of the
 # H200 host, torch 2.11: 4096x4096 bf16 0.58 ms vs 60 ms at 1 row, 7.8 ms vs 62 ms at 32 rows). In
@@ -166,21 +166,19 @@ def packed_op_works(device: str, dtype: torch.dtype, group_size: int, inner_k_ti
 # the module
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantizedLinear):
+    STORAGE = ("qweight", "scales", "zeros")
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, group_size: int = 32,
                  dtype: torch.dtype = torch.bfloat16, device=None):
-        super().__init__()
         if in_features % group_size or group_size % 2:
             raise BlitzgenError(f"group size {group_size} does not divide in_features {in_features}")
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        super().__init__(in_features, out_features, bias, dtype, device)
+        self.group_size = group_size
         n_groups = in_features // group_size
         self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.empty(out_features, n_groups, dtype=dtype, device=device))
         self.register_buffer("zeros", torch.empty(out_features, n_groups, dtype=dtype, device=device))
-        if bias:
-            self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
-        else:
-            self.register_buffer("bias", None)
         # device-specific caches, rebuilt by prepare(); never saved
         self.register_buffer("packed_weight", None, persistent=False)
         self.register_buffer("packed_scales_zeros", None, persistent=False)
@@ -194,8 +192,7 @@ class Int4Linear(nn.Module):
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, group_size=group_size, dtype=dtype,
                 device="meta")
         m.qweight, m.scales, m.zeros = quantize_int4(lin.weight, group_size, dtype)
-        if lin.bias is not None:
-            m.bias = lin.bias.detach().to(dtype=dtype, copy=True)
+        m._copy_bias(lin, dtype)
         m.prepare()
         return m
 
@@ -221,13 +218,6 @@ class Int4Linear(nn.Module):
         self.packed_weight, self.packed_scales_zeros = pack(self.qweight, self.scales, self.zeros, tiles)
         self._packed_for = (dev, dtype)
 
-    def _apply(self, fn, recurse=True):
-        # .to() / .cuda() / .half(): the packed copies are device- and dtype-specific; rebuild them.
-        super()._apply(fn, recurse)
-        if self.qweight.device.type != "meta":
-            self.prepare()
-        return self
-
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         return dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, dtype)
 
@@ -241,15 +231,10 @@ class Int4Linear(nn.Module):
             y = _int4_mm_cpu(x, self.packed_weight, self.packed_scales_zeros, self.group_size)
         else:
             y = F.linear(x, self.dequantize(x.dtype))
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        # scales / bias may be stored in another dtype than the activations (quantize's --dtype,
-        # load(quant_dtype=)); the output is always in the activations' dtype
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        return self._finish(y, x)
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, int4, group_size={self.group_size}")
+    def describe(self) -> str:
+        return f"int4, group_size={self.group_size}"
 
 
 def _check(name: str, lin: nn.Linear, config: Int4Config) -> None:

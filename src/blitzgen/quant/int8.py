@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import BlitzgenError
-from .core import Handler, Int8Config, get_kernel, is_single_token, register_handler, scale_eps
+from .core import (Handler, Int8Config, QuantizedLinear, get_kernel, is_single_token, register_handler,
+                   scale_eps)
 
 
 @torch.library.custom_op("blitzgen_quant::int8_linear", mutates_args=())
@@ -50,17 +51,14 @@ def dequantize_int8(weight: Tensor, scales: Tensor, dtype: torch.dtype | None = 
     return (weight.float() * scales.float()[:, None]).to(dtype)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(QuantizedLinear):
+    STORAGE = ("weight", "scales")
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
                  dtype: torch.dtype = torch.bfloat16, device=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, bias, dtype, device)
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
-        if bias:
-            self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
-        else:
-            self.register_buffer("bias", None)
         self._gemv = None  # blitzgen.kernels.int8_gemv(x, weight, scales) when available, on CUDA
 
     @classmethod
@@ -69,19 +67,12 @@ class Int8Linear(nn.Module):
         dtype = dtype or lin.weight.dtype
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, dtype=dtype, device="meta")
         m.weight, m.scales = quantize_int8(lin.weight, dtype)
-        if lin.bias is not None:
-            m.bias = lin.bias.detach().to(dtype=dtype, copy=True)
+        m._copy_bias(lin, dtype)
         m.prepare()
         return m
 
     def prepare(self) -> None:
         self._gemv = get_kernel("int8_gemv") if self.weight.device.type == "cuda" else None
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)  # a device move: look the kernel hook up again
-        if self.weight.device.type != "meta":
-            self.prepare()
-        return self
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         return dequantize_int8(self.weight, self.scales, dtype)
@@ -93,14 +84,10 @@ class Int8Linear(nn.Module):
             y = int8_linear_op(x, self.weight, self.scales)
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        # scales / bias may be stored in another dtype than the activations (quantize's --dtype,
-        # load(quant_dtype=)); the output is always in the activations' dtype
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        return self._finish(y, x)
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+    def describe(self) -> str:
+        return "int8"
 
 
 def _check(name: str, lin: nn.Linear, config: Int8Config) -> None:

@@ -34,8 +34,7 @@ import types
 
 
 def parse_args(argv=None):
-    here = os.path.dirname(os.path.abspath(__file__))
-    default_dir = os.environ.get("GPT_FAST_DIR") or os.path.join(here, "..", "..", ".peers", "gpt-fast")
+    default_dir = os.environ.get("GPT_FAST_DIR") or os.path.join(os.getcwd(), ".peers", "gpt-fast")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpt-fast-dir", default=default_dir)
     p.add_argument("--shape", default="Llama-2-7b-chat-hf", help="a gpt-fast transformer_configs preset")

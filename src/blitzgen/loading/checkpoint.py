@@ -12,9 +12,9 @@ A checkpoint is a directory:
   "group_size", "dtype", "method" ("rtn": round to nearest, or "gptq"), "calibration_tokens" (GPTQ),
   "source_model", "source_kind", "blitzgen_version", "created"}.
 
-Loading needs no flag and parses no file name: the model is built on the meta device, quantized
-modules are put in per the metadata, and every tensor is assigned after a name, shape and dtype
-check.
+Loading needs no flag and parses no file name: it goes through the one assemble step
+(loading/assemble.py) with the quantized modules put in per the metadata and every tensor
+assigned as stored, after a name, shape and dtype check (nothing is re-quantized).
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from pathlib import Path
 import torch
 
 from ..errors import BlitzgenError, ModelLoadError
+from ..quant.core import is_quantized, make_config
+from . import hf as hf_src
+from .assemble import assemble
 
 METADATA_KEY = "blitzgen.quant"
 FORMAT = "blitzgen-quantized"
@@ -105,8 +108,6 @@ def save_quantized(lm, out_dir: Path, meta: dict, *, dtype: torch.dtype | None =
     """
     from safetensors.torch import save_file
 
-    from .core import is_quantized
-
     model = lm.model
     if not is_quantized(model):
         raise BlitzgenError("the model is not quantized; run quantize_model first")
@@ -125,11 +126,25 @@ def save_quantized(lm, out_dir: Path, meta: dict, *, dtype: torch.dtype | None =
     header.update({f"blitzgen.{k}": str(v) for k, v in full.items() if v is not None})
     tmp = out_dir / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp), metadata=header)
+    os.chmod(tmp, 0o666 & ~umask())  # safetensors creates it 0600; the other files follow the umask
     os.replace(tmp, out_dir / WEIGHTS_FILE)
 
     (out_dir / "config.json").write_text(json.dumps(lm.args.to_hf_config(), indent=2) + "\n")
     lm.tokenizer.save_pretrained(out_dir)
     (out_dir / META_FILE).write_text(json.dumps(full, indent=2) + "\n")
+
+
+def umask() -> int:
+    try:  # read without changing it (os.umask sets it, which races with other threads)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 # ------------------------------------------------------------------------------------------------
@@ -167,8 +182,6 @@ def read_metadata(path: Path) -> dict:
 
 
 def config_from_metadata(meta: dict, where: str = "checkpoint"):
-    from .core import make_config
-
     scheme = meta.get("scheme")
     try:
         return make_config(str(scheme), meta.get("group_size"))
@@ -177,20 +190,14 @@ def config_from_metadata(meta: dict, where: str = "checkpoint"):
                              f"{meta.get('group_size')!r}): {e}") from None
 
 
-def load_quantized(path, device, dtype, progress: bool = True):
-    """-> (model, args, tokenizer, meta). Float tensors are cast to dtype; int tensors kept."""
-    from safetensors import SafetensorError, safe_open
-    from tqdm.auto import tqdm
-
-    from ..loading import hf as hf_src
-    from ..model import Transformer
+def load_checkpoint(path, *, device, dtype: torch.dtype, progress: bool = True):
+    """-> (model, args, tokenizer, meta). Float tensors are cast to dtype; the quantized ones are
+    assigned as they are (never re-quantized)."""
     from ..tokenizer import Tokenizer
-    from .core import handler_for, prepare_model, set_submodule, target_linears
 
     path = Path(path)
     meta = read_metadata(path)
     config = config_from_metadata(meta, str(path / META_FILE))
-    handler = handler_for(config)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelLoadError(f"{path}: {WEIGHTS_FILE} is missing")
@@ -202,47 +209,10 @@ def load_quantized(path, device, dtype, progress: bool = True):
             f"written as {header_meta.get('scheme')}/{header_meta.get('group_size')}"
         )
     args = hf_src.load_args(path)
-
-    with torch.device("meta"):
-        model = Transformer(args)
-        for name, lin in target_linears(model):
-            set_submodule(model, name, handler.empty(lin.in_features, lin.out_features, lin.bias is not None,
-                                                     config, dtype, "meta"))
-    expected = model.state_dict()
-
-    try:
-        fh = safe_open(str(weights), framework="pt", device="cpu")
-        names = set(fh.keys())
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelLoadError(f"corrupt or truncated {weights}: {e}") from None
-    missing = [k for k in expected if k not in names]
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise ModelLoadError(f"{weights} is missing tensors: {', '.join(missing[:5])}{more}")
-    extra = sorted(names - set(expected))
-    if extra:
-        more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
-        raise ModelLoadError(f"{weights} has tensors this model does not use: {', '.join(extra[:5])}{more} "
-                             "(config.json does not match the weights)")
-
-    state: dict[str, torch.Tensor] = {}
-    for name, want in tqdm(expected.items(), desc="loading weights", unit="tensor", disable=not progress,
-                           leave=False):
-        try:
-            t = fh.get_tensor(name)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise ModelLoadError(f"cannot read tensor {name} from {weights}: {e} (is the file truncated?)") from None
-        if tuple(t.shape) != tuple(want.shape):
-            raise ModelLoadError(f"tensor {name} in {weights} has shape {tuple(t.shape)}, expected "
-                                 f"{tuple(want.shape)}")
-        if want.dtype.is_floating_point != t.dtype.is_floating_point or \
-                (not want.dtype.is_floating_point and t.dtype != want.dtype):
-            raise ModelLoadError(f"tensor {name} in {weights} is {t.dtype}, expected {want.dtype}")
-        state[name] = t.to(device=device, dtype=dtype if t.dtype.is_floating_point else t.dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    prepare_model(model)
-    tokenizer = Tokenizer.from_hf_dir(path)
-    return model.eval(), args, tokenizer, meta
+    source = hf_src.SafetensorsSource([weights], column="ours", device=str(device))
+    model, args, _ = assemble(args, source, device=device, dtype=dtype, prequantized=config, progress=progress,
+                              where=str(weights))
+    return model, args, Tokenizer.from_hf_dir(path), meta
 
 
 def checkpoint_bytes(path: Path) -> int:
