@@ -70,3 +70,33 @@ class AllReduce:
             return torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", self.group_name)
         torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", self.group_name)
         return buf.clone()
+
+
+def time_all_reduce(group, kind: str, nbytes: int, dtype: str = "bfloat16", iters: int = 200) -> float:
+    """Seconds per call of ``kind`` on a message of nbytes, every rank of ``group`` (a TPGroup)
+    calling it; CUDA: timed over a CUDA graph of ``iters`` calls (what decode replays), else eager."""
+    dt = getattr(torch, dtype)
+    x = torch.ones(max(1, nbytes // dt.itemsize), dtype=dt, device=group.device)
+    ar = group.all_reduce(kind)
+    for _ in range(5):
+        x = ar(x) * (1.0 / group.world)
+    if group.device.type == "cuda":
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream), torch.cuda.graph(graph):
+            y = x
+            for _ in range(iters):
+                y = ar(y)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / iters
+    import time
+
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        x = ar(x)
+    return (time.perf_counter() - t0) / iters

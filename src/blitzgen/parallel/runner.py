@@ -24,6 +24,15 @@ from .group import TPGroup
 _MODEL_CALLS = ("generate_ids", "stream", "complete", "warmup")
 
 
+def _time_all_reduce(group, *args, **kw):
+    from .comm import time_all_reduce
+
+    return time_all_reduce(group, *args, **kw)
+
+
+_GROUP_CALLS = {"time_all_reduce": _time_all_reduce}
+
+
 @dataclass(frozen=True)
 class TPSpec:
     """What every rank loads (picklable): a model source or a named shape of random weights."""
@@ -106,6 +115,13 @@ class TPGenerator:
         self._send("complete", list(prompt_ids), max_new_tokens, sampling, list(stop))
         return self.gen.complete(prompt_ids, max_new_tokens, sampling, stop)
 
+    def time_all_reduce(self, kind: str, nbytes: int, dtype: str = "bfloat16", iters: int = 200) -> float:
+        """Seconds per all-reduce of nbytes (every rank runs it): see comm.time_all_reduce."""
+        from .comm import time_all_reduce
+
+        self._send("time_all_reduce", kind, nbytes, dtype, iters)
+        return time_all_reduce(self.group, kind, nbytes, dtype, iters)
+
     def warmup(self, sampling_modes=None, prompt_len=None, new_tokens: int = 4) -> float:
         self._send("warmup", sampling_modes, prompt_len, new_tokens)
         return self.gen.warmup(sampling_modes, prompt_len, new_tokens)
@@ -133,8 +149,11 @@ def follow(group: TPGroup, spec: TPSpec, alive: Callable[[], bool] = lambda: Tru
         if req is None:
             return
         method, args, kw = req
-        if method not in _MODEL_CALLS:
+        if method not in _MODEL_CALLS and method not in _GROUP_CALLS:
             raise BlitzgenError(f"unknown request {method!r} from rank 0")
+        if method in _GROUP_CALLS:
+            _GROUP_CALLS[method](group, *args, **kw)
+            continue
         try:
             out = getattr(gen, method)(*args, **kw)
             if method in ("generate_ids", "stream"):
