@@ -115,8 +115,9 @@ def init(rank: int | None = None, world: int | None = None, *, device: str = "cp
     if device.startswith("cuda"):
         torch.cuda.set_device(local)
         dev, backend = torch.device("cuda", local), "nccl"
-    else:
+    else:  # ranks share the host's cores
         dev, backend = torch.device("cpu"), "gloo"
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     kw = dict(device_id=dev) if backend == "nccl" else {}
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s), **kw)

@@ -73,6 +73,33 @@ def load_rank(group: TPGroup, spec: TPSpec):
     return lm, gen
 
 
+def model_args(spec: TPSpec):
+    """The full model's ModelArgs, read from the source's config only (no weights)."""
+    from ..config import ModelArgs
+    from ..loading import detect_kind, gguf as gguf_src, hf as hf_src, resolve
+
+    if spec.shape:
+        return ModelArgs.from_name(spec.shape)
+    path = resolve(spec.model)
+    kind = detect_kind(path)
+    if kind == "gguf-dir":
+        path, kind = next(p for p in sorted(path.glob("*.gguf")) if gguf_src.is_gguf_file(p)), "gguf"
+    if kind == "gguf":
+        return gguf_src.load_args(gguf_src.open_reader(path))
+    return hf_src.load_args(path)
+
+
+def check_split(spec: TPSpec, world: int) -> None:
+    """Before any rank starts: the GPUs exist and the model splits over ``world`` ranks."""
+    from ..quant.core import make_config
+    from .group import check_devices
+    from .tp import TPPlan
+
+    check_devices(world, spec.device)
+    quant = make_config(spec.quantize, spec.group_size) if spec.quantize else None
+    TPPlan.make(model_args(spec), 0, world, quant)
+
+
 def seeded(sampling):
     """The request's sampling parameters with a seed (drawn here when absent): every rank samples alike."""
     from ..sampling import SamplingParams
@@ -170,6 +197,7 @@ def run(world: int, spec: TPSpec, leader: Callable, *, timeout_s: float | None =
     from .group import DEFAULT_TIMEOUT_S, init, launch, torchrun_env
 
     timeout_s = timeout_s or DEFAULT_TIMEOUT_S
+    check_split(spec, world)
 
     def lead(group: TPGroup):
         lm, gen = load_rank(group, spec)
