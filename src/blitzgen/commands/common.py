@@ -24,6 +24,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--group-size", type=int, default=None, help="int4 group size (32, 64 or 128)")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + completion to allow (default: the model's context)")
+    g.add_argument("--tp", type=int, default=None, metavar="N",
+                   help="tensor parallel: spread the model over N GPUs (N processes; also runs under torchrun)")
+    g.add_argument("--all-reduce", default="functional", choices=["functional", "symm-one-shot", "symm-two-shot"],
+                   help="the all-reduce of --tp (functional: NCCL/gloo; symm-*: symmetric memory, CUDA)")
 
 
 def resolve_dtype(name: str | None):
@@ -64,3 +68,14 @@ def load_engine(args, *, log=None):
 
 def dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+def tp_spec(args):
+    """What every tensor-parallel rank loads, from the model options (``--tp``)."""
+    from ..loading import default_device
+    from ..parallel import TPSpec
+
+    device = args.device or default_device()
+    return TPSpec(model=args.model, device=device, dtype=args.dtype or "bfloat16", quantize=args.quantize,
+                  group_size=args.group_size, compile=args.compile if args.compile is not None else
+                  device.startswith("cuda"), max_model_len=args.max_model_len, all_reduce=args.all_reduce)

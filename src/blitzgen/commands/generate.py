@@ -65,13 +65,23 @@ def run(args) -> int:
         from .remote import generate_remote
 
         return generate_remote(args, sampling)
+    if getattr(args, "tp", None) is not None:  # rank 0 runs the rest; the other ranks follow it
+        from ..parallel import run as run_tp
+        from .common import tp_spec
+
+        return run_tp(args.tp, tp_spec(args), lambda lm, gen: run_loaded(args, sampling, lm, gen))
+    from .common import load_engine
+
+    lm, gen = load_engine(args)
+    return run_loaded(args, sampling, lm, gen)
+
+
+def run_loaded(args, sampling, lm, gen) -> int:
     import torch
 
     from ..generate import weight_bytes
     from ..sampling import choice_sampling
-    from .common import load_engine
 
-    lm, gen = load_engine(args)
     ids = build_prompt_ids(lm.tokenizer, args.prompt, args.raw, args.system)
     gen.check_request(len(ids), args.max_new_tokens)
     gen.ensure_capacity(len(ids) + args.max_new_tokens)
