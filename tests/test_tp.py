@@ -171,3 +171,29 @@ def test_a_failing_rank_zero_stops_the_followers():
     with pytest.raises(RuntimeError, match="rank 0 failed"):
         run(2, TPSpec(shape="tiny", dtype="float32"), boom, timeout_s=60)
     assert time.monotonic() - t0 < 60
+
+
+def _compile_worker(rank, world, port):
+    group = _init(rank, world, port)
+    try:
+        full = tiny_model(seed=2, **GQA)
+        tp = TPPlan.make(full.args, rank, world).shard_model(copy.deepcopy(full), group.all_reduce())
+        step = torch.compile(tp, fullgraph=True, backend="aot_eager")  # no graph break at the all-reduce
+        ids = torch.tensor([[1, 2, 3]])
+        with torch.inference_mode():
+            torch.testing.assert_close(step(ids, torch.arange(3)), full(ids, torch.arange(3)), rtol=1e-4, atol=1e-4)
+            x, pos = torch.tensor([[4]]), torch.tensor([3])
+            torch.testing.assert_close(step(x, pos), full(x, pos), rtol=1e-4, atol=1e-4)
+    finally:
+        group.close()
+
+
+def test_compiled_two_ranks_trace_the_all_reduce_in_one_graph():
+    from blitzgen.parallel.group import free_port
+
+    torch.multiprocessing.spawn(_compile_worker, args=(2, free_port()), nprocs=2, join=True)
+
+
+@pytest.mark.slow
+def test_eight_ranks_logits_and_greedy():
+    _spawn(8, [(GQA, None), (GQA, "int8")])
