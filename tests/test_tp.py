@@ -197,3 +197,32 @@ def test_compiled_two_ranks_trace_the_all_reduce_in_one_graph():
 @pytest.mark.slow
 def test_eight_ranks_logits_and_greedy():
     _spawn(8, [(GQA, None), (GQA, "int8")])
+
+
+def test_each_rank_reads_only_its_slices(tmp_path, monkeypatch):
+    """Loading with a shard hook gives exactly the plan's split of the whole model, from HF
+    safetensors (float) and from a blitzgen int4 checkpoint, and reads split tensors only through
+    get_slice (never whole)."""
+    from blitzgen.loading import hf, load, save_quantized
+    from blitzgen.loading.synthetic import save_random_checkpoint
+    from blitzgen.parallel import Sharding
+
+    args = ModelArgs.from_name("tiny").replace(**GQA)
+    save_random_checkpoint(args, tmp_path / "hf", dtype=torch.float32)
+    lmq = load(tmp_path / "hf", device="cpu", dtype="float32", quantize="int4", progress=False)
+    save_quantized(lmq, tmp_path / "q", lmq.quant)
+    whole_reads = []
+    real_get = hf.SafetensorsSource.get
+    monkeypatch.setattr(hf.SafetensorsSource, "get", lambda self, n: whole_reads.append(n) or real_get(self, n))
+    for src in ("hf", "q"):
+        ref = load(tmp_path / src, device="cpu", dtype="float32", progress=False).model
+        for rank in range(4):
+            whole_reads.clear()
+            got = load(tmp_path / src, device="cpu", dtype="float32", progress=False, shard=Sharding(rank, 4)).model
+            assert not [n for n in whole_reads if "proj" in n or "wqkv" in n or "w13" in n or "w2" in n or "wo" in n]
+            want = TPPlan.make(args, rank, 4).shard_model(copy.deepcopy(ref)).state_dict()
+            have = got.state_dict()
+            assert have.keys() == want.keys()
+            for k in want:
+                assert torch.equal(have[k], want[k]), (src, rank, k)
+            assert got.layers[0].attention.n_kv_heads == 1 and got.args.intermediate_size == 64
