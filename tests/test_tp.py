@@ -226,3 +226,31 @@ def test_each_rank_reads_only_its_slices(tmp_path, monkeypatch):
             for k in want:
                 assert torch.equal(have[k], want[k]), (src, rank, k)
             assert got.layers[0].attention.n_kv_heads == 1 and got.args.intermediate_size == 64
+
+
+def test_rank_zero_finishes_every_step_the_followers_take():
+    """A caller that stops reading, or a Ctrl-C inside a step, still lets the steps run to the end
+    on rank 0 (the followers run them); the Ctrl-C surfaces between tokens."""
+    import signal
+
+    from blitzgen.parallel.runner import _lockstep
+
+    ran = []
+
+    def steps(n, interrupt_at=None):
+        for i in range(n):
+            if i == interrupt_at:
+                os.kill(os.getpid(), signal.SIGINT)
+            ran.append(i)
+            yield i
+
+    it = _lockstep(steps(6))
+    assert next(it) == 0
+    it.close()
+    assert ran == list(range(6))
+    ran.clear()
+    got = []
+    with pytest.raises(KeyboardInterrupt):
+        for x in _lockstep(steps(6, interrupt_at=2)):
+            got.append(x)
+    assert got == [0, 1] and ran == list(range(6))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import socket
 import sys
 import threading
@@ -157,6 +158,7 @@ class Channel:
 
 # ---- the launcher ----------------------------------------------------------------------------------
 def _follower_entry(rank, world, init_method, device, timeout_s, parent, target, args):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle (it stops the others)
     for k, v in MULTICAST_OFF.items():
         os.environ[k] = v
     try:
@@ -200,13 +202,22 @@ def launch(world: int, follower, follower_args: tuple, leader, *, device: str = 
         _stop(procs, group)
 
 
+_FAILURE: list[str] = []
+
+
+def failure() -> str | None:
+    """Why the tensor-parallel ranks stopped (a dead rank), or None while they are all up: what a
+    health check reports in the moment before the launcher ends the process."""
+    return _FAILURE[0] if _FAILURE else None
+
+
 def _watch(procs, done: threading.Event) -> None:
     while not done.wait(POLL_S):
         for rank, p in enumerate(procs, start=1):
             if p.exitcode is not None and not done.is_set():
                 how = f"signal {-p.exitcode}" if p.exitcode < 0 else f"status {p.exitcode}"
-                print(f"blitzgen: tensor-parallel rank {rank} exited ({how}); stopping all ranks",
-                      file=sys.stderr, flush=True)
+                _FAILURE.append(f"tensor-parallel rank {rank} exited ({how})")
+                print(f"blitzgen: {_FAILURE[0]}; stopping all ranks", file=sys.stderr, flush=True)
                 for q in procs:
                     if q.is_alive():
                         q.kill()

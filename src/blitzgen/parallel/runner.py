@@ -12,9 +12,12 @@ still runs the remaining steps on rank 0, silently, because the followers run th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -155,16 +158,40 @@ class TPGenerator:
 
 
 def _lockstep(it: Iterator) -> Iterator:
-    """it's items; when the caller stops early, the rest of it still runs (the followers run it)."""
+    """it's items; when the caller stops early, the rest of it still runs (the followers run it).
+    Ctrl-C while it runs the model is held until the item is handed out, so that rank 0 never
+    stops inside a step the followers are taking too."""
     finished = False
     try:
-        for x in it:
+        while True:
+            try:
+                with _hold_interrupts() as held:
+                    x = next(it)
+            except StopIteration:
+                finished = True
+                return
+            if held:
+                raise KeyboardInterrupt
             yield x
-        finished = True
     finally:
         if not finished:
-            for _ in it:
-                pass
+            with _hold_interrupts():
+                for _ in it:
+                    pass
+
+
+@contextlib.contextmanager
+def _hold_interrupts():
+    """SIGINT recorded (the yielded list) instead of raised, in the main thread; elsewhere a no-op."""
+    held: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+    prev = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield held
+    finally:
+        signal.signal(signal.SIGINT, prev)
 
 
 def follow(group: TPGroup, spec: TPSpec, alive: Callable[[], bool] = lambda: True) -> None:
