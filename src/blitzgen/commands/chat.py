@@ -35,11 +35,11 @@ def register(sub) -> None:
 class LocalChat:
     """Replies from a model loaded in this process."""
 
-    def __init__(self, args):
+    def __init__(self, args, loaded=None):
         from ..errors import InvalidRequestError
         from .common import load_engine
 
-        self.lm, self.gen = load_engine(args)
+        self.lm, self.gen = loaded or load_engine(args)
         if not self.lm.tokenizer.chat_template:
             raise InvalidRequestError("this model has no chat template: use `blitzgen generate --raw` instead")
         self.name = self.lm.name
@@ -90,7 +90,17 @@ def run(args) -> int:
     if args.max_new_tokens < 1:
         raise InvalidRequestError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     sampling = sampling_from_args(args)
-    backend = RemoteChat(args) if args.url else LocalChat(args)
+    if getattr(args, "tp", None) is not None and not args.url:  # rank 0 chats; the other ranks follow
+        from ..parallel import run as run_tp
+        from .common import tp_spec
+
+        return run_tp(args.tp, tp_spec(args), lambda lm, gen: converse(args, sampling, LocalChat(args, (lm, gen))))
+    return converse(args, sampling, RemoteChat(args) if args.url else LocalChat(args))
+
+
+def converse(args, sampling, backend) -> int:
+    from ..errors import BlitzgenError
+
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"Chatting with {backend.name}. {HELP}", file=sys.stderr)
