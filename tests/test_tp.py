@@ -254,3 +254,38 @@ def test_rank_zero_finishes_every_step_the_followers_take():
         for x in _lockstep(steps(6, interrupt_at=2)):
             got.append(x)
     assert got == [0, 1] and ran == list(range(6))
+
+
+@pytest.mark.slow
+def test_default_model_refuses_two_ranks_before_loading(smol_path):
+    from blitzgen.parallel import TPSpec
+    from blitzgen.parallel.runner import check_split
+
+    with pytest.raises(ShardError, match="--tp 2 does not divide the model's 9 attention heads"):
+        check_split(TPSpec(model=str(smol_path), dtype="float32"), 2)
+    check_split(TPSpec(model=str(smol_path), dtype="float32"), 3)  # 9 q heads, 3 KV heads: one each
+
+
+def _smol_worker(rank, world, port, path):
+    from blitzgen.loading import load
+    from blitzgen.parallel import Sharding, wrap
+
+    group = _init(rank, world, port)
+    try:
+        ref = load(path, device="cpu", dtype="float32", progress=False).model
+        tp = load(path, device="cpu", dtype="float32", progress=False, shard=Sharding(rank, world)).model
+        wrap(tp, group.all_reduce())
+        ref.setup_caches(1, 64)
+        tp.setup_caches(1, 64)
+        ids = torch.tensor([[1, 9690, 28, 905, 314, 2]])
+        with torch.inference_mode():
+            torch.testing.assert_close(tp(ids, torch.arange(6)), ref(ids, torch.arange(6)), rtol=1e-4, atol=1e-3)
+    finally:
+        group.close()
+
+
+@pytest.mark.slow
+def test_default_model_three_ranks_logits(smol_path):
+    from blitzgen.parallel.group import free_port
+
+    torch.multiprocessing.spawn(_smol_worker, args=(3, free_port(), str(smol_path)), nprocs=3, join=True)
