@@ -116,6 +116,8 @@ def test_quantized_modules_shard_themselves():
 
 # ---- the launcher and the lockstep runner ------------------------------------------------------------
 def _greedy(lm, gen):
+    gen.ensure_capacity(300)
+    gen.warmup(prompt_len=4)
     return list(gen.generate_ids([5, 6, 7, 8], 10, stop_token_ids=())), \
         gen.complete([5, 6, 7], 6).token_ids
 

@@ -2,7 +2,8 @@
 Generator; rank 0 drives it and the followers repeat each of its requests in lockstep.
 
 Rank 0 wraps its Generator in ``TPGenerator``: before each call that runs the model
-(``generate_ids``, ``stream``, ``complete``, ``warmup``) it sends the call, with the prompt ids,
+(``generate_ids``, ``stream``, ``complete``, ``warmup``) or sizes its cache (``ensure_capacity``:
+warm-up and prefill buckets depend on it) it sends the call, with the prompt ids,
 sampling parameters (a seed drawn by rank 0 when the request has none, so every rank's sampler
 draws the same tokens from the same all-reduced logits), stop strings and token limit, to the
 followers (``Channel``). Every rank then stops at the same token: stop tokens, stop strings and
@@ -24,7 +25,8 @@ from typing import Callable, Iterator
 from ..errors import BlitzgenError
 from .group import TPGroup
 
-_MODEL_CALLS = ("generate_ids", "stream", "complete", "warmup")
+# Generator calls that run the model or change what later calls run (cache size): every rank makes them
+_MODEL_CALLS = ("generate_ids", "stream", "complete", "warmup", "ensure_capacity")
 
 
 def _time_all_reduce(group, *args, **kw):
@@ -144,6 +146,10 @@ class TPGenerator:
         self.gen.check_request(len(prompt_ids), max_new_tokens)
         self._send("complete", list(prompt_ids), max_new_tokens, sampling, list(stop))
         return self.gen.complete(prompt_ids, max_new_tokens, sampling, stop)
+
+    def ensure_capacity(self, n_tokens: int) -> None:
+        self.gen.ensure_capacity(n_tokens)  # validates here first
+        self._send("ensure_capacity", n_tokens)
 
     def time_all_reduce(self, kind: str, nbytes: int, dtype: str = "bfloat16", iters: int = 200) -> float:
         """Seconds per all-reduce of nbytes (every rank runs it): see comm.time_all_reduce."""
