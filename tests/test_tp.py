@@ -190,6 +190,7 @@ def _compile_worker(rank, world, port):
         group.close()
 
 
+@pytest.mark.slow
 def test_compiled_two_ranks_trace_the_all_reduce_in_one_graph():
     from blitzgen.parallel.group import free_port
 
