@@ -11,6 +11,10 @@ Environment variables (each read here only):
   BLITZGEN_GEMV_AUTOTUNE     1: time candidate GEMV configs on first use (eager only)
   BLITZGEN_GPTFAST_SCRIPT    the gpt-fast harness that `bench --peer` runs
   BLITZGEN_API_KEY           the server's API key (read as `serve --api-key`'s default)
+  RANK, WORLD_SIZE, LOCAL_RANK  torchrun's: a tensor-parallel rank started by torchrun (parallel/)
+
+Set (not read) by parallel/ in every tensor-parallel rank's environment, NVLink multicast off:
+  NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1
 """
 
 from __future__ import annotations

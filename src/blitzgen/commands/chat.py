@@ -16,7 +16,7 @@ HELP = "Commands: /reset clears the conversation, /exit quits (or Ctrl-D); Ctrl-
 
 
 def register(sub) -> None:
-    from .common import add_model_source_args, add_remote_args, add_runtime_args, add_sampling_args
+    from .common import add_model_source_args, add_parallel_args, add_remote_args, add_runtime_args, add_sampling_args
 
     p = sub.add_parser("chat", help="chat with the model in the terminal (local, or --url a server)",
                        description="Multi-turn streamed chat using the model's chat template. " + HELP +
@@ -25,6 +25,7 @@ def register(sub) -> None:
     add_sampling_args(p, temperature={"default": 0.7}, max_new_tokens={"default": 512, "help": "most tokens per reply"})
     add_model_source_args(p)
     add_runtime_args(p)
+    add_parallel_args(p)
     add_remote_args(p)
     p.set_defaults(func=run)
 
@@ -32,11 +33,11 @@ def register(sub) -> None:
 class LocalChat:
     """Replies from a model loaded in this process."""
 
-    def __init__(self, args):
+    def __init__(self, args, loaded=None):
         from ..errors import InvalidRequestError
         from .common import load_engine
 
-        self.lm, self.gen = load_engine(args)
+        self.lm, self.gen = loaded or load_engine(args)
         if not self.lm.tokenizer.chat_template:
             raise InvalidRequestError("this model has no chat template: use `blitzgen generate --raw` instead")
         self.name = self.lm.name
@@ -89,7 +90,18 @@ def run(args) -> int:
         from .common import sampling_params
 
         sampling = sampling_params(args)
+        if getattr(args, "tp", None) is not None:  # rank 0 chats; the other ranks follow it
+            from ..parallel import run as run_tp
+            from .common import tp_spec
+
+            return run_tp(args.tp, tp_spec(args), lambda lm, gen: converse(args, sampling, LocalChat(args, (lm, gen))))
         backend = LocalChat(args)
+    return converse(args, sampling, backend)
+
+
+def converse(args, sampling, backend) -> int:
+    from ..errors import BlitzgenError
+
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"Chatting with {backend.name}. {HELP}", file=sys.stderr)

@@ -138,6 +138,25 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     add_runtime_args(p)
 
 
+def add_parallel_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("tensor parallel")
+    g.add_argument("--tp", type=int, default=None, metavar="N",
+                   help="spread the model over N GPUs (N processes; also runs under torchrun)")
+    g.add_argument("--all-reduce", default="functional", choices=["functional", "symm-one-shot", "symm-two-shot"],
+                   help="the all-reduce of --tp (functional: NCCL/gloo; symm-*: symmetric memory, CUDA)")
+    return g
+
+
+def tp_spec(args):
+    """What every tensor-parallel rank loads, from the runtime flags (``--tp``)."""
+    from ..parallel import TPSpec
+
+    opts = runtime_options(args).resolved()
+    return TPSpec(model=args.model, device=opts.device, dtype=opts.dtype, quantize=opts.quantize,
+                  group_size=opts.group_size, compile=opts.compile, max_model_len=opts.max_model_len,
+                  all_reduce=args.all_reduce)
+
+
 def add_sampling_args(p: argparse.ArgumentParser, *, only=None, **overrides):
     g = p.add_argument_group("sampling")
     for dest, flags, kw in _options(SAMPLING, only, overrides):

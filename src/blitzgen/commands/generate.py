@@ -7,7 +7,7 @@ import sys
 
 
 def register(sub) -> None:
-    from .common import add_model_source_args, add_remote_args, add_runtime_args, add_sampling_args
+    from .common import add_model_source_args, add_parallel_args, add_remote_args, add_runtime_args, add_sampling_args
 
     p = sub.add_parser("generate", help="generate text for one prompt and report speed",
                        description="Stream a completion for --prompt, then print load time, compile "
@@ -21,6 +21,7 @@ def register(sub) -> None:
     add_sampling_args(p)
     add_model_source_args(p)
     add_runtime_args(p)
+    add_parallel_args(p)
     add_remote_args(p)
     p.set_defaults(func=run)
 
@@ -43,14 +44,24 @@ def run(args) -> int:
         from .remote import generate_remote
 
         return generate_remote(args)
+    from .common import load_engine, sampling_params
+
+    sampling = sampling_params(args)
+    if getattr(args, "tp", None) is not None:  # rank 0 runs the rest; the other ranks follow it
+        from ..parallel import run as run_tp
+        from .common import tp_spec
+
+        return run_tp(args.tp, tp_spec(args), lambda lm, gen: run_loaded(args, sampling, lm, gen))
+    lm, gen = load_engine(args)
+    return run_loaded(args, sampling, lm, gen)
+
+
+def run_loaded(args, sampling, lm, gen) -> int:
     import torch
 
     from ..generate import weight_bytes
     from ..sampling import choice_sampling
-    from .common import load_engine, sampling_params
 
-    sampling = sampling_params(args)
-    lm, gen = load_engine(args)
     ids = build_prompt_ids(lm.tokenizer, args.prompt, args.raw, args.system)
     gen.check_request(len(ids), args.max_new_tokens)
     gen.ensure_capacity(len(ids) + args.max_new_tokens)
