@@ -323,7 +323,7 @@ def test_max_model_len_above_the_context_warns_and_clamps(tiny_load, capsys):
     err = capsys.readouterr().err
     assert rc == 0, err
     assert "blitzgen: warning: --max-model-len 1000 is above tiny's context of 64 tokens; using 64" in err
-    assert tiny_load.model.layers[0].attention.decode_impl == "matmul"  # the flag reached the model
+    assert tiny_load.model.attention_op.decode_impl == "matmul"  # the flag reached the model
 
 
 def test_over_long_prompt_is_refused_before_compiling(tiny_load, capsys, monkeypatch):
