@@ -84,13 +84,17 @@ class Engine:
     """
 
     def __init__(self, loader: Callable[[], tuple], *, max_queue: int = 16, metrics: Metrics | None = None,
-                 warmup: bool = True):
+                 warmup: bool = True, report=None):
         self._loader = loader
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
         from ..startup import REPORT
 
-        REPORT.register(self.metrics.registry)  # blitzgen_startup_seconds{phase}
+        self.report = report or REPORT  # the start-up report, exported as blitzgen_startup_seconds{phase}
+        try:
+            self.report.register(self.metrics.registry)
+        except ValueError:  # this registry has it already
+            pass
         self._warmup = warmup
         self.state = "loading"
         self.error: BaseException | None = None
@@ -262,10 +266,9 @@ class Engine:
                 self.state = "ready"
         log.info("ready: serving %s (max model length %d, queue %d)", self.lm.name, self.max_model_len,
                  self.max_queue)
-        from ..startup import REPORT
-
-        REPORT.mark("ready")
-        log.info("%s", REPORT.render())
+        if self._warmup:  # this engine built the model: it says when the start was done
+            self.report.mark("ready")
+            log.info("%s", self.report.render())
         while True:
             with self._cond:
                 while not self._waiting and not self._stop:
