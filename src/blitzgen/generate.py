@@ -207,14 +207,18 @@ class Generator:
         recompile), else in steps of CACHE_ROUND; never past max_model_len."""
         if n_tokens <= self.cache_len:
             return
+        cap = self._capacity_for(n_tokens)
+        self._cached_ids = []
+        with torch.inference_mode(False):  # plain tensors, so the model still works outside inference mode
+            self.model.setup_caches(1, cap)
+
+    def _capacity_for(self, n_tokens: int) -> int:
+        """The cache size ensure_capacity(n_tokens) allocates when it grows."""
         if self.compiled:
             cap = max(CACHE_ROUND, 1 << (n_tokens - 1).bit_length())
         else:
             cap = -(-n_tokens // CACHE_ROUND) * CACHE_ROUND
-        cap = max(min(cap, self.max_model_len), n_tokens)
-        self._cached_ids = []
-        with torch.inference_mode(False):  # plain tensors, so the model still works outside inference mode
-            self.model.setup_caches(1, cap)
+        return max(min(cap, self.max_model_len), n_tokens)
 
     def _bucket(self, n: int) -> int:
         """Prompts are padded to a bucket on every path: compiled prefill, one graph per bucket
@@ -430,9 +434,10 @@ class Generator:
 
     def warmup_plan(self) -> dict:
         """What a full warm-up compiles (the compile-cache key's ``extra``)."""
+        cache = max(self.cache_len, self._capacity_for(self.warm_cache_len)) if self.compiled else None
         return {"warmup": [list(sp.mode) for sp in sampler_modes()] if self.compiled else [],
-                "prefill": self.prefill_buckets_at(self.warm_cache_len) if self.prefill_compiled else "eager",
-                "cache_len": self.warm_cache_len if self.compiled else None}
+                "prefill": self.prefill_buckets_at(cache) if self.prefill_compiled else "eager",
+                "cache_len": cache}
 
     def prefill_buckets(self) -> list[int]:
         """Every padded prompt length the current cache allows (what a full warm-up compiles)."""
