@@ -40,6 +40,12 @@ class LocalChat:
         self.lm, self.gen = loaded or load_engine(args)
         if not self.lm.tokenizer.chat_template:
             raise InvalidRequestError("this model has no chat template: use `blitzgen generate --raw` instead")
+        if self.gen.compiled:  # before the first turn, through the compile cache
+            import sys
+
+            from .common import warm_up
+
+            print(f"Compilation time: {warm_up(self.lm, self.gen):.2f} seconds", file=sys.stderr, flush=True)
         self.name = self.lm.name
 
     def reply(self, messages: list[dict], sampling, max_tokens: int, stop: list[str]) -> Iterator[str]:

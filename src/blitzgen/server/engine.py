@@ -49,6 +49,7 @@ class Event:
     text: str = ""  # delta: the new text; error: the message
     finish_reason: str | None = None  # finish: "stop" | "length"
     tokens: int = 0  # finish: tokens generated for this choice; done: for all choices
+    cached_tokens: int = 0  # finish: prompt tokens reused from the KV cache; done: the first choice's
 
 
 @dataclass(eq=False)
@@ -83,10 +84,17 @@ class Engine:
     """
 
     def __init__(self, loader: Callable[[], tuple], *, max_queue: int = 16, metrics: Metrics | None = None,
-                 warmup: bool = True):
+                 warmup: bool = True, report=None):
         self._loader = loader
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
+        from ..startup import REPORT
+
+        self.report = report or REPORT  # the start-up report, exported as blitzgen_startup_seconds{phase}
+        try:
+            self.report.register(self.metrics.registry)
+        except ValueError:  # this registry has it already
+            pass
         self._warmup = warmup
         self.state = "loading"
         self.error: BaseException | None = None
@@ -258,6 +266,9 @@ class Engine:
                 self.state = "ready"
         log.info("ready: serving %s (max model length %d, queue %d)", self.lm.name, self.max_model_len,
                  self.max_queue)
+        if self._warmup:  # this engine built the model: it says when the start was done
+            self.report.mark("ready")
+            log.info("%s", self.report.render())
         while True:
             with self._cond:
                 while not self._waiting and not self._stop:
@@ -275,9 +286,15 @@ class Engine:
                     self.metrics.running.set(0)
 
     def _warm_up(self) -> None:
-        """Every sampler mode and prefill bucket in the warm cache, so no request pays a compile."""
+        """Every sampler mode (and, when prefill compiles, every prefill bucket) in the warm cache, so
+        no request pays a compile; compiled, inside the compile-cache entry (loaded, then saved)."""
         gen = self.gen
-        seconds = gen.warmup()
+        if gen.compiled and getattr(gen, "options", None) is not None and self.lm is not None:
+            from ..commands.common import warm_up
+
+            seconds = warm_up(self.lm, gen)
+        else:
+            seconds = gen.warmup()
         log.info("warm-up done in %.2f seconds%s", seconds, " (compiled)" if gen.compiled else "")
 
     def _run(self, job: Job) -> None:
@@ -285,7 +302,7 @@ class Engine:
         start = time.perf_counter()
         m.queue_time.observe(start - job.arrival)
         m.prompt_tokens.inc(len(job.prompt_ids))
-        total, finish, first_at = 0, "abort", None
+        total, finish, first_at, cached = 0, "abort", None, None
         try:
             for index in range(job.n):
                 if job.cancelled.is_set():  # gone before this choice began: skip its prefill
@@ -318,9 +335,11 @@ class Engine:
                     break
                 if stats.decode_tokens_per_second > 0:
                     m.decode_tps.set(stats.decode_tokens_per_second)
-                job.emit(Event("finish", index, finish_reason=finish, tokens=stats.generated_tokens))
+                cached = stats.cached_tokens if cached is None else cached
+                job.emit(Event("finish", index, finish_reason=finish, tokens=stats.generated_tokens,
+                               cached_tokens=stats.cached_tokens))
             else:
-                job.emit(Event("done", tokens=total))
+                job.emit(Event("done", tokens=total, cached_tokens=cached or 0))
         except Exception as e:  # noqa: BLE001 - a failed request must not take the engine down
             log.exception("%s failed", job.id)
             finish = "error"
