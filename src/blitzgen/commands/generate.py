@@ -8,6 +8,7 @@ import sys
 
 def register(sub) -> None:
     from .common import add_model_source_args, add_remote_args, add_runtime_args, add_sampling_args
+    from .speculate import add_speculation_args
 
     p = sub.add_parser("generate", help="generate text for one prompt and report speed",
                        description="Stream a completion for --prompt, then print load time, compile "
@@ -22,6 +23,7 @@ def register(sub) -> None:
     add_model_source_args(p)
     add_runtime_args(p)
     add_remote_args(p)
+    add_speculation_args(p)
     p.set_defaults(func=run)
 
 
@@ -52,6 +54,10 @@ def run(args) -> int:
     sampling = sampling_params(args)
     lm, gen = load_engine(args)
     ids = build_prompt_ids(lm.tokenizer, args.prompt, args.raw, args.system)
+    if getattr(args, "speculate", None):
+        from .speculate import run_speculative
+
+        return run_speculative(args, lm, gen, ids, sampling)
     gen.check_request(len(ids), args.max_new_tokens)
     gen.ensure_capacity(len(ids) + args.max_new_tokens)
     if gen.compiled:
