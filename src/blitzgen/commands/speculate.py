@@ -142,6 +142,14 @@ def build_decoders(args, lm, gen, *, log=None) -> dict:
     return out
 
 
+def server_speculation(args, *, log=None):
+    """For ``Engine(speculation=...)``: builds the decoders in the engine's thread after loading
+    (None when --speculate was not given)."""
+    if not speculation_sources(args):
+        return None
+    return lambda lm, gen: (build_decoders(args, lm, gen, log=log), default_source(args))
+
+
 # ---- streaming ----------------------------------------------------------------------------------
 def stream_speculative(dec, gen, prompt_ids: Sequence[int], max_new_tokens: int, sampling=None,
                        stop: Sequence[str] = (), stop_token_ids: Sequence[int] | None = None,
