@@ -1,0 +1,173 @@
+"""Speculation in the verbs: the option group's rules (checked before torch work), the streaming
+adapter against Generator.stream, `blitzgen bench --speculate`, and `blitzgen generate --speculate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from blitzgen.cli import build_parser, main
+from blitzgen.commands.speculate import check_speculation_args, stream_speculative
+from blitzgen.generate import Generator
+from blitzgen.sampling import SamplingParams
+from blitzgen.speculative import NgramDraft, SelfInt4Draft, SpeculationStats, SpeculativeDecoder
+
+from .conftest import tiny_model
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def parse(argv):
+    args = build_parser().parse_args(argv)
+    check_speculation_args(args)
+    return args
+
+
+# ---- option rules -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, needle", [
+    (["generate", "-p", "hi", "--speculate-k", "4"], "needs a speculation source"),
+    (["generate", "-p", "hi", "--speculate", "draft-model"], "needs --draft-model"),
+    (["generate", "-p", "hi", "--speculate", "ngram", "--draft-model", "m"], "implies --speculate draft-model"),
+    (["generate", "-p", "hi", "--speculate", "ngram", "--speculate-k", "0"], "between 1 and 32"),
+    (["generate", "-p", "hi", "--speculate", "ngram", "--speculate-k", "33"], "between 1 and 32"),
+    (["generate", "-p", "hi", "--speculate", "self-int4", "--quantize", "int4"], "int4"),
+    (["generate", "-p", "hi", "--speculate", "ngram", "--url", "http://127.0.0.1:9"], "--url"),
+    (["serve", "--speculate", "off", "--speculate-k", "3"], "needs a speculation source"),
+    (["bench", "--shape", "tiny", "--device", "cpu", "--speculate-k", "2"], "needs a speculation source"),
+    (["bench", "--shape", "tiny", "--device", "cpu", "--speculate", "self-int4", "--quantize", "int4"], "int4"),
+])
+def test_bad_combinations_are_one_line_errors(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("blitzgen: error:") and "Traceback" not in err and len(err.splitlines()) == 1
+    assert needle in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "-p", "hi", "--speculate", "eagle"],
+    ["bench", "--speculate", "draft-model"],  # bench has no draft model
+    ["serve", "--speculate", "ngram,off"],  # 'off' only first
+    ["serve", "--speculate", "ngram,ngram"],
+    ["generate", "-p", "hi", "--speculate", "ngram,self-int4"],  # a list is for serve
+])
+def test_bad_values_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and "--speculate" in capsys.readouterr().err
+
+
+def test_good_combinations():
+    a = parse(["generate", "-p", "hi"])
+    assert a.speculate is None and a.speculate_k is None
+    a = parse(["generate", "-p", "hi", "--speculate", "ngram"])
+    assert a.speculate == ["ngram"] and a.speculate_k == 4
+    a = parse(["generate", "-p", "hi", "--draft-model", "m", "--speculate-k", "7"])
+    assert a.speculate == ["draft-model"] and a.speculate_k == 7
+    a = parse(["serve", "--speculate", "off,ngram,self-int4"])
+    assert a.speculate == ["off", "ngram", "self-int4"]
+    a = parse(["serve", "--speculate", "ngram,draft-model", "--draft-model", "m"])
+    assert a.speculate == ["ngram", "draft-model"]
+    with pytest.raises(Exception, match="implies"):
+        parse(["serve", "--speculate", "ngram", "--draft-model", "m"])
+    a = parse(["bench", "--shape", "tiny", "--speculate", "self-int4", "--speculate-k", "2"])
+    assert a.speculate == ["self-int4"] and a.speculate_k == 2
+
+
+def test_checks_without_torch():
+    """The checks run on a Namespace alone (no model, no torch work)."""
+    a = argparse.Namespace(speculate="ngram", draft_model=None, speculate_k=None, quantize=None)
+    check_speculation_args(a)
+    assert a.speculate == ["ngram"] and a.speculate_k == 4
+    check_speculation_args(argparse.Namespace(prompt="x"))  # a verb without the group
+
+
+# ---- the streaming adapter --------------------------------------------------------------------------
+class CharTokenizer:
+    eos_token_ids = [0]
+
+    def detokenizer(self, skip_special_tokens: bool = True):
+        return SimpleNamespace(add=lambda t: chr(0x100 + t), flush=lambda: "")
+
+
+@pytest.mark.parametrize("kind", ["ngram", "self-int4"])
+def test_stream_matches_generator_stream(kind):
+    model = tiny_model()
+    gen = Generator(model, CharTokenizer())
+    draft = NgramDraft() if kind == "ngram" else SelfInt4Draft(model)
+    dec = SpeculativeDecoder(model, draft, k=4)
+    prompt = [5, 17, 42, 99, 3, 250, 5, 17, 42, 99, 7, 8]
+    plain = list(gen.stream(prompt, 30, GREEDY))
+    text = "".join(d.text for d in plain)
+    assert len(text) == 30
+    stats = SpeculationStats()
+    deltas = list(stream_speculative(dec, gen, prompt, 30, GREEDY, spec_stats=stats))
+    assert "".join(d.text for d in deltas) == text
+    assert [t for d in deltas for t in d.token_ids] == [t for d in plain for t in d.token_ids]
+    last = deltas[-1]
+    assert last.finish_reason == "length" and last.stats.generated_tokens == 30
+    assert last.stats.prompt_tokens == len(prompt) and last.stats.total_seconds > 0
+    assert stats.generated_tokens == 30 and stats.verify_steps > 0
+    # a stop string: the same cut as plain decoding's
+    stop = text[8:11]
+    want = list(gen.stream(prompt, 30, GREEDY, stop=[stop]))
+    got = list(stream_speculative(dec, gen, prompt, 30, GREEDY, stop=[stop]))
+    assert "".join(d.text for d in got) == "".join(d.text for d in want) == text[:text.index(stop)]
+    assert got[-1].finish_reason == want[-1].finish_reason == "stop"
+    # a stop token: not emitted, finish "stop"
+    tok = plain[0].token_ids[0] if plain[0].token_ids else None
+    if tok is not None:
+        got = list(stream_speculative(dec, gen, prompt, 30, GREEDY, stop_token_ids=[tok]))
+        assert got[-1].finish_reason == "stop" and "".join(d.text for d in got) == ""
+
+
+# ---- bench ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["ngram", "self-int4"])
+def test_bench_speculate_json_and_table(kind, capsys):
+    argv = ["bench", "--shape", "tiny", "--device", "cpu", "--dtype", "fp32", "--prompt-len", "6", "--new-tokens",
+            "24", "--runs", "2", "--temperature", "0", "--no-roofline", "--json", "-", "--speculate", kind,
+            "--speculate-k", "3"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    r = json.loads(out.out)
+    assert r["speculate"] == kind and r["speculate_k"] == 3
+    s = r["speculation"]
+    assert s["source"] == kind and s["k_max"] == 3 and s["generated_tokens"] == 48  # the two timed runs
+    assert s["verify_steps"] + s["plain_steps"] > 0 and len(s["accepted_hist"]) == 4
+    assert 0 <= s["acceptance_rate"] <= 1 and "mean_tokens_per_verify" in s
+    assert "--speculate" in r["command"]
+    assert "speculation acceptance" in out.err and "tokens per verify step" in out.err
+    assert f"speculate {kind}" in out.err
+
+
+def test_bench_without_speculate_has_no_speculation_keys(capsys):
+    argv = ["bench", "--shape", "tiny", "--device", "cpu", "--prompt-len", "4", "--new-tokens", "8", "--runs", "1",
+            "--no-roofline", "--json", "-"]
+    assert main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert "speculation" not in r and "speculate" not in r
+
+
+# ---- generate (the default model) -------------------------------------------------------------------
+@pytest.mark.slow
+def test_generate_speculate_same_text_as_plain(capsys):
+    base = ["generate", "-p", "Repeat exactly: red, green, blue, red, green, blue, red, green, blue", "--device",
+            "cpu", "--dtype", "float32", "--temperature", "0", "--max-new-tokens", "24"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    for extra in (["--speculate", "ngram"], ["--speculate", "self-int4", "--speculate-k", "3"]):
+        assert main(base + extra) == 0
+        out = capsys.readouterr()
+        assert out.out == plain
+        assert "Speculation: " in out.err and "tokens/verify" in out.err and "accepted lengths" in out.err
