@@ -171,3 +171,44 @@ def test_generate_speculate_same_text_as_plain(capsys):
         out = capsys.readouterr()
         assert out.out == plain
         assert "Speculation: " in out.err and "tokens/verify" in out.err and "accepted lengths" in out.err
+
+
+# ---- benchmarks/speculative_bench.py ----------------------------------------------------------------
+def _bench_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speculative_bench.py"
+    spec = importlib.util.spec_from_file_location("speculative_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_script_joins_a_split_model(tmp_path):
+    sb = _bench_module()
+    data = bytes(range(256)) * 1000
+    d = tmp_path / "parts"
+    d.mkdir()
+    for i, start in enumerate(range(0, len(data), 100_000)):
+        (d / f"m.gguf.part-a{'abc'[i]}").write_bytes(data[start:start + 100_000])
+    whole = sb.resolve_model(str(d))  # the directory of parts
+    assert whole == str(d / "m.gguf") and (d / "m.gguf").read_bytes() == data
+    assert sb.resolve_model(str(d)) == str(d)  # joined once: now a directory with one GGUF
+    (d / "m.gguf").unlink()
+    assert sb.resolve_model(str(d / "m.gguf")) == str(d / "m.gguf")  # the path the parts came from
+    assert (d / "m.gguf").read_bytes() == data
+    assert sb.resolve_model(None) is None
+    assert sb.resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_bench_script_shapes_runs_small(tmp_path):
+    sb = _bench_module()
+    out = tmp_path / "s.json"
+    assert sb.main(["shapes", "--shape", "tiny", "--modes", "bf16,int4", "--k", "1,3", "--pos", "16", "--reps", "2",
+                    "--device", "cpu", "--dtype", "float32", "--acceptance", "0.5,0.9", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["kind"] == "shapes" and len(r["rows"]) == 4
+    bf16 = [row for row in r["rows"] if row["mode"] == "bf16"]
+    assert all(row["verify_cost"] > 0 and set(row["predicted_speedup_ngram"]) == {"0.5", "0.9"} for row in bf16)
+    assert all("predicted_speedup_self_int4" in row for row in bf16)
