@@ -241,7 +241,7 @@ def run_speculative(args, lm, gen, ids: list[int], sampling) -> int:
     gen.check_request(len(ids), args.max_new_tokens)
     dec = build_decoders(args, lm, gen)[default_source(args)]
     if gen.compiled:
-        secs = dec.warmup([sampling])
+        secs = dec.warmup([sampling], prompt_lens=[len(ids)])  # this prompt's prefill bucket too
         print(f"Compilation time: {secs:.2f} seconds", file=sys.stderr, flush=True)
     nbytes = weight_bytes(lm.model)
     rates, total = [], SpeculationStats()

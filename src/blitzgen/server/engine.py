@@ -86,10 +86,6 @@ class Engine:
     def __init__(self, loader: Callable[[], tuple], *, max_queue: int = 16, metrics: Metrics | None = None,
                  warmup: bool = True, speculation: Callable[[object, object], tuple[dict, str | None]] | None = None):
         self._loader = loader
-        # speculation(lm, gen) -> ({source: SpeculativeDecoder}, default source or None), in the worker
-        self._speculation = speculation
-        self.decoders: dict = {}
-        self.default_speculate: str | None = None
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
         self._warmup = warmup
@@ -102,6 +98,10 @@ class Engine:
         self._running: Job | None = None
         self._stop = False
         self._thread = threading.Thread(target=self._main, name="blitzgen-engine", daemon=True)
+        # speculation(lm, gen) -> ({source: SpeculativeDecoder}, default source or None), in the worker
+        self._speculation = speculation
+        self.decoders: dict = {}
+        self.default_speculate: str | None = None
 
     # ---- facts about the loaded model -------------------------------------------------------------
     @property
@@ -251,6 +251,7 @@ class Engine:
                 self.decoders, self.default_speculate = self._speculation(self.lm, self.gen)
             if self._warmup:
                 self._warm_up()
+                self._warm_up_speculation()
         except BaseException as e:  # noqa: BLE001 - reported, then the server exits
             if isinstance(e, BlitzgenError):
                 log.error("loading failed: %s", e)
@@ -286,7 +287,6 @@ class Engine:
         """Every sampler mode and prefill bucket in the warm cache, so no request pays a compile."""
         gen = self.gen
         seconds = gen.warmup()
-        seconds += self._warm_up_speculation()
         log.info("warm-up done in %.2f seconds%s", seconds, " (compiled)" if gen.compiled else "")
 
     def _run(self, job: Job) -> None:
