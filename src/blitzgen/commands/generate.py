@@ -20,10 +20,10 @@ def register(sub) -> None:
     p.add_argument("--num-samples", type=int, default=1, metavar="N", help="completions to generate, one after another")
     p.add_argument("--quiet", action="store_true", help="do not print the generated text")
     add_sampling_args(p)
+    add_speculation_args(p)
     add_model_source_args(p)
     add_runtime_args(p)
     add_remote_args(p)
-    add_speculation_args(p)
     p.set_defaults(func=run)
 
 

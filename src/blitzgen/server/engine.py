@@ -61,10 +61,10 @@ class Job:
     sampling: SamplingParams
     stop: list[str] = field(default_factory=list)
     n: int = 1
-    speculate: str | None = None  # a loaded draft source, "off", or None: the server's default
     arrival: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: bool = False  # the consumer saw "done" or "error"
+    speculate: str | None = None  # a loaded draft source, "off", or None: the server's default
     _loop: asyncio.AbstractEventLoop | None = None
     _events: asyncio.Queue | None = None
 

@@ -82,9 +82,9 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     n: int = 1
+    speculate: str | None = None  # a draft source or "off"; None: the server's default
     stream: bool = False
     include_usage: bool = False
-    speculate: str | None = None  # a draft source or "off"; None: the server's default
 
     def prompt_chars(self) -> int:
         """Characters of text in the prompt (0 for token ids): a cheap bound before tokenizing."""
