@@ -212,3 +212,31 @@ def test_bench_script_shapes_runs_small(tmp_path):
     bf16 = [row for row in r["rows"] if row["mode"] == "bf16"]
     assert all(row["verify_cost"] > 0 and set(row["predicted_speedup_ngram"]) == {"0.5", "0.9"} for row in bf16)
     assert all("predicted_speedup_self_int4" in row for row in bf16)
+
+
+# ---- generate and chat on a tiny model with the real tokenizer ----------------------------------------
+from .test_cli import tiny_load  # noqa: E402,F401 - the fixture: load() returns a tiny random model
+
+
+def test_generate_and_chat_speculate_on_tiny(tiny_load, capsys):  # noqa: F811
+    from blitzgen.commands.chat import LocalChat
+
+    base = ["generate", "--prompt", "one two one two one two", "--raw", "--max-new-tokens", "12", "--temperature",
+            "0", "--device", "cpu", "--dtype", "fp32"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    assert main(base + ["--speculate", "ngram", "--speculate-k", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out == plain
+    assert "Speculation: ngram k<=3: acceptance" in out.err and "accepted lengths" in out.err
+
+    msgs = [{"role": "user", "content": "hello there"}]
+    replies = {}
+    for extra in ([], ["--speculate", "self-int4"]):
+        args = build_parser().parse_args(["chat", "--device", "cpu", "--dtype", "fp32", *extra])
+        check_speculation_args(args)
+        chat = LocalChat(args)
+        assert (chat.speculative is None) == (not extra)
+        replies[bool(extra)] = "".join(chat.reply(msgs, GREEDY, 10, []))
+        assert chat.stats()[0] == 10
+    assert replies[True] == replies[False]

@@ -142,6 +142,20 @@ def build_decoders(args, lm, gen, *, log=None) -> dict:
     return out
 
 
+def speculative_decoder(args, lm, gen, sampling_modes=None):
+    """The decoder of the one source --speculate names (warmed up when compiled), or None."""
+    source = default_source(args)
+    if source is None:
+        return None
+    dec = build_decoders(args, lm, gen)[source]
+    if gen.compiled:
+        from ..sampling import sampler_modes
+
+        secs = dec.warmup(sampling_modes or sampler_modes())
+        print(f"Speculation compiled in {secs:.2f} seconds", file=sys.stderr, flush=True)
+    return dec
+
+
 def server_speculation(args, *, log=None):
     """For ``Engine(speculation=...)``: builds the decoders in the engine's thread after loading
     (None when --speculate was not given)."""
