@@ -178,6 +178,9 @@ def stream_speculative(dec, gen, prompt_ids: Sequence[int], max_new_tokens: int,
     stop_ids = list(stop_token_ids if stop_token_ids is not None else gen._default_stop_ids())
     st = spec_stats if spec_stats is not None else SpeculationStats()
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
+    forget = getattr(gen, "forget_prefix", None)  # the decoder rewrites the KV cache the Generator may reuse
+    if forget is not None:
+        forget()
     tokens = dec.generate_ids(prompt_ids, max_new_tokens, sampling, stop_token_ids=stop_ids, stats=st)
     hook = getattr(gen, "stream_tokens", None)
     params = _parameters(hook)
