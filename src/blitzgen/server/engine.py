@@ -385,4 +385,7 @@ class Engine:
             t = dec.warmup(sampler_modes(), prompt_lens=dec.prefill_lengths(self.gen.warm_cache_len))
             log.info("speculation %s warmed up in %.2f seconds", name, t)
             seconds += t
+        forget = getattr(self.gen, "forget_prefix", None)  # the warm-up rewrote the shared KV cache
+        if forget is not None:
+            forget()
         return seconds
