@@ -112,7 +112,10 @@ def test_stream_matches_generator_stream(kind):
     text = "".join(d.text for d in plain)
     assert len(text) == 30
     stats = SpeculationStats()
+    forgot = []
+    gen.forget_prefix = lambda: forgot.append(1)  # the Generator's prompt-cache claim is dropped first
     deltas = list(stream_speculative(dec, gen, prompt, 30, GREEDY, spec_stats=stats))
+    assert forgot == [1]
     assert "".join(d.text for d in deltas) == text
     assert [t for d in deltas for t in d.token_ids] == [t for d in plain for t in d.token_ids]
     last = deltas[-1]
