@@ -8,7 +8,14 @@
 --model takes anything blitzgen.loading.load accepts (GGUF file, HF or GGUF directory, repo id), or
 a GGUF split into parts (``split -b 45M model.gguf model.gguf.part-``, for a machine that only
 takes so much per transfer): a directory holding the parts, or the path the parts were split
-from; the parts are joined (once) into that path.
+from; the parts are joined (once) into that path. The default GGUF (98 MB) on a machine that takes
+64 MiB per call, with out/ git-ignored:
+
+    split -b 45M "$(python -c 'from blitzgen.loading import default_model_path as p; print(p())')" \
+        out/smol/SmolLM2-135M-Instruct.Q4_1.gguf.part-
+    call 1 (carry out/smol/*.part-aa):         mkdir -p /tmp/smol && cp out/smol/*.part-* /tmp/smol/
+    call 2 (carry out/smol/*.part-ab, -ac):    cp out/smol/*.part-* /tmp/smol/ && \
+        python benchmarks/speculative_bench.py real --model /tmp/smol --compile --json $OUT/real.json
     # time a (K+1)-token verify against a 1-token step on random weights of a named shape
     python benchmarks/speculative_bench.py shapes --shape llama-2-7b --modes bf16,int8,int4 --k 1,3,7
         [--acceptance 0.5,0.7,0.9] [--compile] [--json out.json]
