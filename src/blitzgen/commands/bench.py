@@ -42,9 +42,10 @@ def register(sub) -> None:
 
     add_speculation_args(p, sources=("ngram", "self-int4"), draft_model=False,
                          help_note=". Runs the speculative decoder instead of plain decode and reports acceptance "
-                                   "and tokens per verify step. On random weights (--shape) and a random prompt "
-                                   "acceptance is about 0 and speculation switches itself off: measure real "
-                                   "prompts with benchmarks/speculative_bench.py")
+                                   "and tokens per verify step. On random weights (--shape) and a random prompt, "
+                                   "n-gram acceptance is about 0 (speculation switches itself off) and "
+                                   "self-int4's says little about real text: measure real prompts with "
+                                   "benchmarks/speculative_bench.py")
     out = p.add_argument_group("output")
     out.add_argument("--json", default=None, metavar="FILE",
                      help="write the result as JSON to FILE ('-': print one JSON object on stdout, the table "
