@@ -45,6 +45,7 @@ def parse(argv):
     (["generate", "-p", "hi", "--speculate", "self-int4", "--quantize", "int4"], "int4"),
     (["generate", "-p", "hi", "--speculate", "ngram", "--url", "http://127.0.0.1:9"], "--url"),
     (["serve", "--speculate", "off", "--speculate-k", "3"], "needs a speculation source"),
+    (["serve", "--draft-model", "/nonexistent/draft", "--port", "0"], "model not found"),  # before loading
     (["bench", "--shape", "tiny", "--device", "cpu", "--speculate-k", "2"], "needs a speculation source"),
     (["bench", "--shape", "tiny", "--device", "cpu", "--speculate", "self-int4", "--quantize", "int4"], "int4"),
 ])

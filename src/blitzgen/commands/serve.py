@@ -79,6 +79,8 @@ def run(args) -> int:
         if not getattr(args, name) > 0:
             raise InvalidRequestError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     check_model(args.model)
+    if getattr(args, "draft_model", None):
+        check_model(args.draft_model)
     sock = bind(args.host, args.port)  # before the slow part, so a busy port fails now
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
