@@ -224,3 +224,11 @@ def test_smol_greedy_identity(smol):
         assert m['blitzgen_spec_decode_accepted_tokens_total{source="ngram"}'] > 0
     finally:
         c.__exit__(None, None, None)
+
+
+def test_sampled_requests_are_seeded(spec_client):
+    oc = openai_client(spec_client)
+    for s in ("ngram", "self-int4"):
+        a, r = chat(oc, s, temperature=0.9, top_p=0.9, seed=7, max_tokens=16)
+        b, _ = chat(oc, s, temperature=0.9, top_p=0.9, seed=7, max_tokens=16)
+        assert a == b and r.usage.completion_tokens <= 16
