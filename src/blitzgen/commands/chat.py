@@ -23,6 +23,9 @@ def register(sub) -> None:
                                    " Sampling is random by default: --seed N or --temperature 0 repeats a reply.")
     p.add_argument("--system", default=None, help="system message")
     add_sampling_args(p, temperature={"default": 0.7}, max_new_tokens={"default": 512, "help": "most tokens per reply"})
+    from .speculate import add_speculation_args
+
+    add_speculation_args(p)
     add_model_source_args(p)
     add_runtime_args(p)
     add_parallel_args(p)
@@ -47,11 +50,20 @@ class LocalChat:
 
             print(f"Compilation time: {warm_up(self.lm, self.gen):.2f} seconds", file=sys.stderr, flush=True)
         self.name = self.lm.name
+        from .speculate import speculative_decoder
+
+        self.speculative = speculative_decoder(args, self.lm, self.gen)  # None without --speculate
 
     def reply(self, messages: list[dict], sampling, max_tokens: int, stop: list[str]) -> Iterator[str]:
         ids = self.lm.tokenizer.encode_chat(messages)
         self.gen.check_request(len(ids), max_tokens)
-        for delta in self.gen.stream(ids, max_tokens, sampling, stop):
+        if self.speculative is not None:
+            from .speculate import stream_speculative
+
+            deltas = stream_speculative(self.speculative, self.gen, ids, max_tokens, sampling, stop)
+        else:
+            deltas = self.gen.stream(ids, max_tokens, sampling, stop)
+        for delta in deltas:
             if delta.stats is not None:
                 self.last = delta.stats
             yield delta.text

@@ -199,6 +199,9 @@ def flag(dest: str) -> str:
 def check_args(args) -> None:
     """Every check that needs neither torch nor the model, for whichever groups the verb has (the CLI
     runs it before any verb). NaN fails every range."""
+    from .speculate import check_speculation_args
+
+    check_speculation_args(args)  # speculation flags, for the verbs that have them
     for dest, ok, rule in SAMPLING_RANGES:
         value = getattr(args, dest, None)
         if value is not None and not ok(value):

@@ -8,6 +8,7 @@ import sys
 
 def register(sub) -> None:
     from .common import add_model_source_args, add_parallel_args, add_remote_args, add_runtime_args, add_sampling_args
+    from .speculate import add_speculation_args
 
     p = sub.add_parser("generate", help="generate text for one prompt and report speed",
                        description="Stream a completion for --prompt, then print load time, compile "
@@ -19,6 +20,7 @@ def register(sub) -> None:
     p.add_argument("--num-samples", type=int, default=1, metavar="N", help="completions to generate, one after another")
     p.add_argument("--quiet", action="store_true", help="do not print the generated text")
     add_sampling_args(p)
+    add_speculation_args(p)
     add_model_source_args(p)
     add_runtime_args(p)
     add_parallel_args(p)
@@ -75,6 +77,10 @@ def run_loaded(args, sampling, lm, gen) -> int:
     from .common import warm_up
 
     ids = build_prompt_ids(lm.tokenizer, args.prompt, args.raw, args.system)
+    if getattr(args, "speculate", None):
+        from .speculate import run_speculative
+
+        return run_speculative(args, lm, gen, ids, sampling)
     gen.check_request(len(ids), args.max_new_tokens)
     gen.ensure_capacity(len(ids) + args.max_new_tokens)
     if gen.compiled:  # this sampler mode, and this prompt's prefill bucket when prefill compiles

@@ -207,6 +207,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
                            code="context_length_exceeded") from None
         builder = ResponseBuilder(kind, model_name(), req.include_usage)
         job = Job(builder.id, ids, max_tokens, req.sampling, req.stop, req.n)
+        job.speculate = req.speculate
         ahead = submit(job)
         log.info("%s queued: %s, %d prompt tokens, max_tokens %d, n %d%s, %d ahead", job.id, request.url.path,
                  len(ids), max_tokens, req.n, ", stream" if req.stream else "", ahead)

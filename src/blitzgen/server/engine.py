@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
-from ..errors import BlitzgenError
+from ..errors import BlitzgenError, InvalidRequestError
 from ..sampling import SamplingParams, choice_sampling
 from .metrics import Metrics
 
@@ -65,6 +65,7 @@ class Job:
     arrival: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: bool = False  # the consumer saw "done" or "error"
+    speculate: str | None = None  # a loaded draft source, "off", or None: the server's default
     _loop: asyncio.AbstractEventLoop | None = None
     _events: asyncio.Queue | None = None
 
@@ -84,7 +85,8 @@ class Engine:
     """
 
     def __init__(self, loader: Callable[[], tuple], *, max_queue: int = 16, metrics: Metrics | None = None,
-                 warmup: bool = True, report=None):
+                 warmup: bool = True, report=None,
+                 speculation: Callable[[object, object], tuple[dict, str | None]] | None = None):
         self._loader = loader
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
@@ -105,6 +107,10 @@ class Engine:
         self._running: Job | None = None
         self._stop = False
         self._thread = threading.Thread(target=self._main, name="blitzgen-engine", daemon=True)
+        # speculation(lm, gen) -> ({source: SpeculativeDecoder}, default source or None), in the worker
+        self._speculation = speculation
+        self.decoders: dict = {}
+        self.default_speculate: str | None = None
 
     # ---- facts about the loaded model -------------------------------------------------------------
     @property
@@ -187,6 +193,7 @@ class Engine:
         with self._cond:
             if self.state != "ready":
                 raise Unavailable(self.state)
+            self._check_speculate(job)
             ahead = len(self._waiting) + (self._running is not None)
             if ahead > self.max_queue:
                 raise Overloaded(f"{len(self._waiting)} requests are waiting")
@@ -249,8 +256,11 @@ class Engine:
         try:
             self.lm, self.gen = self._loader()
             self.metrics.set_model(self.lm.name)
+            if self._speculation is not None:
+                self.decoders, self.default_speculate = self._speculation(self.lm, self.gen)
             if self._warmup:
                 self._warm_up()
+                self._warm_up_speculation()
         except BaseException as e:  # noqa: BLE001 - reported, then the server exits
             if isinstance(e, BlitzgenError):
                 log.error("loading failed: %s", e)
@@ -310,7 +320,7 @@ class Engine:
                     break
                 sampling = choice_sampling(job.sampling, index)
                 finish, last, stats, seen = "abort", time.perf_counter(), None, 0
-                stream = gen.stream(job.prompt_ids, job.max_tokens, sampling, job.stop)
+                stream = self._token_source(job, sampling)
                 try:
                     for delta in stream:
                         if job.cancelled.is_set():
@@ -354,3 +364,48 @@ class Engine:
                  "total %.2f s", job.id, "aborted" if finish == "abort" else f"finished ({finish})",
                  len(job.prompt_ids), total, start - job.arrival, ttft,
                  total / (end - start) if end > start else 0.0, end - job.arrival)
+
+    # ---- speculative decoding ---------------------------------------------------------------------
+    def _check_speculate(self, job: Job) -> None:
+        """A request may ask only for a source this server loaded (else a 400 naming "speculate")."""
+        if job.speculate not in (None, "off") and job.speculate not in self.decoders:
+            loaded = ", ".join(self.decoders) or "none"
+            raise InvalidRequestError(f"speculate={job.speculate!r}: this server did not load that draft source "
+                                      f"(loaded: {loaded}; start it with --speculate)", param="speculate")
+
+    def _token_source(self, job: Job, sampling: SamplingParams):
+        """The job's text deltas: from the speculative decoder it asks for (or the server's default
+        one), else from plain decoding."""
+        name = self.default_speculate if job.speculate is None else job.speculate
+        dec = self.decoders.get(name) if name not in (None, "off") else None
+        if dec is None:
+            return self.gen.stream(job.prompt_ids, job.max_tokens, sampling, job.stop)
+        return self._speculative_stream(dec, job, sampling)
+
+    def _speculative_stream(self, dec, job: Job, sampling: SamplingParams):
+        from ..commands.speculate import stream_speculative
+        from ..speculative import SpeculationStats
+
+        stats = SpeculationStats()
+        try:
+            yield from stream_speculative(dec, self.gen, job.prompt_ids, job.max_tokens, sampling, job.stop,
+                                          spec_stats=stats)
+        finally:
+            if stats.generated_tokens:
+                self.metrics.observe_speculation(stats)
+
+    def _warm_up_speculation(self) -> float:
+        """Compile each loaded decoder's steps for every sampler mode (compiled only)."""
+        if not self.decoders or not self.gen.compiled:
+            return 0.0
+        from ..sampling import sampler_modes
+
+        seconds = 0.0
+        for name, dec in self.decoders.items():
+            t = dec.warmup(sampler_modes(), prompt_lens=dec.prefill_lengths(self.gen.warm_cache_len))
+            log.info("speculation %s warmed up in %.2f seconds", name, t)
+            seconds += t
+        forget = getattr(self.gen, "forget_prefix", None)  # the warm-up rewrote the shared KV cache
+        if forget is not None:
+            forget()
+        return seconds
