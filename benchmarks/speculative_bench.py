@@ -1,8 +1,21 @@
 """Speculative decoding benchmark: real weights (acceptance, tokens/s) and verify cost on named shapes.
 
-    # SmolLM2 (default model), plain vs each source, four prompts
+    # SmolLM2 (default model), plain vs each source, five prompts
     python benchmarks/speculative_bench.py real [--model M] [--sources ngram,self-int4] [--k 4]
         [--new-tokens 200] [--runs 3] [--compile] [--device cuda] [--dtype bfloat16] [--json out.json]
+    # quick CPU check: python benchmarks/speculative_bench.py real --prompts add --new-tokens 16 --runs 1
+
+--model takes anything blitzgen.loading.load accepts (GGUF file, HF or GGUF directory, repo id), or
+a GGUF split into parts (``split -b 45M model.gguf model.gguf.part-``, for a machine that only
+takes so much per transfer): a directory holding the parts, or the path the parts were split
+from; the parts are joined (once) into that path. The default GGUF (98 MB) on a machine that takes
+64 MiB per call, with out/ git-ignored:
+
+    split -b 45M "$(python -c 'from blitzgen.loading import default_model_path as p; print(p())')" \
+        out/smol/SmolLM2-135M-Instruct.Q4_1.gguf.part-
+    call 1 (carry out/smol/*.part-aa):         mkdir -p /tmp/smol && cp out/smol/*.part-* /tmp/smol/
+    call 2 (carry out/smol/*.part-ab, -ac):    cp out/smol/*.part-* /tmp/smol/ && \
+        python benchmarks/speculative_bench.py real --model /tmp/smol --compile --json $OUT/real.json
     # time a (K+1)-token verify against a 1-token step on random weights of a named shape
     python benchmarks/speculative_bench.py shapes --shape llama-2-7b --modes bf16,int8,int4 --k 1,3,7
         [--acceptance 0.5,0.7,0.9] [--compile] [--json out.json]
@@ -34,6 +47,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
 FUNCTION = '''def moving_average(values, window):
     result = []
@@ -102,14 +117,49 @@ def timed_runs(fn, runs: int, device) -> tuple[float, list[float], list[int]]:
     return warm, times, toks
 
 
+def resolve_model(spec: str | None) -> str | None:
+    """--model, with a GGUF split into parts (PATH.part-aa, PATH.part-ab, ... or PATH.part0, ...)
+    joined into PATH first. spec: such a PATH, or a directory holding one set of parts."""
+    import glob
+
+    if spec is None:
+        return None
+    path = os.path.abspath(os.path.expanduser(spec))
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "config.json")) or glob.glob(os.path.join(path, "*.gguf")):
+            return path
+        parts = sorted(glob.glob(os.path.join(path, "*.part*")))
+        if not parts:
+            return path  # the loader explains what is missing
+        whole = {p.rsplit(".part", 1)[0] for p in parts}
+        if len(whole) != 1:
+            raise SystemExit(f"{spec}: parts of more than one file: {sorted(whole)}")
+        path = whole.pop()
+    elif os.path.exists(path):
+        return path
+    parts = sorted(glob.glob(glob.escape(path) + ".part*"))
+    if not parts:
+        return spec  # a repo id, or a mistake the loader reports
+    tmp = path + ".joining"
+    with open(tmp, "wb") as out:
+        for p in parts:
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    out.write(chunk)
+    os.replace(tmp, path)
+    log(f"joined {len(parts)} parts into {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
+    return path
+
+
 def run_real(a) -> dict:
     from blitzgen.generate import Generator
     from blitzgen.loading import load
     from blitzgen.sampling import SamplingParams
     from blitzgen.speculative import SpeculativeDecoder, make_draft
 
-    dtype = getattr(torch, a.dtype) if a.dtype else None
-    lm = load(a.model, device=a.device, dtype=dtype, progress=False)
+    # float32 on CPU: its fastest path there (bfloat16 matmuls are slow on most CPUs)
+    dtype = getattr(torch, a.dtype) if a.dtype else (torch.float32 if a.device == "cpu" else None)
+    lm = load(resolve_model(a.model), device=a.device, dtype=dtype, progress=False)
     model, tok = lm.model, lm.tokenizer
     dev = str(model.device)
     greedy = SamplingParams(temperature=0.0)
@@ -128,8 +178,12 @@ def run_real(a) -> dict:
         if a.prompts and pname not in a.prompts.split(","):
             continue
         ids = tok.encode_chat([{"role": "user", "content": text}])
-        warm, times, want = timed_runs(lambda: list(gen.generate_ids(ids, a.new_tokens, greedy, stop_token_ids=())),
-                                       a.runs, dev)
+        def plain():
+            # the decoders rewrite the KV cache: no prompt reuse from it (and none between timed runs)
+            getattr(gen, "forget_prefix", lambda: None)()
+            return list(gen.generate_ids(ids, a.new_tokens, greedy, stop_token_ids=()))
+
+        warm, times, want = timed_runs(plain, a.runs, dev)
         base = len(want) / statistics.median(times)
         row = {"prompt": pname, "prompt_tokens": len(ids), "plain": {"tok_s": base, "warmup_s": warm}}
         log(f"{pname}: plain {base:.1f} tok/s")
@@ -204,7 +258,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("real", help="real weights: plain vs each source")
-    r.add_argument("--model", default=None, help="anything blitzgen.loading.load accepts (default SmolLM2)")
+    r.add_argument("--model", default=None, metavar="DIR_OR_FILE",
+                   help="anything blitzgen.loading.load accepts, or a GGUF split into parts: the directory "
+                        "holding them or the path they were split from (default: the embedded SmolLM2)")
     r.add_argument("--sources", default="ngram,self-int4")
     r.add_argument("--prompts", default=None, help=f"comma list of {','.join(PROMPTS)}")
     r.add_argument("--k", type=int, default=4)

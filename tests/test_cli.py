@@ -120,7 +120,7 @@ def test_top_level_help_lists_every_command(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for cmd in ("generate", "chat", "serve", "quantize", "bench"):
+    for cmd in ("generate", "chat", "serve", "quantize", "bench", "cache"):
         assert cmd in out
 
 
@@ -294,6 +294,15 @@ def test_runtime_options_from_flags(monkeypatch):
     assert (opts.device, opts.dtype, opts.compile, opts.quantize, opts.group_size, opts.max_model_len,
             opts.decode_attention) == ("cpu", "float32", False, "int4", 64, 512, "matmul")
     assert runtime_options(parse(["bench", "--mode", "int8"])).quantize == "int8"
+    opts = runtime_options(parse(["serve", "--compile-prefill", "--autotune"]))
+    assert opts.compile_prefill and opts.autotune
+    opts = runtime_options(parse(["generate", "--prompt", "hi"]))
+    assert not opts.compile_prefill and not opts.autotune
+
+
+def test_url_and_modal_are_exclusive(capsys):
+    rc = main(["generate", "--prompt", "hi", "--url", "http://127.0.0.1:1", "--modal", "app"])
+    assert rc == 2 and "--url and --modal" in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -323,7 +332,9 @@ def test_max_model_len_above_the_context_warns_and_clamps(tiny_load, capsys):
     err = capsys.readouterr().err
     assert rc == 0, err
     assert "blitzgen: warning: --max-model-len 1000 is above tiny's context of 64 tokens; using 64" in err
-    assert tiny_load.model.layers[0].attention.decode_impl == "matmul"  # the flag reached the model
+    assert tiny_load.model.attention_op.decode_impl == "matmul"  # the flag reached the model
+    report = [line for line in err.splitlines() if line.startswith("startup: first token in")]
+    assert len(report) == 1 and "imports" in report[0] and "load" in report[0], err
 
 
 def test_over_long_prompt_is_refused_before_compiling(tiny_load, capsys, monkeypatch):

@@ -47,6 +47,8 @@ def test_key_changes_with_model_quantization_and_compile_settings():
         "cache size": cc.key_for(tiny, _opts(warm_cache_tokens=4096), {"modes": ["greedy"]}),
         "attention": cc.key_for(tiny, _opts(decode_attention="sdpa"), {"modes": ["greedy"]}),
         "sampler modes": cc.key_for(tiny, _opts(), {"modes": ["greedy", "top_k"]}),
+        "compiled prefill": cc.key_for(tiny, _opts(compile_prefill=True), {"modes": ["greedy"]}),
+        "autotune": cc.key_for(tiny, _opts(autotune=True), {"modes": ["greedy"]}),
         "no extra": cc.key_for(tiny, _opts()),
     }
     hashes = {name: cc.key_hash(parts) for name, parts in changed.items()}

@@ -193,27 +193,29 @@ def test_warmup_covers_every_sampler_mode_and_prefill_bucket():
     runs: the same sampler modes, prefill buckets and cache size (recorded, not compiled, here)."""
     model = tiny_model(seed=10)
     model.setup_caches(1, 16)
-    gen = Generator(model, options=RuntimeOptions(warm_cache_tokens=256))
-    gen.compiled = True  # the compiled policy (geometric cache, power-of-two buckets), eager functions
+    gen = Generator(model, options=RuntimeOptions(warm_cache_tokens=256, compile_prefill=True))
+    gen.compiled = gen.prefill_compiled = True  # the compiled policy (geometric cache, power-of-two buckets)
     seen: set = set()
 
     def record(kind, fn):
-        def wrapped(model, *args):  # decode: (tok, pos, samp, mode, noise); prefill: (ids, pos, last)
-            seen.add((kind, model.cache_len, args[-2] if kind == "decode" else args[0].shape[1]))
+        def wrapped(model, *args):  # step: (tok, pos); prefill: (ids, pos, last)
+            seen.add((kind, model.cache_len, args[0].shape[1]))
             return fn(model, *args)
         return wrapped
 
-    gen._decode = record("decode", gen._decode)
+    gen._step = record("step", gen._step)
     gen._prefill = record("prefill", gen._prefill)
     sample = gen._sample
     gen._sample = lambda logits, samp, mode, noise: (seen.add(("sample", mode)), sample(logits, samp, mode, noise))[1]
     gen.warmup()
     assert model.cache_len == 256 and gen.prefill_buckets() == [16, 32, 64, 128, 256]
     warmed = set(seen)
-    assert {k[2] for k in warmed if k[0] == "decode"} == {sp.mode for sp in sampler_modes()}
+    assert {k[1] for k in warmed if k[0] == "sample"} == {sp.mode for sp in sampler_modes()}
+    assert len(sampler_modes()) == 5
     seen.clear()
     for n in (1, 16, 17, 64, 65, 200, 255):
-        for sp in (GREEDY, SamplingParams(temperature=0.7, top_k=5, min_p=0.1, seed=1)):
+        for sp in (GREEDY, SamplingParams(temperature=0.7, top_k=5, min_p=0.1, seed=1),
+                   SamplingParams(temperature=0.7, top_p=0.5, seed=2)):
             assert n + gen.default_max_tokens(n) <= model.cache_len  # such requests never grow the cache
             list(gen.generate_ids(list(range(1, n + 1)), min(3, gen.default_max_tokens(n)), sp, stop_token_ids=()))
     assert seen <= warmed, seen - warmed

@@ -57,6 +57,8 @@ class BenchOptions:
     peer_shape: str | None = None  # a gpt-fast preset name, instead of the one mapped from shape
     command: str | None = None
     save: str | None = None  # write the random weights of `shape` as an HF checkpoint here instead
+    speculate: str | None = None  # "ngram" | "self-int4": run the speculative decoder instead of plain decode
+    speculate_k: int = 4
 
 
 def _count(n: int) -> str:
@@ -258,6 +260,7 @@ def _run_ours(opts: BenchOptions, device: torch.device, dtype: torch.dtype, comp
     gen.check_request(P, N)  # ContextLengthError names the model's context
     g = torch.Generator().manual_seed(opts.seed)
     prompt = torch.randint(1, max(2, min(args.vocab_size, 30000)), (P,), generator=g).tolist()
+    dec, spec_runs = _speculative_decoder(opts, model, compile_, P + N, log), []
 
     def one_run(i: int) -> tuple[float, object]:
         sp = choice_sampling(SamplingParams(temperature=opts.temperature, top_k=opts.top_k, seed=opts.seed), i)
@@ -265,7 +268,9 @@ def _run_ours(opts: BenchOptions, device: torch.device, dtype: torch.dtype, comp
         _sync(device)
         t = time.perf_counter()
         n = 0
-        for _ in gen.generate_ids(prompt, N, sp, stop_token_ids=(), stats=stats):
+        tokens = (gen.generate_ids(prompt, N, sp, stop_token_ids=(), stats=stats) if dec is None
+                  else _speculative_ids(dec, prompt, N, sp, stats, spec_runs))
+        for _ in tokens:
             n += 1
         _sync(device)
         dt = time.perf_counter() - t
@@ -280,6 +285,7 @@ def _run_ours(opts: BenchOptions, device: torch.device, dtype: torch.dtype, comp
             warm.append(dt)
             log(f"warm-up {w + 1}/{opts.warmup}: {dt:.2f} s{' (compiles)' if compile_ and w == 0 else ''}")
         times, stats = [], []
+        spec_runs.clear()  # speculation statistics of the timed runs only
         for i in range(opts.runs):
             dt, st = one_run(i)
             times.append(dt)
@@ -318,8 +324,47 @@ def _run_ours(opts: BenchOptions, device: torch.device, dtype: torch.dtype, comp
             pass
     res["bandwidth_gbs"] = nbytes * res["tok_s"] / 1e9
     res["decode_bandwidth_gbs"] = nbytes * res["decode_tok_s"] / 1e9
+    if dec is not None:
+        from .speculative import SpeculationStats
+
+        total = SpeculationStats()
+        for st in spec_runs:
+            total.merge(st)
+        res["speculation"] = total.to_dict()
+        del dec
     del gen, model
     return res
+
+
+def _speculative_decoder(opts: BenchOptions, model, compile_: bool, max_len: int, log):
+    """The SpeculativeDecoder that --speculate asks for (None without it)."""
+    if not opts.speculate:
+        return None
+    from .speculative import SpeculativeDecoder, make_draft
+
+    t = time.perf_counter()
+    draft = make_draft(opts.speculate, model, group_size=_group_size(opts) or 32)
+    log(f"speculation {opts.speculate} (k<={opts.speculate_k}) built in {time.perf_counter() - t:.1f} s")
+    return SpeculativeDecoder(model, draft, k=opts.speculate_k, compile=compile_, max_seq_len=max_len)
+
+
+def _speculative_ids(dec, prompt: list[int], n: int, sampling, stats, runs: list):
+    """The decoder's tokens, filling GenerationStats as Generator.generate_ids does; each run's
+    SpeculationStats is appended to ``runs``."""
+    from .speculative import SpeculationStats
+
+    spec = SpeculationStats()
+    runs.append(spec)
+    stats.prompt_tokens = len(prompt)
+    t0 = time.perf_counter()
+    t_first = t0
+    for i, tok in enumerate(dec.generate_ids(prompt, n, sampling, stop_token_ids=(), stats=spec)):
+        now = time.perf_counter()
+        if i == 0:
+            stats.time_to_first_token, t_first = now - t0, now
+        stats.generated_tokens = i + 1
+        stats.decode_seconds, stats.total_seconds = now - t_first, now - t0
+        yield tok
 
 
 def _jsonable(x):
@@ -374,6 +419,8 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> d
         prompt_len=opts.prompt_len, new_tokens=opts.new_tokens, runs=opts.runs, warmup=opts.warmup,
         sampling=dict(temperature=opts.temperature, top_k=opts.top_k, seed=opts.seed),
     )
+    if opts.speculate:
+        result.update(speculate=opts.speculate, speculate_k=opts.speculate_k)
     if device.type == "cuda":
         result["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
     if opts.roofline:
@@ -421,7 +468,8 @@ def format_table(r: dict) -> str:
     if r["mode"] == "bf16" and r.get("dtype") != "bfloat16":
         mode = f"unquantized {r['dtype']}"
     head = (f"blitzgen bench: {what}, {mode}, prompt {r['prompt_len']} + {r['new_tokens']} new tokens, "
-            f"{r['runs']} runs, {'compiled' if r['compile'] else 'eager'}\n"
+            f"{r['runs']} runs, {'compiled' if r['compile'] else 'eager'}"
+            f"{', speculate ' + r['speculate'] if r.get('speculate') else ''}\n"
             f"{r['gpu']}, torch {r['torch']}, {r['date']}")
     peers = r.get("peers") or {}
     cols = ["blitzgen"] + list(peers)
@@ -450,6 +498,10 @@ def format_table(r: dict) -> str:
     else:
         row("peak process RSS (GB)", r.get("peak_rss_bytes"), None, ".2f", 1e-9)
     row("weights read per token (GB)", r.get("model_bytes"), "model_bytes", ".3g", 1e-9)
+    spec = r.get("speculation")
+    if spec:
+        row("speculation acceptance", spec["acceptance_rate"] * 100, None, ".1f", unit="%")
+        row("tokens per verify step", spec["mean_tokens_per_verify"])
     w0 = max(len(lbl) for lbl, _ in rows)
     widths = [max(len(c), *(len(v[i]) for _, v in rows)) for i, c in enumerate(cols)]
     lines = [head, "", " " * w0 + "  " + "  ".join(c.rjust(w) for c, w in zip(cols, widths))]
@@ -458,6 +510,9 @@ def format_table(r: dict) -> str:
     if bw:
         lines.append(f"roofline: copy {bw:.0f} GB/s / {r['model_bytes'] / 1e9:.3g} GB per token = "
                      f"{r['roofline_tok_s']:.1f} tokens/s")
+    if spec:
+        lines.append(f"speculation {spec['source']} k<={spec['k_max']}: {spec['verify_steps']} verify + "
+                     f"{spec['plain_steps']} plain steps, accepted lengths {spec['accepted_hist']}")
     for name, p in peers.items():
         if p.get("error"):
             lines.append(f"{name}: failed: {p['error']}")

@@ -1,4 +1,4 @@
-"""The ``blitzgen`` command: generate | chat | serve | quantize | bench."""
+"""The ``blitzgen`` command: generate | chat | serve | quantize | bench | cache."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ["generate", "chat", "serve", "quantize", "bench"]
+COMMANDS = ["generate", "chat", "serve", "quantize", "bench", "cache"]
 
 
 def build_parser():
@@ -29,6 +29,8 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import startup  # noqa: F401  (the start-up report's clock; no torch)
+
     os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1" if not _has_cuda_hint() else "0")
     from .commands.common import check_args
     from .errors import BlitzgenError

@@ -34,20 +34,6 @@ class LogprobDelta(Delta):
     logprobs: list[TokenLogprob] | None = None
 
 
-def _prefill(gen, prompt_ids: Sequence[int], stats: GenerationStats) -> Tensor:
-    if hasattr(gen, "prefill"):
-        start = gen.reuse_prefix(prompt_ids) if hasattr(gen, "reuse_prefix") else 0
-        stats.cached_tokens = start
-        return gen.prefill(prompt_ids, start)
-    return gen._run_prefill(prompt_ids)  # FALLBACK: a Generator without the prefill hook
-
-
-def _step(gen, tok: Tensor, pos: Tensor) -> Tensor:
-    if hasattr(gen, "model_logits"):
-        return gen.model_logits(tok, pos)
-    return gen.model(tok, pos)[:, -1]  # FALLBACK: a Generator without the model_logits hook
-
-
 @torch.inference_mode()
 def token_loop(gen, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingParams,
                stop_ids: set[int], stats: GenerationStats, *, top_logprobs: int | None = None,
@@ -64,7 +50,9 @@ def token_loop(gen, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sa
     k = top_logprobs
     stats.prompt_tokens = len(prompt_ids)
     t0 = t_first = time.perf_counter()
-    logits = _prefill(gen, prompt_ids, stats)
+    start = gen.reuse_prefix(prompt_ids)  # prompt caching, as in plain decoding
+    stats.cached_tokens = start
+    logits = gen.prefill(prompt_ids, start)
     pos = torch.tensor([len(prompt_ids)], dtype=torch.int64, device=dev)
     for i in range(max_new_tokens):
         masked = constraint.apply(logits) if constraint is not None else logits
@@ -90,16 +78,16 @@ def token_loop(gen, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sa
             break
         if constraint is not None and constraint.is_terminated():
             break
-        logits = _step(gen, tok.view(1, 1), pos)
+        logits = gen.model_logits(tok.view(1, 1), pos)  # the next mask/sample read it before the next call
         pos += 1
 
 
 def _text_deltas(gen, tokens: Iterator[int], stats: GenerationStats, stop: Sequence[str], stop_ids: set[int],
                  keep_special: bool) -> Iterator[Delta]:
-    if not keep_special and hasattr(gen, "stream_tokens"):
+    if not keep_special:
         yield from gen.stream_tokens(tokens, stats, stop, stop_ids)
         return
-    # Generator.stream's text loop; keep_special keeps special tokens (tool-call markers) in the text
+    # Generator.stream_tokens' text loop, keeping special tokens (tool-call markers) in the text
     from .textstream import TextStream
 
     text = TextStream(gen.tokenizer, stop, skip_special_tokens=not keep_special)

@@ -10,8 +10,14 @@ Three lengths, three names: ``context_len`` is what the model was trained for
 (``args.max_seq_len``); ``max_model_len`` is the user's limit on prompt + completion (at most the
 context); ``model.cache_len`` is how many positions the KV cache holds now.
 
-On CUDA the decode loop launches step n+1 before it reads token n back to the host (the two only
-meet through a pinned buffer and an event), so Python's per-token work overlaps the GPU.
+Compiled, the model's decode step is one graph (a CUDA-graph replay on CUDA) shared by every
+sampler; each sampler mode is a small graph of its own; prefill is eager unless
+``options.compile_prefill``. On CUDA the decode loop launches step n+1 before it reads token n back
+to the host (the two only meet through a pinned buffer and an event), so Python's per-token work
+overlaps the GPU.
+
+Prompt caching: the Generator remembers which token ids its KV cache holds; a request whose prompt
+starts with some of them prefills only the rest (``reuse_prefix``).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ def prefill_bucket(n: int, steps_per_octave: int = 1) -> int:
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV the cache already held (not prefilled)
     generated_tokens: int = 0
     time_to_first_token: float = 0.0  # prefill + first sample, seconds
     decode_seconds: float = 0.0
@@ -102,10 +109,9 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _decode_step(model: Transformer, tok: Tensor, pos: Tensor, samp: dict, mode: tuple, noise: Tensor | None) -> Tensor:
-    """One decode step, model and sampler together: on CUDA this is one CUDA-graph replay."""
-    logits = model(tok, pos)[:, -1]  # [B, V]
-    return sample(logits, samp, mode, noise)  # [B]
+def _model_step(model: Transformer, tok: Tensor, pos: Tensor) -> Tensor:
+    """One decode step of the model alone: [B, 1] ids at positions [1] -> logits [B, V] float32."""
+    return model(tok, pos)[:, -1]
 
 
 def _prefill_logits(model: Transformer, ids: Tensor, pos: Tensor, last: Tensor) -> Tensor:
@@ -115,9 +121,10 @@ def _prefill_logits(model: Transformer, ids: Tensor, pos: Tensor, last: Tensor) 
 class Generator:
     """Runs requests on one model, one at a time, reusing its static KV cache.
 
-    ``options`` (RuntimeOptions) supplies compile, max_model_len, decode_attention, warm_cache_tokens
-    and cache_dir; ``compile`` and ``max_seq_len`` (the user limit, i.e. max_model_len), when given,
-    override it. compile=True compiles decode (CUDA graphs on GPU) and bucketed prefill; call
+    ``options`` (RuntimeOptions) supplies compile, compile_prefill, autotune, max_model_len,
+    decode_attention, warm_cache_tokens and cache_dir; ``compile`` and ``max_seq_len`` (the user
+    limit, i.e. max_model_len), when given, override it. compile=True compiles the model's decode
+    step (CUDA graphs on GPU) and the samplers, and with compile_prefill the bucketed prefill; call
     ``warmup()`` so that no request pays a compile.
     """
 
@@ -142,20 +149,22 @@ class Generator:
             op = model.attention_op
             if parse_decode_attention(impl) != (op.decode_impl, op.chunks):
                 model.set_decode_attention(impl)
+        self.prefill_compiled = self.compiled and opts.compile_prefill
+        self._step, self._prefill, self._sample = _model_step, _prefill_logits, sample
         if self.compiled:
             from .compile import compile_decode, compile_static
 
-            # Decode is one graph (model + sampler; one graph per sampler mode). Prefill's model
-            # graph (per length bucket) is compiled apart from its sampler so that bucket graphs
-            # are shared by every sampler mode; neither of those two uses CUDA graphs.
-            dev = str(self.device)
-            self._decode = compile_decode(_decode_step, dev, opts.cache_dir)
-            self._prefill = compile_static(_prefill_logits, dev, opts.cache_dir)
-            self._sample = compile_static(sample, dev, opts.cache_dir)
-        else:
-            self._decode, self._prefill, self._sample = _decode_step, _prefill_logits, sample
+            # The model step is one graph whatever the sampler (a CUDA graph on CUDA: its logits
+            # are overwritten by the next replay, so the sampler reads them before that); each
+            # sampler mode is a small plain graph whose output stays valid.
+            dev, kw = str(self.device), dict(cache_dir=opts.cache_dir, autotune=opts.autotune)
+            self._step = compile_decode(_model_step, dev, **kw)
+            self._sample = compile_static(sample, dev, **kw)
+            if self.prefill_compiled:
+                self._prefill = compile_static(_prefill_logits, dev, **kw)
         self._host_tok = torch.empty(1, dtype=torch.int64, pin_memory=self.is_cuda)
         self._event = torch.cuda.Event() if self.is_cuda else None
+        self._cached_ids: list[int] = []  # the tokens whose KV the cache holds at positions 0..
 
     @property
     def max_seq_len(self) -> int:
@@ -198,19 +207,24 @@ class Generator:
         recompile), else in steps of CACHE_ROUND; never past max_model_len."""
         if n_tokens <= self.cache_len:
             return
+        cap = self._capacity_for(n_tokens)
+        self._cached_ids = []
+        with torch.inference_mode(False):  # plain tensors, so the model still works outside inference mode
+            self.model.setup_caches(1, cap)
+
+    def _capacity_for(self, n_tokens: int) -> int:
+        """The cache size ensure_capacity(n_tokens) allocates when it grows."""
         if self.compiled:
             cap = max(CACHE_ROUND, 1 << (n_tokens - 1).bit_length())
         else:
             cap = -(-n_tokens // CACHE_ROUND) * CACHE_ROUND
-        cap = max(min(cap, self.max_model_len), n_tokens)
-        with torch.inference_mode(False):  # plain tensors, so the model still works outside inference mode
-            self.model.setup_caches(1, cap)
+        return max(min(cap, self.max_model_len), n_tokens)
 
     def _bucket(self, n: int) -> int:
-        """Prompts are padded to a bucket on every path: compiled, one graph per bucket (powers of
-        two); eager, a few shapes per octave, since each new shape costs memory in the CPU
-        libraries' primitive caches. Padding positions are overwritten by decode and masked before."""
-        return min(prefill_bucket(n, 1 if self.compiled else 4), self.cache_len)
+        """Prompts are padded to a bucket on every path: compiled prefill, one graph per bucket
+        (powers of two); eager, a few shapes per octave, since each new shape costs memory in the
+        CPU libraries' primitive caches. Padding positions are overwritten by decode and masked before."""
+        return min(prefill_bucket(n, 1 if self.prefill_compiled else 4), self.cache_len)
 
     # ---- token generation -----------------------------------------------------------------------
     def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int,
@@ -222,14 +236,23 @@ class Generator:
         sampling = (sampling or SamplingParams(temperature=0.0)).validate()
         self.check_request(len(prompt_ids), max_new_tokens)
         stop_set = set(stop_token_ids if stop_token_ids is not None else self._default_stop_ids())
-        return self._generate(prompt_ids, max_new_tokens, sampling, stop_set,
-                              stats if stats is not None else GenerationStats())
+        return self._guarded(self._generate(prompt_ids, max_new_tokens, sampling, stop_set,
+                                            stats if stats is not None else GenerationStats()))
+
+    def _guarded(self, tokens: Iterator[int]) -> Iterator[int]:
+        """An exception mid-request leaves the cache's contents unknown: forget the prefix. (Closing
+        early is fine: every token in the prefix had its step launched.)"""
+        try:
+            yield from tokens
+        except Exception:
+            self._cached_ids = []
+            raise
 
     @torch.inference_mode()
     def _generate(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingParams,
                   stop_set: set[int], stats: GenerationStats) -> Iterator[int]:
         prompt_len = len(prompt_ids)
-        self.ensure_capacity(prompt_len + max_new_tokens)
+        self.ensure_capacity(prompt_len + max_new_tokens)  # growing forgets the cached prefix
         dev = self.device
         mode = sampling.mode
         samp = sampling.tensors(dev)
@@ -241,8 +264,11 @@ class Generator:
 
         stats.prompt_tokens = prompt_len
         t0 = time.perf_counter()
-        tok = self._sample(self._run_prefill(prompt_ids), samp, mode, noise())  # [1] on device
+        start = self.reuse_prefix(prompt_ids)
+        stats.cached_tokens = start
+        tok = self._sample(self.prefill(prompt_ids, start), samp, mode, noise())  # [1] on device
         pos = torch.tensor([prompt_len], dtype=torch.int64, device=dev)
+        cached = self._cached_ids  # grows as tokens enter the cache
         first = True
         t_first = t0
         for i in range(max_new_tokens):
@@ -251,17 +277,17 @@ class Generator:
                 self._host_tok.copy_(tok, non_blocking=True)
                 self._event.record()
                 if not last:  # launch the next step before reading this token back
-                    nxt = self._decode(self.model, tok.view(1, 1), pos, samp, mode, noise())
-                    if self.compiled:  # a CUDA-graph output is overwritten by the next replay
-                        nxt = nxt.clone()
+                    nxt = self._sample(self._step(self.model, tok.view(1, 1), pos), samp, mode, noise())
                     pos += 1
                 self._event.synchronize()
                 value = int(self._host_tok[0])
             else:
                 value = int(tok[0])
                 if not last:
-                    nxt = self._decode(self.model, tok.view(1, 1), pos, samp, mode, noise())
+                    nxt = self._sample(self._step(self.model, tok.view(1, 1), pos), samp, mode, noise())
                     pos += 1
+            if not last:  # its KV is (being) written at position prompt_len + i
+                cached.append(value)
             now = time.perf_counter()
             if first:
                 stats.time_to_first_token = now - t0
@@ -274,16 +300,52 @@ class Generator:
                 break
             tok = nxt
 
-    def _run_prefill(self, prompt_ids: Sequence[int]) -> Tensor:
-        """Fill the cache with the prompt (padded to its bucket); returns the last token's logits [1, V]."""
-        dev = self.device
+    # ---- hooks for other decoders (speculative, constrained) -------------------------------------
+    def model_logits(self, tok: Tensor, pos: Tensor) -> Tensor:
+        """One decode step of the model alone: tok [1, 1] at pos [1] -> logits [1, V] float32 (the
+        compiled CUDA-graph step when compiled: valid only until the next call; clone to keep it).
+        The live prefix is forgotten (the caller decides what the cache holds)."""
+        self._cached_ids = []
+        return self._step(self.model, tok, pos)
+
+    def prefill(self, prompt_ids: Sequence[int], start: int = 0) -> Tensor:
+        """Fill the cache with prompt_ids[start:] at positions start.. (earlier positions must hold
+        prompt_ids[:start] already), padded to a bucket; returns the last token's logits [1, V].
+        Afterwards the cache is known to hold prompt_ids."""
         n = len(prompt_ids)
-        bucket = self._bucket(n)
-        ids = torch.zeros((1, bucket), dtype=torch.int64, device=dev)
-        ids[0, :n] = torch.tensor(list(prompt_ids), dtype=torch.int64, device=dev)
-        pos = torch.arange(bucket, device=dev)
-        last = torch.tensor([n - 1], device=dev)
-        return self._prefill(self.model, ids, pos, last)
+        if not 0 <= start < n:
+            raise ValueError(f"prefill start {start} outside a prompt of {n} tokens")
+        if n > self.cache_len:
+            self.ensure_capacity(n)
+        bucket = self._bucket(n - start)
+        if start + bucket > self.cache_len:  # the padded suffix does not fit: prefill from 0
+            start, bucket = 0, self._bucket(n)
+        self._cached_ids = []  # until the prefill is done (an exception leaves no claim)
+        dev = self.device
+        with torch.inference_mode():
+            ids = torch.zeros((1, bucket), dtype=torch.int64, device=dev)
+            ids[0, :n - start] = torch.tensor(list(prompt_ids[start:]), dtype=torch.int64, device=dev)
+            pos = torch.arange(start, start + bucket, device=dev)
+            last = torch.tensor([n - start - 1], device=dev)
+            logits = self._prefill(self.model, ids, pos, last)
+        self._cached_ids = list(prompt_ids)
+        return logits
+
+    def reuse_prefix(self, prompt_ids: Sequence[int]) -> int:
+        """How many leading tokens of prompt_ids the KV cache already holds (at most len - 1, so
+        the last prompt token is always run and yields logits)."""
+        cached, limit = self._cached_ids, min(len(self._cached_ids), len(prompt_ids) - 1)
+        p = 0
+        while p < limit and cached[p] == prompt_ids[p]:
+            p += 1
+        return p
+
+    def forget_prefix(self) -> None:
+        """Say the KV cache holds nothing reusable (call after writing it by other means)."""
+        self._cached_ids = []
+
+    def _run_prefill(self, prompt_ids: Sequence[int]) -> Tensor:
+        return self.prefill(prompt_ids, 0)
 
     def _default_stop_ids(self) -> list[int]:
         return list(getattr(self.tokenizer, "eos_token_ids", []) or [])
@@ -293,30 +355,45 @@ class Generator:
                stop: Sequence[str] = (), stop_token_ids: Sequence[int] | None = None) -> Iterator[Delta]:
         """Yield text deltas; the last one carries finish_reason and the stats. Stop strings and
         stop tokens are not emitted."""
-        from .textstream import TextStream
-
         if self.tokenizer is None:
             raise RuntimeError("stream() needs a tokenizer")
         stop_ids = set(stop_token_ids if stop_token_ids is not None else self._default_stop_ids())
-        text = TextStream(self.tokenizer, stop)
         stats = GenerationStats()
+        tokens = self.generate_ids(prompt_ids, max_new_tokens, sampling, stop_ids, stats)
+        return self.stream_tokens(tokens, stats, stop, stop_ids)
+
+    def stream_tokens(self, token_iter, stats: GenerationStats, stop: Sequence[str] = (),
+                      stop_token_ids: Sequence[int] | None = None) -> Iterator[Delta]:
+        """Text deltas of any token-id iterator (this Generator's, a speculative or a constrained
+        decoder's): stop strings and stop tokens end it unemitted; the final Delta carries
+        finish_reason and ``stats`` (which the iterator fills in). Closing it closes token_iter."""
+        from .textstream import TextStream
+
+        if self.tokenizer is None:
+            raise RuntimeError("stream_tokens() needs a tokenizer")
+        stop_ids = set(stop_token_ids if stop_token_ids is not None else self._default_stop_ids())
+        text = TextStream(self.tokenizer, stop)
         ids: list[int] = []
         finish = "length"
-        for tok in self.generate_ids(prompt_ids, max_new_tokens, sampling, stop_ids, stats):
-            if tok in stop_ids:
-                finish = "stop"
-                break
-            ids.append(tok)
-            out = text.add(tok)
-            if text.stopped:
-                finish = "stop"
-                yield Delta(out, ids, finish, stats)
-                return
-            if out:
-                yield Delta(out, ids)
-                ids = []
-        out = text.finish()
-        yield Delta(out, ids, "stop" if text.stopped else finish, stats)
+        try:
+            for tok in token_iter:
+                if tok in stop_ids:
+                    finish = "stop"
+                    break
+                ids.append(tok)
+                out = text.add(tok)
+                if text.stopped:
+                    yield Delta(out, ids, "stop", stats)
+                    return
+                if out:
+                    yield Delta(out, ids)
+                    ids = []
+            out = text.finish()
+            yield Delta(out, ids, "stop" if text.stopped else finish, stats)
+        finally:
+            close = getattr(token_iter, "close", None)
+            if close is not None:
+                close()
 
     def complete(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingParams | None = None,
                  stop: Sequence[str] = ()) -> Completion:
@@ -331,10 +408,11 @@ class Generator:
                new_tokens: int = 4) -> float:
         """Run what requests would otherwise compile (and CUDA-graph capture) now; returns seconds.
 
-        Default (the server's): grow the cache to ``warm_cache_len``, run every sampler mode
-        (sampling.sampler_modes) and every prefill bucket a prompt can hit in that cache, so no
-        request within ``default_max_tokens`` compiles. With ``prompt_len``: the current cache,
-        that prompt's bucket and the given modes only (a one-shot CLI run). Eager: one short run."""
+        Default (the server's "ready means ready"): grow the cache to ``warm_cache_len``, run the
+        model step and every sampler mode (sampling.sampler_modes: five small graphs) and, with
+        compile_prefill, every prefill bucket a prompt can hit in that cache, so no request within
+        ``default_max_tokens`` compiles. With ``prompt_len``: the current cache, that prompt's
+        bucket and the given modes only (a one-shot CLI run). Eager: one short run."""
         t0 = time.perf_counter()
         if sampling_modes is None:
             sampling_modes = sampler_modes() if self.compiled else [SamplingParams(temperature=0.0)]
@@ -345,19 +423,31 @@ class Generator:
         new_tokens = max(1, min(new_tokens, room - 1))
         n = max(1, min(prompt_len or 8, room - new_tokens))
         for sp in sampling_modes:
+            self.forget_prefix()  # every run prefills its whole prompt
             for _ in self.generate_ids([0] * n, new_tokens, sp, stop_token_ids=()):
                 pass
-        if full and self.compiled:
-            with torch.inference_mode():
-                for b in self.prefill_buckets():
-                    self._run_prefill([0] * b)
+        if full and self.prefill_compiled:
+            for b in self.prefill_buckets():
+                self.prefill([0] * b)
+        self.forget_prefix()
         return time.perf_counter() - t0
+
+    def warmup_plan(self) -> dict:
+        """What a full warm-up compiles (the compile-cache key's ``extra``)."""
+        cache = max(self.cache_len, self._capacity_for(self.warm_cache_len)) if self.compiled else None
+        return {"warmup": [list(sp.mode) for sp in sampler_modes()] if self.compiled else [],
+                "prefill": self.prefill_buckets_at(cache) if self.prefill_compiled else "eager",
+                "cache_len": cache}
 
     def prefill_buckets(self) -> list[int]:
         """Every padded prompt length the current cache allows (what a full warm-up compiles)."""
+        return self.prefill_buckets_at(self.cache_len)
+
+    def prefill_buckets_at(self, cache_len: int) -> list[int]:
         out: list[int] = []
-        for n in range(1, self.cache_len):
-            b = self._bucket(n)
+        steps = 1 if self.prefill_compiled else 4
+        for n in range(1, cache_len):
+            b = min(prefill_bucket(n, steps), cache_len)
             if not out or b != out[-1]:
                 out.append(b)
         return out

@@ -11,6 +11,14 @@ Environment variables (each read here only):
   BLITZGEN_GEMV_AUTOTUNE     1: time candidate GEMV configs on first use (eager only)
   BLITZGEN_GPTFAST_SCRIPT    the gpt-fast harness that `bench --peer` runs
   BLITZGEN_API_KEY           the server's API key (read as `serve --api-key`'s default)
+  BLITZGEN_MODAL_*           the Modal deployment's settings (deploy/settings.py): APP, GPU, VOLUME,
+                             SNAPSHOT, MODEL, DTYPE, QUANTIZE, COMPILE, MAX_MODEL_LEN, WARMUP,
+                             MIN_CONTAINERS, MAX_CONTAINERS, SCALEDOWN, CONCURRENCY, TIMEOUT,
+                             STARTUP_TIMEOUT, TORCH, SECRET
+  RANK, WORLD_SIZE, LOCAL_RANK  torchrun's: a tensor-parallel rank started by torchrun (parallel/)
+
+Set (not read) by parallel/ in every tensor-parallel rank's environment, NVLink multicast off:
+  NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1
 """
 
 from __future__ import annotations
@@ -68,6 +76,8 @@ class RuntimeOptions:
     gemv_autotune: bool = False
     cache_dir: str | None = None
     warm_cache_tokens: int = WARM_CACHE_TOKENS
+    compile_prefill: bool = False  # compile prefill per length bucket (else eager, as gpt-fast)
+    autotune: bool = False  # Inductor's coordinate-descent tuning (slow to compile, ~+3% decode)
 
     @classmethod
     def from_env(cls, **overrides) -> "RuntimeOptions":

@@ -1,7 +1,9 @@
 """Sampling: logits -> next token, as pure tensor functions with no host sync.
 
 Temperature, top-k, top-p and min-p values travel as tensors, so changing them never recompiles a
-compiled decode step; only *which* filters are on (``SamplingParams.mode``) is a static choice.
+compiled sampler; only *which* paths run (``SamplingParams.mode``: greedy, temperature, the sorted
+top-k/top-p filter, each with or without min-p: five modes) is a static choice. top-k and top-p
+share the sorted path, with neutral values (top_k 0 = all, top_p 1 = all) when one is off.
 Random draws use the exponential-race trick (argmax(p / q), q ~ Exp(1)), which samples exactly
 from p and needs no multinomial sync; the noise comes from a per-request torch.Generator so a
 seed reproduces a sequence.
@@ -50,11 +52,11 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
     @property
-    def mode(self) -> tuple[bool, bool, bool, bool]:
-        """(greedy, top_k on, top_p on, min_p on): the static part of a compiled sampler."""
+    def mode(self) -> tuple[bool, bool, bool]:
+        """(greedy, sorted filter on (top-k or top-p), min_p on): the static part of a compiled sampler."""
         if self.greedy:
-            return (True, False, False, False)
-        return (False, self.top_k > 0, self.top_p < 1.0, self.min_p > 0.0)
+            return (True, False, False)
+        return (False, self.top_k > 0 or self.top_p < 1.0, self.min_p > 0.0)
 
     def tensors(self, device) -> dict[str, Tensor]:
         return {
@@ -74,29 +76,28 @@ def choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
 
 
 def sampler_modes() -> list[SamplingParams]:
-    """One SamplingParams per distinct ``mode`` (greedy, then every on/off mix of top-k, top-p and
-    min-p): each is its own compiled sampler graph, so a warm-up runs all of them."""
+    """One SamplingParams per distinct ``mode`` (greedy; then temperature alone or with the sorted
+    top-k/top-p filter, each with and without min-p): five small compiled samplers, so a warm-up
+    runs all of them."""
     modes = [SamplingParams(temperature=0.0)]
-    for k, p, m in itertools.product((False, True), repeat=3):
-        modes.append(SamplingParams(temperature=1.0, top_k=50 if k else 0, top_p=0.9 if p else 1.0,
+    for s, m in itertools.product((False, True), repeat=2):
+        modes.append(SamplingParams(temperature=1.0, top_k=50 if s else 0, top_p=0.9 if s else 1.0,
                                     min_p=0.05 if m else 0.0))
     return modes
 
 
-def filter_logits(logits: Tensor, t: dict[str, Tensor], mode: tuple[bool, bool, bool, bool]) -> Tensor:
-    """Apply temperature, then top-k, top-p and min-p (HF's order). logits: [B, V] float32."""
-    _, use_k, use_p, use_min_p = mode
+def filter_logits(logits: Tensor, t: dict[str, Tensor], mode: tuple[bool, bool, bool]) -> Tensor:
+    """Apply temperature, then top-k, top-p and min-p (HF's order). logits: [B, V] float32.
+    On the sorted path a filter that is off (top_k 0, top_p 1) keeps every token exactly."""
+    _, use_sorted, use_min_p = mode
     logits = logits / t["temperature"]
-    if use_k or use_p:
+    if use_sorted:
         sorted_logits, _ = logits.sort(dim=-1, descending=True)  # [B, V]
-        keep = torch.ones_like(sorted_logits, dtype=torch.bool)
-        if use_k:
-            ranks = torch.arange(sorted_logits.shape[-1], device=logits.device)
-            keep &= ranks < t["top_k"]
-        if use_p:
-            probs = sorted_logits.masked_fill(~keep, -float("inf")).softmax(-1)
-            # keep a token while the mass before it is < top_p (the first token is always kept)
-            keep &= (probs.cumsum(-1) - probs) < t["top_p"]
+        ranks = torch.arange(sorted_logits.shape[-1], device=logits.device)
+        keep = (ranks < t["top_k"]) | (t["top_k"] <= 0)  # [V]
+        probs = sorted_logits.masked_fill(~keep, -float("inf")).softmax(-1)
+        # keep a token while the mass before it is < top_p (the first token is always kept)
+        keep = keep & (((probs.cumsum(-1) - probs) < t["top_p"]) | (t["top_p"] >= 1.0))  # [B, V]
         # the smallest kept logit is the threshold in the unsorted logits
         threshold = sorted_logits.masked_fill(~keep, float("inf")).amin(-1, keepdim=True)
         logits = logits.masked_fill(logits < threshold, -float("inf"))
@@ -107,7 +108,7 @@ def filter_logits(logits: Tensor, t: dict[str, Tensor], mode: tuple[bool, bool, 
     return logits
 
 
-def sample(logits: Tensor, t: dict[str, Tensor], mode: tuple[bool, bool, bool, bool],
+def sample(logits: Tensor, t: dict[str, Tensor], mode: tuple[bool, bool, bool],
            noise: Tensor | None) -> Tensor:
     """logits [B, V] -> token ids [B] (int64). noise: [B, V] Exp(1) draws, unused when greedy."""
     if mode[0]:

@@ -316,14 +316,16 @@ class SpeculativeDecoder:
 
     # ---- capacity -------------------------------------------------------------------------------
     def _ensure_capacity(self, model: Transformer, n: int) -> None:
+        """The Generator's growth rule (so a server's cache sizes, and compiled graphs, are shared)."""
         if n <= model.max_seq_len:
             return
         if self.compiled:
             cap = max(CACHE_ROUND, 1 << (n - 1).bit_length())
         else:
             cap = -(-n // CACHE_ROUND) * CACHE_ROUND
+        cap = min(max(min(cap, self.max_seq_len), n), model.args.max_seq_len)
         with torch.inference_mode(False):
-            model.setup_caches(1, min(cap, model.args.max_seq_len))
+            model.setup_caches(1, cap)
 
     def _check(self, prompt_len: int, max_new_tokens: int) -> None:
         if prompt_len == 0:
@@ -388,9 +390,21 @@ class SpeculativeDecoder:
         return {"verify_cost": self.verify_cost, "draft_cost": self.draft_cost, "step_s": t_step,
                 "verify_s": t_verify, "draft_s": t_draft}
 
-    def warmup(self, sampling_modes: Sequence[SamplingParams] = (SamplingParams(temperature=0.0),)) -> float:
+    def prefill_lengths(self, max_len: int) -> list[int]:
+        """One prompt length per prefill bucket up to max_len (for ``warmup(prompt_lens=...)``)."""
+        if not self.compiled:
+            return []
+        out, n = [], MIN_PREFILL_BUCKET
+        while n < max_len:
+            out.append(n)
+            n *= 2
+        return out
+
+    def warmup(self, sampling_modes: Sequence[SamplingParams] = (SamplingParams(temperature=0.0),),
+               prompt_lens: Sequence[int] = ()) -> float:
         """Compile (and capture) every step a request can hit, per sampler mode: prefill bucket,
-        draft step, verify and the plain step. Returns seconds."""
+        draft step, verify and the plain step; then the prefill of each length in prompt_lens
+        (both models). Returns seconds."""
         t0 = time.perf_counter()
         adaptive, self.adaptive = self.adaptive, False  # always speculate, so verify runs
         self._warming = True  # host drafts propose something even without a match
@@ -401,6 +415,11 @@ class SpeculativeDecoder:
                     pass
         finally:
             self.adaptive, self._warming = adaptive, False
+        with torch.inference_mode():
+            for n in prompt_lens:
+                for model in (self.model, self.dmodel):
+                    if model is not None and n < min(model.max_seq_len, self.max_seq_len):
+                        self._run_chunk(model, [0] * n, 0)
         return time.perf_counter() - t0
 
     # ---- generation -----------------------------------------------------------------------------
@@ -415,7 +434,9 @@ class SpeculativeDecoder:
         n0 = len(prompt)
         self._check(n0, max_new_tokens)
         K, dev, V = self.k_max, self.device, self.vocab
-        room = n0 + max_new_tokens + K + 1  # verify may write K+1 positions past the last token
+        # a verify writes K+1 positions from the last token: near the cache's end plain steps take over,
+        # so requests never grow the cache past what plain decoding would
+        room = n0 + max_new_tokens
         self._ensure_capacity(self.model, room)
         if self.dmodel is not None:
             self._ensure_capacity(self.dmodel, room)

@@ -215,3 +215,41 @@ def test_default_max_tokens_stays_in_the_preallocated_cache():
     small = FakeGenerator(max_seq_len=64)
     eng.gen = small
     assert eng.default_max_tokens(10) == 54
+
+
+def test_cached_tokens_reach_the_events(smol_path):
+    """A real (tiny) Generator: the second request with the same prompt reuses all but its last
+    token, and the engine says so on "finish" and "done"; the start-up report is on /metrics."""
+    import torch
+
+    from blitzgen import loading
+    from blitzgen.generate import Generator
+    from blitzgen.loading import gguf as gguf_src
+    from blitzgen.tokenizer import Tokenizer
+
+    from blitzgen.config import ModelArgs
+    from blitzgen.model import Transformer
+
+    tok = Tokenizer.from_gguf(gguf_src.open_reader(smol_path))
+    torch.manual_seed(5)
+    model = Transformer(ModelArgs.from_name("tiny").replace(vocab_size=tok.vocab_size, max_seq_len=64)).eval()
+    model.setup_caches(1, 64)
+    lm = loading.LoadedModel(model=model, tokenizer=tok, args=model.args, source="tiny", kind="hf", name="tiny")
+    eng = Engine(lambda: (lm, Generator(model, tok)), warmup=False)
+    eng.start()
+    wait_for(lambda: eng.state == "ready")
+    try:
+        async def main():
+            out = []
+            for name in ("a", "b"):
+                j = job(name, prompt_len=9, max_tokens=3)
+                eng.submit(j)
+                out.append(await collect(eng, j))
+            return out
+
+        first, second = asyncio.run(main())
+        assert first[-1].kind == "done" and first[-1].cached_tokens == 0
+        assert [e.cached_tokens for e in second if e.kind in ("finish", "done")] == [8, 8]
+    finally:
+        eng.stop()
+    assert eng.metrics.registry.get_sample_value("blitzgen_startup_seconds", {"phase": "total"}) is not None

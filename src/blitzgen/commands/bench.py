@@ -38,6 +38,14 @@ def register(sub) -> None:
                       temperature={"help": "sampling temperature, as in gpt-fast; 0 is greedy"},
                       top_k={"help": "sample from the K most likely tokens, as in gpt-fast; 0 disables"},
                       seed={"default": 0, "help": "weights, prompt and sampling seed"})
+    from .speculate import add_speculation_args
+
+    add_speculation_args(p, sources=("ngram", "self-int4"), draft_model=False,
+                         help_note=". Runs the speculative decoder instead of plain decode and reports acceptance "
+                                   "and tokens per verify step. On random weights (--shape) and a random prompt, "
+                                   "n-gram acceptance is about 0 (speculation switches itself off) and "
+                                   "self-int4's says little about real text: measure real prompts with "
+                                   "benchmarks/speculative_bench.py")
     out = p.add_argument_group("output")
     out.add_argument("--json", default=None, metavar="FILE",
                      help="write the result as JSON to FILE ('-': print one JSON object on stdout, the table "
@@ -75,7 +83,8 @@ def options_from_args(args):
         device=args.device, dtype=args.dtype, compile=args.compile, temperature=args.temperature,
         top_k=args.top_k, seed=args.seed, roofline=args.roofline, peers=parse_peers(args.peer),
         peer_timeout=args.peer_timeout, peer_shape=args.peer_shape, command=command_line(args),
-        save=getattr(args, "save", None),
+        save=getattr(args, "save", None), speculate=(args.speculate or [None])[0],
+        speculate_k=args.speculate_k or 4,
     )
 
 
@@ -88,8 +97,11 @@ def command_line(args) -> str:
         return shlex.join(["blitzgen", *sys.argv[1:]])
     parts = ["blitzgen", "bench"]
     for key in ("shape", "model", "quantize", "group_size", "prompt_len", "new_tokens", "runs", "warmup", "device",
-                "dtype", "temperature", "top_k", "seed", "json", "peer_timeout", "peer_shape"):
+                "dtype", "temperature", "top_k", "seed", "json", "peer_timeout", "peer_shape", "speculate",
+                "speculate_k"):
         v = getattr(args, key, None)
+        if isinstance(v, list):  # --speculate, parsed
+            v = ",".join(v)
         if v is not None:
             parts += [f"--{key.replace('_', '-')}", str(v)]
     if args.compile is not None:

@@ -16,15 +16,19 @@ HELP = "Commands: /reset clears the conversation, /exit quits (or Ctrl-D); Ctrl-
 
 
 def register(sub) -> None:
-    from .common import add_model_source_args, add_remote_args, add_runtime_args, add_sampling_args
+    from .common import add_model_source_args, add_parallel_args, add_remote_args, add_runtime_args, add_sampling_args
 
     p = sub.add_parser("chat", help="chat with the model in the terminal (local, or --url a server)",
                        description="Multi-turn streamed chat using the model's chat template. " + HELP +
                                    " Sampling is random by default: --seed N or --temperature 0 repeats a reply.")
     p.add_argument("--system", default=None, help="system message")
     add_sampling_args(p, temperature={"default": 0.7}, max_new_tokens={"default": 512, "help": "most tokens per reply"})
+    from .speculate import add_speculation_args
+
+    add_speculation_args(p)
     add_model_source_args(p)
     add_runtime_args(p)
+    add_parallel_args(p)
     add_remote_args(p)
     p.set_defaults(func=run)
 
@@ -32,19 +36,34 @@ def register(sub) -> None:
 class LocalChat:
     """Replies from a model loaded in this process."""
 
-    def __init__(self, args):
+    def __init__(self, args, loaded=None):
         from ..errors import InvalidRequestError
         from .common import load_engine
 
-        self.lm, self.gen = load_engine(args)
+        self.lm, self.gen = loaded or load_engine(args)
         if not self.lm.tokenizer.chat_template:
             raise InvalidRequestError("this model has no chat template: use `blitzgen generate --raw` instead")
+        if self.gen.compiled:  # before the first turn, through the compile cache
+            import sys
+
+            from .common import warm_up
+
+            print(f"Compilation time: {warm_up(self.lm, self.gen):.2f} seconds", file=sys.stderr, flush=True)
         self.name = self.lm.name
+        from .speculate import speculative_decoder
+
+        self.speculative = speculative_decoder(args, self.lm, self.gen)  # None without --speculate
 
     def reply(self, messages: list[dict], sampling, max_tokens: int, stop: list[str]) -> Iterator[str]:
         ids = self.lm.tokenizer.encode_chat(messages)
         self.gen.check_request(len(ids), max_tokens)
-        for delta in self.gen.stream(ids, max_tokens, sampling, stop):
+        if self.speculative is not None:
+            from .speculate import stream_speculative
+
+            deltas = stream_speculative(self.speculative, self.gen, ids, max_tokens, sampling, stop)
+        else:
+            deltas = self.gen.stream(ids, max_tokens, sampling, stop)
+        for delta in deltas:
             if delta.stats is not None:
                 self.last = delta.stats
             yield delta.text
@@ -89,7 +108,18 @@ def run(args) -> int:
         from .common import sampling_params
 
         sampling = sampling_params(args)
+        if getattr(args, "tp", None) is not None:  # rank 0 chats; the other ranks follow it
+            from ..parallel import run as run_tp
+            from .common import tp_spec
+
+            return run_tp(args.tp, tp_spec(args), lambda lm, gen: converse(args, sampling, LocalChat(args, (lm, gen))))
         backend = LocalChat(args)
+    return converse(args, sampling, backend)
+
+
+def converse(args, sampling, backend) -> int:
+    from ..errors import BlitzgenError
+
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"Chatting with {backend.name}. {HELP}", file=sys.stderr)

@@ -4,7 +4,7 @@ checks that need neither torch nor the model, and the one function that turns fl
 
     model source  --model
     runtime       --device --dtype --compile/--no-compile --quantize --group-size --max-model-len
-                  --decode-attention
+                  --decode-attention --compile-prefill --autotune
     sampling      --temperature --top-k --top-p --min-p --seed --stop --max-new-tokens
     remote        --url --api-key
 
@@ -70,7 +70,7 @@ RUNTIME = {
     "device": (("--device",), dict(choices=["cpu", "cuda"], help="where to run (default: cuda when a GPU is present)")),
     "dtype": (("--dtype",), dict(choices=sorted(DTYPES), help="weight and activation dtype (default: bfloat16)")),
     "compile": (("--compile",), dict(action=argparse.BooleanOptionalAction,
-                                     help="torch.compile decode and prefill, with CUDA graphs on GPU "
+                                     help="torch.compile the decode step and the samplers, with CUDA graphs on GPU "
                                           "(default: on for CUDA, off on CPU)")),
     "quantize": (("--quantize",), dict(choices=QUANT_SCHEMES,
                                        help="weight-only quantization, applied layer by layer at load time "
@@ -83,6 +83,13 @@ RUNTIME = {
     "decode_attention": (("--decode-attention",), dict(choices=DECODE_ATTENTION,
                                                        help="one-token attention implementation (default: auto, "
                                                             "or $BLITZGEN_DECODE_ATTENTION)")),
+    "compile_prefill": (("--compile-prefill",), dict(action="store_true", default=None,
+                                                     help="with --compile: compile prefill too, one graph per prompt-length "
+                                                          "bucket, all built at warm-up (slower start, faster long prompts; "
+                                                          "default: eager prefill)")),
+    "autotune": (("--autotune",), dict(action="store_true", default=None,
+                                       help="with --compile on CUDA: Inductor's coordinate-descent tuning (a few %% "
+                                            "faster decode; a much slower first compile, re-tuned every start)")),
 }
 
 SAMPLING = {
@@ -138,6 +145,25 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     add_runtime_args(p)
 
 
+def add_parallel_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("tensor parallel")
+    g.add_argument("--tp", type=int, default=None, metavar="N",
+                   help="spread the model over N GPUs (N processes; also runs under torchrun)")
+    g.add_argument("--all-reduce", default="functional", choices=["functional", "symm-one-shot", "symm-two-shot"],
+                   help="the all-reduce of --tp (functional: NCCL/gloo; symm-*: symmetric memory, CUDA)")
+    return g
+
+
+def tp_spec(args):
+    """What every tensor-parallel rank loads, from the runtime flags (``--tp``)."""
+    from ..parallel import TPSpec
+
+    opts = runtime_options(args).resolved()
+    return TPSpec(model=args.model, device=opts.device, dtype=opts.dtype, quantize=opts.quantize,
+                  group_size=opts.group_size, compile=opts.compile, max_model_len=opts.max_model_len,
+                  all_reduce=args.all_reduce)
+
+
 def add_sampling_args(p: argparse.ArgumentParser, *, only=None, **overrides):
     g = p.add_argument_group("sampling")
     for dest, flags, kw in _options(SAMPLING, only, overrides):
@@ -173,6 +199,9 @@ def flag(dest: str) -> str:
 def check_args(args) -> None:
     """Every check that needs neither torch nor the model, for whichever groups the verb has (the CLI
     runs it before any verb). NaN fails every range."""
+    from .speculate import check_speculation_args
+
+    check_speculation_args(args)  # speculation flags, for the verbs that have them
     for dest, ok, rule in SAMPLING_RANGES:
         value = getattr(args, dest, None)
         if value is not None and not ok(value):
@@ -222,7 +251,11 @@ def warn(message: str) -> None:
 
 # ---- loading -----------------------------------------------------------------------------------------
 def load_engine(args, *, log=None):
-    """Load the model named by the flags and build a Generator (compiled when asked; callers warm it up)."""
+    """Load the model named by the flags and build a Generator from the same RuntimeOptions
+    (compiled when asked; callers warm it up, e.g. with ``warm_up``). Marks the start-up report's
+    "imports" and "load" phases."""
+    from ..startup import REPORT
+
     opts = runtime_options(args)
     import torch
 
@@ -236,25 +269,41 @@ def load_engine(args, *, log=None):
         from ..quant import make_config
 
         quant = make_config(opts.quantize, group_size=opts.group_size)
-    lm = load(args.model, device=opts.device, dtype=opts.torch_dtype, quantize=quant, progress=sys.stderr.isatty())
+    REPORT.mark("imports")
+    lm = load(args.model, opts, device=opts.device, dtype=opts.torch_dtype, quantize=quant,
+              progress=sys.stderr.isatty())
+    REPORT.mark("load")
     context = lm.args.max_seq_len
     if opts.max_model_len is not None and opts.max_model_len > context:
         warn(f"--max-model-len {opts.max_model_len} is above {lm.name}'s context of {context} tokens; using {context}")
         opts = opts.replace(max_model_len=context)
-    gen = Generator(lm.model, lm.tokenizer, compile=opts.compile, max_seq_len=opts.max_model_len)
-    _set_decode_attention(lm.model, opts.decode_attention)
+    gen = Generator(lm.model, lm.tokenizer, options=opts)
     log(f"Loaded {lm.name} ({lm.kind}, {lm.args.n_layers} layers, {opts.dtype}"
         f"{', ' + lm.quant['scheme'] if lm.quant else ''}) on {opts.device} in {lm.load_seconds:.2f} seconds")
     torch.manual_seed(0)
     return lm, gen
 
 
-def _set_decode_attention(model, impl: str) -> None:
-    """Until the model takes RuntimeOptions at construction: set each attention layer's choice."""
-    if impl != "auto":
-        for module in model.modules():
-            if hasattr(module, "decode_impl"):
-                module.decode_impl = impl
+def warm_up(lm, gen, sampling_modes=None, prompt_len: int | None = None) -> float:
+    """Warm a compiled Generator up inside its compile-cache entry (loaded before, saved after),
+    marking the start-up report's "cache load" and "compile + warm-up"; eager: a no-op (0.0).
+    Without arguments, the full warm-up (every sampler mode, every compiled prefill bucket)."""
+    if not gen.compiled:
+        return 0.0
+    from ..compile_cache import CompileCache, key_for
+    from ..startup import REPORT
+
+    extra = gen.warmup_plan()
+    if sampling_modes is not None:
+        extra = {**extra, "warmup": sorted({tuple(sp.mode) for sp in sampling_modes}), "prompt_len": prompt_len,
+                 "cache_len": gen.cache_len}
+    entry = CompileCache(key_for(lm.args, gen.options, extra), gen.options.cache_dir).open()
+    REPORT.mark("cache load")
+    secs = gen.warmup(sampling_modes, prompt_len=prompt_len)
+    REPORT.mark("compile + warm-up")
+    REPORT.add_compile_breakdown()
+    entry.save()
+    return secs
 
 
 def resolve_dtype(name: str | None):

@@ -7,7 +7,8 @@ import sys
 
 
 def register(sub) -> None:
-    from .common import add_model_source_args, add_remote_args, add_runtime_args, add_sampling_args
+    from .common import add_model_source_args, add_parallel_args, add_remote_args, add_runtime_args, add_sampling_args
+    from .speculate import add_speculation_args
 
     p = sub.add_parser("generate", help="generate text for one prompt and report speed",
                        description="Stream a completion for --prompt, then print load time, compile "
@@ -19,9 +20,14 @@ def register(sub) -> None:
     p.add_argument("--num-samples", type=int, default=1, metavar="N", help="completions to generate, one after another")
     p.add_argument("--quiet", action="store_true", help="do not print the generated text")
     add_sampling_args(p)
+    add_speculation_args(p)
     add_model_source_args(p)
     add_runtime_args(p)
-    add_remote_args(p)
+    add_parallel_args(p)
+    remote = add_remote_args(p)
+    remote.add_argument("--modal", default=None, metavar="APP",
+                        help="stream from a deployed blitzgen Modal app (`modal deploy -m blitzgen.deploy.modal_app`) "
+                             "instead of loading a model here")
     p.set_defaults(func=run)
 
 
@@ -39,29 +45,56 @@ def run(args) -> int:
         raise InvalidRequestError(f"--num-samples must be >= 1, got {args.num_samples}")
     if not args.prompt.strip():
         raise InvalidRequestError("the prompt is empty", param="prompt")
+    if args.url and getattr(args, "modal", None):
+        raise InvalidRequestError("--url and --modal both name where to generate; give one")
     if args.url:
         from .remote import generate_remote
 
         return generate_remote(args)
+    from ..startup import REPORT
+    from .common import load_engine, sampling_params
+
+    sampling = sampling_params(args)
+    if getattr(args, "modal", None):
+        from ..deploy.client import generate_modal
+
+        return generate_modal(args, sampling)
+    if getattr(args, "tp", None) is not None:  # rank 0 runs the rest; the other ranks follow it
+        from ..parallel import run as run_tp
+        from .common import tp_spec
+
+        return run_tp(args.tp, tp_spec(args), lambda lm, gen: run_loaded(args, sampling, lm, gen))
+    lm, gen = load_engine(args)
+    return run_loaded(args, sampling, lm, gen)
+
+
+def run_loaded(args, sampling, lm, gen) -> int:
     import torch
 
     from ..generate import weight_bytes
     from ..sampling import choice_sampling
-    from .common import load_engine, sampling_params
+    from ..startup import REPORT
+    from .common import warm_up
 
-    sampling = sampling_params(args)
-    lm, gen = load_engine(args)
     ids = build_prompt_ids(lm.tokenizer, args.prompt, args.raw, args.system)
+    if getattr(args, "speculate", None):
+        from .speculate import run_speculative
+
+        return run_speculative(args, lm, gen, ids, sampling)
     gen.check_request(len(ids), args.max_new_tokens)
     gen.ensure_capacity(len(ids) + args.max_new_tokens)
-    if gen.compiled:
-        secs = gen.warmup([sampling], prompt_len=len(ids))  # compiles this prompt's prefill bucket too
+    if gen.compiled:  # this sampler mode, and this prompt's prefill bucket when prefill compiles
+        secs = warm_up(lm, gen, [sampling], prompt_len=len(ids))
         print(f"Compilation time: {secs:.2f} seconds", file=sys.stderr, flush=True)
     nbytes = weight_bytes(lm.model)
     rates = []
     out = sys.stdout
+    report = None
     for i in range(args.num_samples):
         for d in gen.stream(ids, args.max_new_tokens, choice_sampling(sampling, i), args.stop):
+            if report is None:
+                REPORT.mark("first token")
+                report = REPORT.render("first token")
             if not args.quiet:
                 out.write(d.text)
                 out.flush()
@@ -77,4 +110,5 @@ def run(args) -> int:
     print(f"Average tokens/sec: {statistics.mean(rates):.2f}", file=sys.stderr)
     if lm.model.device.type == "cuda":
         print(f"Memory used: {torch.cuda.max_memory_reserved() / 1e9:.02f} GB", file=sys.stderr)
+    print(report, file=sys.stderr, flush=True)
     return 0

@@ -49,6 +49,10 @@ def register(sub) -> None:
                    help="the model name the API reports and accepts (default: the model file's name)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_model_args(p)
+    from .speculate import add_speculation_args
+
+    add_speculation_args(p, multi=True, help_note="; a request may choose with the extra body field "
+                         "\"speculate\": a loaded source or \"off\"")
     p.set_defaults(func=run)
 
 
@@ -75,13 +79,18 @@ def run(args) -> int:
         if not getattr(args, name) > 0:
             raise InvalidRequestError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     check_model(args.model)
+    if getattr(args, "draft_model", None):
+        check_model(args.draft_model)
     sock = bind(args.host, args.port)  # before the slow part, so a busy port fails now
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from ..server.guard import default_allowed_hosts
     from .common import load_engine
 
-    engine = Engine(lambda: load_engine(args, log=log.info), max_queue=args.max_queue)
+    from .speculate import server_speculation
+
+    engine = Engine(lambda: load_engine(args, log=log.info), max_queue=args.max_queue,
+                    speculation=server_speculation(args, log=log.info))
     app = create_app(engine, api_key=args.api_key, served_model_name=args.served_model_name,
                      max_request_tokens=args.max_request_tokens, body_timeout=args.body_timeout,
                      allowed_hosts=default_allowed_hosts(args.host, args.allowed_hosts))

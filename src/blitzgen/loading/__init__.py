@@ -138,14 +138,15 @@ def resolve_options(options: RuntimeOptions | None = None, *, device: str | None
 
 def load(spec: str | os.PathLike | None = None, options: RuntimeOptions | None = None, *,
          device: str | None = None, dtype: torch.dtype | str | None = None, quantize: object | None = None,
-         quant_dtype: torch.dtype | None = None, progress: bool = True) -> LoadedModel:
+         quant_dtype: torch.dtype | None = None, progress: bool = True, shard=None) -> LoadedModel:
     """Load model and tokenizer from any supported source.
 
     Device, dtype and quantization come from the keyword arguments, else from ``options``
     (runtime.RuntimeOptions: device, dtype, quantize, group_size), else the defaults: cuda when
     present, bfloat16 on CUDA and CPU alike. ``quantize`` is a quant config or "int8"/"int4";
     each layer is quantized as it is loaded (the float model is never whole in memory), with
-    scales and zeros in ``quant_dtype`` (default: dtype). A progress bar shows on a terminal."""
+    scales and zeros in ``quant_dtype`` (default: dtype). A progress bar shows on a terminal.
+    ``shard``: a tensor-parallel plan (parallel.tp.TPPlan); only this rank's slices are read."""
     from ..tokenizer import Tokenizer
 
     t0 = time.perf_counter()
@@ -159,7 +160,8 @@ def load(spec: str | os.PathLike | None = None, options: RuntimeOptions | None =
         if quantize is not None:
             raise ModelLoadError(f"{path} is already a quantized checkpoint: load it without asking for "
                                  "quantization (re-quantize from the original model to change the scheme)")
-        model, args, tokenizer, quant_meta = load_checkpoint(path, device=device, dtype=dtype, progress=progress)
+        model, args, tokenizer, quant_meta = load_checkpoint(path, device=device, dtype=dtype, progress=progress,
+                                                             shard=shard)
     else:
         if kind == "hf":
             args = hf_src.load_args(path)
@@ -169,7 +171,7 @@ def load(spec: str | os.PathLike | None = None, options: RuntimeOptions | None =
             args = gguf_src.load_args(reader)
             source = gguf_src.GGUFSource(reader, args)
         model, args, quant_meta = assemble(args, source, device=device, dtype=dtype, quantize=quantize,
-                                           quant_dtype=quant_dtype, progress=progress)
+                                           quant_dtype=quant_dtype, progress=progress, shard=shard)
         tokenizer = Tokenizer.from_hf_dir(path) if kind == "hf" else Tokenizer.from_gguf(reader)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -180,7 +182,7 @@ def load(spec: str | os.PathLike | None = None, options: RuntimeOptions | None =
 
 def load_random(shape: str | ModelArgs, options: RuntimeOptions | None = None, *, device: str | None = None,
                 dtype: torch.dtype | str | None = None, quantize: object | None = None, seed: int = 0,
-                progress: bool = True) -> LoadedModel:
+                progress: bool = True, shard=None) -> LoadedModel:
     """A named shape (config.NAMED_SHAPES) or ModelArgs with random weights made on the device,
     through the same assemble step as real weights (quantized layer by layer when asked: a 70B int4
     shape needs the int4 bytes plus one float layer). No tokenizer."""
@@ -189,7 +191,7 @@ def load_random(shape: str | ModelArgs, options: RuntimeOptions | None = None, *
     args = ModelArgs.from_name(shape) if isinstance(shape, str) else shape
     source = RandomSource(args, device=device, dtype=dtype, seed=seed)
     model, args, meta = assemble(args, source, device=device, dtype=dtype, quantize=quantize, progress=progress,
-                                 where="random weights")
+                                 where="random weights", shard=shard)
     name = shape.lower() if isinstance(shape, str) else "random"
     return LoadedModel(model=model, tokenizer=None, args=args, source=f"random:{name}", kind="random", name=name,
                        load_seconds=time.perf_counter() - t0, quant=meta)

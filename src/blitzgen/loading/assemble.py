@@ -41,6 +41,7 @@ def assemble(
     prequantized: object | None = None,
     progress: bool = True,
     where: str = "checkpoint",
+    shard=None,
 ) -> tuple[Transformer, ModelArgs, dict | None]:
     """``Transformer(args)`` filled from ``source``; returns (model, args, quantization metadata).
 
@@ -53,7 +54,12 @@ def assemble(
     before anything is read.
     prequantized: the config of a checkpoint whose tensors are already quantized (our names):
     the quantized modules are put in empty and filled as they are, never re-quantized.
+    shard: a tensor-parallel plan (parallel.tp.TPPlan): the model is this rank's
+    (``shard.rank_args``) and each tensor is read through ``shard.read``, which reads only this
+    rank's rows or columns, so a rank never holds the whole model.
     """
+    if shard is not None:
+        args = shard.rank_args(args)
     names = set(source.names())
     column = source.column
     with torch.device("meta"):
@@ -95,7 +101,9 @@ def assemble(
                disable=not (progress and sys.stderr.isatty()))
     for ours, parts in table.items():
         tensors = []
-        for name in parts:
+        if shard is not None:
+            tensors.append(shard.read(ours, parts, source))
+        for name in parts if shard is None else ():
             t = source.get(name)
             tensors.append(transform(name, t) if transform is not None else t)
         t = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)

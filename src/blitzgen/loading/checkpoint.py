@@ -190,7 +190,7 @@ def config_from_metadata(meta: dict, where: str = "checkpoint"):
                              f"{meta.get('group_size')!r}): {e}") from None
 
 
-def load_checkpoint(path, *, device, dtype: torch.dtype, progress: bool = True):
+def load_checkpoint(path, *, device, dtype: torch.dtype, progress: bool = True, shard=None):
     """-> (model, args, tokenizer, meta). Float tensors are cast to dtype; the quantized ones are
     assigned as they are (never re-quantized)."""
     from ..tokenizer import Tokenizer
@@ -211,7 +211,7 @@ def load_checkpoint(path, *, device, dtype: torch.dtype, progress: bool = True):
     args = hf_src.load_args(path)
     source = hf_src.SafetensorsSource([weights], column="ours", device=str(device))
     model, args, _ = assemble(args, source, device=device, dtype=dtype, prequantized=config, progress=progress,
-                              where=str(weights))
+                              where=str(weights), shard=shard)
     return model, args, Tokenizer.from_hf_dir(path), meta
 
 

@@ -73,6 +73,13 @@ class SafetensorsSource:
     def names(self) -> list[str]:
         return list(self.where)
 
+    def get_slice(self, name: str):
+        """A lazy view of one tensor (``[a:b]`` / ``[:, a:b]`` read only those bytes)."""
+        try:
+            return self.where[name].get_slice(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ModelLoadError(f"cannot read tensor {name}: {e} (is the file truncated?)") from None
+
     def get(self, name: str) -> torch.Tensor:
         try:
             return self.where[name].get_tensor(name)

@@ -18,6 +18,11 @@ starting with {"peer": "gpt-fast", ...}; on failure that line carries "error" an
 
 usage: python gptfast_generate.py --gpt-fast-dir DIR --shape Llama-2-7b-chat-hf --mode bf16 \
            --prompt-len 5 --new-tokens 200 --runs 5
+
+Tensor parallel: under ``torchrun --standalone --nproc_per_node N`` it runs gpt-fast's own tp.py
+(``maybe_init_dist``, ``apply_tp``). The model is built on the meta device and sharded before its
+weights exist, so no rank ever holds the whole model (gpt-fast's CLI shards an mmapped checkpoint);
+int8/int4 then quantize each rank's shard. Only rank 0 prints the JSON line.
 """
 
 from __future__ import annotations
@@ -111,6 +116,13 @@ def run(a, base: dict, gdir: str) -> int:
     Q.prepare_int4_weight_and_scales_and_zeros = prep_int4
 
     device = a.device
+    tp_rank = None
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:  # under torchrun: gpt-fast's tp.py
+        import tp as TP
+
+        tp_rank = TP.maybe_init_dist()
+        device = f"cuda:{tp_rank}"
+        base["tp"] = int(os.environ["LOCAL_WORLD_SIZE"])
     is_cuda = device.startswith("cuda")
     if is_cuda and not torch.cuda.is_available():
         raise RuntimeError("CUDA asked for but not available")
@@ -125,8 +137,12 @@ def run(a, base: dict, gdir: str) -> int:
         torch.cuda.reset_peak_memory_stats()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device(device):
+        with torch.device("meta" if tp_rank is not None else device):
             model = Transformer.from_name(a.shape)
+        if tp_rank is not None:
+            TP.apply_tp(model)
+            model = model.to_empty(device=device)
+        with torch.device(device):
             block = model.config.block_size
             if a.prompt_len + a.new_tokens > block:
                 raise ValueError(f"prompt {a.prompt_len} + {a.new_tokens} new tokens exceed the preset's "
@@ -182,6 +198,8 @@ def run(a, base: dict, gdir: str) -> int:
         print(f"run {i + 1}/{a.runs}: {n / dt:.2f} tokens/s", file=sys.stderr, flush=True)
     tok_s = statistics.median(rates)
     gpu = torch.cuda.get_device_name() if is_cuda else "cpu"
+    if tp_rank not in (None, 0):
+        return 0
     emit(dict(base, preset=a.shape, block_size=block,
               cache_len=getattr(model, "max_seq_length", None), tok_s=tok_s, tok_s_runs=rates,
               bw_gbs=model_size * tok_s / 1e9, model_bytes=model_size, num_params=params,

@@ -234,6 +234,36 @@ class QuantizedLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def split_unit(self) -> int:
+        """Inputs that must stay together when the inputs are split (int4: a group)."""
+        return 1
+
+    @torch.no_grad()
+    def shard(self, dim: int, rank: int, world: int, ranges: list[tuple[int, int]] | None = None
+              ) -> "QuantizedLinear":
+        """Keep only this rank's part, in place (tensor parallelism), and rebuild the caches.
+
+        dim 0 splits the outputs: the rows in ``ranges`` (default: the rank's equal share) of every
+        stored tensor, scales and bias included. dim 1 splits the inputs into equal shares of
+        whole ``split_unit()`` inputs: every 2-D stored tensor gives its columns (packed or
+        grouped), 1-D ones (per-channel scales, bias) stay whole."""
+        from ..parallel.tp import ShardError, shard_tensor
+
+        if dim == 1 and self.in_features % (world * self.split_unit()):
+            raise ShardError(f"cannot split the {self.in_features} inputs of this {self.describe()} layer "
+                             f"{world} ways in whole groups of {self.split_unit()}")
+        names = [n for n in (*self.STORAGE, "bias") if getattr(self, n) is not None]
+        for n in names:
+            setattr(self, n, shard_tensor(getattr(self, n), dim, rank, world, ranges).contiguous())
+        rows = self.storage().shape[0]
+        if dim == 0:
+            self.out_features = rows
+        else:
+            self.in_features //= world
+        if self.storage().device.type != "meta":
+            self.prepare()
+        return self
+
     def _copy_bias(self, lin: nn.Linear, dtype: torch.dtype) -> None:
         if lin.bias is not None:
             self.bias = lin.bias.detach().to(dtype=dtype, copy=True)

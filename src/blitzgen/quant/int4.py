@@ -218,6 +218,9 @@ class Int4Linear(QuantizedLinear):
         self.packed_weight, self.packed_scales_zeros = pack(self.qweight, self.scales, self.zeros, tiles)
         self._packed_for = (dev, dtype)
 
+    def split_unit(self) -> int:
+        return self.group_size
+
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         return dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, dtype)
 

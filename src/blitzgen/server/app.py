@@ -217,6 +217,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_name:
                 constraint = await asyncio.to_thread(shaper.constraint, engine.tokenizer, engine.vocab_size)
         job = Job(builder.id, ids, max_tokens, req.sampling, req.stop, req.n,
                   decode=shaper.decoder(engine.tokenizer, constraint))
+        job.speculate = req.speculate
         ahead = submit(job)
         log.info("%s queued: %s, %d prompt tokens, max_tokens %d, n %d%s, %d ahead", job.id, request.url.path,
                  len(ids), max_tokens, req.n, ", stream" if req.stream else "", ahead)

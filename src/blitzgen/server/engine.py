@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
-from ..errors import BlitzgenError
+from ..errors import BlitzgenError, InvalidRequestError
 from ..sampling import SamplingParams, choice_sampling
 from .metrics import Metrics
 
@@ -49,8 +49,8 @@ class Event:
     text: str = ""  # delta: the new text; error: the message
     finish_reason: str | None = None  # finish: "stop" | "length"
     tokens: int = 0  # finish: tokens generated for this choice; done: for all choices
+    cached_tokens: int = 0  # finish: prompt tokens reused from the KV cache; done: the first choice's
     logprobs: list | None = None  # delta: the logprob steps of its tokens (requests that asked for them)
-    cached_tokens: int = 0  # done: prompt tokens the KV cache already held for the first choice
 
 
 @dataclass(eq=False)
@@ -69,6 +69,7 @@ class Job:
     arrival: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: bool = False  # the consumer saw "done" or "error"
+    speculate: str | None = None  # a loaded draft source, "off", or None: the server's default
     _loop: asyncio.AbstractEventLoop | None = None
     _events: asyncio.Queue | None = None
 
@@ -88,10 +89,18 @@ class Engine:
     """
 
     def __init__(self, loader: Callable[[], tuple], *, max_queue: int = 16, metrics: Metrics | None = None,
-                 warmup: bool = True):
+                 warmup: bool = True, report=None,
+                 speculation: Callable[[object, object], tuple[dict, str | None]] | None = None):
         self._loader = loader
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
+        from ..startup import REPORT
+
+        self.report = report or REPORT  # the start-up report, exported as blitzgen_startup_seconds{phase}
+        try:
+            self.report.register(self.metrics.registry)
+        except ValueError:  # this registry has it already
+            pass
         self._warmup = warmup
         self.state = "loading"
         self.error: BaseException | None = None
@@ -102,6 +111,10 @@ class Engine:
         self._running: Job | None = None
         self._stop = False
         self._thread = threading.Thread(target=self._main, name="blitzgen-engine", daemon=True)
+        # speculation(lm, gen) -> ({source: SpeculativeDecoder}, default source or None), in the worker
+        self._speculation = speculation
+        self.decoders: dict = {}
+        self.default_speculate: str | None = None
 
     # ---- facts about the loaded model -------------------------------------------------------------
     @property
@@ -184,6 +197,7 @@ class Engine:
         with self._cond:
             if self.state != "ready":
                 raise Unavailable(self.state)
+            self._check_speculate(job)
             ahead = len(self._waiting) + (self._running is not None)
             if ahead > self.max_queue:
                 raise Overloaded(f"{len(self._waiting)} requests are waiting")
@@ -246,8 +260,11 @@ class Engine:
         try:
             self.lm, self.gen = self._loader()
             self.metrics.set_model(self.lm.name)
+            if self._speculation is not None:
+                self.decoders, self.default_speculate = self._speculation(self.lm, self.gen)
             if self._warmup:
                 self._warm_up()
+                self._warm_up_speculation()
         except BaseException as e:  # noqa: BLE001 - reported, then the server exits
             if isinstance(e, BlitzgenError):
                 log.error("loading failed: %s", e)
@@ -263,6 +280,9 @@ class Engine:
                 self.state = "ready"
         log.info("ready: serving %s (max model length %d, queue %d)", self.lm.name, self.max_model_len,
                  self.max_queue)
+        if self._warmup:  # this engine built the model: it says when the start was done
+            self.report.mark("ready")
+            log.info("%s", self.report.render())
         while True:
             with self._cond:
                 while not self._waiting and not self._stop:
@@ -280,9 +300,15 @@ class Engine:
                     self.metrics.running.set(0)
 
     def _warm_up(self) -> None:
-        """Every sampler mode and prefill bucket in the warm cache, so no request pays a compile."""
+        """Every sampler mode (and, when prefill compiles, every prefill bucket) in the warm cache, so
+        no request pays a compile; compiled, inside the compile-cache entry (loaded, then saved)."""
         gen = self.gen
-        seconds = gen.warmup()
+        if gen.compiled and getattr(gen, "options", None) is not None and self.lm is not None:
+            from ..commands.common import warm_up
+
+            seconds = warm_up(self.lm, gen)
+        else:
+            seconds = gen.warmup()
         log.info("warm-up done in %.2f seconds%s", seconds, " (compiled)" if gen.compiled else "")
 
     def _run(self, job: Job) -> None:
@@ -298,10 +324,7 @@ class Engine:
                     break
                 sampling = choice_sampling(job.sampling, index)
                 finish, last, stats, seen = "abort", time.perf_counter(), None, 0
-                if job.decode is not None:
-                    stream = job.decode(gen, job.prompt_ids, job.max_tokens, sampling, job.stop)
-                else:
-                    stream = gen.stream(job.prompt_ids, job.max_tokens, sampling, job.stop)
+                stream = self._token_source(job, sampling)
                 try:
                     for delta in stream:
                         if job.cancelled.is_set():
@@ -322,15 +345,16 @@ class Engine:
                 finally:
                     stream.close()  # stops generation when we left early
                 total += stats.generated_tokens if stats is not None else seen
-                if cached is None and stats is not None:  # prompt caching: the first choice's reuse
-                    cached = getattr(stats, "cached_tokens", 0)
-                    m.observe_prompt_cache(len(job.prompt_ids), cached)
+                if index == 0 and stats is not None:  # the prompt cache's hit rate: first choices only
+                    m.observe_prompt_cache(len(job.prompt_ids), stats.cached_tokens)
                 if job.cancelled.is_set():
                     finish = "abort"
                     break
                 if stats.decode_tokens_per_second > 0:
                     m.decode_tps.set(stats.decode_tokens_per_second)
-                job.emit(Event("finish", index, finish_reason=finish, tokens=stats.generated_tokens))
+                cached = stats.cached_tokens if cached is None else cached
+                job.emit(Event("finish", index, finish_reason=finish, tokens=stats.generated_tokens,
+                               cached_tokens=stats.cached_tokens))
             else:
                 job.emit(Event("done", tokens=total, cached_tokens=cached or 0))
         except Exception as e:  # noqa: BLE001 - a failed request must not take the engine down
@@ -347,3 +371,50 @@ class Engine:
                  "total %.2f s", job.id, "aborted" if finish == "abort" else f"finished ({finish})",
                  len(job.prompt_ids), total, start - job.arrival, ttft,
                  total / (end - start) if end > start else 0.0, end - job.arrival)
+
+    # ---- speculative decoding ---------------------------------------------------------------------
+    def _check_speculate(self, job: Job) -> None:
+        """A request may ask only for a source this server loaded (else a 400 naming "speculate")."""
+        if job.speculate not in (None, "off") and job.speculate not in self.decoders:
+            loaded = ", ".join(self.decoders) or "none"
+            raise InvalidRequestError(f"speculate={job.speculate!r}: this server did not load that draft source "
+                                      f"(loaded: {loaded}; start it with --speculate)", param="speculate")
+
+    def _token_source(self, job: Job, sampling: SamplingParams):
+        """The job's text deltas: from the speculative decoder it asks for (or the server's default
+        one), else from plain decoding. A job with its own decoder (grammar, logprobs) uses that."""
+        if job.decode is not None:
+            return job.decode(self.gen, job.prompt_ids, job.max_tokens, sampling, job.stop)
+        name = self.default_speculate if job.speculate is None else job.speculate
+        dec = self.decoders.get(name) if name not in (None, "off") else None
+        if dec is None:
+            return self.gen.stream(job.prompt_ids, job.max_tokens, sampling, job.stop)
+        return self._speculative_stream(dec, job, sampling)
+
+    def _speculative_stream(self, dec, job: Job, sampling: SamplingParams):
+        from ..commands.speculate import stream_speculative
+        from ..speculative import SpeculationStats
+
+        stats = SpeculationStats()
+        try:
+            yield from stream_speculative(dec, self.gen, job.prompt_ids, job.max_tokens, sampling, job.stop,
+                                          spec_stats=stats)
+        finally:
+            if stats.generated_tokens:
+                self.metrics.observe_speculation(stats)
+
+    def _warm_up_speculation(self) -> float:
+        """Compile each loaded decoder's steps for every sampler mode (compiled only)."""
+        if not self.decoders or not self.gen.compiled:
+            return 0.0
+        from ..sampling import sampler_modes
+
+        seconds = 0.0
+        for name, dec in self.decoders.items():
+            t = dec.warmup(sampler_modes(), prompt_lens=dec.prefill_lengths(self.gen.warm_cache_len))
+            log.info("speculation %s warmed up in %.2f seconds", name, t)
+            seconds += t
+        forget = getattr(self.gen, "forget_prefix", None)  # the warm-up rewrote the shared KV cache
+        if forget is not None:
+            forget()
+        return seconds

@@ -3,7 +3,10 @@
 Names follow vLLM's (with a ``blitzgen_`` prefix): latency histograms for time to first token,
 inter-token latency, end-to-end latency and queue time; token counters; finished requests by
 finish reason (``stop``, ``length``, ``abort`` for a client that went away, ``error``); gauges for
-requests running and waiting and for the decode speed of the last request.
+requests running and waiting and for the decode speed of the last request. Speculative decoding,
+per draft source (label ``source``): drafted, accepted and verify-step counters, the acceptance
+rate and mean tokens per verify step over the server's life, and a histogram of accepted lengths
+(drafts accepted per verify step).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+_ACCEPTED_BUCKETS = tuple(range(33))  # accepted drafts per verify step, 0..32 (the largest --speculate-k)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -48,6 +52,7 @@ class Metrics:
         self.cached_tokens = Counter("blitzgen_prompt_cache_hit_tokens", "Prompt tokens read from the KV cache "
                                      "instead of prefilled", registry=r)
         self.info = Gauge("blitzgen_model_info", "The served model (value 1)", ["model"], registry=r)
+        self._init_speculation(r)
         if model_name:
             self.set_model(model_name)
 
@@ -65,6 +70,47 @@ class Metrics:
         """Record `tokens` inter-token latencies that together took `gap` seconds."""
         for _ in range(tokens):
             self.itl.observe(gap / tokens)
+
+    # ---- speculative decoding ---------------------------------------------------------------------
+    def _init_speculation(self, r: CollectorRegistry) -> None:
+        src = ["source"]
+        self.spec_requests = Counter("blitzgen_spec_decode_requests", "Generations decoded speculatively", src,
+                                     registry=r)
+        self.spec_drafted = Counter("blitzgen_spec_decode_draft_tokens", "Draft tokens proposed for verification",
+                                    src, registry=r)
+        self.spec_accepted = Counter("blitzgen_spec_decode_accepted_tokens", "Draft tokens accepted", src,
+                                     registry=r)
+        self.spec_verify = Counter("blitzgen_spec_decode_verify_steps", "Target verify steps (K+1 tokens each)",
+                                   src, registry=r)
+        self.spec_plain = Counter("blitzgen_spec_decode_plain_steps",
+                                  "One-token steps taken while speculating did not pay", src, registry=r)
+        self.spec_acceptance = Gauge("blitzgen_spec_decode_acceptance_rate",
+                                     "Accepted over drafted tokens, over the server's life", src, registry=r)
+        self.spec_tokens_per_verify = Gauge("blitzgen_spec_decode_mean_tokens_per_verify",
+                                            "Tokens emitted per verify step, over the server's life", src, registry=r)
+        self.spec_accepted_len = Histogram("blitzgen_spec_decode_accepted_length",
+                                           "Draft tokens accepted per verify step", src, buckets=_ACCEPTED_BUCKETS,
+                                           registry=r)
+        self._spec_totals: dict = {}
+
+    def observe_speculation(self, stats) -> None:
+        """Add one generation's SpeculationStats."""
+        source = stats.source or "unknown"
+        self.spec_requests.labels(source).inc()
+        self.spec_drafted.labels(source).inc(stats.drafted)
+        self.spec_accepted.labels(source).inc(stats.accepted)
+        self.spec_verify.labels(source).inc(stats.verify_steps)
+        self.spec_plain.labels(source).inc(stats.plain_steps)
+        hist = self.spec_accepted_len.labels(source)
+        for n, count in enumerate(stats.accepted_hist):
+            for _ in range(count):
+                hist.observe(n)
+        total = self._spec_totals.get(source)
+        if total is None:
+            total = self._spec_totals[source] = type(stats)()
+        total.merge(stats)
+        self.spec_acceptance.labels(source).set(total.acceptance_rate)
+        self.spec_tokens_per_verify.labels(source).set(total.mean_tokens_per_verify)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

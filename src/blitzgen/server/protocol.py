@@ -84,6 +84,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     n: int = 1
+    speculate: str | None = None  # a draft source or "off"; None: the server's default
     stream: bool = False
     include_usage: bool = False
     tools: list[dict] = field(default_factory=list)  # chat: validated tools (empty: none)
@@ -180,6 +181,18 @@ def _sampling(body: dict) -> SamplingParams:
         raise bad_request(str(e), e.param) from None
 
 
+SPECULATE = ("ngram", "self-int4", "draft-model", "off")
+
+
+def parse_speculate(body: dict) -> str | None:
+    """The extra field ``"speculate"``: a draft source the server loaded, or "off" (null: the
+    server's default). Whether the source is loaded is the engine's check."""
+    v = _get(body, "speculate")
+    if v is not None and v not in SPECULATE:
+        raise bad_request(f"'speculate' must be one of {', '.join(SPECULATE)}, got {json.dumps(v)[:64]}", "speculate")
+    return v
+
+
 def _valid_unicode(value: Any) -> bool:
     """False when a string anywhere in `value` (keys included) holds a lone surrogate."""
     stack = [value]
@@ -261,6 +274,7 @@ def parse_chat_request(body: Any) -> GenerationRequest:
     """Validate a /v1/chat/completions body. Message content may be a string or a list of text parts
     (the chat template rendering checks the parts themselves)."""
     req = _common(body, "chat")
+    req.speculate = parse_speculate(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list", "messages")
@@ -299,6 +313,7 @@ def parse_completion_request(body: Any) -> GenerationRequest:
     """Validate a /v1/completions body. The prompt is a string or a list of token ids; a list holding
     one of those is accepted too, but batches of several prompts are not."""
     req = _common(body, "completion")
+    req.speculate = parse_speculate(body)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
         if len(prompt) > 1:

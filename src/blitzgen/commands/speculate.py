@@ -1,0 +1,289 @@
+"""Speculative decoding for the verbs: the option group, its torch-free checks, building the
+decoder(s) after the model is loaded, and a streaming adapter that turns the decoder's token ids
+into the same text deltas (stop strings, held-back partial characters, final stats) as
+``Generator.stream``.
+
+    speculation   --speculate ngram|self-int4|draft-model  --draft-model M  --speculate-k K
+
+Rules: ``--draft-model M`` implies ``--speculate draft-model``; ``--speculate draft-model`` needs
+``--draft-model``; ``--draft-model`` with another source, or ``--speculate-k`` without a source,
+is an error. ``serve`` takes a comma list (``--speculate ngram,self-int4``): every source named
+is loaded and may be asked for per request; the first is the default (``off,ngram``: loaded,
+but only for requests that ask).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Iterator, Sequence
+
+from ..errors import InvalidRequestError
+
+SOURCES = ("ngram", "self-int4", "draft-model")  # speculative.SOURCES, without importing torch
+K_RANGE = (1, 32)
+DEFAULT_K = 4
+
+
+def add_speculation_args(p: argparse.ArgumentParser, *, sources: Sequence[str] = SOURCES, draft_model: bool = True,
+                         multi: bool = False, help_note: str = ""):
+    """The speculation group. ``multi`` (serve): --speculate takes a comma list, "off" allowed first."""
+    g = p.add_argument_group("speculation")
+    what = ("a comma list of sources to load, the first being the default for requests that do not set "
+            "\"speculate\" ('off' first: loaded, used only when a request asks); " if multi else "")
+    g.add_argument("--speculate", default=None, metavar="|".join(sources),
+                   type=_sources_type(sources, multi),
+                   help=f"speculative decoding (exact: the same output as plain decoding): {what}ngram = prompt "
+                        "lookup, no second model; self-int4 = the model quantized to int4 drafts for itself"
+                        + ("; draft-model = a smaller model with the same tokenizer (--draft-model)" if draft_model
+                           else "") + " (default: off)" + help_note)
+    if draft_model:
+        g.add_argument("--draft-model", default=None, metavar="M",
+                       help="a smaller model with the same tokenizer as the draft (implies --speculate "
+                            "draft-model; same forms as --model)")
+    g.add_argument("--speculate-k", type=int, default=None, metavar="K",
+                   help=f"draft length, {K_RANGE[0]}..{K_RANGE[1]}; adapted down (and speculation switched off) "
+                        f"when drafts are rejected (default: {DEFAULT_K})")
+    return g
+
+
+def _sources_type(sources: Sequence[str], multi: bool):
+    allowed = tuple(sources) + (("off",) if multi else ())
+
+    def parse(value: str) -> list[str]:
+        items = [v.strip() for v in value.split(",")] if multi else [value.strip()]
+        for v in items:
+            if v not in allowed:
+                raise argparse.ArgumentTypeError(f"invalid choice: {v!r} (choose from {', '.join(allowed)})")
+        if "off" in items[1:]:
+            raise argparse.ArgumentTypeError("'off' may only come first")
+        if len(set(items)) != len(items):
+            raise argparse.ArgumentTypeError(f"a source is named twice in {value!r}")
+        return items
+
+    return parse
+
+
+def check_speculation_args(args) -> None:
+    """The torch-free checks (run by commands.common.check_args for every verb). Normalises
+    ``args.speculate`` to a list of sources (or None) and ``args.speculate_k`` to an int."""
+    if not hasattr(args, "speculate"):
+        return
+    spec = args.speculate
+    if isinstance(spec, str):  # set programmatically
+        spec = args.speculate = [spec]
+    draft = getattr(args, "draft_model", None)
+    k = getattr(args, "speculate_k", None)
+    if draft is not None:
+        if not spec:
+            spec = args.speculate = ["draft-model"]
+        elif "draft-model" not in spec:
+            raise InvalidRequestError(f"--draft-model implies --speculate draft-model, not --speculate "
+                                      f"{','.join(spec)} (drop one of them)", param="draft_model")
+    elif spec and "draft-model" in spec:
+        raise InvalidRequestError("--speculate draft-model needs --draft-model M (a smaller model with the same "
+                                  "tokenizer)", param="draft_model")
+    if k is not None:
+        if not spec or spec == ["off"]:
+            raise InvalidRequestError("--speculate-k needs a speculation source (--speculate ngram|self-int4 or "
+                                      "--draft-model M)", param="speculate_k")
+        if not K_RANGE[0] <= k <= K_RANGE[1]:
+            raise InvalidRequestError(f"--speculate-k must be between {K_RANGE[0]} and {K_RANGE[1]}, got {k}",
+                                      param="speculate_k")
+    if not spec:
+        return
+    if getattr(args, "url", None):
+        raise InvalidRequestError("--speculate applies to a model loaded here; with --url the server's settings "
+                                  "apply (drop --speculate or --url)", param="speculate")
+    if "self-int4" in spec and getattr(args, "quantize", None) == "int4":
+        raise InvalidRequestError("--speculate self-int4 drafts with an int4 copy of the model; with --quantize "
+                                  "int4 the model is that already (use ngram, or --quantize int8)",
+                                  param="speculate")
+    args.speculate_k = k if k is not None else DEFAULT_K
+
+
+def speculation_sources(args) -> list[str]:
+    """The sources to load (without "off")."""
+    return [s for s in (getattr(args, "speculate", None) or []) if s != "off"]
+
+
+def default_source(args) -> str | None:
+    spec = getattr(args, "speculate", None) or []
+    return spec[0] if spec and spec[0] != "off" else None
+
+
+# ---- building -----------------------------------------------------------------------------------
+def build_decoders(args, lm, gen, *, log=None) -> dict:
+    """{source: SpeculativeDecoder} on ``lm``'s model, sharing its KV cache and the Generator's
+    compile setting and length limit. A draft model is loaded like --model (same device and dtype);
+    one with another tokenizer is a one-line error."""
+    from ..speculative import SpeculativeDecoder, make_draft
+    from .common import runtime_options
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = {}
+    for source in speculation_sources(args):
+        t0 = time.perf_counter()
+        draft_lm = None
+        if source == "draft-model":
+            from ..loading import load
+
+            opts = runtime_options(args).resolved()
+            draft_lm = load(args.draft_model, device=opts.device, dtype=opts.torch_dtype, progress=False)
+        group = getattr(args, "group_size", None) or 32
+        draft = make_draft(source, lm.model, draft_model=draft_lm.model if draft_lm else None,
+                           draft_tokenizer=draft_lm.tokenizer if draft_lm else None,
+                           target_tokenizer=lm.tokenizer, group_size=group)
+        out[source] = SpeculativeDecoder(lm.model, draft, k=args.speculate_k, compile=gen.compiled,
+                                         max_seq_len=gen.max_seq_len)
+        log(f"Speculation {source} (k<={args.speculate_k}"
+            f"{', draft ' + draft_lm.name if draft_lm else ''}) ready in {time.perf_counter() - t0:.2f} seconds")
+    return out
+
+
+def speculative_decoder(args, lm, gen, sampling_modes=None):
+    """The decoder of the one source --speculate names (warmed up when compiled), or None."""
+    source = default_source(args)
+    if source is None:
+        return None
+    dec = build_decoders(args, lm, gen)[source]
+    if gen.compiled:
+        from ..sampling import sampler_modes
+
+        secs = dec.warmup(sampling_modes or sampler_modes())
+        print(f"Speculation compiled in {secs:.2f} seconds", file=sys.stderr, flush=True)
+    return dec
+
+
+def server_speculation(args, *, log=None):
+    """For ``Engine(speculation=...)``: builds the decoders in the engine's thread after loading
+    (None when --speculate was not given)."""
+    if not speculation_sources(args):
+        return None
+    return lambda lm, gen: (build_decoders(args, lm, gen, log=log), default_source(args))
+
+
+# ---- streaming ----------------------------------------------------------------------------------
+def stream_speculative(dec, gen, prompt_ids: Sequence[int], max_new_tokens: int, sampling=None,
+                       stop: Sequence[str] = (), stop_token_ids: Sequence[int] | None = None,
+                       spec_stats=None) -> Iterator:
+    """``Generator.stream`` with the speculative decoder's tokens: yields Delta objects, the last
+    one carrying finish_reason and GenerationStats. ``spec_stats`` (a SpeculationStats), when
+    given, is filled in as tokens come."""
+    from ..generate import GenerationStats
+    from ..speculative import SpeculationStats
+
+    gen.check_request(len(prompt_ids), max_new_tokens)
+    stop_ids = list(stop_token_ids if stop_token_ids is not None else gen._default_stop_ids())
+    st = spec_stats if spec_stats is not None else SpeculationStats()
+    stats = GenerationStats(prompt_tokens=len(prompt_ids))
+    forget = getattr(gen, "forget_prefix", None)  # the decoder rewrites the KV cache the Generator may reuse
+    if forget is not None:
+        forget()
+    tokens = dec.generate_ids(prompt_ids, max_new_tokens, sampling, stop_token_ids=stop_ids, stats=st)
+    hook = getattr(gen, "stream_tokens", None)
+    params = _parameters(hook)
+    if hook is not None and "stop" in params:  # the Generator's own detokenization, when it has one
+        kw = {"stop_token_ids": stop_ids} if "stop_token_ids" in params else {}
+        yield from hook(_timed(tokens, stats), stats, stop=stop, **kw)
+    else:
+        yield from _stream_text(gen.tokenizer, _timed(tokens, stats), stats, stop, set(stop_ids))
+
+
+def _parameters(fn) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(fn).parameters) if fn is not None else set()
+    except (TypeError, ValueError):
+        return set()
+
+
+def _timed(tokens: Iterator[int], stats) -> Iterator[int]:
+    """Fill GenerationStats' timing fields as tokens come."""
+    t0 = time.perf_counter()
+    t_first = t0
+    try:
+        for i, tok in enumerate(tokens):
+            now = time.perf_counter()
+            if i == 0:
+                stats.time_to_first_token, t_first = now - t0, now
+            stats.generated_tokens = i + 1
+            stats.decode_seconds, stats.total_seconds = now - t_first, now - t0
+            yield tok
+    finally:
+        tokens.close()
+
+
+def _stream_text(tokenizer, tokens: Iterator[int], stats, stop: Sequence[str], stop_ids: set[int]) -> Iterator:
+    """Token ids -> Delta objects, as Generator.stream makes them (for Generators without
+    ``stream_tokens``)."""
+    from ..generate import Delta
+    from ..textstream import TextStream
+
+    text = TextStream(tokenizer, stop)
+    ids: list[int] = []
+    finish = "length"
+    try:
+        for tok in tokens:
+            if tok in stop_ids:
+                finish = "stop"
+                break
+            ids.append(tok)
+            out = text.add(tok)
+            if text.stopped:
+                yield Delta(out, ids, "stop", stats)
+                return
+            if out:
+                yield Delta(out, ids)
+                ids = []
+    finally:
+        tokens.close()
+    yield Delta(text.finish(), ids, "stop" if text.stopped else finish, stats)
+
+
+# ---- blitzgen generate --------------------------------------------------------------------------
+def run_speculative(args, lm, gen, ids: list[int], sampling) -> int:
+    """``blitzgen generate --speculate ...``: stream each sample, then the timing lines and the
+    speculation summary (acceptance, tokens per verify, accepted-length histogram) on stderr."""
+    import statistics
+
+    import torch
+
+    from ..generate import weight_bytes
+    from ..sampling import choice_sampling
+    from ..speculative import SpeculationStats
+
+    gen.check_request(len(ids), args.max_new_tokens)
+    dec = build_decoders(args, lm, gen)[default_source(args)]
+    if gen.compiled:
+        secs = dec.warmup([sampling], prompt_lens=[len(ids)])  # this prompt's prefill bucket too
+        print(f"Compilation time: {secs:.2f} seconds", file=sys.stderr, flush=True)
+    nbytes = weight_bytes(lm.model)
+    rates, total = [], SpeculationStats()
+    out = sys.stdout
+    for i in range(args.num_samples):
+        spec = SpeculationStats()
+        for d in stream_speculative(dec, gen, ids, args.max_new_tokens, choice_sampling(sampling, i), args.stop,
+                                    spec_stats=spec):
+            if not args.quiet:
+                out.write(d.text)
+                out.flush()
+        st = d.stats
+        if not args.quiet:
+            out.write("\n")
+        rates.append(st.tokens_per_second)
+        total.merge(spec)
+        print(f"Time for inference {i + 1}: {st.total_seconds:.2f} sec total, {st.generated_tokens} tokens, "
+              f"{st.tokens_per_second:.2f} tokens/sec (first token {st.time_to_first_token * 1000:.0f} ms, "
+              f"decode {st.decode_tokens_per_second:.2f} tokens/sec)", file=sys.stderr)
+        print(f"Bandwidth achieved: {nbytes * st.tokens_per_second / 1e9:.2f} GB/s", file=sys.stderr)
+        print(f"Speculation: {spec.summary().removeprefix('speculation ')}", file=sys.stderr, flush=True)
+    print("==========", file=sys.stderr)
+    print(f"Average tokens/sec: {statistics.mean(rates):.2f}", file=sys.stderr)
+    if args.num_samples > 1:
+        print(f"Speculation, all samples: {total.summary().removeprefix('speculation ')}", file=sys.stderr)
+    if lm.model.device.type == "cuda":
+        print(f"Memory used: {torch.cuda.max_memory_reserved() / 1e9:.02f} GB", file=sys.stderr)
+    return 0

@@ -1,0 +1,294 @@
+"""Tensor parallelism on CPU with gloo: 2 and 4 ranks of tiny random GQA models give one rank's
+logits (float32, int8, int4) and greedy tokens; the launcher's lockstep runner, sliced loading from
+safetensors, clear errors for splits that do not work, and a bounded exit when a rank dies."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from blitzgen.config import ModelArgs
+from blitzgen.parallel.tp import ShardError, TPPlan
+from blitzgen.quant.core import make_config, quantize_model
+
+from .conftest import tiny_model
+
+# (overrides of the "tiny" shape, world): GQA split, KV replicated (4 ranks > 2 KV heads), uneven
+# GQA groups per rank (12 q heads, 3 KV heads, 4 ranks: one KV copy per q head).
+GQA = dict(dim=128, n_heads=8, n_kv_heads=2, head_dim=16, intermediate_size=256)
+UNEVEN = dict(dim=64, n_heads=12, n_kv_heads=3, head_dim=16, intermediate_size=256)
+
+
+def _init(rank, world, port):
+    from blitzgen.parallel import init
+
+    torch.set_num_threads(1)
+    return init(rank, world, device="cpu", init_method=f"tcp://127.0.0.1:{port}", timeout_s=120)
+
+
+def _check_logits(group, overrides, quant, seed=1):
+    full = tiny_model(seed=seed, **overrides)
+    if quant:
+        quantize_model(full, make_config(quant, 32 if quant == "int4" else None))
+    tp = TPPlan.make(full.args, group.rank, group.world, make_config(quant) if quant == "int4" else None) \
+        .shard_model(copy.deepcopy(full), group.all_reduce())
+    assert tp.layers[0].attention.n_heads == full.args.n_heads // group.world
+    ids = torch.randint(0, full.args.vocab_size, (1, 7), generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        for pos, x in ((torch.arange(7), ids), (torch.tensor([7]), ids[:, :1]), (torch.tensor([8]), ids[:, 1:2])):
+            ref, got = full(x, pos), tp(x, pos)
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"{quant} {overrides}: {m}")
+    return full, tp
+
+
+def _worker(rank, world, port, cases):
+    from blitzgen.generate import Generator
+
+    group = _init(rank, world, port)
+    try:
+        for overrides, quant in cases:
+            full, tp = _check_logits(group, overrides, quant)
+            if quant is None:  # greedy generation: every rank, in lockstep, the same tokens as one rank
+                prompt = [3, 14, 15, 92, 65]
+                want = list(Generator(full).generate_ids(prompt, 12, stop_token_ids=()))
+                got = list(Generator(tp).generate_ids(prompt, 12, stop_token_ids=()))
+                assert got == want, (rank, got, want)
+    finally:
+        group.close()
+
+
+def _spawn(world, cases):
+    from blitzgen.parallel.group import free_port
+
+    torch.multiprocessing.spawn(_worker, args=(world, free_port(), cases), nprocs=world, join=True)
+
+
+def test_two_ranks_logits_and_greedy():
+    _spawn(2, [(GQA, None), (GQA, "int8"), (GQA, "int4"), ({}, None)])
+
+
+def test_four_ranks_logits_and_greedy():
+    _spawn(4, [(GQA, None), (GQA, "int8"), (GQA, "int4"), (UNEVEN, None)])
+
+
+# ---- the plan, without processes -------------------------------------------------------------------
+def test_kv_heads_split_replicated_or_per_q_head():
+    a = ModelArgs.from_name("tiny").replace(**GQA)  # 8 q heads, 2 KV heads
+    assert [TPPlan.make(a, r, 2).kv_heads for r in range(2)] == [[0], [1]]
+    assert [TPPlan.make(a, r, 4).kv_heads for r in range(4)] == [[0], [0], [1], [1]]
+    assert TPPlan.make(a, 1, 4).rank_args().n_kv_heads == 1
+    u = ModelArgs.from_name("tiny").replace(**UNEVEN)  # 12 q heads, 3 KV heads, 4 ranks: 3 q heads each
+    assert TPPlan.make(u, 1, 4).kv_heads == [0, 1, 1]
+
+
+def test_unsplittable_heads_give_a_clear_error():
+    smol = ModelArgs(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536)
+    with pytest.raises(ShardError, match=r"--tp 2 does not divide the model's 9 attention heads \(possible --tp values: 1, 3, 9\)"):
+        TPPlan.make(smol, 0, 2)
+    a = ModelArgs.from_name("tiny").replace(**GQA)  # w2 has 256 inputs: 64 per rank of 4
+    with pytest.raises(ShardError, match="int4 group size 128 does not fit a 4-way split"):
+        TPPlan.make(a, 0, 4, make_config("int4", 128))
+
+
+def test_quantized_modules_shard_themselves():
+    from blitzgen.quant.int4 import Int4Linear
+    from blitzgen.quant.int8 import Int8Linear
+
+    lin = torch.nn.Linear(128, 48, bias=True)
+    for m in (Int8Linear.from_linear(lin, torch.float32), Int4Linear.from_linear(lin, 32, torch.float32)):
+        w = m.dequantize()
+        rows = copy.deepcopy(m).shard(0, 1, 2, [(0, 8), (40, 48)])
+        torch.testing.assert_close(rows.dequantize(), torch.cat([w[0:8], w[40:48]]))
+        assert rows.out_features == 16 and rows.bias.shape == (16,)
+        cols = copy.deepcopy(m).shard(1, 3, 4)
+        torch.testing.assert_close(cols.dequantize(), w[:, 96:128])
+        assert cols.in_features == 32 and cols.bias.shape == (48,)
+    with pytest.raises(ShardError, match="cannot split the 128 inputs of this int4, group_size=32 layer 8 ways"):
+        Int4Linear.from_linear(lin, 32, torch.float32).shard(1, 0, 8)
+
+
+# ---- the launcher and the lockstep runner ------------------------------------------------------------
+def _greedy(lm, gen):
+    gen.ensure_capacity(300)
+    gen.warmup(prompt_len=4)
+    return list(gen.generate_ids([5, 6, 7, 8], 10, stop_token_ids=())), \
+        gen.complete([5, 6, 7], 6).token_ids
+
+
+def test_runner_two_ranks_from_safetensors_equals_one_rank(tmp_path):
+    """blitzgen's own launcher, each rank reading its slices of an HF checkpoint (get_slice), a
+    TPGenerator on rank 0: the tokens one rank gives."""
+    from blitzgen.generate import Generator
+    from blitzgen.loading import load
+    from blitzgen.loading.synthetic import save_random_checkpoint
+    from blitzgen.parallel import TPSpec, run
+
+    save_random_checkpoint(ModelArgs.from_name("tiny").replace(**GQA), tmp_path, dtype=torch.float32)
+    lm = load(tmp_path, device="cpu", dtype="float32", progress=False)
+    gen = Generator(lm.model, lm.tokenizer)
+    t0 = time.monotonic()
+    got = run(2, TPSpec(model=str(tmp_path), dtype="float32"), _greedy, timeout_s=120)
+    assert got == _greedy(lm, gen)
+    print(f"2-rank run: {time.monotonic() - t0:.1f} s")
+
+
+_DYING = textwrap.dedent("""
+    import os, sys, time
+    from blitzgen.parallel import launch
+
+    def die(group, alive):
+        os._exit(7)
+
+    if __name__ == "__main__":
+        launch(2, die, (), lambda group: time.sleep(60), device="cpu")
+""")
+
+
+def test_a_dying_rank_ends_the_launcher_quickly(tmp_path):
+    script = tmp_path / "dying.py"
+    script.write_text(_DYING)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60)
+    took = time.monotonic() - t0
+    assert res.returncode == 1, res.stderr
+    assert "blitzgen: tensor-parallel rank 1 exited (status 7); stopping all ranks" in res.stderr
+    assert took < 30, took
+
+
+def test_a_failing_rank_zero_stops_the_followers():
+    from blitzgen.parallel import TPSpec, run
+
+    def boom(lm, gen):
+        raise RuntimeError("rank 0 failed")
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 0 failed"):
+        run(2, TPSpec(shape="tiny", dtype="float32"), boom, timeout_s=60)
+    assert time.monotonic() - t0 < 60
+
+
+def _compile_worker(rank, world, port):
+    group = _init(rank, world, port)
+    try:
+        full = tiny_model(seed=2, **GQA)
+        tp = TPPlan.make(full.args, rank, world).shard_model(copy.deepcopy(full), group.all_reduce())
+        step = torch.compile(tp, fullgraph=True, backend="aot_eager")  # no graph break at the all-reduce
+        ids = torch.tensor([[1, 2, 3]])
+        with torch.inference_mode():
+            torch.testing.assert_close(step(ids, torch.arange(3)), full(ids, torch.arange(3)), rtol=1e-4, atol=1e-4)
+            x, pos = torch.tensor([[4]]), torch.tensor([3])
+            torch.testing.assert_close(step(x, pos), full(x, pos), rtol=1e-4, atol=1e-4)
+    finally:
+        group.close()
+
+
+@pytest.mark.slow
+def test_compiled_two_ranks_trace_the_all_reduce_in_one_graph():
+    from blitzgen.parallel.group import free_port
+
+    torch.multiprocessing.spawn(_compile_worker, args=(2, free_port()), nprocs=2, join=True)
+
+
+@pytest.mark.slow
+def test_eight_ranks_logits_and_greedy():
+    _spawn(8, [(GQA, None), (GQA, "int8")])
+
+
+def test_each_rank_reads_only_its_slices(tmp_path, monkeypatch):
+    """Loading with a shard hook gives exactly the plan's split of the whole model, from HF
+    safetensors (float) and from a blitzgen int4 checkpoint, and reads split tensors only through
+    get_slice (never whole)."""
+    from blitzgen.loading import hf, load, save_quantized
+    from blitzgen.loading.synthetic import save_random_checkpoint
+    from blitzgen.parallel import Sharding
+
+    args = ModelArgs.from_name("tiny").replace(**GQA)
+    save_random_checkpoint(args, tmp_path / "hf", dtype=torch.float32)
+    lmq = load(tmp_path / "hf", device="cpu", dtype="float32", quantize="int4", progress=False)
+    save_quantized(lmq, tmp_path / "q", lmq.quant)
+    whole_reads = []
+    real_get = hf.SafetensorsSource.get
+    monkeypatch.setattr(hf.SafetensorsSource, "get", lambda self, n: whole_reads.append(n) or real_get(self, n))
+    for src in ("hf", "q"):
+        ref = load(tmp_path / src, device="cpu", dtype="float32", progress=False).model
+        for rank in range(4):
+            whole_reads.clear()
+            got = load(tmp_path / src, device="cpu", dtype="float32", progress=False, shard=Sharding(rank, 4)).model
+            assert not [n for n in whole_reads if "proj" in n or "wqkv" in n or "w13" in n or "w2" in n or "wo" in n]
+            want = TPPlan.make(args, rank, 4).shard_model(copy.deepcopy(ref)).state_dict()
+            have = got.state_dict()
+            assert have.keys() == want.keys()
+            for k in want:
+                assert torch.equal(have[k], want[k]), (src, rank, k)
+            assert got.layers[0].attention.n_kv_heads == 1 and got.args.intermediate_size == 64
+
+
+def test_rank_zero_finishes_every_step_the_followers_take():
+    """A caller that stops reading, or a Ctrl-C inside a step, still lets the steps run to the end
+    on rank 0 (the followers run them); the Ctrl-C surfaces between tokens."""
+    import signal
+
+    from blitzgen.parallel.runner import _lockstep
+
+    ran = []
+
+    def steps(n, interrupt_at=None):
+        for i in range(n):
+            if i == interrupt_at:
+                os.kill(os.getpid(), signal.SIGINT)
+            ran.append(i)
+            yield i
+
+    it = _lockstep(steps(6))
+    assert next(it) == 0
+    it.close()
+    assert ran == list(range(6))
+    ran.clear()
+    got = []
+    with pytest.raises(KeyboardInterrupt):
+        for x in _lockstep(steps(6, interrupt_at=2)):
+            got.append(x)
+    assert got == [0, 1] and ran == list(range(6))
+
+
+@pytest.mark.slow
+def test_default_model_refuses_two_ranks_before_loading(smol_path):
+    from blitzgen.parallel import TPSpec
+    from blitzgen.parallel.runner import check_split
+
+    with pytest.raises(ShardError, match="--tp 2 does not divide the model's 9 attention heads"):
+        check_split(TPSpec(model=str(smol_path), dtype="float32"), 2)
+    check_split(TPSpec(model=str(smol_path), dtype="float32"), 3)  # 9 q heads, 3 KV heads: one each
+
+
+def _smol_worker(rank, world, port, path):
+    from blitzgen.loading import load
+    from blitzgen.parallel import Sharding, wrap
+
+    group = _init(rank, world, port)
+    try:
+        ref = load(path, device="cpu", dtype="float32", progress=False).model
+        tp = load(path, device="cpu", dtype="float32", progress=False, shard=Sharding(rank, world)).model
+        wrap(tp, group.all_reduce())
+        ref.setup_caches(1, 64)
+        tp.setup_caches(1, 64)
+        ids = torch.tensor([[1, 9690, 28, 905, 314, 2]])
+        with torch.inference_mode():
+            torch.testing.assert_close(tp(ids, torch.arange(6)), ref(ids, torch.arange(6)), rtol=1e-4, atol=1e-3)
+    finally:
+        group.close()
+
+
+@pytest.mark.slow
+def test_default_model_three_ranks_logits(smol_path):
+    from blitzgen.parallel.group import free_port
+
+    torch.multiprocessing.spawn(_smol_worker, args=(3, free_port(), str(smol_path)), nprocs=3, join=True)
