@@ -50,9 +50,9 @@ def test_keep_special_keeps_tool_markers_in_the_text():
     tok = byte_tokenizer(QWEN)
     gen = Generator(tiny_model(seed=2, max_seq_len=64, vocab_size=tok.vocab_size), tok)
     ids = [256, *tok.encode("hi", add_special_tokens=False), 257]
-    kept = constrained._text_deltas(gen, iter(ids), GenerationStats(), (), {257}, keep_special=True)
+    kept = gen.stream_tokens(iter(ids), GenerationStats(), (), {257}, skip_special_tokens=False)
     assert "".join(d.text for d in kept) == "<|im_start|>hi"
-    dropped = constrained._text_deltas(gen, iter(ids), GenerationStats(), (), {257}, keep_special=False)
+    dropped = gen.stream_tokens(iter(ids), GenerationStats(), (), {257})
     assert "".join(d.text for d in dropped) == "hi"
     req = parse_chat_request({"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER]})
     shaper = ChoiceShaper(req, tok)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
-from torch import Tensor
 
 from .generate import Delta, GenerationStats
 from .logprobs import TokenLogprob, logprob_rows, unpack
@@ -82,38 +81,6 @@ def token_loop(gen, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sa
         pos += 1
 
 
-def _text_deltas(gen, tokens: Iterator[int], stats: GenerationStats, stop: Sequence[str], stop_ids: set[int],
-                 keep_special: bool) -> Iterator[Delta]:
-    if not keep_special:
-        yield from gen.stream_tokens(tokens, stats, stop, stop_ids)
-        return
-    # Generator.stream_tokens' text loop, keeping special tokens (tool-call markers) in the text
-    from .textstream import TextStream
-
-    text = TextStream(gen.tokenizer, stop, skip_special_tokens=not keep_special)
-    ids: list[int] = []
-    finish = "length"
-    try:
-        for tok in tokens:
-            if tok in stop_ids:
-                finish = "stop"
-                break
-            ids.append(tok)
-            out = text.add(tok)
-            if text.stopped:
-                yield Delta(out, ids, "stop", stats)
-                return
-            if out:
-                yield Delta(out, ids)
-                ids = []
-        out = text.finish()
-        yield Delta(out, ids, "stop" if text.stopped else finish, stats)
-    finally:
-        close = getattr(tokens, "close", None)
-        if close is not None:
-            close()
-
-
 def stream(gen, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingParams | None = None,
            stop: Sequence[str] = (), *, top_logprobs: int | None = None, constraint=None,
            keep_special: bool = False) -> Iterator[Delta]:
@@ -126,7 +93,7 @@ def stream(gen, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sampli
     rows: list[TokenLogprob] = []
     tokens = token_loop(gen, prompt_ids, max_new_tokens, sampling, stop_ids, stats, top_logprobs=top_logprobs,
                         constraint=constraint, rows=rows)
-    for d in _text_deltas(gen, tokens, stats, stop, stop_ids, keep_special):
+    for d in gen.stream_tokens(tokens, stats, stop, stop_ids, skip_special_tokens=not keep_special):
         steps = None
         if top_logprobs is not None:
             steps = [r for r in rows if r.token_id not in stop_ids]

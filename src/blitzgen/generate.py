@@ -363,7 +363,8 @@ class Generator:
         return self.stream_tokens(tokens, stats, stop, stop_ids)
 
     def stream_tokens(self, token_iter, stats: GenerationStats, stop: Sequence[str] = (),
-                      stop_token_ids: Sequence[int] | None = None) -> Iterator[Delta]:
+                      stop_token_ids: Sequence[int] | None = None, *,
+                      skip_special_tokens: bool = True) -> Iterator[Delta]:
         """Text deltas of any token-id iterator (this Generator's, a speculative or a constrained
         decoder's): stop strings and stop tokens end it unemitted; the final Delta carries
         finish_reason and ``stats`` (which the iterator fills in). Closing it closes token_iter."""
@@ -372,7 +373,7 @@ class Generator:
         if self.tokenizer is None:
             raise RuntimeError("stream_tokens() needs a tokenizer")
         stop_ids = set(stop_token_ids if stop_token_ids is not None else self._default_stop_ids())
-        text = TextStream(self.tokenizer, stop)
+        text = TextStream(self.tokenizer, stop, skip_special_tokens)
         ids: list[int] = []
         finish = "length"
         try:

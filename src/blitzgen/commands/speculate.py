@@ -182,22 +182,7 @@ def stream_speculative(dec, gen, prompt_ids: Sequence[int], max_new_tokens: int,
     if forget is not None:
         forget()
     tokens = dec.generate_ids(prompt_ids, max_new_tokens, sampling, stop_token_ids=stop_ids, stats=st)
-    hook = getattr(gen, "stream_tokens", None)
-    params = _parameters(hook)
-    if hook is not None and "stop" in params:  # the Generator's own detokenization, when it has one
-        kw = {"stop_token_ids": stop_ids} if "stop_token_ids" in params else {}
-        yield from hook(_timed(tokens, stats), stats, stop=stop, **kw)
-    else:
-        yield from _stream_text(gen.tokenizer, _timed(tokens, stats), stats, stop, set(stop_ids))
-
-
-def _parameters(fn) -> set[str]:
-    import inspect
-
-    try:
-        return set(inspect.signature(fn).parameters) if fn is not None else set()
-    except (TypeError, ValueError):
-        return set()
+    yield from gen.stream_tokens(_timed(tokens, stats), stats, stop=stop, stop_token_ids=stop_ids)
 
 
 def _timed(tokens: Iterator[int], stats) -> Iterator[int]:
@@ -216,34 +201,6 @@ def _timed(tokens: Iterator[int], stats) -> Iterator[int]:
         tokens.close()
 
 
-def _stream_text(tokenizer, tokens: Iterator[int], stats, stop: Sequence[str], stop_ids: set[int]) -> Iterator:
-    """Token ids -> Delta objects, as Generator.stream makes them (for Generators without
-    ``stream_tokens``)."""
-    from ..generate import Delta
-    from ..textstream import TextStream
-
-    text = TextStream(tokenizer, stop)
-    ids: list[int] = []
-    finish = "length"
-    try:
-        for tok in tokens:
-            if tok in stop_ids:
-                finish = "stop"
-                break
-            ids.append(tok)
-            out = text.add(tok)
-            if text.stopped:
-                yield Delta(out, ids, "stop", stats)
-                return
-            if out:
-                yield Delta(out, ids)
-                ids = []
-    finally:
-        tokens.close()
-    yield Delta(text.finish(), ids, "stop" if text.stopped else finish, stats)
-
-
-# ---- blitzgen generate --------------------------------------------------------------------------
 def run_speculative(args, lm, gen, ids: list[int], sampling) -> int:
     """``blitzgen generate --speculate ...``: stream each sample, then the timing lines and the
     speculation summary (acceptance, tokens per verify, accepted-length histogram) on stderr."""
