@@ -47,6 +47,8 @@ class BenchOptions:
     device: str | None = None
     dtype: str | None = None  # torch dtype name; default bfloat16
     compile: bool | None = None  # default: on for CUDA
+    compile_prefill: bool | None = None  # RuntimeOptions': prefill eager unless set
+    autotune: bool | None = None  # RuntimeOptions': coordinate-descent tuning off unless set
     temperature: float = 0.8
     top_k: int = 200
     seed: int = 0
@@ -256,7 +258,8 @@ def _run_ours(opts: BenchOptions, device: torch.device, dtype: torch.dtype, comp
             res["mode"], res["group_size"] = quant_meta["scheme"], quant_meta.get("group_size")
 
     P, N = opts.prompt_len, opts.new_tokens
-    gen = Generator(model, tokenizer, options=RuntimeOptions.from_env(), compile=compile_, max_seq_len=P + N)
+    runtime = RuntimeOptions.from_env(compile_prefill=opts.compile_prefill, autotune=opts.autotune)
+    gen = Generator(model, tokenizer, options=runtime, compile=compile_, max_seq_len=P + N)
     gen.check_request(P, N)  # ContextLengthError names the model's context
     g = torch.Generator().manual_seed(opts.seed)
     prompt = torch.randint(1, max(2, min(args.vocab_size, 30000)), (P,), generator=g).tolist()
@@ -353,18 +356,12 @@ def _speculative_ids(dec, prompt: list[int], n: int, sampling, stats, runs: list
     SpeculationStats is appended to ``runs``."""
     from .speculative import SpeculationStats
 
+    from .generate import timed_tokens
+
     spec = SpeculationStats()
     runs.append(spec)
     stats.prompt_tokens = len(prompt)
-    t0 = time.perf_counter()
-    t_first = t0
-    for i, tok in enumerate(dec.generate_ids(prompt, n, sampling, stop_token_ids=(), stats=spec)):
-        now = time.perf_counter()
-        if i == 0:
-            stats.time_to_first_token, t_first = now - t0, now
-        stats.generated_tokens = i + 1
-        stats.decode_seconds, stats.total_seconds = now - t_first, now - t0
-        yield tok
+    yield from timed_tokens(dec.generate_ids(prompt, n, sampling, stop_token_ids=(), stats=spec), stats)
 
 
 def _jsonable(x):

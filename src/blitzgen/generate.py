@@ -118,6 +118,25 @@ def _prefill_logits(model: Transformer, ids: Tensor, pos: Tensor, last: Tensor) 
     return model(ids, pos, logits_at=last)[:, -1]  # [B, V]
 
 
+def timed_tokens(tokens: Iterator[int], stats: GenerationStats) -> Iterator[int]:
+    """Pass token ids through, filling stats' timing fields as Generator.generate_ids does (for
+    decoders of their own: speculative, constrained)."""
+    t0 = time.perf_counter()
+    t_first = t0
+    try:
+        for i, tok in enumerate(tokens):
+            now = time.perf_counter()
+            if i == 0:
+                stats.time_to_first_token, t_first = now - t0, now
+            stats.generated_tokens = i + 1
+            stats.decode_seconds, stats.total_seconds = now - t_first, now - t0
+            yield tok
+    finally:
+        close = getattr(tokens, "close", None)
+        if close is not None:
+            close()
+
+
 class Generator:
     """Runs requests on one model, one at a time, reusing its static KV cache.
 

@@ -26,7 +26,8 @@ def register(sub) -> None:
                      help="write the --shape's random weights to DIR as a Hugging Face checkpoint (sharded "
                           "safetensors, config.json, a tokenizer) and exit, to time loading with --model DIR")
     # --mode bf16|int8|int4 is the old spelling of --quantize (bf16: none)
-    add_runtime_args(p, only=("device", "dtype", "compile", "quantize", "group_size"), mode_alias=True,
+    add_runtime_args(p, only=("device", "dtype", "compile", "compile_prefill", "autotune", "quantize", "group_size"),
+                     mode_alias=True,
                      mode_none=("bf16",), quantize={"help": "weight-only quantization (default: none, weights in "
                                                             "--dtype; a quantized checkpoint is labelled as such)"})
     run = p.add_argument_group("run")
@@ -81,6 +82,7 @@ def options_from_args(args):
         shape=args.shape, model=args.model, mode=args.quantize or "bf16", group_size=args.group_size,
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup,
         device=args.device, dtype=args.dtype, compile=args.compile, temperature=args.temperature,
+        compile_prefill=args.compile_prefill, autotune=args.autotune,
         top_k=args.top_k, seed=args.seed, roofline=args.roofline, peers=parse_peers(args.peer),
         peer_timeout=args.peer_timeout, peer_shape=args.peer_shape, command=command_line(args),
         save=getattr(args, "save", None), speculate=(args.speculate or [None])[0],
@@ -106,6 +108,7 @@ def command_line(args) -> str:
             parts += [f"--{key.replace('_', '-')}", str(v)]
     if args.compile is not None:
         parts.append("--compile" if args.compile else "--no-compile")
+    parts += [f for f, on in (("--compile-prefill", args.compile_prefill), ("--autotune", args.autotune)) if on]
     if not args.roofline:
         parts.append("--no-roofline")
     for item in args.peer:

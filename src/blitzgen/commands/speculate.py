@@ -182,23 +182,9 @@ def stream_speculative(dec, gen, prompt_ids: Sequence[int], max_new_tokens: int,
     if forget is not None:
         forget()
     tokens = dec.generate_ids(prompt_ids, max_new_tokens, sampling, stop_token_ids=stop_ids, stats=st)
-    yield from gen.stream_tokens(_timed(tokens, stats), stats, stop=stop, stop_token_ids=stop_ids)
+    from ..generate import timed_tokens
 
-
-def _timed(tokens: Iterator[int], stats) -> Iterator[int]:
-    """Fill GenerationStats' timing fields as tokens come."""
-    t0 = time.perf_counter()
-    t_first = t0
-    try:
-        for i, tok in enumerate(tokens):
-            now = time.perf_counter()
-            if i == 0:
-                stats.time_to_first_token, t_first = now - t0, now
-            stats.generated_tokens = i + 1
-            stats.decode_seconds, stats.total_seconds = now - t_first, now - t0
-            yield tok
-    finally:
-        tokens.close()
+    yield from gen.stream_tokens(timed_tokens(tokens, stats), stats, stop=stop, stop_token_ids=stop_ids)
 
 
 def run_speculative(args, lm, gen, ids: list[int], sampling) -> int:
