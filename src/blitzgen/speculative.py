@@ -25,7 +25,6 @@ decode steps, prefill is padded to power-of-two buckets; nothing recompiles per 
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence

@@ -51,7 +51,6 @@ def run(args) -> int:
         from .remote import generate_remote
 
         return generate_remote(args)
-    from ..startup import REPORT
     from .common import load_engine, sampling_params
 
     sampling = sampling_params(args)
@@ -102,13 +101,18 @@ def run_loaded(args, sampling, lm, gen) -> int:
         if not args.quiet:
             out.write("\n")
         rates.append(st.tokens_per_second)
-        print(f"Time for inference {i + 1}: {st.total_seconds:.2f} sec total, {st.generated_tokens} tokens, "
-              f"{st.tokens_per_second:.2f} tokens/sec (first token {st.time_to_first_token * 1000:.0f} ms, "
-              f"decode {st.decode_tokens_per_second:.2f} tokens/sec)", file=sys.stderr)
-        print(f"Bandwidth achieved: {nbytes * st.tokens_per_second / 1e9:.2f} GB/s", file=sys.stderr, flush=True)
+        print_timing(i, st, nbytes)
     print("==========", file=sys.stderr)
     print(f"Average tokens/sec: {statistics.mean(rates):.2f}", file=sys.stderr)
     if lm.model.device.type == "cuda":
         print(f"Memory used: {torch.cuda.max_memory_reserved() / 1e9:.02f} GB", file=sys.stderr)
     print(report, file=sys.stderr, flush=True)
     return 0
+
+
+def print_timing(i: int, st, nbytes: int) -> None:
+    """gpt-fast's per-sample lines: time, tokens/s and the bandwidth achieved."""
+    print(f"Time for inference {i + 1}: {st.total_seconds:.2f} sec total, {st.generated_tokens} tokens, "
+          f"{st.tokens_per_second:.2f} tokens/sec (first token {st.time_to_first_token * 1000:.0f} ms, "
+          f"decode {st.decode_tokens_per_second:.2f} tokens/sec)", file=sys.stderr)
+    print(f"Bandwidth achieved: {nbytes * st.tokens_per_second / 1e9:.2f} GB/s", file=sys.stderr, flush=True)

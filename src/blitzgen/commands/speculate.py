@@ -197,6 +197,7 @@ def run_speculative(args, lm, gen, ids: list[int], sampling) -> int:
     from ..generate import weight_bytes
     from ..sampling import choice_sampling
     from ..speculative import SpeculationStats
+    from .generate import print_timing
 
     gen.check_request(len(ids), args.max_new_tokens)
     dec = build_decoders(args, lm, gen)[default_source(args)]
@@ -218,10 +219,7 @@ def run_speculative(args, lm, gen, ids: list[int], sampling) -> int:
             out.write("\n")
         rates.append(st.tokens_per_second)
         total.merge(spec)
-        print(f"Time for inference {i + 1}: {st.total_seconds:.2f} sec total, {st.generated_tokens} tokens, "
-              f"{st.tokens_per_second:.2f} tokens/sec (first token {st.time_to_first_token * 1000:.0f} ms, "
-              f"decode {st.decode_tokens_per_second:.2f} tokens/sec)", file=sys.stderr)
-        print(f"Bandwidth achieved: {nbytes * st.tokens_per_second / 1e9:.2f} GB/s", file=sys.stderr)
+        print_timing(i, st, nbytes)
         print(f"Speculation: {spec.summary().removeprefix('speculation ')}", file=sys.stderr, flush=True)
     print("==========", file=sys.stderr)
     print(f"Average tokens/sec: {statistics.mean(rates):.2f}", file=sys.stderr)
