@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from blitzgen.cli import build_parser, main
-from blitzgen.commands.speculate import check_speculation_args, stream_speculative
+from blitzgen.commands.speculate import check_speculation_args
+from blitzgen.speculative import stream_speculative
 from blitzgen.generate import Generator
 from blitzgen.sampling import SamplingParams
 from blitzgen.speculative import NgramDraft, SelfInt4Draft, SpeculationStats, SpeculativeDecoder

@@ -562,3 +562,22 @@ class SpeculativeDecoder:
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+def stream_speculative(dec, gen, prompt_ids: Sequence[int], max_new_tokens: int, sampling=None,
+                       stop: Sequence[str] = (), stop_token_ids: Sequence[int] | None = None,
+                       spec_stats=None) -> Iterator:
+    """``Generator.stream`` with the speculative decoder's tokens: yields Delta objects, the last
+    one carrying finish_reason and GenerationStats. ``spec_stats`` (a SpeculationStats), when
+    given, is filled in as tokens come."""
+    from .generate import GenerationStats, timed_tokens
+
+    gen.check_request(len(prompt_ids), max_new_tokens)
+    stop_ids = list(stop_token_ids if stop_token_ids is not None else gen._default_stop_ids())
+    st = spec_stats if spec_stats is not None else SpeculationStats()
+    stats = GenerationStats(prompt_tokens=len(prompt_ids))
+    forget = getattr(gen, "forget_prefix", None)  # the decoder rewrites the KV cache the Generator may reuse
+    if forget is not None:
+        forget()
+    tokens = dec.generate_ids(prompt_ids, max_new_tokens, sampling, stop_token_ids=stop_ids, stats=st)
+    yield from gen.stream_tokens(timed_tokens(tokens, stats), stats, stop=stop, stop_token_ids=stop_ids)

@@ -46,7 +46,7 @@ class LocalChat:
         if self.gen.compiled:  # before the first turn, through the compile cache
             import sys
 
-            from .common import warm_up
+            from ..compile_cache import warm_up
 
             print(f"Compilation time: {warm_up(self.lm, self.gen):.2f} seconds", file=sys.stderr, flush=True)
         self.name = self.lm.name
@@ -58,7 +58,7 @@ class LocalChat:
         ids = self.lm.tokenizer.encode_chat(messages)
         self.gen.check_request(len(ids), max_tokens)
         if self.speculative is not None:
-            from .speculate import stream_speculative
+            from ..speculative import stream_speculative
 
             deltas = stream_speculative(self.speculative, self.gen, ids, max_tokens, sampling, stop)
         else:
@@ -100,8 +100,6 @@ class RemoteChat:
 
 
 def run(args) -> int:
-    from ..errors import BlitzgenError
-
     if args.url:
         backend, sampling = RemoteChat(args), args  # the flags carry SamplingParams' fields; no torch here
     else:

@@ -284,28 +284,6 @@ def load_engine(args, *, log=None):
     return lm, gen
 
 
-def warm_up(lm, gen, sampling_modes=None, prompt_len: int | None = None) -> float:
-    """Warm a compiled Generator up inside its compile-cache entry (loaded before, saved after),
-    marking the start-up report's "cache load" and "compile + warm-up"; eager: a no-op (0.0).
-    Without arguments, the full warm-up (every sampler mode, every compiled prefill bucket)."""
-    if not gen.compiled:
-        return 0.0
-    from ..compile_cache import CompileCache, key_for
-    from ..startup import REPORT
-
-    extra = gen.warmup_plan()
-    if sampling_modes is not None:
-        extra = {**extra, "warmup": sorted({tuple(sp.mode) for sp in sampling_modes}), "prompt_len": prompt_len,
-                 "cache_len": gen.cache_len}
-    entry = CompileCache(key_for(lm.args, gen.options, extra), gen.options.cache_dir).open()
-    REPORT.mark("cache load")
-    secs = gen.warmup(sampling_modes, prompt_len=prompt_len)
-    REPORT.mark("compile + warm-up")
-    REPORT.add_compile_breakdown()
-    entry.save()
-    return secs
-
-
 def resolve_dtype(name: str | None):
     import torch
 

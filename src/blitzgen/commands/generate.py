@@ -73,7 +73,7 @@ def run_loaded(args, sampling, lm, gen) -> int:
     from ..generate import weight_bytes
     from ..sampling import choice_sampling
     from ..startup import REPORT
-    from .common import warm_up
+    from ..compile_cache import warm_up
 
     ids = build_prompt_ids(lm.tokenizer, args.prompt, args.raw, args.system)
     if getattr(args, "speculate", None):

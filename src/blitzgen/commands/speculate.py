@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from ..errors import InvalidRequestError
 
@@ -164,29 +164,6 @@ def server_speculation(args, *, log=None):
     return lambda lm, gen: (build_decoders(args, lm, gen, log=log), default_source(args))
 
 
-# ---- streaming ----------------------------------------------------------------------------------
-def stream_speculative(dec, gen, prompt_ids: Sequence[int], max_new_tokens: int, sampling=None,
-                       stop: Sequence[str] = (), stop_token_ids: Sequence[int] | None = None,
-                       spec_stats=None) -> Iterator:
-    """``Generator.stream`` with the speculative decoder's tokens: yields Delta objects, the last
-    one carrying finish_reason and GenerationStats. ``spec_stats`` (a SpeculationStats), when
-    given, is filled in as tokens come."""
-    from ..generate import GenerationStats
-    from ..speculative import SpeculationStats
-
-    gen.check_request(len(prompt_ids), max_new_tokens)
-    stop_ids = list(stop_token_ids if stop_token_ids is not None else gen._default_stop_ids())
-    st = spec_stats if spec_stats is not None else SpeculationStats()
-    stats = GenerationStats(prompt_tokens=len(prompt_ids))
-    forget = getattr(gen, "forget_prefix", None)  # the decoder rewrites the KV cache the Generator may reuse
-    if forget is not None:
-        forget()
-    tokens = dec.generate_ids(prompt_ids, max_new_tokens, sampling, stop_token_ids=stop_ids, stats=st)
-    from ..generate import timed_tokens
-
-    yield from gen.stream_tokens(timed_tokens(tokens, stats), stats, stop=stop, stop_token_ids=stop_ids)
-
-
 def run_speculative(args, lm, gen, ids: list[int], sampling) -> int:
     """``blitzgen generate --speculate ...``: stream each sample, then the timing lines and the
     speculation summary (acceptance, tokens per verify, accepted-length histogram) on stderr."""
@@ -196,7 +173,7 @@ def run_speculative(args, lm, gen, ids: list[int], sampling) -> int:
 
     from ..generate import weight_bytes
     from ..sampling import choice_sampling
-    from ..speculative import SpeculationStats
+    from ..speculative import SpeculationStats, stream_speculative
     from .generate import print_timing
 
     gen.check_request(len(ids), args.max_new_tokens)

@@ -304,7 +304,7 @@ class Engine:
         no request pays a compile; compiled, inside the compile-cache entry (loaded, then saved)."""
         gen = self.gen
         if gen.compiled and getattr(gen, "options", None) is not None and self.lm is not None:
-            from ..commands.common import warm_up
+            from ..compile_cache import warm_up
 
             seconds = warm_up(self.lm, gen)
         else:
@@ -392,7 +392,7 @@ class Engine:
         return self._speculative_stream(dec, job, sampling)
 
     def _speculative_stream(self, dec, job: Job, sampling: SamplingParams):
-        from ..commands.speculate import stream_speculative
+        from ..speculative import stream_speculative
         from ..speculative import SpeculationStats
 
         stats = SpeculationStats()
