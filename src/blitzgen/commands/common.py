@@ -212,7 +212,8 @@ def check_args(args) -> None:
             raise InvalidRequestError(f"{given[0]} applies to a model loaded here; with --url the server's "
                                       f"settings apply (drop {given[0]} or --url)")
         return
-    group_size, quantize = getattr(args, "group_size", None), getattr(args, "quantize", None)
+    group_size = getattr(args, "group_size", None)
+    quantize = getattr(args, "quantize", None) or getattr(args, "mode", None)  # quantize's old --mode
     if hasattr(args, "quantize") and group_size is not None and quantize != "int4":
         raise InvalidRequestError("--group-size applies to --quantize int4 only" +
                                   (f", not --quantize {quantize}" if quantize else "; add --quantize int4"))
