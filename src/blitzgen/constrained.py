@@ -77,7 +77,8 @@ def token_loop(gen, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sa
             break
         if constraint is not None and constraint.is_terminated():
             break
-        logits = gen.model_logits(tok.view(1, 1), pos)  # the next mask/sample read it before the next call
+        # the next mask/sample read it before the next call; the live prefix grows by the token
+        logits = gen.model_logits(tok.view(1, 1), pos, extends=value)
         pos += 1
 
 

@@ -16,8 +16,9 @@ sampler; each sampler mode is a small graph of its own; prefill is eager unless
 to the host (the two only meet through a pinned buffer and an event), so Python's per-token work
 overlaps the GPU.
 
-Prompt caching: the Generator remembers which token ids its KV cache holds; a request whose prompt
-starts with some of them prefills only the rest (``reuse_prefix``).
+Prompt caching (prefix_cache.PrefixStore, ``self.prefixes``): the Generator knows which token ids
+its KV cache holds and keeps a few saved copies of earlier prefixes; a request whose prompt starts
+with some of them prefills only the rest (``reuse_prefix``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch import Tensor
 from .attention import parse_decode_attention
 from .errors import ContextLengthError, InvalidRequestError
 from .model import Transformer
+from .prefix_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, MIN_GAIN, PrefixStore, kv_caches
 from .runtime import RuntimeOptions
 from .sampling import SamplingParams, exponential_noise, make_generator, sample, sampler_modes
 
@@ -144,11 +146,13 @@ class Generator:
     decode_attention, warm_cache_tokens and cache_dir; ``compile`` and ``max_seq_len`` (the user
     limit, i.e. max_model_len), when given, override it. compile=True compiles the model's decode
     step (CUDA graphs on GPU) and the samplers, and with compile_prefill the bucketed prefill; call
-    ``warmup()`` so that no request pays a compile.
+    ``warmup()`` so that no request pays a compile. ``prompt_cache_entries`` and
+    ``prompt_cache_bytes`` bound the saved prefixes (prefix_cache; 0 disables saving).
     """
 
     def __init__(self, model: Transformer, tokenizer=None, *, options: RuntimeOptions | None = None,
-                 compile: bool | None = None, max_seq_len: int | None = None):
+                 compile: bool | None = None, max_seq_len: int | None = None,
+                 prompt_cache_entries: int = DEFAULT_ENTRIES, prompt_cache_bytes: int = DEFAULT_BYTES):
         opts = options or RuntimeOptions()
         self.model = model
         self.tokenizer = tokenizer
@@ -183,7 +187,7 @@ class Generator:
                 self._prefill = compile_static(_prefill_logits, dev, **kw)
         self._host_tok = torch.empty(1, dtype=torch.int64, pin_memory=self.is_cuda)
         self._event = torch.cuda.Event() if self.is_cuda else None
-        self._cached_ids: list[int] = []  # the tokens whose KV the cache holds at positions 0..
+        self.prefixes = PrefixStore(prompt_cache_entries, prompt_cache_bytes)  # the one owner of prompt caching
 
     @property
     def max_seq_len(self) -> int:
@@ -227,7 +231,7 @@ class Generator:
         if n_tokens <= self.cache_len:
             return
         cap = self._capacity_for(n_tokens)
-        self._cached_ids = []
+        self.stash_prefix()  # the new cache starts empty: keep the live prefix in the store
         with torch.inference_mode(False):  # plain tensors, so the model still works outside inference mode
             self.model.setup_caches(1, cap)
 
@@ -259,19 +263,20 @@ class Generator:
                                             stats if stats is not None else GenerationStats()))
 
     def _guarded(self, tokens: Iterator[int]) -> Iterator[int]:
-        """An exception mid-request leaves the cache's contents unknown: forget the prefix. (Closing
-        early is fine: every token in the prefix had its step launched.)"""
+        """An exception mid-request leaves the cache's contents unknown: forget the live prefix (saved
+        ones are copies, still valid). Closing early is fine: every token in the prefix had its step
+        launched."""
         try:
             yield from tokens
         except Exception:
-            self._cached_ids = []
+            self.prefixes.drop_live()
             raise
 
     @torch.inference_mode()
     def _generate(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingParams,
                   stop_set: set[int], stats: GenerationStats) -> Iterator[int]:
         prompt_len = len(prompt_ids)
-        self.ensure_capacity(prompt_len + max_new_tokens)  # growing forgets the cached prefix
+        self.ensure_capacity(prompt_len + max_new_tokens)  # growing saves the live prefix in the store
         dev = self.device
         mode = sampling.mode
         samp = sampling.tensors(dev)
@@ -287,7 +292,7 @@ class Generator:
         stats.cached_tokens = start
         tok = self._sample(self.prefill(prompt_ids, start), samp, mode, noise())  # [1] on device
         pos = torch.tensor([prompt_len], dtype=torch.int64, device=dev)
-        cached = self._cached_ids  # grows as tokens enter the cache
+        cached = self.prefixes.live  # grows as tokens enter the cache
         first = True
         t_first = t0
         for i in range(max_new_tokens):
@@ -320,12 +325,18 @@ class Generator:
             tok = nxt
 
     # ---- hooks for other decoders (speculative, constrained) -------------------------------------
-    def model_logits(self, tok: Tensor, pos: Tensor) -> Tensor:
+    def model_logits(self, tok: Tensor, pos: Tensor, *, extends: int | None = None) -> Tensor:
         """One decode step of the model alone: tok [1, 1] at pos [1] -> logits [1, V] float32 (the
         compiled CUDA-graph step when compiled: valid only until the next call; clone to keep it).
-        The live prefix is forgotten (the caller decides what the cache holds)."""
-        self._cached_ids = []
-        return self._step(self.model, tok, pos)
+        ``extends``: tok's id, when pos is the position right after the live prefix (a decode loop
+        continuing a prefill); the prefix then grows by it. Otherwise the live prefix is forgotten
+        (the caller decides what the cache holds)."""
+        if extends is None:
+            self.prefixes.drop_live()
+        logits = self._step(self.model, tok, pos)
+        if extends is not None:  # written at len(live): the claim held until now
+            self.prefixes.live.append(int(extends))
+        return logits
 
     def prefill(self, prompt_ids: Sequence[int], start: int = 0) -> Tensor:
         """Fill the cache with prompt_ids[start:] at positions start.. (earlier positions must hold
@@ -339,7 +350,7 @@ class Generator:
         bucket = self._bucket(n - start)
         if start + bucket > self.cache_len:  # the padded suffix does not fit: prefill from 0
             start, bucket = 0, self._bucket(n)
-        self._cached_ids = []  # until the prefill is done (an exception leaves no claim)
+        self.prefixes.drop_live()  # until the prefill is done (an exception leaves no claim)
         dev = self.device
         with torch.inference_mode():
             ids = torch.zeros((1, bucket), dtype=torch.int64, device=dev)
@@ -347,21 +358,48 @@ class Generator:
             pos = torch.arange(start, start + bucket, device=dev)
             last = torch.tensor([n - start - 1], device=dev)
             logits = self._prefill(self.model, ids, pos, last)
-        self._cached_ids = list(prompt_ids)
+        self.prefixes.live = list(prompt_ids)
         return logits
 
     def reuse_prefix(self, prompt_ids: Sequence[int]) -> int:
-        """How many leading tokens of prompt_ids the KV cache already holds (at most len - 1, so
-        the last prompt token is always run and yields logits)."""
-        cached, limit = self._cached_ids, min(len(self._cached_ids), len(prompt_ids) - 1)
-        p = 0
-        while p < limit and cached[p] == prompt_ids[p]:
-            p += 1
-        return p
+        """Make the KV cache hold the longest prefix of prompt_ids it can and return its length: the
+        live cache's match, or a saved prefix's when it is MIN_GAIN tokens longer (copied in). At most
+        len - 1 (the last prompt token always runs, for its logits), and only where the rest's
+        prefill bucket fits the cache. Live content the request would overwrite (MIN_GAIN tokens or
+        more) is saved in the store first. Call after ensure_capacity."""
+        store, n = self.prefixes, len(prompt_ids)
+        live = store.live_match(prompt_ids, n - 1)
+        if not self._fits(live, n):
+            live = 0
+        entry, saved = store.best_entry(prompt_ids, n - 1) if store.entries else (None, 0)
+        use = saved if entry is not None and saved >= live + MIN_GAIN and self._fits(saved, n) else live
+        if use > live:
+            store.touch(entry)  # used now: saving the live prefix must not evict it
+        if len(store.live) - live >= MIN_GAIN:  # the request overwrites the live prefix from `live` on
+            store.save_live(kv_caches(self.model))
+        if use > live:
+            store.restore(entry, use, kv_caches(self.model), start=live)
+        return use
+
+    def _fits(self, start: int, n: int) -> bool:
+        """Whether prompt positions start..n-1, padded to their bucket, fit the cache."""
+        return start == 0 or start + self._bucket(n - start) <= self.cache_len
 
     def forget_prefix(self) -> None:
-        """Say the KV cache holds nothing reusable (call after writing it by other means)."""
-        self._cached_ids = []
+        """Say the KV cache holds nothing reusable (call after writing it by other means; saved
+        prefixes are copies and stay)."""
+        self.prefixes.drop_live()
+
+    def stash_prefix(self) -> None:
+        """Save the live prefix in the store, then forget it: call BEFORE writing the cache by other
+        means (another decoder), so that a later request can still restore it."""
+        if self.prefixes.live and self.cache_len:
+            self.prefixes.save_live(kv_caches(self.model))
+        self.prefixes.drop_live()
+
+    def configure_prompt_cache(self, entries: int, nbytes: int) -> None:
+        """Bound the saved prefixes: at most ``entries`` of them and ``nbytes`` bytes (0: none)."""
+        self.prefixes.configure(entries, nbytes)
 
     def _run_prefill(self, prompt_ids: Sequence[int]) -> Tensor:
         return self.prefill(prompt_ids, 0)
@@ -434,6 +472,7 @@ class Generator:
         ``default_max_tokens`` compiles. With ``prompt_len``: the current cache, that prompt's
         bucket and the given modes only (a one-shot CLI run). Eager: one short run."""
         t0 = time.perf_counter()
+        self.stash_prefix()  # the warm-up overwrites the cache
         if sampling_modes is None:
             sampling_modes = sampler_modes() if self.compiled else [SamplingParams(temperature=0.0)]
         full = prompt_len is None
