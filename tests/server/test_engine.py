@@ -253,3 +253,51 @@ def test_cached_tokens_reach_the_events(smol_path):
     finally:
         eng.stop()
     assert eng.metrics.registry.get_sample_value("blitzgen_startup_seconds", {"phase": "total"}) is not None
+
+
+def test_saved_prefixes_serve_a_conversation_that_comes_back(smol_path):
+    """A, then B, then A again on a real tiny Generator: A's prefix is restored from the store, and
+    /metrics has the hit rate, the restore and the store's size; (0, 0) turns saving off."""
+    import torch
+
+    from blitzgen import loading
+    from blitzgen.generate import Generator
+    from blitzgen.config import ModelArgs
+    from blitzgen.model import Transformer
+
+    from blitzgen.loading import gguf as gguf_src
+    from blitzgen.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(gguf_src.open_reader(smol_path))
+    torch.manual_seed(5)
+    model = Transformer(ModelArgs.from_name("tiny").replace(vocab_size=tok.vocab_size, max_seq_len=128)).eval()
+    model.setup_caches(1, 128)
+    lm = loading.LoadedModel(model=model, tokenizer=tok, args=model.args, source="tiny", kind="hf", name="tiny")
+    a, b = list(range(1000, 1040)), list(range(2000, 2040))
+
+    def serve(bounds):
+        eng = Engine(lambda: (lm, Generator(model, tok)), warmup=False, prompt_cache=bounds)
+        eng.start()
+        wait_for(lambda: eng.state == "ready")
+
+        async def main():
+            out = []
+            for ids in (a, b, a):
+                j = Job("x", list(ids), 3, SamplingParams(temperature=0.0))
+                eng.submit(j)
+                out.append([e.cached_tokens for e in await collect(eng, j) if e.kind == "done"][0])
+            return out
+
+        try:
+            return eng, asyncio.run(main())
+        finally:
+            eng.stop()
+
+    eng, cached = serve(None)
+    assert cached == [0, 0, 39]
+    value = eng.metrics.registry.get_sample_value
+    assert value("blitzgen_prompt_cache_restores_total") == 1 and value("blitzgen_prompt_cache_saves_total") == 2
+    assert abs(value("blitzgen_prompt_cache_hit_rate") - 1 / 3) < 1e-9
+    assert value("blitzgen_prompt_cache_entries") == 2 and value("blitzgen_prompt_cache_bytes") > 0
+    eng, cached = serve((0, 0))
+    assert cached == [0, 0, 0] and eng.metrics.registry.get_sample_value("blitzgen_prompt_cache_entries") == 0

@@ -48,3 +48,5 @@ def test_a_missing_model_is_refused_before_binding():
 def test_bad_server_options_are_refused():
     assert_refused(serve("--max-request-tokens", "0"), "--max-request-tokens")
     assert_refused(serve("--drain-timeout", "-1"), "--drain-timeout")
+    assert_refused(serve("--prompt-cache-bytes", "lots"), "--prompt-cache-bytes")
+    assert_refused(serve("--prompt-cache-entries", "-1"), "--prompt-cache-entries")

@@ -48,6 +48,13 @@ def register(sub) -> None:
     p.add_argument("--served-model-name", default=None,
                    help="the model name the API reports and accepts (default: the model file's name)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--prompt-cache-entries", type=int, default=None, metavar="N",
+                   help="prompt prefixes saved besides the live KV cache, so that a conversation resumes "
+                        "after others ran; the least recently used is evicted first; 0 disables "
+                        "(default: 8)")
+    p.add_argument("--prompt-cache-bytes", default=None, metavar="SIZE",
+                   help="memory the saved prefixes may take, on the model's device, e.g. 512MiB or 2GiB; "
+                        "0 disables (default: 1GiB)")
     add_model_args(p)
     from .speculate import add_speculation_args
 
@@ -78,6 +85,7 @@ def run(args) -> int:
     for name in ("drain_timeout", "body_timeout"):
         if not getattr(args, name) > 0:
             raise InvalidRequestError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    prompt_cache = prompt_cache_bounds(args)
     check_model(args.model)
     if getattr(args, "draft_model", None):
         check_model(args.draft_model)
@@ -90,7 +98,7 @@ def run(args) -> int:
     from .speculate import server_speculation
 
     engine = Engine(lambda: load_engine(args, log=log.info), max_queue=args.max_queue,
-                    speculation=server_speculation(args, log=log.info))
+                    speculation=server_speculation(args, log=log.info), prompt_cache=prompt_cache)
     app = create_app(engine, api_key=args.api_key, served_model_name=args.served_model_name,
                      max_request_tokens=args.max_request_tokens, body_timeout=args.body_timeout,
                      allowed_hosts=default_allowed_hosts(args.host, args.allowed_hosts))
@@ -112,6 +120,25 @@ def run(args) -> int:
             raise engine.error
         return 1
     return 0
+
+
+def prompt_cache_bounds(args) -> tuple[int, int] | None:
+    """(entries, bytes) of the saved prompt prefixes the flags ask for; None: the defaults. Raises
+    InvalidRequestError for a bad value."""
+    from ..errors import InvalidRequestError
+
+    entries, size = getattr(args, "prompt_cache_entries", None), getattr(args, "prompt_cache_bytes", None)
+    if entries is None and size is None:
+        return None
+    from ..prefix_cache import DEFAULT_BYTES, DEFAULT_ENTRIES, parse_bytes
+
+    if entries is not None and entries < 0:
+        raise InvalidRequestError(f"--prompt-cache-entries must be >= 0, got {entries}")
+    try:
+        nbytes = DEFAULT_BYTES if size is None else parse_bytes(size)
+    except ValueError as e:
+        raise InvalidRequestError(f"--prompt-cache-bytes: {e}") from None
+    return (DEFAULT_ENTRIES if entries is None else entries, nbytes)
 
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -90,7 +90,8 @@ class Engine:
 
     def __init__(self, loader: Callable[[], tuple], *, max_queue: int = 16, metrics: Metrics | None = None,
                  warmup: bool = True, report=None,
-                 speculation: Callable[[object, object], tuple[dict, str | None]] | None = None):
+                 speculation: Callable[[object, object], tuple[dict, str | None]] | None = None,
+                 prompt_cache: tuple[int, int] | None = None):
         self._loader = loader
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
@@ -115,6 +116,7 @@ class Engine:
         self._speculation = speculation
         self.decoders: dict = {}
         self.default_speculate: str | None = None
+        self._prompt_cache = prompt_cache  # (entries, bytes) of saved prefixes; None: the Generator's defaults
 
     # ---- facts about the loaded model -------------------------------------------------------------
     @property
@@ -260,6 +262,8 @@ class Engine:
         try:
             self.lm, self.gen = self._loader()
             self.metrics.set_model(self.lm.name)
+            if self._prompt_cache is not None and hasattr(self.gen, "configure_prompt_cache"):
+                self.gen.configure_prompt_cache(*self._prompt_cache)
             if self._speculation is not None:
                 self.decoders, self.default_speculate = self._speculation(self.lm, self.gen)
             if self._warmup:
@@ -361,6 +365,9 @@ class Engine:
             log.exception("%s failed", job.id)
             finish = "error"
             job.emit(Event("error", text=f"generation failed: {type(e).__name__}: {e}"))
+        store = getattr(gen, "prefixes", None)
+        if store is not None:
+            m.observe_prefix_store(store.snapshot())
         end = time.perf_counter()
         m.generation_tokens.inc(total)
         m.finished.labels(finish).inc()
@@ -396,6 +403,9 @@ class Engine:
         from ..speculative import SpeculationStats
 
         stats = SpeculationStats()
+        stash = getattr(self.gen, "stash_prefix", None)  # the decoder rewrites the KV cache: save its prefix first
+        if stash is not None:
+            stash()
         try:
             yield from stream_speculative(dec, self.gen, job.prompt_ids, job.max_tokens, sampling, job.stop,
                                           spec_stats=stats)

@@ -3,7 +3,9 @@
 Names follow vLLM's (with a ``blitzgen_`` prefix): latency histograms for time to first token,
 inter-token latency, end-to-end latency and queue time; token counters; finished requests by
 finish reason (``stop``, ``length``, ``abort`` for a client that went away, ``error``); gauges for
-requests running and waiting and for the decode speed of the last request. Speculative decoding,
+requests running and waiting and for the decode speed of the last request. Prompt cache: lookups,
+hits and hit tokens (counters), the hit rate (a gauge: hits over lookups), restores from saved
+prefixes, saves and evictions (counters), entries and bytes held (gauges). Speculative decoding,
 per draft source (label ``source``): drafted, accepted and verify-step counters, the acceptance
 rate and mean tokens per verify step over the server's life, and a histogram of accepted lengths
 (drafts accepted per verify step).
@@ -51,6 +53,17 @@ class Metrics:
                                   registry=r)
         self.cached_tokens = Counter("blitzgen_prompt_cache_hit_tokens", "Prompt tokens read from the KV cache "
                                      "instead of prefilled", registry=r)
+        self.cache_hit_rate = Gauge("blitzgen_prompt_cache_hit_rate", "Prompt cache hits over lookups, over the "
+                                    "server's life", registry=r)
+        self.cache_restores = Counter("blitzgen_prompt_cache_restores", "Hits served from a saved prefix (copied "
+                                      "into the live KV cache)", registry=r)
+        self.cache_saves = Counter("blitzgen_prompt_cache_saves", "Prefixes saved from the live KV cache", registry=r)
+        self.cache_evictions = Counter("blitzgen_prompt_cache_evictions", "Saved prefixes evicted (least recently "
+                                       "used first)", registry=r)
+        self.cache_entries = Gauge("blitzgen_prompt_cache_entries", "Saved prefixes held now", registry=r)
+        self.cache_bytes = Gauge("blitzgen_prompt_cache_bytes", "Bytes of KV held by saved prefixes now", registry=r)
+        self._store_seen = {"saves": 0, "restores": 0, "evictions": 0}
+        self._lookups = [0, 0]  # lookups, hits (for the hit-rate gauge)
         self.info = Gauge("blitzgen_model_info", "The served model (value 1)", ["model"], registry=r)
         self._init_speculation(r)
         if model_name:
@@ -60,11 +73,26 @@ class Metrics:
         self.info.labels(name).set(1)
 
     def observe_prompt_cache(self, prompt_tokens: int, cached_tokens: int) -> None:
-        """One lookup of the prompt cache (hit rate: hits_total / queries_total)."""
+        """One lookup of the prompt cache (hit rate: hits_total / queries_total, also the hit-rate
+        gauge; the token hit rate: hit_tokens_total / prompt_tokens_total)."""
         self.cache_queries.inc()
         if cached_tokens > 0:
             self.cache_hits.inc()
             self.cached_tokens.inc(cached_tokens)
+        self._lookups[0] += 1
+        self._lookups[1] += cached_tokens > 0
+        self.cache_hit_rate.set(self._lookups[1] / self._lookups[0])
+
+    def observe_prefix_store(self, snapshot: dict) -> None:
+        """The saved-prefix store's state (PrefixStore.snapshot()): its life counters become ours."""
+        for key, counter in (("saves", self.cache_saves), ("restores", self.cache_restores),
+                             ("evictions", self.cache_evictions)):
+            new = snapshot.get(key, 0) - self._store_seen[key]
+            if new > 0:
+                counter.inc(new)
+            self._store_seen[key] = snapshot.get(key, 0)
+        self.cache_entries.set(snapshot.get("entries", 0))
+        self.cache_bytes.set(snapshot.get("bytes", 0))
 
     def observe_gaps(self, gap: float, tokens: int) -> None:
         """Record `tokens` inter-token latencies that together took `gap` seconds."""
