@@ -335,7 +335,7 @@ class Generator:
             self.prefixes.drop_live()
         logits = self._step(self.model, tok, pos)
         if extends is not None:  # written at len(live): the claim held until now
-            self.prefixes.live.append(int(extends))
+            self.prefixes.extend(extends)
         return logits
 
     def prefill(self, prompt_ids: Sequence[int], start: int = 0) -> Tensor:
@@ -358,7 +358,7 @@ class Generator:
             pos = torch.arange(start, start + bucket, device=dev)
             last = torch.tensor([n - start - 1], device=dev)
             logits = self._prefill(self.model, ids, pos, last)
-        self.prefixes.live = list(prompt_ids)
+        self.prefixes.claim(prompt_ids)
         return logits
 
     def reuse_prefix(self, prompt_ids: Sequence[int]) -> int:

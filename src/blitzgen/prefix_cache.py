@@ -130,7 +130,16 @@ class PrefixStore:
 
     # ---- changes (each keeps claims equal to contents) --------------------------------------------
     def drop_live(self) -> None:
+        """Say the live cache holds nothing reusable (before writing it, or after an unknown write)."""
         self.live = []
+
+    def claim(self, ids: Sequence[int]) -> None:
+        """Say the live cache holds ids at positions 0.. (after writing them)."""
+        self.live = list(ids)
+
+    def extend(self, token: int) -> None:
+        """Say the live cache holds token at position len(live) too (after its step wrote it)."""
+        self.live.append(int(token))
 
     def save_live(self, caches: list) -> Entry | None:
         """Copy the live prefix's KV into a new entry, unless saving is off, fewer than MIN_GAIN of
