@@ -6,8 +6,8 @@ split-K attention for one query token over the KV cache (attention.py: opt-in, i
         y = kernels.int8_gemv(x, weight, scales)   # x: [..., K] holding ONE token
         y = kernels.int4_gemv(x, qweight, scales, zeros, group_size)
 
-``int8_gemv`` / ``int4_gemv`` dispatch to the ``torch.ops.blitzgen.*`` custom ops (built with
-``torch.library.triton_op``, so torch.compile traces through them). On tensors that are not on
+``int8_gemv`` / ``int4_gemv`` dispatch to the ``torch.ops.blitzgen.*`` custom ops (opaque to
+torch.compile, see ``ops.opaque_op``). On tensors that are not on
 CUDA, or when the kernels are unavailable, they compute the same result in plain PyTorch (int8:
 the module's ``F.linear(x, w.to(x.dtype)) * s``; int4: dequantize + matmul, slow), so callers never
 break. A CUDA call that takes that slower path is reported once, with ``unavailable_reason()``
