@@ -116,15 +116,30 @@ def test_quantized_modules_shard_themselves():
 
 # ---- the launcher and the lockstep runner ------------------------------------------------------------
 def _greedy(lm, gen):
+    """Greedy tokens through every path a server uses: plain, a stream its reader leaves early (the
+    ranks must stay in step), the logprobs token loop (prefill/model_logits hooks), prompt caching."""
+    from blitzgen import constrained
+
     gen.ensure_capacity(300)
     gen.warmup(prompt_len=4)
-    return list(gen.generate_ids([5, 6, 7, 8], 10, stop_token_ids=())), \
-        gen.complete([5, 6, 7], 6).token_ids
+    out = [list(gen.generate_ids([5, 6, 7, 8], 10, stop_token_ids=()))]
+    left = gen.stream([9, 10, 11], 100, stop_token_ids=())
+    next(left)
+    left.close()
+    gen.stream([9, 10], 100).close()  # closed before its first item
+    out.append(gen.complete([5, 6, 7], 6).token_ids)
+    steps = [(d.token_ids, [(r.token_id, round(r.logprob, 4)) for r in d.logprobs])
+             for d in constrained.stream(gen, [5, 6, 7, 8, 9], 8, top_logprobs=2)]
+    out.append(steps)
+    out.append(list(gen.generate_ids([5, 6, 7, 8, 9, 1], 5, stop_token_ids=())))  # reuses the cached prefix
+    gen.forget_prefix()
+    out.append(list(gen.generate_ids([5, 6, 7, 8, 9, 1], 5, stop_token_ids=())))
+    return out
 
 
 def test_runner_two_ranks_from_safetensors_equals_one_rank(tmp_path):
     """blitzgen's own launcher, each rank reading its slices of an HF checkpoint (get_slice), a
-    TPGenerator on rank 0: the tokens one rank gives."""
+    TPGenerator on rank 0: the tokens (and logprobs) one rank gives, on every path (``_greedy``)."""
     from blitzgen.generate import Generator
     from blitzgen.loading import load
     from blitzgen.loading.synthetic import save_random_checkpoint
@@ -231,13 +246,18 @@ def test_each_rank_reads_only_its_slices(tmp_path, monkeypatch):
             assert got.layers[0].attention.n_kv_heads == 1 and got.args.intermediate_size == 64
 
 
-def test_rank_zero_finishes_every_step_the_followers_take():
-    """A caller that stops reading, or a Ctrl-C inside a step, still lets the steps run to the end
-    on rank 0 (the followers run them); the Ctrl-C surfaces between tokens."""
+def test_rank_zero_runs_to_the_next_checkpoint_when_the_caller_stops(monkeypatch):
+    """A caller that stops reading, or a Ctrl-C inside a step, lets rank 0 run silently to the next
+    checkpoint (every 4 items here), where it tells the followers to stop; at each checkpoint passed
+    it says go on. The Ctrl-C surfaces between items. One rank: closing just stops."""
     import signal
+    from types import SimpleNamespace
 
-    from blitzgen.parallel.runner import _lockstep
+    from blitzgen.parallel import runner
 
+    said = []
+    monkeypatch.setattr(runner, "_agree", lambda group, go: said.append(go) or go)
+    two = SimpleNamespace(world=2, is_leader=True)
     ran = []
 
     def steps(n, interrupt_at=None):
@@ -247,16 +267,27 @@ def test_rank_zero_finishes_every_step_the_followers_take():
             ran.append(i)
             yield i
 
-    it = _lockstep(steps(6))
-    assert next(it) == 0
+    it = runner._lockstep(steps(20), two, 4)
+    assert [next(it) for _ in range(6)] == list(range(6))
     it.close()
-    assert ran == list(range(6))
-    ran.clear()
+    assert ran == list(range(8)) and said == [True, False]
+    ran.clear(), said.clear()
+    it = runner._lockstep(steps(20), two, 4)
+    it.close()  # closed before the first item: the followers are already running it
+    assert ran == list(range(4)) and said == [False]
+    ran.clear(), said.clear()
+    assert list(runner._lockstep(steps(6), two, 3)) == list(range(6)) and said == [True, True]
+    ran.clear(), said.clear()
     got = []
     with pytest.raises(KeyboardInterrupt):
-        for x in _lockstep(steps(6, interrupt_at=2)):
+        for x in runner._lockstep(steps(20, interrupt_at=2), two, 4):
             got.append(x)
-    assert got == [0, 1] and ran == list(range(6))
+    assert got == [0, 1] and ran == list(range(4)) and said == [False]
+    ran.clear(), said.clear()
+    it = runner._lockstep(steps(20), SimpleNamespace(world=1), 4)
+    next(it)
+    it.close()
+    assert ran == [0] and said == []
 
 
 @pytest.mark.slow
