@@ -2,7 +2,7 @@
 the default model's tokenizer, greedy and seeded requests, streamed and not, logprobs and a JSON
 schema (the grammar / logprobs token loop), n > 1; clients that leave mid-stream (plain and
 constrained) leave the ranks in lockstep; a follower that dies makes /health 503 and the server
-exit within a bounded time. The reference is the same app over a one-process engine."""
+exit within a bounded time. The reference is the same app at --tp 1 (in this process)."""
 
 from __future__ import annotations
 
@@ -82,21 +82,25 @@ def tp_server(ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(ckpt):
-    """The same app over one process's engine (what --tp 1 answers, without a launcher)."""
+    """--tp 1: the same app over an engine loaded through the tensor-parallel path (one rank, in
+    this process)."""
     from starlette.testclient import TestClient
 
-    from blitzgen.generate import Generator
-    from blitzgen.loading import load
+    from blitzgen.parallel import TPSpec
+    from blitzgen.parallel.serve import TPServing
     from blitzgen.server.app import create_app
     from blitzgen.server.engine import Engine
 
-    lm = load(ckpt, device="cpu", dtype="float32", progress=False)
-    with TestClient(create_app(Engine(lambda: (lm, Generator(lm.model, lm.tokenizer))))) as http:
-        deadline = time.monotonic() + 120
-        while http.get("/health").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        yield http
+    tp1 = TPServing(1, TPSpec(model=str(ckpt), device="cpu", dtype="float32"), log=lambda m: None)
+    try:
+        with TestClient(create_app(Engine(tp1.load))) as http:
+            deadline = time.monotonic() + 120
+            while http.get("/health").status_code != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            yield http
+    finally:
+        tp1.stop()
 
 
 def _choices(body: dict) -> list:
