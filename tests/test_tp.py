@@ -323,3 +323,65 @@ def test_default_model_three_ranks_logits(smol_path):
     from blitzgen.parallel.group import free_port
 
     torch.multiprocessing.spawn(_smol_worker, args=(3, free_port(), str(smol_path)), nprocs=3, join=True)
+
+
+# ---- bench --tp -----------------------------------------------------------------------------------------
+def _bench_json(argv, capsys):
+    import json
+
+    from blitzgen.cli import main
+
+    assert main(["bench", "--device", "cpu", "--no-compile", "--no-roofline", "--runs", "1", "--warmup", "1",
+                 "--json", "-", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_bench_tp1_runs_through_the_tensor_parallel_path(capsys):
+    """--tp 1: a process group of one, the loader's shard hook and RowParallel wrappers, same timing."""
+    r = _bench_json(["--shape", "tiny", "--tp", "1", "--new-tokens", "6"], capsys)
+    assert r["tp"] == 1 and r["tp_backend"] == "gloo" and r["all_reduce"] == "functional"
+    assert r["tok_s"] > 0 and r["shape"] == "tiny" and r["new_tokens"] == 6
+    plain = _bench_json(["--shape", "tiny", "--new-tokens", "6"], capsys)
+    assert plain["model_bytes"] == r["model_bytes"] and "tp" not in plain
+
+
+@pytest.mark.slow
+def test_bench_two_ranks_times_the_all_reduce(capsys):
+    r = _bench_json(["--shape", "tiny", "--tp", "2", "--new-tokens", "4", "--quantize", "int8", "--time-all-reduce"],
+                    capsys)
+    assert r["tp"] == 2 and r["mode"] == "int8" and r["tok_s"] > 0
+    assert set(r["all_reduce_us"]["functional"]) == {"128", "640"}  # tiny: dim 64 * 2 bytes; prompt 5 of them
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--tp", "0", "--shape", "tiny"], "--tp must be at least 1, got 0"),
+    (["--tp", "2", "--shape", "tiny", "--speculate", "ngram"], "--speculate does not work with --tp"),
+    (["--shape", "tiny", "--all-reduce", "symm-one-shot"], "apply to --tp only"),
+    (["--tp", "2", "--shape", "tiny", "--all-reduce", "symm-two-shot"], "needs CUDA GPUs"),
+    (["--tp", "2", "--shape", "tiny", "--quantize", "int4"], "int4 group size 32 does not fit a 2-way split"),
+])
+def test_bench_tp_errors_are_one_line(argv, needle, capsys):
+    from blitzgen.cli import main
+
+    assert main(["bench", "--device", "cpu", "--no-roofline", *argv]) != 0
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_bench_tp_peer_runs_under_torchrun(tmp_path):
+    """--peer gpt-fast with --tp: gpt-fast's harness under torchrun with --tp ranks (even 1, so that a
+    one-GPU run checks the same launch); DIR must then hold gpt-fast's tp.py."""
+    from blitzgen.bench import BenchOptions
+    from blitzgen.bench_peers import check_peers, gptfast_command
+
+    cmd = gptfast_command("DIR", "Llama-2-7b-chat-hf", "int4", None, 5, 200, 5, tp=2)
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert cmd[5].endswith("gptfast_generate.py") and cmd[cmd.index("--group-size") + 1] == "32"
+    assert gptfast_command("DIR", "70B", "bf16", None, 5, 200, 5, tp=1)[4] == "--nproc_per_node=1"
+    assert "torch.distributed.run" not in gptfast_command("DIR", "70B", "bf16", None, 5, 200, 5)
+    for f in ("model.py", "generate.py", "quantize.py", "tokenizer.py"):
+        (tmp_path / f).write_text("")
+    opts = BenchOptions(shape="llama-2-7b", peers={"gpt-fast": str(tmp_path)}, tp=2)
+    with pytest.raises(Exception, match="lacks tp.py"):
+        check_peers(opts)
+    check_peers(BenchOptions(shape="llama-2-7b", peers={"gpt-fast": str(tmp_path)}, tp=1))
