@@ -368,9 +368,7 @@ def _run_ours_tp(opts: BenchOptions, device: torch.device, dtype: torch.dtype, c
 
     def leader(lm, gen):
         model = lm.model
-        dev = model.device
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)  # the build's peak is the whole tensors before slicing
+        dev = model.device  # peak memory: the build's included, as in the one-process path
         shape = spec.shape.lower() if spec.shape else None
         res = dict(shape=shape, model=None if shape else lm.source, model_name=shape or lm.name, tp=opts.tp,
                    all_reduce=opts.all_reduce, tp_backend=gen.group.backend, num_params=full.num_params(),
@@ -386,6 +384,8 @@ def _run_ours_tp(opts: BenchOptions, device: torch.device, dtype: torch.dtype, c
             res["all_reduce_us"] = {k: {str(n): gen.time_all_reduce(k, n) * 1e6 for n in sizes} for k in kinds}
         return res
 
+    if device.type == "cuda":  # rank 0 runs in this process (cuda:0): the roofline's buffers are not its peak
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     return run_tp(opts.tp, spec, leader)
 

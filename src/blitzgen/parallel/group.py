@@ -106,8 +106,8 @@ def init(rank: int | None = None, world: int | None = None, *, device: str = "cp
          timeout_s: float = DEFAULT_TIMEOUT_S) -> TPGroup:
     """Join (or form) the group: torchrun's environment when present, else the given rank, world
     and init_method (``tcp://host:port``). NCCL on CUDA (this rank's GPU is LOCAL_RANK), gloo on CPU."""
-    for k, v in MULTICAST_OFF.items():
-        os.environ.setdefault(k, v)
+    for k, v in MULTICAST_OFF.items():  # before NCCL or symmetric memory read them: multicast stays off
+        os.environ[k] = v
     local = rank
     env = torchrun_env()
     if env is not None and rank is None:

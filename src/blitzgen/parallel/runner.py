@@ -220,7 +220,9 @@ class _Lockstep:
     def __next__(self):
         if self.done:
             raise StopIteration
-        if self.sync and self.n and self.n % self.every == 0:
+        if not self.sync:  # one rank: nothing to keep in step
+            return next(self.it)
+        if self.n and self.n % self.every == 0:
             _agree(self.group, True)
         try:
             with _hold_interrupts() as held:
