@@ -354,86 +354,6 @@ def _measure(opts: BenchOptions, gen, model, args, device: torch.device, compile
     return res
 
 
-def _run_ours_tp(opts: BenchOptions, device: torch.device, dtype: torch.dtype, compile_: bool, log) -> dict | None:
-    """Our run over ``opts.tp`` ranks (blitzgen's own launcher, or torchrun's ranks): each rank makes
-    (or reads) only its slices; rank 0 times its TPGenerator exactly as the one-process path times
-    its Generator. Returns None on the other ranks."""
-    from .generate import weight_bytes
-    from .parallel import run as run_tp
-    from .parallel.runner import model_args
-    spec = _tp_spec(opts, device, dtype, compile_)
-    full = model_args(spec)
-    log(f"{'building ' + spec.shape if spec.shape else 'loading ' + str(opts.model)} ({_count(full.num_params())} "
-        f"parameters) on {opts.tp} tensor-parallel rank(s), each {'making' if spec.shape else 'reading'} only its slices")
-
-    def leader(lm, gen):
-        model = lm.model
-        dev = model.device  # peak memory: the build's included, as in the one-process path
-        shape = spec.shape.lower() if spec.shape else None
-        res = dict(shape=shape, model=None if shape else lm.source, model_name=shape or lm.name, tp=opts.tp,
-                   all_reduce=opts.all_reduce, tp_backend=gen.group.backend, num_params=full.num_params(),
-                   model_bytes=weight_bytes(model), quant=_jsonable(lm.quant))  # model_bytes: rank 0's share
-        res["build_s"] = time.perf_counter() - t0
-        res = _measure(opts, gen, model, lm.args, dev, compile_, log, res)
-        if opts.time_all_reduce and opts.tp > 1:
-            from .parallel.comm import ALL_REDUCE
-
-            dim = lm.args.dim
-            sizes = (dim * 2, dim * 2 * opts.prompt_len)  # a decode step's message; the prompt's
-            kinds = ALL_REDUCE if dev.type == "cuda" else ("functional",)
-            res["all_reduce_us"] = {k: {str(n): gen.time_all_reduce(k, n) * 1e6 for n in sizes} for k in kinds}
-        return res
-
-    if device.type == "cuda":  # rank 0 runs in this process (cuda:0): the roofline's buffers are not its peak
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    return run_tp(opts.tp, spec, leader)
-
-
-def _tp_spec(opts: BenchOptions, device: torch.device, dtype: torch.dtype, compile_: bool):
-    """What every rank of ``bench --tp`` loads: as the one-process path, --shape's random weights,
-    --model, else llama-2-7b's shape on CUDA and the embedded default model on CPU."""
-    from .parallel import TPSpec
-
-    shape = None if opts.model else opts.shape or ("llama-2-7b" if device.type == "cuda" else None)
-    return TPSpec(model=opts.model, shape=shape, device=device.type, dtype=str(dtype).replace("torch.", ""),
-                  quantize=None if opts.mode == "bf16" else opts.mode, group_size=_group_size(opts), compile=compile_,
-                  max_model_len=opts.prompt_len + opts.new_tokens, all_reduce=opts.all_reduce, seed=opts.seed,
-                  options=_runtime(opts))
-
-
-def _check_tp(opts: BenchOptions, device: torch.device, dtype: torch.dtype, compile_: bool) -> None:
-    """--tp's one-line errors, before anything is measured or built."""
-    from .parallel.comm import ALL_REDUCE
-    from .parallel.runner import check_split
-
-    if opts.tp is None:
-        if opts.all_reduce != "functional" or opts.time_all_reduce:
-            raise BlitzgenError("--all-reduce and --time-all-reduce apply to --tp only")
-        return
-    if opts.tp < 1:
-        raise BlitzgenError(f"--tp must be at least 1, got {opts.tp}")
-    if opts.speculate:
-        raise BlitzgenError("--speculate does not work with --tp yet; drop one of them")
-    if opts.all_reduce not in ALL_REDUCE:
-        raise BlitzgenError(f"unknown --all-reduce {opts.all_reduce!r} (one of {', '.join(ALL_REDUCE)})")
-    if opts.all_reduce != "functional" and device.type != "cuda":
-        raise BlitzgenError(f"--all-reduce {opts.all_reduce} needs CUDA GPUs (symmetric memory); use functional")
-    from .parallel.group import torchrun_env
-
-    env = torchrun_env()
-    if env is not None and env[1] != opts.tp:
-        raise BlitzgenError(f"--tp {opts.tp} but torchrun started {env[1]} ranks (--nproc_per_node); make them equal")
-    check_split(_tp_spec(opts, device, dtype, compile_), opts.tp)
-
-
-def _torchrun_follower() -> bool:
-    from .parallel.group import torchrun_env
-
-    env = torchrun_env()
-    return env is not None and env[0] != 0
-
-
 def _speculative_decoder(opts: BenchOptions, model, compile_: bool, max_len: int, log):
     """The SpeculativeDecoder that --speculate asks for (None without it)."""
     if not opts.speculate:
@@ -502,10 +422,12 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> d
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     device, dtype, compile_ = _resolve(opts)
-    _check_tp(opts, device, dtype, compile_)
+    from .parallel import bench as tp_bench
+
+    tp_bench.check(opts, device, dtype, compile_)
     check_peers(opts)
-    if opts.tp is not None and _torchrun_follower():  # torchrun's ranks 1..N-1: follow rank 0, print nothing
-        return _run_ours_tp(opts, device, dtype, compile_, log)
+    if opts.tp is not None and tp_bench.torchrun_follower():  # torchrun's ranks 1..N-1: follow rank 0, print nothing
+        return tp_bench.run(opts, device, dtype, compile_, log)
     result: dict = dict(
         tool="blitzgen bench", blitzgen=__version__, command=opts.command,
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -525,7 +447,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> d
         result["copy_bandwidth_gbs"] = bw / 1e9
         log(f"copy bandwidth on {result['gpu']}: {bw / 1e9:.0f} GB/s (read + written)")
     try:
-        result.update((_run_ours_tp if opts.tp is not None else _run_ours)(opts, device, dtype, compile_, log))
+        result.update((tp_bench.run if opts.tp is not None else _run_ours)(opts, device, dtype, compile_, log))
     finally:
         _release(device)
     if opts.roofline:
@@ -611,7 +533,8 @@ def format_table(r: dict) -> str:
     if r.get("tp"):
         lines.append(f"tensor parallel: {r['tp']} rank(s) ({r.get('tp_backend')}); weights and memory are rank 0's")
     for kind, by_size in (r.get("all_reduce_us") or {}).items():
-        lines.append(f"all-reduce {kind}: " + ", ".join(f"{int(n)} B {us:.1f} us" for n, us in by_size.items()))
+        lines.append(f"all-reduce {kind}: " + ", ".join(f"{n} B {us:.1f} us" if n != "error" else f"failed: {us}"
+                                                       for n, us in by_size.items()))
     if spec:
         lines.append(f"speculation {spec['source']} k<={spec['k_max']}: {spec['verify_steps']} verify + "
                      f"{spec['plain_steps']} plain steps, accepted lengths {spec['accepted_hist']}")

@@ -303,7 +303,10 @@ def serve(group: TPGroup, gen, alive: Callable[[], bool] = lambda: True) -> None
             return
         method, args, kw, every = req
         if method in _GROUP_CALLS:
-            _GROUP_CALLS[method](group, *args, **kw)
+            try:
+                _GROUP_CALLS[method](group, *args, **kw)
+            except Exception:  # noqa: BLE001 - rank 0 failed alike and reports it
+                pass
             continue
         if method not in _MODEL_CALLS:
             raise BlitzgenError(f"unknown request {method!r} from rank 0")
