@@ -385,3 +385,17 @@ def test_bench_tp_peer_runs_under_torchrun(tmp_path):
     with pytest.raises(Exception, match="lacks tp.py"):
         check_peers(opts)
     check_peers(BenchOptions(shape="llama-2-7b", peers={"gpt-fast": str(tmp_path)}, tp=1))
+
+
+def test_every_generator_method_is_mirrored_or_local():
+    """A Generator method that runs the model or changes its cache must reach every rank: each
+    public one is a model call of the TPGenerator or known to be local (a new one fails here)."""
+    import inspect
+
+    from blitzgen.generate import Generator
+    from blitzgen.parallel import runner
+
+    public = {n for n, v in inspect.getmembers(Generator) if not n.startswith("_") and callable(v)}
+    unknown = public - set(runner._MODEL_CALLS) - set(runner.LOCAL_CALLS)
+    assert not unknown, f"classify in parallel/runner.py: {sorted(unknown)}"
+    assert all(callable(getattr(runner.TPGenerator, m, None)) for m in runner._MODEL_CALLS)

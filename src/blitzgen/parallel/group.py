@@ -170,7 +170,10 @@ class Channel:
 
 # ---- the launcher ----------------------------------------------------------------------------------
 def _follower_entry(rank, world, init_method, device, timeout_s, parent, target, args):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle (it stops the others)
+    # Ctrl-C, and a SIGTERM sent to the whole process group (systemd, a terminal), are rank 0's to
+    # handle: it drains or stops, then tells the others to finish
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     for k, v in MULTICAST_OFF.items():
         os.environ[k] = v
     alive = lambda: os.getppid() == parent  # noqa: E731

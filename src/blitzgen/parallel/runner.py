@@ -33,6 +33,10 @@ from .group import TPGroup
 # every rank makes them
 _MODEL_CALLS = ("generate_ids", "stream", "warmup", "ensure_capacity", "prefill", "model_logits", "forget_prefix")
 _STEPPED = ("generate_ids", "stream")  # iterators: run in lockstep, with checkpoints
+# Generator methods that only read (or run on rank 0's text alone): TPGenerator leaves them local.
+# A new Generator method must be put here or made a model call (tests/test_tp.py checks it).
+LOCAL_CALLS = ("default_max_tokens", "check_request", "reuse_prefix", "stream_tokens", "warmup_plan",
+               "prefill_buckets", "prefill_buckets_at", "complete")  # complete: through TPGenerator.stream
 CHECKPOINT_EVERY = 16  # items between two go/stop agreements (a cancel runs at most this many more)
 
 
