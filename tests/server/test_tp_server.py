@@ -18,8 +18,6 @@ import pytest
 import torch
 
 
-pytestmark = pytest.mark.slow  # one server of two ranks: ~15-30 s on a 2-core CI machine
-
 GQA = dict(vocab_size=49152, dim=128, n_heads=8, n_kv_heads=2, head_dim=16, intermediate_size=256, max_seq_len=512)
 SCHEMA = {"type": "json_schema", "json_schema": {"name": "point", "schema": {
     "type": "object", "properties": {"x": {"type": "integer"}, "tag": {"type": "string"}}, "required": ["x", "tag"]}}}
@@ -127,6 +125,7 @@ def _stream_text(url: str, path: str, body: dict, stop_after: int | None = None)
     return "".join(parts)
 
 
+@pytest.mark.slow  # one server of two ranks and a --tp 1 engine: ~60-80 s on a 2-core CI machine
 def test_tp2_server_answers_like_one_process(tp_server, reference):
     url, proc, log_path = tp_server
     want = [reference.post(f"/v1/{path}", json=body).json() for path, body in REQUESTS]
@@ -152,6 +151,7 @@ def test_tp2_server_answers_like_one_process(tp_server, reference):
     assert r.status_code == 400 and "speculate" in r.text
 
 
+@pytest.mark.slow
 def test_a_dying_follower_makes_the_server_unhealthy_and_exit(tp_server):
     import psutil
 
@@ -171,3 +171,23 @@ def test_a_dying_follower_makes_the_server_unhealthy_and_exit(tp_server):
     assert took < 15, took
     assert 503 in codes, codes
     assert "tensor-parallel rank 1 exited (signal 9)" in log_path.read_text()
+
+
+@pytest.mark.parametrize("argv, env, needle", [
+    (["--tp", "2", "--speculate", "ngram"], {}, "--speculate does not work with --tp yet"),
+    (["--tp", "3"], {}, "--tp 3 does not divide the model's 8 attention heads (possible --tp values: 1, 2, 4, 8)"),
+    (["--tp", "2"], {"RANK": "0", "WORLD_SIZE": "4"}, "--tp 2 but torchrun started 4 ranks"),
+])
+def test_serve_tp_refuses_what_cannot_run_before_binding(tmp_path, argv, env, needle, capsys, monkeypatch):
+    from blitzgen.cli import main
+    from blitzgen.config import ModelArgs
+    from blitzgen.loading import synthetic
+
+    monkeypatch.setattr(synthetic, "_write_tokenizer", lambda args, out: "no tokenizer")  # only the config counts
+    ckpt = tmp_path / "ckpt"
+    synthetic.save_random_checkpoint(ModelArgs.from_name("tiny").replace(**{**GQA, "vocab_size": 512}), ckpt)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert main(["serve", "--model", str(ckpt), "--device", "cpu", "--port", "1", *argv]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and "cannot listen" not in err
