@@ -162,8 +162,9 @@ class Channel:
             if time.monotonic() - t0 > HOT_S:
                 wait = min(wait * 2, IDLE_POLL_S)
         obj = pickle.loads(self.store.get(key))
-        if self.store.add(key + "/read", 1) == self.world - 1:  # the last reader frees the key
+        if self.store.add(key + "/read", 1) == self.world - 1:  # the last reader frees both keys
             self.store.delete_key(key)
+            self.store.delete_key(key + "/read")
         self.n += 1
         return obj
 
