@@ -399,3 +399,21 @@ def test_every_generator_method_is_mirrored_or_local():
     unknown = public - set(runner._MODEL_CALLS) - set(runner.LOCAL_CALLS)
     assert not unknown, f"classify in parallel/runner.py: {sorted(unknown)}"
     assert all(callable(getattr(runner.TPGenerator, m, None)) for m in runner._MODEL_CALLS)
+
+
+def test_the_request_channel_frees_what_it_read():
+    """Requests arrive in order and leave nothing behind in the store (the grammar/logprobs loop
+    sends one per token, for the life of a server)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from blitzgen.parallel.group import Channel
+
+    store = dist.TCPStore("127.0.0.1", 0, 1, True, timedelta(seconds=10), wait_for_workers=False)
+    before = store.num_keys()
+    leader, follower = Channel(store, 0, 2), Channel(store, 1, 2)
+    for i in range(5):
+        leader.send(("model_logits", (i, 7 + i), {}, 16))
+    assert [follower.recv()[1] for _ in range(5)] == [(i, 7 + i) for i in range(5)]
+    assert store.num_keys() == before
