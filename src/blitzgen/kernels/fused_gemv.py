@@ -159,7 +159,7 @@ def _fused_int4_kernel(x_ptr, g_ptr, r_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, HALF,
     n_full = K // BK
     t0 = pid_k * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, n_full)
-    for t in range(t0, t1):
+    for t in tl.range(t0, t1, num_stages=1):  # as gemv.py (cp.async pipelining lost there)
         acc, ss = _fused_int4_tile(acc, ss, w_ptrs, x_ptrs, g_ptrs, s_ptr + s_off, z_ptr + s_off,
                                    t * BK, K, rl, magic, L, BN, WPT, GS, False, NORM)
     if HAS_TAIL:
@@ -234,7 +234,7 @@ def _fused_int8_kernel(x_ptr, g_ptr, r_ptr, w_ptr, s_ptr, y_ptr, N, HALF, K, str
     n_full = K // BK
     t0 = pid_k * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, n_full)
-    for t in range(t0, t1):
+    for t in tl.range(t0, t1, num_stages=1):  # as gemv.py (cp.async pipelining lost there)
         acc, ss = _fused_int8_tile(acc, ss, w_ptrs, x_ptr + xo, g_ptr + xo, t * BK, K, rl, magic,
                                    L, BN, WPT, False, NORM)
     if HAS_TAIL:
