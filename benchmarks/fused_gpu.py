@@ -14,7 +14,7 @@ Stages (in this order; each is skipped, and said so, once the --budget seconds a
    ``unfused`` (what the model runs: RMSNorm, GEMV, residual add, silu * up; inductor fuses the adds
    into the norms) and ``fused`` (4 fused kernels).
 3. ``profile``: a random-weight Llama-2-7B int4 g32 model, compiled decode (CUDA graphs) as
-   ``blitzgen bench`` runs it, fused off then on: tokens/s over 100 decode steps in-process, and a
+   ``blitzgen bench`` runs it, fused off then on: tokens/s over 199 decode steps in-process, and a
    torch.profiler trace of 8 decode steps: kernels per step, their total time per step by kind
    (GEMV, fused GEMV, attention, inductor's fused elementwise / norm kernels, copies, other) and the
    GPU-idle share of the step.
@@ -46,7 +46,18 @@ import torch.nn.functional as F  # noqa: E402
 
 T0 = time.time()
 DIM, INTER, QKV, LAYERS, EPS = 4096, 11008, 12288, 32, 1e-5  # Llama-2-7B
+DEV, SHAPE = "cuda", "llama-2-7b"  # --device cpu: a smoke run of the plumbing at tiny sizes
 TABLE: list[str] = []
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def free():
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
 
 
 def log(*a):
@@ -72,8 +83,9 @@ class Report:
 # ------------------------------------------------------------------------------------------- weights
 
 
-def make_weights(kind: str, n: int, k: int, dev="cuda"):
+def make_weights(kind: str, n: int, k: int, dev=None):
     """Random weights of one [n, k] layer: bf16 (w,), int8 (w, s) or int4 g32 (qw, s, z, 32)."""
+    dev = dev or DEV
     if kind == "bf16":
         return ((torch.randn(n, k, device=dev) * 0.02).to(torch.bfloat16),)
     if kind == "int8":
@@ -127,15 +139,16 @@ def stage_check(rep, kinds):
             try:
                 rows = 2 * N if flags == "swiglu" else N
                 w = make_weights(kind, rows, K)
-                x = torch.randn(1, 1, K, device="cuda").to(torch.bfloat16)
-                kw = dict(norm_weight=(torch.rand(K, device="cuda") + 0.5).to(torch.bfloat16) if flags != "res" else None,
-                          eps=EPS, residual=torch.randn(1, 1, N, device="cuda").to(torch.bfloat16) if flags == "res" else None,
+                x = torch.randn(1, 1, K, device=DEV).to(torch.bfloat16)
+                kw = dict(norm_weight=(torch.rand(K, device=DEV) + 0.5).to(torch.bfloat16) if flags != "res" else None,
+                          eps=EPS, residual=torch.randn(1, 1, N, device=DEV).to(torch.bfloat16) if flags == "res" else None,
                           swiglu=flags == "swiglu")
                 r = reference(kind, x, w, **kw)
                 e_op = rel_err(fused(kind, x, w, **kw), r)
                 cfg = fg._config("float" if kind == "bf16" else kind, rows, K, 32 if kind == "int4" else None, x, kw["swiglu"])
-                poison = torch.full((N,), float("nan"), dtype=torch.bfloat16, device="cuda")
-                e_raw = rel_err(raw[kind](x, *w, **kw, cfg=cfg, out=poison if cfg.split_k == 1 else None), r)
+                poison = torch.full((N,), float("nan"), dtype=torch.bfloat16, device=DEV)
+                e_raw = rel_err(raw[kind](x, *w, **kw, cfg=cfg, out=poison if cfg.split_k == 1 else None), r) \
+                    if DEV == "cuda" else 0.0
                 ok = e_op < 1e-2 and e_raw < 1e-2
                 worst = max(worst, e_op, e_raw)
                 out.append(dict(kind=kind, role=role, K=K, N=N, cfg=list(cfg), rel_op=e_op, rel_raw=e_raw, ok=ok))
@@ -179,7 +192,8 @@ def _layer_fn(kind, variant):
 
 
 def _layers_fn(kind, variant):
-    layer = torch.compile(_layer_fn(kind, variant), fullgraph=True, dynamic=False)
+    layer = torch.compile(_layer_fn(kind, variant), fullgraph=True, dynamic=False,
+                          backend="inductor" if DEV == "cuda" else "eager")
 
     def run(x, layers):
         h, m = x, None
@@ -195,7 +209,11 @@ def _graph_time(fn, x, layers, reps=20):
 
     for _ in range(2):
         fn(x, layers)
-    torch.cuda.synchronize()
+    if DEV != "cuda":
+        t = time.perf_counter()
+        fn(x, layers)
+        return (time.perf_counter() - t) * 1e6, 0
+    sync()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -214,7 +232,7 @@ def _graph_time(fn, x, layers, reps=20):
         times.append(st.elapsed_time(en) * 1e3)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         g.replay()
-        torch.cuda.synchronize()
+        sync()
     n = sum(e.count for e in prof.key_averages() if _is_kernel(e))
     del g
     return statistics.median(times[2:]), n
@@ -229,12 +247,12 @@ def stage_layers(rep, kinds):
     out = rep.data.setdefault("layers", [])
     for kind in kinds:
         try:
-            torch.cuda.empty_cache()
+            free()
             layers = [dict(wqkv=make_weights(kind, QKV, DIM), wo=make_weights(kind, DIM, DIM),
                            w13=make_weights(kind, 2 * INTER, DIM), w2=make_weights(kind, DIM, INTER),
-                           g1=(torch.rand(DIM, device="cuda") + 0.5).to(torch.bfloat16),
-                           g2=(torch.rand(DIM, device="cuda") + 0.5).to(torch.bfloat16)) for _ in range(LAYERS)]
-            x = torch.randn(1, 1, DIM, device="cuda").to(torch.bfloat16)
+                           g1=(torch.rand(DIM, device=DEV) + 0.5).to(torch.bfloat16),
+                           g2=(torch.rand(DIM, device=DEV) + 0.5).to(torch.bfloat16)) for _ in range(LAYERS)]
+            x = torch.randn(1, 1, DIM, device=DEV).to(torch.bfloat16)
             res = {}
             for variant in ("gemv-only", "unfused", "fused"):
                 fn = _layers_fn(kind, variant)
@@ -271,7 +289,7 @@ def _classify(name: str) -> str:
     return "other"
 
 
-def stage_profile(rep, steps=100, prof_steps=8):
+def stage_profile(rep, steps=200, prof_steps=8):
     from torch.profiler import ProfilerActivity, profile
 
     from blitzgen.bench import build_random_model
@@ -283,8 +301,8 @@ def stage_profile(rep, steps=100, prof_steps=8):
     from blitzgen.sampling import SamplingParams
 
     out = rep.data.setdefault("profile", {})
-    torch.cuda.empty_cache()
-    model, _ = build_random_model(ModelArgs.from_name("llama-2-7b"), torch.device("cuda"), torch.bfloat16,
+    free()
+    model, _ = build_random_model(ModelArgs.from_name(SHAPE), torch.device(DEV), torch.bfloat16,
                                   quantize=make_config("int4", 32))
     prompt = list(range(1, 6))
     for on in (False, True):
@@ -294,29 +312,32 @@ def stage_profile(rep, steps=100, prof_steps=8):
             break
         label = f"int4 fused={int(on)}"
         try:
-            opts = RuntimeOptions.from_env(device="cuda", compile=True, fused_decode=on)
+            opts = RuntimeOptions.from_env(device=DEV, compile=DEV == "cuda", fused_decode=on)
             fused_decode.enable(model, on)
-            gen = Generator(model, options=opts, max_seq_len=512)
+            # bench's request (prompt 5, 200 new): the same KV-cache size, hence the same graphs, so
+            # the bench processes after this find them in the shared compile cache
+            gen = Generator(model, options=opts, max_seq_len=5 + steps)
+            greedy = SamplingParams(temperature=0.0)
             t = time.time()
-            list(gen.generate_ids(prompt, 16, SamplingParams(temperature=0.0), stop_token_ids=()))
+            list(gen.generate_ids(prompt, steps, greedy, stop_token_ids=()))
             log(f"profile {label}: compiled + warm-up in {time.time() - t:.1f} s")
-            it = gen.generate_ids(prompt, steps + 1, SamplingParams(temperature=0.0), stop_token_ids=())
+            it = gen.generate_ids(prompt, steps, greedy, stop_token_ids=())
             next(it)  # prefill + first token
-            torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             for _ in it:
                 pass
-            torch.cuda.synchronize()
-            tok_s = steps / (time.perf_counter() - t)
-            it = gen.generate_ids(prompt, prof_steps + 1, SamplingParams(temperature=0.0), stop_token_ids=())
+            sync()
+            tok_s = (steps - 1) / (time.perf_counter() - t)
+            it = gen.generate_ids(prompt, prof_steps + 1, greedy, stop_token_ids=())
             next(it)
-            torch.cuda.synchronize()
+            sync()
             prof = profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU])
             prof.start()
             t = time.perf_counter()
             for _ in it:
                 pass
-            torch.cuda.synchronize()
+            sync()
             wall = (time.perf_counter() - t) / prof_steps * 1e6
             prof.stop()
             rows, by_kind = [], {}
@@ -344,7 +365,10 @@ def stage_profile(rep, steps=100, prof_steps=8):
             for r in rows[:15]:
                 log(f"      {r[0]:8.1f} {r[1]:6.0f}  {r[2]}")
             TABLE.append(f"profile {label}: {tok_s:.1f} tok/s in-process, step {wall:.0f} us, GPU busy {busy:.0f} us, "
-                         f"{out[label]['kernels_per_step']:.0f} kernels/step")
+                         f"{out[label]['kernels_per_step']:.0f} kernels/step"
+                         + ("" if rows or DEV != "cuda" else " (the profiler saw no kernels inside the CUDA graph)"))
+            TABLE.extend(f"    {k}: {v[0]:.0f} kernels, {v[1]:.0f} us per step"
+                         for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1][1]))
             del gen, it
         except Exception as e:  # noqa: BLE001
             rep.error(f"profile {label}", e)
@@ -352,7 +376,7 @@ def stage_profile(rep, steps=100, prof_steps=8):
     fused_decode.enable(model, False)
     del model
     torch._dynamo.reset()
-    torch.cuda.empty_cache()
+    free()
 
 
 # ------------------------------------------------------------------------------------------- stage 4
@@ -364,8 +388,9 @@ def stage_bench(rep, modes, runs):
         for on in (0, 1):
             left = rep.data["budget"] - (time.time() - T0)
             label = f"bench {mode} fused={on}"
-            cmd = [sys.executable, "-m", "blitzgen", "bench", "--shape", "llama-2-7b", "--runs", str(runs),
-                   "--json", "-"] + (["--quantize", mode] if mode != "bf16" else [])
+            cmd = [sys.executable, "-m", "blitzgen", "bench", "--shape", SHAPE, "--runs", str(runs),
+                   "--json", "-"] + (["--quantize", mode] if mode != "bf16" else []) \
+                + (["--device", "cpu", "--new-tokens", "8", "--no-roofline"] if DEV == "cpu" else [])
             if left < 45:
                 rep.data["skipped"].append(label)
                 TABLE.append(f"{label}: skipped (budget); run: BLITZGEN_FUSED={on} {' '.join(cmd[1:])}")
@@ -402,9 +427,15 @@ def main():
     ap.add_argument("--modes", default="int4,int8,bf16", help="for bench")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--budget", type=float, default=340.0, help="seconds; later stages are skipped past this")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="cpu: a smoke run of the script's plumbing at tiny sizes (no meaningful timing)")
     a = ap.parse_args()
+    global DEV, SHAPE, DIM, INTER, QKV, LAYERS
+    if a.device == "cpu":
+        DEV, SHAPE, DIM, INTER, QKV, LAYERS = "cpu", "tiny", 64, 160, 128, 2
     rep = Report(a.out)
-    rep.data.update(budget=a.budget, device=torch.cuda.get_device_name(), torch=torch.__version__,
+    device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke run)"
+    rep.data.update(budget=a.budget, device=device, torch=torch.__version__,
                     argv=sys.argv[1:])
     try:
         import triton
