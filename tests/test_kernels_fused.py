@@ -116,8 +116,8 @@ def test_cpu_dispatch_is_the_reference(seed):
 # ------------------------------------------------------------------ the fused block on a tiny model
 
 
-def _model(scheme, seed):
-    model = tiny_model(seed=seed % 1000)
+def _model(scheme, seed, **overrides):
+    model = tiny_model(seed=seed % 1000, **overrides)
     with torch.no_grad():  # norms that are not all ones, so a missing norm weight shows
         for layer in model.layers:
             layer.attention_norm.weight.uniform_(0.5, 1.5)
@@ -129,12 +129,16 @@ def _model(scheme, seed):
     return model
 
 
-@pytest.mark.parametrize("scheme", [None, "int8", "int4"], ids=["float32", "int8", "int4"])
+@pytest.mark.parametrize("scheme,bias", [(None, False), ("int8", False), ("int4", False), (None, True),
+                                         ("int4", True)],
+                         ids=["float32", "int8", "int4", "float32-qkv-bias", "int4-qkv-bias"])
 @torch.inference_mode()
-def test_fused_decode_matches_the_plain_block(scheme, seed):
+def test_fused_decode_matches_the_plain_block(scheme, bias, seed):
     """Prefill plain, then each decode step twice at the same position, plain then fused: same
-    logits (float32 math; the fused ops skip the intermediate roundings only)."""
-    model = _model(scheme, seed)
+    logits (float32 math; the fused ops skip the intermediate roundings only). qkv bias (Qwen):
+    added after the fused norm + GEMV."""
+    model = _model(scheme, seed, qkv_bias=bias)
+    assert (model.layers[0].attention.wqkv.bias is not None) == bias
     ids = torch.randint(0, model.args.vocab_size, (1, 7))
     model(ids, torch.arange(7))
     tok = ids[:, -1:]
