@@ -359,3 +359,52 @@ def test_fused_sm90_codegen(kind, flags):
     loop = ttgir[ttgir.index("scf.for"):]
     loop = loop[:loop.index("scf.yield")]
     assert "ttg.local_alloc" not in loop and "ttg.local_load" not in loop
+
+
+def _signature(kind, split_k):
+    out_t = "*bf16" if split_k == 1 else "*fp32"
+    if kind == "float":
+        return ({"x_ptr": "*bf16", "g_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": out_t, "N": "i32",
+                 "HALF": "i32", "K": "i32", "stride_wn": "i32", "tiles_per_split": "i32", "eps": "fp32"},
+                dict(BN=4, BK=1024), 4)
+    sig = {"x_ptr": "*bf16", "g_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16"}
+    if kind == "int4":
+        sig.update({"z_ptr": "*bf16", "y_ptr": out_t, "N": "i32", "HALF": "i32", "K": "i32", "stride_wn": "i32",
+                    "stride_sn": "i32"})
+        ce, nw = dict(BN=8, L=64, WPT=4, GS=32), 2
+    else:
+        sig.update({"y_ptr": out_t, "N": "i32", "HALF": "i32", "K": "i32", "stride_wn": "i32"})
+        ce, nw = dict(BN=4, L=128, WPT=4), 4
+    sig.update({"tiles_per_split": "i32", "magic": "i32", "eps": "fp32"})
+    return sig, ce, nw
+
+
+@needs_triton
+@pytest.mark.slow
+def test_every_fused_variant_compiles_for_sm90():
+    """All flag combinations x split-K x K tail, for the three kernels: they compile, without spills."""
+    import itertools
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from blitzgen.kernels import fused_gemv as fg
+
+    fns = {"int4": fg._fused_int4_kernel, "int8": fg._fused_int8_kernel, "float": fg._fused_float_kernel}
+    bad = []
+    for kind, norm, res, swiglu, split, tail in itertools.product(fns, *[(False, True)] * 3, (1, 2), (False, True)):
+        if res and swiglu:
+            continue
+        sig, ce, nw = _signature(kind, split)
+        ce.update(NORM=norm, RES=res, SWIGLU=swiglu, SPLIT_K=split, HAS_TAIL=tail)
+        attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(sig) - 2)}
+        sig.update({k: "constexpr" for k in ce})
+        try:
+            c = triton.compile(ASTSource(fn=fns[kind], signature=sig, constexprs=ce, attrs=attrs),
+                               target=GPUTarget("cuda", 90, 32), options={"num_warps": nw})
+        except (ImportError, AttributeError, TypeError) as e:  # compiler API of another Triton version
+            pytest.skip(f"cannot drive triton.compile here: {e}")
+        if "ld.local" in c.asm["ptx"] or "st.local" in c.asm["ptx"]:
+            bad.append((kind, ce))
+    assert not bad, bad
