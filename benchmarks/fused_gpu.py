@@ -238,9 +238,14 @@ def _graph_time(fn, x, layers, reps=20):
     return statistics.median(times[2:]), n
 
 
+def _device_us(e) -> float:
+    return float(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0) or 0)
+
+
 def _is_kernel(e) -> bool:
-    dt = str(getattr(e, "device_type", ""))
-    return "CUDA" in dt and not e.key.startswith(("Memcpy", "Memset", "cudaGraph", "Activity Buffer"))
+    """A GPU kernel event (not a CPU op whose children ran on the GPU, not a copy / memset)."""
+    gpu = "CUDA" in str(getattr(e, "device_type", "")) or (_device_us(e) > 0 and not getattr(e, "cpu_time_total", 0))
+    return gpu and not e.key.startswith(("Memcpy", "Memset", "cudaGraph", "Activity Buffer"))
 
 
 def stage_layers(rep, kinds):
@@ -344,7 +349,7 @@ def stage_profile(rep, steps=200, prof_steps=8):
             for e in prof.key_averages():
                 if not _is_kernel(e) and not e.key.startswith(("Memcpy", "Memset")):
                     continue
-                us = (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)) / prof_steps
+                us = _device_us(e) / prof_steps
                 if us <= 0:
                     continue
                 k = _classify(e.key)
