@@ -27,7 +27,7 @@ norm, after silu, after the product and after the add; the difference is within 
 
 Kernels: the int8 / int4 ones are gemv.py's (same tiles, magic-number dequantization, configs
 from ``gemv.choose_config`` for the weight's shape) with the flags added; the float one is
-gemv_float.py's. Ops: ``torch.ops.blitzgen.fused_{int8,int4,float}_gemv`` (``triton_op``, as
+gemv_float.py's. Ops: ``torch.ops.blitzgen.fused_{int8,int4,float}_gemv`` (opaque custom ops, as
 gemv.py). Raw launchers (``*_raw``) run without torch.library, e.g. under TRITON_INTERPRET=1. The
 plain-PyTorch meaning is ``reference.fused_*_gemv_ref``.
 """
@@ -451,29 +451,34 @@ def fused_float_gemv_raw(x, weight, norm_weight=None, eps=1e-5, residual=None, s
 # ---------------------------------------------------------------------------------------------
 
 
+def _fake(x, weight_rows: int, swiglu: bool):
+    return x.new_empty((*x.shape[:-1], weight_rows // 2 if swiglu else weight_rows))
+
+
 def _register_ops():
     if runtime.triton_interpret():
-        return None  # wrap_triton needs JITFunction objects; the interpreter has none
-    from torch.library import triton_op, wrap_triton
+        return None  # the interpreter runs the raw launchers
+    from .ops import opaque_op
 
-    @triton_op("blitzgen::fused_int4_gemv", mutates_args=())
     def fused_int4_gemv_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                            group_size: int, norm_weight: Optional[torch.Tensor], eps: float,
                            residual: Optional[torch.Tensor], swiglu: bool) -> torch.Tensor:
         return _int4_impl(x, qweight, scales, zeros, group_size, norm_weight, eps, residual, swiglu,
-                          wrap_triton)
+                          _identity)
 
-    @triton_op("blitzgen::fused_int8_gemv", mutates_args=())
     def fused_int8_gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
                            norm_weight: Optional[torch.Tensor], eps: float, residual: Optional[torch.Tensor],
                            swiglu: bool) -> torch.Tensor:
-        return _int8_impl(x, weight, scales, norm_weight, eps, residual, swiglu, wrap_triton)
+        return _int8_impl(x, weight, scales, norm_weight, eps, residual, swiglu, _identity)
 
-    @triton_op("blitzgen::fused_float_gemv", mutates_args=())
     def fused_float_gemv_op(x: torch.Tensor, weight: torch.Tensor, norm_weight: Optional[torch.Tensor],
                             eps: float, residual: Optional[torch.Tensor], swiglu: bool) -> torch.Tensor:
-        return _float_impl(x, weight, norm_weight, eps, residual, swiglu, wrap_triton)
+        return _float_impl(x, weight, norm_weight, eps, residual, swiglu, _identity)
 
+    opaque_op("blitzgen::fused_int4_gemv", fused_int4_gemv_op,
+              lambda x, qweight, *a: _fake(x, qweight.shape[0], a[-1]))
+    opaque_op("blitzgen::fused_int8_gemv", fused_int8_gemv_op, lambda x, weight, *a: _fake(x, weight.shape[0], a[-1]))
+    opaque_op("blitzgen::fused_float_gemv", fused_float_gemv_op, lambda x, weight, *a: _fake(x, weight.shape[0], a[-1]))
     return True
 
 
