@@ -134,6 +134,10 @@ def _greedy(lm, gen):
     out.append(list(gen.generate_ids([5, 6, 7, 8, 9, 1], 5, stop_token_ids=())))  # reuses the cached prefix
     gen.forget_prefix()
     out.append(list(gen.generate_ids([5, 6, 7, 8, 9, 1], 5, stop_token_ids=())))
+    a, b = list(range(20, 60)), list(range(100, 140))  # saved prefixes: a, then b, then a restored
+    out += [list(gen.generate_ids(p, 4, stop_token_ids=())) for p in (a, b)]
+    out.append([d.token_ids for d in constrained.stream(gen, a + [1], 4, top_logprobs=1)])
+    out.append(gen.prefixes.restores)
     return out
 
 
