@@ -3,8 +3,9 @@ caches). This is the only module that reads blitzgen's environment variables, an
 that reports a fallback to a slower path (once per reason, never swallowed).
 
 Environment variables (each read here only):
-  BLITZGEN_CACHE             root of blitzgen's caches (compile artifacts, Inductor); default
-                             $XDG_CACHE_HOME/blitzgen or ~/.cache/blitzgen
+  BLITZGEN_CACHE             root of blitzgen's caches (compile artifacts, Inductor, converted
+                             GGUF weights); default $XDG_CACHE_HOME/blitzgen or ~/.cache/blitzgen
+  BLITZGEN_WEIGHT_CACHE      0/false/off: do not keep a GGUF's converted weights in the cache
   BLITZGEN_KERNELS           0/false/off: do not use the Triton kernels (GEMV, decode attention)
   BLITZGEN_DECODE_ATTENTION  auto | sdpa | matmul | split[:C] | triton: one-token attention
   BLITZGEN_GEMV_CONFIGS      a JSON file of GEMV launch configs that override the built-in table
@@ -75,6 +76,7 @@ class RuntimeOptions:
     gemv_configs: str | None = None
     gemv_autotune: bool = False
     cache_dir: str | None = None
+    weight_cache: bool = True  # keep a GGUF's converted weights under cache_dir (loading/converted.py)
     warm_cache_tokens: int = WARM_CACHE_TOKENS
     compile_prefill: bool = False  # compile prefill per length bucket (else eager, as gpt-fast)
     autotune: bool = False  # Inductor's coordinate-descent tuning (slow to compile, ~+3% decode)
@@ -88,6 +90,7 @@ class RuntimeOptions:
             gemv_configs=env("BLITZGEN_GEMV_CONFIGS"),
             gemv_autotune=env_flag("BLITZGEN_GEMV_AUTOTUNE", False),
             cache_dir=cache_root(),
+            weight_cache=env_flag("BLITZGEN_WEIGHT_CACHE", True),
         )
         base.update({k: v for k, v in overrides.items() if v is not None})
         opts = cls(**base)

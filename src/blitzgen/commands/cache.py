@@ -4,15 +4,19 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    p = sub.add_parser("cache", help="list or clear the compile cache",
+    p = sub.add_parser("cache", help="list or clear the compile cache and the converted weights",
                        description="Compiled artifacts are kept under $BLITZGEN_CACHE (default "
                                    "~/.cache/blitzgen), one entry per model, quantization, compile "
                                    "settings, device and torch version, so a later start loads them "
-                                   "instead of compiling.")
+                                   "instead of compiling. A GGUF's weights, once converted, are kept "
+                                   "there too (one entry per file and dtype), so a later start maps "
+                                   "them instead of dequantizing.")
     p.add_argument("action", choices=["ls", "clear"], help="ls: list the entries; clear: remove them all")
     p.add_argument("--dir", default=None, help="cache root (default: $BLITZGEN_CACHE or ~/.cache/blitzgen)")
     p.add_argument("--keep-inductor", action="store_true",
                    help="clear: keep Inductor's own local cache (<root>/inductor)")
+    p.add_argument("--keep-weights", action="store_true",
+                   help="clear: keep the converted GGUF weights (<root>/weights)")
     p.set_defaults(func=run)
 
 
@@ -24,7 +28,7 @@ def run(args) -> int:
     from ..compile_cache import clear, compile_root, list_entries
 
     if args.action == "clear":
-        freed = clear(args.dir, inductor=not args.keep_inductor)
+        freed = clear(args.dir, inductor=not args.keep_inductor, weights=not args.keep_weights)
         print(f"cleared the compile cache ({_size(freed)} freed)")
         return 0
     entries = list_entries(args.dir)
