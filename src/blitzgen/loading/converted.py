@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from .. import compile_cache as layout
+from .hf import SafetensorsSource
 
 log = logging.getLogger("blitzgen")
 
@@ -89,30 +90,44 @@ def _crc_file(path: str) -> tuple[int, int]:
 
 
 # ---- streaming safetensors writer -----------------------------------------------------------------
+ALIGN = 64  # byte alignment of every tensor in the file (and so in the mmap): what SIMD kernels want
+PAD = "__pad__."  # padding tensors' names (uint8 zeros), never shown to the model
+
+
 class Recorder:
     """Streams the tensors assemble hands over into a safetensors file, in order, never holding
     more than one: ``begin(specs)`` writes the header from the names, shapes and dtypes the model
-    expects; ``add(name, tensor)`` writes one tensor's bytes. Used by assemble(record=...)."""
+    expects; ``add(name, tensor)`` writes one tensor's bytes. Every tensor starts at a multiple of
+    ``ALIGN`` bytes from the file's start (safetensors allows no gaps, so padding tensors fill
+    them). Used by assemble(record=...)."""
 
     def __init__(self, path: str):
         self.path = path
         self.file = None
         self.specs: list[tuple[str, tuple, torch.dtype]] = []
+        self.pads: dict[str, int] = {}  # name of the tensor a padding precedes -> its bytes
         self.done = 0
         self.crc = 0
 
     def begin(self, specs) -> None:
         self.specs = [(n, tuple(int(d) for d in s), dt) for n, s, dt in specs]
-        header, offset = {}, 0
+        sizes = []
         for name, shape, dtype in self.specs:
             n = dtype.itemsize
             for d in shape:
                 n *= d
+            sizes.append(n)
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for (name, shape, dtype), n in zip(self.specs, sizes):
+            pad = -offset % ALIGN
+            if pad:
+                header[f"{PAD}{len(self.pads)}"] = {"dtype": "U8", "shape": [pad], "data_offsets": [offset, offset + pad]}
+                self.pads[name] = pad
+                offset += pad
             header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
             offset += n
-        header["__metadata__"] = {"format": "pt"}
         raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
+        raw += b" " * (-(8 + len(raw)) % ALIGN)  # the data starts aligned too
         self.file = open(self.path, "wb")
         self._write(struct.pack("<Q", len(raw)) + raw)
 
@@ -125,6 +140,8 @@ class Recorder:
         if name != want or tuple(t.shape) != shape or t.dtype != dtype:  # a bug in the caller, not the user's
             raise RuntimeError(f"recorder expected {want} {shape} {dtype}, got {name} {tuple(t.shape)} {t.dtype}")
         data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        if name in self.pads:
+            self._write(bytes(self.pads[name]))
         self._write(memoryview(data))
         self.done += 1
 
@@ -144,6 +161,13 @@ class Recorder:
             self.file = None
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+
+
+class Unpadded(SafetensorsSource):
+    """The cached file, our names, without its padding tensors."""
+
+    def names(self) -> list[str]:
+        return [n for n in self.where if not n.startswith(PAD)]
 
 
 # ---- entries --------------------------------------------------------------------------------------
@@ -189,7 +213,6 @@ class WeightCache:
     def _read(self, device: str) -> Hit | None:
         from ..config import ModelArgs
         from ..tokenizer import Tokenizer
-        from .hf import SafetensorsSource
 
         mpath = os.path.join(self.dir, MANIFEST)
         if not os.path.exists(mpath):
@@ -207,7 +230,7 @@ class WeightCache:
         with open(os.path.join(self.dir, ARGS), encoding="utf-8") as f:
             args = ModelArgs(**json.load(f))
         tokenizer = Tokenizer.from_hf_dir(self.dir)
-        source = SafetensorsSource([Path(self.dir, WEIGHTS)], column="ours", device=device)
+        source = Unpadded([Path(self.dir, WEIGHTS)], column="ours", device=device)
         return Hit(args, tokenizer, source)
 
     def _discard(self, reason: str) -> None:
