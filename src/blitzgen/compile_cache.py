@@ -104,7 +104,8 @@ def key_for(model_args, options=None, extra: dict | None = None) -> dict:
 
     opts = dataclasses.asdict(options) if options is not None else {}
     opts.pop("cache_dir", None)  # where the cache lives does not change what is in it
-    opts.pop("weight_cache", None)  # nor does keeping converted weights
+    opts.pop("weight_cache", None)  # nor does how the weights were read
+    opts.pop("staged_load", None)
     if opts.get("gemv_configs"):  # a file of launch configs: its contents count, not its name
         try:
             with open(opts["gemv_configs"], "rb") as f:
@@ -113,6 +114,8 @@ def key_for(model_args, options=None, extra: dict | None = None) -> dict:
             pass
     args = dataclasses.asdict(model_args) if dataclasses.is_dataclass(model_args) else dict(model_args)
     device = opts.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if options is not None:  # the layout traced, resolved for the device (None means a device's default)
+        opts["compile_regions"] = options.regions_for(device)
     return {
         "format": FORMAT,
         "blitzgen": __version__,

@@ -166,7 +166,8 @@ def load(spec: str | os.PathLike | None = None, options: RuntimeOptions | None =
     else:
         if kind == "hf":
             args = hf_src.load_args(path)
-            source = hf_src.SafetensorsSource(hf_src.safetensors_files(path), device=_read_device(device))
+            source = hf_src.SafetensorsSource(hf_src.safetensors_files(path), device=_read_device(device),
+                                              staged=options is None or options.staged_load)
         elif shard is None and (options is None or options.weight_cache):
             model, args, tokenizer, quant_meta, cache_status = _load_gguf_cached(
                 path, options, device=device, dtype=dtype, quantize=quantize, quant_dtype=quant_dtype,
@@ -179,6 +180,7 @@ def load(spec: str | os.PathLike | None = None, options: RuntimeOptions | None =
             model, args, quant_meta = assemble(args, source, device=device, dtype=dtype, quantize=quantize,
                                                quant_dtype=quant_dtype, progress=progress, shard=shard)
             tokenizer = Tokenizer.from_hf_dir(path) if kind == "hf" else Tokenizer.from_gguf(reader)
+    model.compile_regions = shard is None and (options or RuntimeOptions()).regions_for(device)  # TP: unmeasured
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     name = path.stem if path.is_file() else path.name
@@ -227,6 +229,7 @@ def load_random(shape: str | ModelArgs, options: RuntimeOptions | None = None, *
     source = RandomSource(args, device=device, dtype=dtype, seed=seed)
     model, args, meta = assemble(args, source, device=device, dtype=dtype, quantize=quantize, progress=progress,
                                  where="random weights", shard=shard)
+    model.compile_regions = shard is None and (options or RuntimeOptions()).regions_for(device)
     name = shape.lower() if isinstance(shape, str) else "random"
     return LoadedModel(model=model, tokenizer=None, args=args, source=f"random:{name}", kind="random", name=name,
                        load_seconds=time.perf_counter() - t0, quant=meta)
