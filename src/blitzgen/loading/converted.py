@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import struct
 import tempfile
 import time
@@ -171,6 +172,19 @@ class Unpadded(SafetensorsSource):
 
 
 # ---- entries --------------------------------------------------------------------------------------
+def _sweep(directory: str, age: float = 3600.0) -> None:
+    """Remove temporary files that writers killed mid-write left behind (older than ``age`` s)."""
+    now = time.time()
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        with contextlib.suppress(OSError):
+            if name.startswith(".tmp-") and now - os.path.getmtime(path) > age:
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.unlink(path)
+
+
 @dataclasses.dataclass
 class Hit:
     args: object  # ModelArgs
@@ -282,6 +296,7 @@ class WeightCache:
                 os.replace(rec.path, os.path.join(self.dir, WEIGHTS))
                 layout.write_atomic(os.path.join(self.dir, MANIFEST), json.dumps(manifest, indent=1).encode())
             self.status = "saved"
+            _sweep(self.dir)
             log.info("blitzgen: saved converted weights %s (%.1f MB)", self.key, files[WEIGHTS][0] / 1e6)
             return True
         except Exception as e:  # noqa: BLE001
@@ -290,6 +305,4 @@ class WeightCache:
             return False
         finally:
             if tmpdir is not None:
-                import shutil
-
                 shutil.rmtree(tmpdir, ignore_errors=True)
