@@ -196,7 +196,7 @@ def _load_gguf_cached(path: Path, options: RuntimeOptions | None, *, device, dty
     from .converted import WeightCache
 
     cache = WeightCache(path, dtype, root=options.cache_dir if options is not None else None)
-    hit = cache.open(_read_device(device))
+    hit = cache.open(_read_device(device), staged=options is None or options.staged_load)
     if hit is not None:
         model, args, meta = assemble(hit.args, hit.source, device=device, dtype=dtype, quantize=quantize,
                                      quant_dtype=quant_dtype, progress=progress, where=f"{cache.dir} (cached {path.name})")

@@ -208,13 +208,13 @@ class WeightCache:
         self.key = layout.key_hash(self.parts)
         self.dir = os.path.join(layout.weights_root(root), self.key)
 
-    def open(self, device: str = "cpu") -> Hit | None:
+    def open(self, device: str = "cpu", staged: bool = True) -> Hit | None:
         if self.dir is None:
             return None
         t0 = time.perf_counter()
         try:
             with layout.locked(self.dir, exclusive=False):
-                hit = self._read(device)
+                hit = self._read(device, staged)
             self.status = "hit" if hit is not None else "miss"
         except Exception as e:  # noqa: BLE001 - a cache must never stop a load
             hit = None
@@ -224,7 +224,7 @@ class WeightCache:
             log.info("blitzgen: converted weights from the cache %s (%.2f s)", self.key, self.seconds)
         return hit
 
-    def _read(self, device: str) -> Hit | None:
+    def _read(self, device: str, staged: bool = True) -> Hit | None:
         from ..config import ModelArgs
         from ..tokenizer import Tokenizer
 
@@ -244,7 +244,7 @@ class WeightCache:
         with open(os.path.join(self.dir, ARGS), encoding="utf-8") as f:
             args = ModelArgs(**json.load(f))
         tokenizer = Tokenizer.from_hf_dir(self.dir)
-        source = Unpadded([Path(self.dir, WEIGHTS)], column="ours", device=device)
+        source = Unpadded([Path(self.dir, WEIGHTS)], column="ours", device=device, staged=staged)
         return Hit(args, tokenizer, source)
 
     def _discard(self, reason: str) -> None:
