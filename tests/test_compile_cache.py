@@ -329,3 +329,12 @@ def test_cache_warm_loads_compiled_and_runs_the_full_warm_up(root, monkeypatch, 
 
     assert main(["cache", "warm", "--no-compile"]) == 2
     assert "drop --no-compile" in capsys.readouterr().err
+
+
+def test_key_follows_the_resolved_compile_regions():
+    tiny = ModelArgs.from_name("tiny")
+    on, off = cc.key_for(tiny, _opts(compile_regions=True)), cc.key_for(tiny, _opts(compile_regions=False))
+    assert cc.key_hash(on) != cc.key_hash(off)
+    assert cc.key_hash(cc.key_for(tiny, _opts())) == cc.key_hash(on)  # CPU's default is on
+    # how weights were read is not part of the key
+    assert cc.key_hash(cc.key_for(tiny, _opts(weight_cache=False, staged_load=False))) == cc.key_hash(on)
