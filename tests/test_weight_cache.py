@@ -256,3 +256,11 @@ def test_meta_model_skips_init_and_torch_dynamo():
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_regions_follow_the_options_and_stay_off_for_int4(root, tiny_gguf):
+    assert _load(tiny_gguf).model.compile_regions  # CPU default
+    assert _load(tiny_gguf, quantize="int8").model.compile_regions
+    assert not _load(tiny_gguf, quantize="int4").model.compile_regions
+    off = load(tiny_gguf, RuntimeOptions(device="cpu", compile_regions=False), device="cpu", progress=False)
+    assert not off.model.compile_regions

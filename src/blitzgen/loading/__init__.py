@@ -180,12 +180,22 @@ def load(spec: str | os.PathLike | None = None, options: RuntimeOptions | None =
             model, args, quant_meta = assemble(args, source, device=device, dtype=dtype, quantize=quantize,
                                                quant_dtype=quant_dtype, progress=progress, shard=shard)
             tokenizer = Tokenizer.from_hf_dir(path) if kind == "hf" else Tokenizer.from_gguf(reader)
-    model.compile_regions = shard is None and (options or RuntimeOptions()).regions_for(device)  # TP: unmeasured
+    model.compile_regions = _regions(options, device, shard, quant_meta)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     name = path.stem if path.is_file() else path.name
     return LoadedModel(model=model, tokenizer=tokenizer, args=args, source=str(path), kind=kind, name=name,
                        load_seconds=time.perf_counter() - t0, quant=quant_meta, weight_cache=cache_status)
+
+
+def _regions(options: RuntimeOptions | None, device: str, shard, quant_meta: dict | None) -> bool:
+    """Whether the compiled model traces one block for all layers (RuntimeOptions.regions_for), but
+    never under tensor parallelism (unmeasured) nor with int4 weights: on torch 2.13 Dynamo's
+    region reuse cannot resolve the guard on quant/int4.py's ``CPU_PACKED_MAX_TOKENS[dtype]``
+    lookup (InternalTorchDynamoError), so int4 keeps the unrolled trace."""
+    if shard is not None or (quant_meta or {}).get("scheme") == "int4":
+        return False
+    return (options or RuntimeOptions()).regions_for(device)
 
 
 def _load_gguf_cached(path: Path, options: RuntimeOptions | None, *, device, dtype, quantize, quant_dtype, progress):
@@ -229,7 +239,7 @@ def load_random(shape: str | ModelArgs, options: RuntimeOptions | None = None, *
     source = RandomSource(args, device=device, dtype=dtype, seed=seed)
     model, args, meta = assemble(args, source, device=device, dtype=dtype, quantize=quantize, progress=progress,
                                  where="random weights", shard=shard)
-    model.compile_regions = shard is None and (options or RuntimeOptions()).regions_for(device)
+    model.compile_regions = _regions(options, device, shard, meta)
     name = shape.lower() if isinstance(shape, str) else "random"
     return LoadedModel(model=model, tokenizer=None, args=args, source=f"random:{name}", kind="random", name=name,
                        load_seconds=time.perf_counter() - t0, quant=meta)
