@@ -116,15 +116,30 @@ def test_quantized_modules_shard_themselves():
 
 # ---- the launcher and the lockstep runner ------------------------------------------------------------
 def _greedy(lm, gen):
+    """Greedy tokens through every path a server uses: plain, a stream its reader leaves early (the
+    ranks must stay in step), the logprobs token loop (prefill/model_logits hooks), prompt caching."""
+    from blitzgen import constrained
+
     gen.ensure_capacity(300)
     gen.warmup(prompt_len=4)
-    return list(gen.generate_ids([5, 6, 7, 8], 10, stop_token_ids=())), \
-        gen.complete([5, 6, 7], 6).token_ids
+    out = [list(gen.generate_ids([5, 6, 7, 8], 10, stop_token_ids=()))]
+    left = gen.stream([9, 10, 11], 100, stop_token_ids=())
+    next(left)
+    left.close()
+    gen.stream([9, 10], 100).close()  # closed before its first item
+    out.append(gen.complete([5, 6, 7], 6).token_ids)
+    steps = [(d.token_ids, [(r.token_id, round(r.logprob, 4)) for r in d.logprobs])
+             for d in constrained.stream(gen, [5, 6, 7, 8, 9], 8, top_logprobs=2)]
+    out.append(steps)
+    out.append(list(gen.generate_ids([5, 6, 7, 8, 9, 1], 5, stop_token_ids=())))  # reuses the cached prefix
+    gen.forget_prefix()
+    out.append(list(gen.generate_ids([5, 6, 7, 8, 9, 1], 5, stop_token_ids=())))
+    return out
 
 
 def test_runner_two_ranks_from_safetensors_equals_one_rank(tmp_path):
     """blitzgen's own launcher, each rank reading its slices of an HF checkpoint (get_slice), a
-    TPGenerator on rank 0: the tokens one rank gives."""
+    TPGenerator on rank 0: the tokens (and logprobs) one rank gives, on every path (``_greedy``)."""
     from blitzgen.generate import Generator
     from blitzgen.loading import load
     from blitzgen.loading.synthetic import save_random_checkpoint
@@ -231,13 +246,18 @@ def test_each_rank_reads_only_its_slices(tmp_path, monkeypatch):
             assert got.layers[0].attention.n_kv_heads == 1 and got.args.intermediate_size == 64
 
 
-def test_rank_zero_finishes_every_step_the_followers_take():
-    """A caller that stops reading, or a Ctrl-C inside a step, still lets the steps run to the end
-    on rank 0 (the followers run them); the Ctrl-C surfaces between tokens."""
+def test_rank_zero_runs_to_the_next_checkpoint_when_the_caller_stops(monkeypatch):
+    """A caller that stops reading, or a Ctrl-C inside a step, lets rank 0 run silently to the next
+    checkpoint (every 4 items here), where it tells the followers to stop; at each checkpoint passed
+    it says go on. The Ctrl-C surfaces between items. One rank: closing just stops."""
     import signal
+    from types import SimpleNamespace
 
-    from blitzgen.parallel.runner import _lockstep
+    from blitzgen.parallel import runner
 
+    said = []
+    monkeypatch.setattr(runner, "_agree", lambda group, go: said.append(go) or go)
+    two = SimpleNamespace(world=2, is_leader=True)
     ran = []
 
     def steps(n, interrupt_at=None):
@@ -247,16 +267,27 @@ def test_rank_zero_finishes_every_step_the_followers_take():
             ran.append(i)
             yield i
 
-    it = _lockstep(steps(6))
-    assert next(it) == 0
+    it = runner._lockstep(steps(20), two, 4)
+    assert [next(it) for _ in range(6)] == list(range(6))
     it.close()
-    assert ran == list(range(6))
-    ran.clear()
+    assert ran == list(range(8)) and said == [True, False]
+    ran.clear(), said.clear()
+    it = runner._lockstep(steps(20), two, 4)
+    it.close()  # closed before the first item: the followers are already running it
+    assert ran == list(range(4)) and said == [False]
+    ran.clear(), said.clear()
+    assert list(runner._lockstep(steps(6), two, 3)) == list(range(6)) and said == [True, True]
+    ran.clear(), said.clear()
     got = []
     with pytest.raises(KeyboardInterrupt):
-        for x in _lockstep(steps(6, interrupt_at=2)):
+        for x in runner._lockstep(steps(20, interrupt_at=2), two, 4):
             got.append(x)
-    assert got == [0, 1] and ran == list(range(6))
+    assert got == [0, 1] and ran == list(range(4)) and said == [False]
+    ran.clear(), said.clear()
+    it = runner._lockstep(steps(20), SimpleNamespace(world=1), 4)
+    next(it)
+    it.close()
+    assert ran == [0] and said == []
 
 
 @pytest.mark.slow
@@ -292,3 +323,97 @@ def test_default_model_three_ranks_logits(smol_path):
     from blitzgen.parallel.group import free_port
 
     torch.multiprocessing.spawn(_smol_worker, args=(3, free_port(), str(smol_path)), nprocs=3, join=True)
+
+
+# ---- bench --tp -----------------------------------------------------------------------------------------
+def _bench_json(argv, capsys):
+    import json
+
+    from blitzgen.cli import main
+
+    assert main(["bench", "--device", "cpu", "--no-compile", "--no-roofline", "--runs", "1", "--warmup", "1",
+                 "--json", "-", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_bench_tp1_runs_through_the_tensor_parallel_path(capsys):
+    """--tp 1: a process group of one, the loader's shard hook and RowParallel wrappers, same timing."""
+    r = _bench_json(["--shape", "tiny", "--tp", "1", "--new-tokens", "6"], capsys)
+    assert r["tp"] == 1 and r["tp_backend"] == "gloo" and r["all_reduce"] == "functional"
+    assert r["tok_s"] > 0 and r["shape"] == "tiny" and r["new_tokens"] == 6
+    plain = _bench_json(["--shape", "tiny", "--new-tokens", "6"], capsys)
+    assert plain["model_bytes"] == r["model_bytes"] and "tp" not in plain
+
+
+@pytest.mark.slow
+def test_bench_two_ranks_times_the_all_reduce(capsys):
+    r = _bench_json(["--shape", "tiny", "--tp", "2", "--new-tokens", "4", "--quantize", "int8", "--time-all-reduce"],
+                    capsys)
+    assert r["tp"] == 2 and r["mode"] == "int8" and r["tok_s"] > 0
+    assert set(r["all_reduce_us"]["functional"]) == {"128", "640"}  # tiny: dim 64 * 2 bytes; prompt 5 of them
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--tp", "0", "--shape", "tiny"], "--tp must be at least 1, got 0"),
+    (["--tp", "2", "--shape", "tiny", "--speculate", "ngram"], "--speculate does not work with --tp"),
+    (["--shape", "tiny", "--all-reduce", "symm-one-shot"], "apply to --tp only"),
+    (["--tp", "2", "--shape", "tiny", "--all-reduce", "symm-two-shot"], "needs CUDA GPUs"),
+    (["--tp", "2", "--shape", "tiny", "--quantize", "int4"], "int4 group size 32 does not fit a 2-way split"),
+])
+def test_bench_tp_errors_are_one_line(argv, needle, capsys):
+    from blitzgen.cli import main
+
+    assert main(["bench", "--device", "cpu", "--no-roofline", *argv]) != 0
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_bench_tp_peer_runs_under_torchrun(tmp_path):
+    """--peer gpt-fast with --tp: gpt-fast's harness under torchrun with --tp ranks (even 1, so that a
+    one-GPU run checks the same launch); DIR must then hold gpt-fast's tp.py."""
+    from blitzgen.bench import BenchOptions
+    from blitzgen.bench_peers import check_peers, gptfast_command
+
+    cmd = gptfast_command("DIR", "Llama-2-7b-chat-hf", "int4", None, 5, 200, 5, tp=2)
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert cmd[5].endswith("gptfast_generate.py") and cmd[cmd.index("--group-size") + 1] == "32"
+    assert gptfast_command("DIR", "70B", "bf16", None, 5, 200, 5, tp=1)[4] == "--nproc_per_node=1"
+    assert "torch.distributed.run" not in gptfast_command("DIR", "70B", "bf16", None, 5, 200, 5)
+    for f in ("model.py", "generate.py", "quantize.py", "tokenizer.py"):
+        (tmp_path / f).write_text("")
+    opts = BenchOptions(shape="llama-2-7b", peers={"gpt-fast": str(tmp_path)}, tp=2)
+    with pytest.raises(Exception, match="lacks tp.py"):
+        check_peers(opts)
+    check_peers(BenchOptions(shape="llama-2-7b", peers={"gpt-fast": str(tmp_path)}, tp=1))
+
+
+def test_every_generator_method_is_mirrored_or_local():
+    """A Generator method that runs the model or changes its cache must reach every rank: each
+    public one is a model call of the TPGenerator or known to be local (a new one fails here)."""
+    import inspect
+
+    from blitzgen.generate import Generator
+    from blitzgen.parallel import runner
+
+    public = {n for n, v in inspect.getmembers(Generator) if not n.startswith("_") and callable(v)}
+    unknown = public - set(runner._MODEL_CALLS) - set(runner.LOCAL_CALLS)
+    assert not unknown, f"classify in parallel/runner.py: {sorted(unknown)}"
+    assert all(callable(getattr(runner.TPGenerator, m, None)) for m in runner._MODEL_CALLS)
+
+
+def test_the_request_channel_frees_what_it_read():
+    """Requests arrive in order and leave nothing behind in the store (the grammar/logprobs loop
+    sends one per token, for the life of a server)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from blitzgen.parallel.group import Channel
+
+    store = dist.TCPStore("127.0.0.1", 0, 1, True, timedelta(seconds=10), wait_for_workers=False)
+    before = store.num_keys()
+    leader, follower = Channel(store, 0, 2), Channel(store, 1, 2)
+    for i in range(5):
+        leader.send(("model_logits", (i, 7 + i), {}, 16))
+    assert [follower.recv()[1] for _ in range(5)] == [(i, 7 + i) for i in range(5)]
+    assert store.num_keys() == before

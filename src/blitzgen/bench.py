@@ -61,6 +61,9 @@ class BenchOptions:
     save: str | None = None  # write the random weights of `shape` as an HF checkpoint here instead
     speculate: str | None = None  # "ngram" | "self-int4": run the speculative decoder instead of plain decode
     speculate_k: int = 4
+    tp: int | None = None  # tensor-parallel ranks (parallel.run); None: the plain one-process path
+    all_reduce: str = "functional"
+    time_all_reduce: bool = False  # with tp: also time each all-reduce choice at this shape's message sizes
 
 
 def _count(n: int) -> str:
@@ -214,9 +217,7 @@ def _sync(device: torch.device) -> None:
 
 def _run_ours(opts: BenchOptions, device: torch.device, dtype: torch.dtype, compile_: bool, log) -> dict:
     from .config import ModelArgs
-    from .generate import GenerationStats, Generator, weight_bytes
-    from .runtime import RuntimeOptions
-    from .sampling import SamplingParams, choice_sampling
+    from .generate import Generator, weight_bytes
 
     res: dict = {}
     t0 = time.perf_counter()
@@ -258,8 +259,22 @@ def _run_ours(opts: BenchOptions, device: torch.device, dtype: torch.dtype, comp
             res["mode"], res["group_size"] = quant_meta["scheme"], quant_meta.get("group_size")
 
     P, N = opts.prompt_len, opts.new_tokens
-    runtime = RuntimeOptions.from_env(compile_prefill=opts.compile_prefill, autotune=opts.autotune)
-    gen = Generator(model, tokenizer, options=runtime, compile=compile_, max_seq_len=P + N)
+    gen = Generator(model, tokenizer, options=_runtime(opts), compile=compile_, max_seq_len=P + N)
+    return _measure(opts, gen, model, args, device, compile_, log, res)
+
+
+def _runtime(opts: BenchOptions):
+    from .runtime import RuntimeOptions
+
+    return RuntimeOptions.from_env(compile_prefill=opts.compile_prefill, autotune=opts.autotune)
+
+
+def _measure(opts: BenchOptions, gen, model, args, device: torch.device, compile_: bool, log, res: dict) -> dict:
+    """The warm-up and timed runs of ``gen`` (a Generator, or rank 0's TPGenerator) into ``res``."""
+    from .generate import GenerationStats
+    from .sampling import SamplingParams, choice_sampling
+
+    P, N, nbytes = opts.prompt_len, opts.new_tokens, res["model_bytes"]
     gen.check_request(P, N)  # ContextLengthError names the model's context
     g = torch.Generator().manual_seed(opts.seed)
     prompt = torch.randint(1, max(2, min(args.vocab_size, 30000)), (P,), generator=g).tolist()
@@ -407,7 +422,12 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> d
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     device, dtype, compile_ = _resolve(opts)
+    from .parallel import bench as tp_bench
+
+    tp_bench.check(opts, device, dtype, compile_)
     check_peers(opts)
+    if opts.tp is not None and tp_bench.torchrun_follower():  # torchrun's ranks 1..N-1: follow rank 0, print nothing
+        return tp_bench.run(opts, device, dtype, compile_, log)
     result: dict = dict(
         tool="blitzgen bench", blitzgen=__version__, command=opts.command,
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -418,6 +438,8 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> d
     )
     if opts.speculate:
         result.update(speculate=opts.speculate, speculate_k=opts.speculate_k)
+    if opts.tp is not None:
+        result.update(tp=opts.tp, all_reduce=opts.all_reduce)
     if device.type == "cuda":
         result["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
     if opts.roofline:
@@ -425,7 +447,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> d
         result["copy_bandwidth_gbs"] = bw / 1e9
         log(f"copy bandwidth on {result['gpu']}: {bw / 1e9:.0f} GB/s (read + written)")
     try:
-        result.update(_run_ours(opts, device, dtype, compile_, log))
+        result.update((tp_bench.run if opts.tp is not None else _run_ours)(opts, device, dtype, compile_, log))
     finally:
         _release(device)
     if opts.roofline:
@@ -437,10 +459,10 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> d
     for name, where in opts.peers.items():
         log(f"running {name}'s own generate() in a subprocess ...")
         peers[name] = r = run_gptfast(where, _peer_preset(opts), opts.mode, _group_size(opts), opts.prompt_len,
-                                      opts.new_tokens, opts.runs, device=str(device),
+                                      opts.new_tokens, opts.runs, device=device.type if opts.tp else str(device),
                                       compile=opts.peer_compile if opts.peer_compile is not None else compile_,
                                       temperature=opts.temperature, top_k=opts.top_k, seed=opts.seed,
-                                      timeout=opts.peer_timeout, log=log)
+                                      timeout=opts.peer_timeout, log=log, tp=opts.tp)
         if r.get("tok_s"):
             ratios[name] = result["tok_s"] / r["tok_s"]
     if opts.peers:
@@ -466,7 +488,8 @@ def format_table(r: dict) -> str:
         mode = f"unquantized {r['dtype']}"
     head = (f"blitzgen bench: {what}, {mode}, prompt {r['prompt_len']} + {r['new_tokens']} new tokens, "
             f"{r['runs']} runs, {'compiled' if r['compile'] else 'eager'}"
-            f"{', speculate ' + r['speculate'] if r.get('speculate') else ''}\n"
+            f"{', speculate ' + r['speculate'] if r.get('speculate') else ''}"
+            f"{', tensor parallel ' + str(r['tp']) + ' (all-reduce ' + r['all_reduce'] + ')' if r.get('tp') else ''}\n"
             f"{r['gpu']}, torch {r['torch']}, {r['date']}")
     peers = r.get("peers") or {}
     cols = ["blitzgen"] + list(peers)
@@ -507,6 +530,11 @@ def format_table(r: dict) -> str:
     if bw:
         lines.append(f"roofline: copy {bw:.0f} GB/s / {r['model_bytes'] / 1e9:.3g} GB per token = "
                      f"{r['roofline_tok_s']:.1f} tokens/s")
+    if r.get("tp"):
+        lines.append(f"tensor parallel: {r['tp']} rank(s) ({r.get('tp_backend')}); weights and memory are rank 0's")
+    for kind, by_size in (r.get("all_reduce_us") or {}).items():
+        lines.append(f"all-reduce {kind}: " + ", ".join(f"{n} B {us:.1f} us" if n != "error" else f"failed: {us}"
+                                                       for n, us in by_size.items()))
     if spec:
         lines.append(f"speculation {spec['source']} k<={spec['k_max']}: {spec['verify_steps']} verify + "
                      f"{spec['plain_steps']} plain steps, accepted lengths {spec['accepted_hist']}")

@@ -68,12 +68,13 @@ def check_peers(opts: BenchOptions) -> None:
         if name != "gpt-fast":
             raise BlitzgenError(f"unknown peer {name!r}: the only peer is gpt-fast (--peer gpt-fast=DIR)")
         d = Path(where).expanduser()
-        missing = [f for f in PEER_FILES if not (d / f).is_file()]
+        files = PEER_FILES + (("tp.py",) if (opts.tp or 1) > 1 else ())
+        missing = [f for f in files if not (d / f).is_file()]
         if not d.is_dir() or missing:
             what = "does not exist" if not d.is_dir() else f"lacks {', '.join(missing)}"
             raise BlitzgenError(
                 f"--peer gpt-fast={where}: {what}; DIR must hold gpt-fast's files (export model.py, generate.py, "
-                "quantize.py and tokenizer.py of github:pytorch-labs/gpt-fast into it)")
+                "quantize.py, tokenizer.py and, for --tp, tp.py of github:pytorch-labs/gpt-fast into it)")
         preset = _peer_preset(opts)
         block = PEER_BLOCK_SIZE.get(preset, 2048)
         if opts.prompt_len + opts.new_tokens > block:
@@ -96,8 +97,13 @@ def _group_size(opts: BenchOptions) -> int | None:
 
 def gptfast_command(gpt_fast_dir: str, preset: str, mode: str, group_size: int | None, prompt_len: int,
                     new_tokens: int, runs: int, *, device: str = "cuda", compile: bool = True,
-                    temperature: float = 0.8, top_k: int = 200, seed: int = 0) -> list[str]:
-    cmd = [sys.executable, str(peer_script()), "--gpt-fast-dir", str(gpt_fast_dir), "--shape", preset,
+                    temperature: float = 0.8, top_k: int = 200, seed: int = 0, tp: int | None = None) -> list[str]:
+    """The harness's command line; with ``tp`` (even 1, so a one-GPU run checks the same launch) under
+    ``torchrun --standalone --nproc_per_node tp``, where the harness applies gpt-fast's tp.py."""
+    launcher = [sys.executable]
+    if tp is not None:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}"]
+    cmd = [*launcher, str(peer_script()), "--gpt-fast-dir", str(gpt_fast_dir), "--shape", preset,
            "--mode", mode, "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens), "--runs", str(runs),
            "--device", device, "--temperature", str(temperature), "--top-k", str(top_k), "--seed", str(seed)]
     if mode == "int4":
@@ -110,13 +116,17 @@ def gptfast_command(gpt_fast_dir: str, preset: str, mode: str, group_size: int |
 def run_gptfast(gpt_fast_dir: str, preset: str, mode: str, group_size: int | None, prompt_len: int,
                 new_tokens: int, runs: int, *, device: str = "cuda", compile: bool = True,
                 temperature: float = 0.8, top_k: int = 200, seed: int = 0, timeout: float = 900.0,
-                log: Callable[[str], None] | None = None) -> dict:
+                log: Callable[[str], None] | None = None, tp: int | None = None) -> dict:
     """Run the gpt-fast harness (peer_script()); returns its JSON (or {"error": ...}). Its output
     lines go to ``log`` as they come."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     cmd = gptfast_command(gpt_fast_dir, preset, mode, group_size, prompt_len, new_tokens, runs, device=device,
-                          compile=compile, temperature=temperature, top_k=top_k, seed=seed)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore::FutureWarning")
+                          compile=compile, temperature=temperature, top_k=top_k, seed=seed, tp=tp)
+    from .parallel.group import MULTICAST_OFF
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore::FutureWarning", **MULTICAST_OFF)
+    if tp is not None:
+        env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its warning
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     found: list[dict] = []

@@ -168,6 +168,10 @@ class Generator:
             op = model.attention_op
             if parse_decode_attention(impl) != (op.decode_impl, op.chunks):
                 model.set_decode_attention(impl)
+            if opts.fused_decode or any(getattr(m, "fused_decode", None) for m in model.layers):
+                from .kernels.fused_decode import enable  # imported only when asked (Triton on CUDA)
+
+                enable(model, opts.fused_decode and self.is_cuda)
         self.prefill_compiled = self.compiled and opts.compile_prefill
         self._step, self._prefill, self._sample = _model_step, _prefill_logits, sample
         if self.compiled:

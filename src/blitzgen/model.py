@@ -104,8 +104,13 @@ class Attention(nn.Module):
         self.op = op  # softmax(q k^T) v over the cache (attention.py); shared by every layer
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
-        B, T, _ = x.shape
-        qk, v = self.wqkv(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        return self.wo(self.attend(self.wqkv(x), rope, mask, input_pos))
+
+    def attend(self, qkv: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+        """RoPE, cache update and attention for the fused projections qkv [B, T, q + 2 kv]: the
+        heads' outputs [B, T, q_size], before wo (kernels/fused_decode.py calls this too)."""
+        B, T, _ = qkv.shape
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # q and k heads side by side, rotated in one go: [B, T, n_heads + n_kv_heads, D]
         qk = apply_rope(qk.view(B, T, self.n_heads + self.n_kv_heads, self.head_dim), rope)
         q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
@@ -114,8 +119,7 @@ class Attention(nn.Module):
         assert self.kv_cache is not None, "call model.setup_caches() first"
         k, v = self.kv_cache.update(input_pos, k, v)  # [B, n_kv, S, D]
         y = self.op(q, k, v, mask, input_pos)  # [B, H, T, D]
-        y = y.transpose(1, 2).reshape(B, T, self.q_size)
-        return self.wo(y)
+        return y.transpose(1, 2).reshape(B, T, self.q_size)
 
 
 class FeedForward(nn.Module):
@@ -139,9 +143,13 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(args, op)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
+        # one-token forward through fused GEMVs (kernels/fused_decode.py), set by its enable(); None: off
+        self.fused_decode = None
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
         """x: [B, T, dim] at positions input_pos [T]; rope and mask from Transformer.rope_and_mask."""
+        if self.fused_decode is not None and x.shape[0] * x.shape[1] == 1:
+            return self.fused_decode(self, x, rope, mask, input_pos)
         h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 

@@ -14,6 +14,8 @@ Environment variables (each read here only):
   BLITZGEN_DECODE_ATTENTION  auto | sdpa | matmul | split[:C] | triton: one-token attention
   BLITZGEN_GEMV_CONFIGS      a JSON file of GEMV launch configs that override the built-in table
   BLITZGEN_GEMV_AUTOTUNE     1: time candidate GEMV configs on first use (eager only)
+  BLITZGEN_FUSED             1: decode (one token) through the fused RMSNorm/GEMV/SwiGLU/residual
+                             kernels (kernels/fused_decode.py); CUDA only, off by default
   BLITZGEN_GPTFAST_SCRIPT    the gpt-fast harness that `bench --peer` runs
   BLITZGEN_API_KEY           the server's API key (read as `serve --api-key`'s default)
   BLITZGEN_MODAL_*           the Modal deployment's settings (deploy/settings.py): APP, GPU, VOLUME,
@@ -85,7 +87,8 @@ class RuntimeOptions:
     warm_cache_tokens: int = WARM_CACHE_TOKENS
     compile_prefill: bool = False  # compile prefill per length bucket (else eager, as gpt-fast)
     autotune: bool = False  # Inductor's coordinate-descent tuning (slow to compile, ~+3% decode)
-    compile_regions: bool | None = None  # one block traced for all layers; None: regions_default()
+    compile_regions: bool | None = None  # one block traced for all layers; None: regions_for(device)
+    fused_decode: bool = False  # one-token blocks through kernels/fused_decode.py (BLITZGEN_FUSED)
 
     @classmethod
     def from_env(cls, **overrides) -> "RuntimeOptions":
@@ -95,6 +98,7 @@ class RuntimeOptions:
             kernels=env_flag("BLITZGEN_KERNELS", True),
             gemv_configs=env("BLITZGEN_GEMV_CONFIGS"),
             gemv_autotune=env_flag("BLITZGEN_GEMV_AUTOTUNE", False),
+            fused_decode=env_flag("BLITZGEN_FUSED", False),
             cache_dir=cache_root(),
             weight_cache=env_flag("BLITZGEN_WEIGHT_CACHE", True),
             staged_load=env_flag("BLITZGEN_STAGED_LOAD", True),

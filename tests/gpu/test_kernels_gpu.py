@@ -211,3 +211,80 @@ def test_disabled_kernels_report_and_still_decode(summary):
     lines = [ln for ln in r.stderr.splitlines() if "falls back to a slower path" in ln and "int8_gemv" in ln]
     assert len(lines) == 1 and "BLITZGEN_KERNELS=0" in lines[0], r.stderr[-3000:]  # once, with the reason
     summary(lines[0].split("blitzgen: ", 1)[-1][:120])
+
+
+# ---------------------------------------------------------------- fused decode GEMVs (fused_gemv.py)
+
+# (K, N, flags): Llama-2-7B / Llama-3-8B roles: wqkv (norm), wo (residual), w13 (norm + SwiGLU: N
+# outputs from 2N rows), w2 (residual); then odd shapes (tails, split-K)
+FUSED = [(4096, 12288, "norm"), (4096, 4096, "res"), (4096, 11008, "swiglu"), (11008, 4096, "res"),
+         (4096, 14336, "swiglu"), (14336, 4096, "res"), (4096, 6144, "norm"),
+         (1536, 37, "norm"), (3072, 1000, "swiglu"), (2560, 24, "res")]
+
+
+def _fused_case(kind, g, K, N, flags, dtype):
+    from blitzgen.kernels import reference as R
+
+    swiglu = flags == "swiglu"
+    rows = 2 * N if swiglu else N
+    x = torch.randn(1, 1, K, device="cuda").to(dtype)
+    kw = dict(norm_weight=(torch.rand(K, device="cuda") + 0.5).to(dtype) if flags != "res" else None,
+              eps=1e-5, residual=torch.randn(1, 1, N, device="cuda").to(dtype) if flags == "res" else None,
+              swiglu=swiglu)
+    if kind == "bf16":
+        w = (torch.randn(rows, K, device="cuda") * 0.02).to(dtype)
+        return (x, w), kw, R.fused_float_gemv_ref(x, w, **kw)
+    x_, (w, *rest), _ = _inputs(kind, rows, K, g, dtype)
+    if kind == "int8":
+        return (x, w, *rest), kw, R.fused_int8_gemv_ref(x, w, *rest, **kw)
+    return (x, w, *rest), kw, R.fused_int4_gemv_ref(x, w, *rest, **kw)
+
+
+@pytest.mark.parametrize("kind,g", [("bf16", None)] + KINDS, ids=["bf16", "int8", "int4g32", "int4g64", "int4g128"])
+def test_fused_gemv_kernels_match_reference(kind, g, seed, summary):
+    """The fused ops (what fused decode calls) and the raw launchers with NaN-poisoned outputs."""
+    from blitzgen.kernels import fused_gemv as fg
+    from blitzgen.kernels import gemv
+
+    op = {"bf16": kernels.fused_float_gemv, "int8": kernels.fused_int8_gemv, "int4": kernels.fused_int4_gemv}[kind]
+    raw = {"bf16": fg.fused_float_gemv_raw, "int8": fg.fused_int8_gemv_raw, "int4": fg.fused_int4_gemv_raw}[kind]
+    worst = 0.0
+    for K, N, flags in FUSED:
+        for dtype in (torch.bfloat16, torch.float16) if N < 4096 else (torch.bfloat16,):
+            args, kw, r = _fused_case(kind, g, K, N, flags, dtype)
+            what = f"fused {kind} g={g} K={K} N={N} {flags} {dtype} seed={seed}"
+            worst = max(worst, _check(op(*args, **kw), r, TOL[dtype], what + " (op)"))
+            rows = 2 * N if flags == "swiglu" else N
+            cfg = fg._config("float" if kind == "bf16" else kind, rows, K, g, args[0], flags == "swiglu")
+            poison = torch.full((N,), float("nan"), dtype=dtype, device="cuda")
+            y = raw(*args, **kw, cfg=cfg, out=poison if cfg.split_k == 1 else None)
+            worst = max(worst, _check(y, r, TOL[dtype], f"{what} raw {cfg}"))
+            if kind != "bf16" and (K, N) == (1536, 37):  # every candidate config at one small shape
+                for c in gemv.candidate_configs(kind, rows, K, g, gemv._device_sms(args[0])):
+                    y = raw(*args, **kw, cfg=c)
+                    _check(y, r, TOL[dtype], f"{what} raw {c}")
+    summary(f"{len(FUSED)} shapes, worst relative error {worst:.1e}")
+
+
+@pytest.mark.parametrize("scheme,g", [(None, None), ("int8", None), ("int4", 32)], ids=["bf16", "int8", "int4g32"])
+def test_fused_decode_compiled_matches_eager_plain(scheme, g, summary):
+    """The CUDA-graph decode with fused blocks (BLITZGEN_FUSED) against the eager plain model, token
+    by token (teacher forcing), and the fused kernels really launched (no silent fallback)."""
+    from blitzgen.generate import Generator
+    from blitzgen.runtime import RuntimeOptions
+
+    from .common import GREEDY, check_greedy
+
+    oracle = random_model(quantize=scheme, group_size=g, cache=512)
+    opts = RuntimeOptions(device="cuda", compile=True, fused_decode=True)
+    gen = Generator(random_model(quantize=scheme, group_size=g, cache=256), options=opts)
+    assert all(layer.fused_decode is not None for layer in gen.model.layers)
+    prompt = [random.Random(7).randrange(1, 32000) for _ in range(21)]
+    got = list(gen.generate_ids(prompt, 40, GREEDY, stop_token_ids=()))
+    msg = check_greedy(oracle, prompt, got, 0.25)
+    kind = {None: "float", "int8": "int8", "int4": "int4"}[scheme]
+    launches = _decode_kernel_launches(gen.model, f"fused_{kind}_kernel")
+    assert launches == 4 * len(gen.model.layers), launches
+    summary(f"{msg}; {launches} fused launches per eager step")
+    del gen
+    torch.cuda.empty_cache()

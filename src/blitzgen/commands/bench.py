@@ -47,6 +47,12 @@ def register(sub) -> None:
                                    "n-gram acceptance is about 0 (speculation switches itself off) and "
                                    "self-int4's says little about real text: measure real prompts with "
                                    "benchmarks/speculative_bench.py")
+    from .common import add_parallel_args
+
+    tp = add_parallel_args(p)
+    tp.add_argument("--time-all-reduce", action="store_true",
+                    help="with --tp > 1: also time each all-reduce choice at this shape's decode and prompt "
+                         "message sizes (a CUDA graph of 200 calls on GPU)")
     out = p.add_argument_group("output")
     out.add_argument("--json", default=None, metavar="FILE",
                      help="write the result as JSON to FILE ('-': print one JSON object on stdout, the table "
@@ -86,7 +92,8 @@ def options_from_args(args):
         top_k=args.top_k, seed=args.seed, roofline=args.roofline, peers=parse_peers(args.peer),
         peer_timeout=args.peer_timeout, peer_shape=args.peer_shape, command=command_line(args),
         save=getattr(args, "save", None), speculate=(args.speculate or [None])[0],
-        speculate_k=args.speculate_k or 4,
+        speculate_k=args.speculate_k or 4, tp=args.tp, all_reduce=args.all_reduce,
+        time_all_reduce=args.time_all_reduce,
     )
 
 
@@ -100,7 +107,7 @@ def command_line(args) -> str:
     parts = ["blitzgen", "bench"]
     for key in ("shape", "model", "quantize", "group_size", "prompt_len", "new_tokens", "runs", "warmup", "device",
                 "dtype", "temperature", "top_k", "seed", "json", "peer_timeout", "peer_shape", "speculate",
-                "speculate_k"):
+                "speculate_k", "tp"):
         v = getattr(args, key, None)
         if isinstance(v, list):  # --speculate, parsed
             v = ",".join(v)
@@ -111,6 +118,10 @@ def command_line(args) -> str:
     parts += [f for f, on in (("--compile-prefill", args.compile_prefill), ("--autotune", args.autotune)) if on]
     if not args.roofline:
         parts.append("--no-roofline")
+    if getattr(args, "all_reduce", "functional") != "functional":
+        parts += ["--all-reduce", args.all_reduce]
+    if getattr(args, "time_all_reduce", False):
+        parts.append("--time-all-reduce")
     for item in args.peer:
         parts += ["--peer", item]
     return shlex.join(parts)
@@ -123,6 +134,8 @@ def run_cmd(args) -> int:
         save_random(options_from_args(args))
         return 0
     result = run_bench(options_from_args(args))
+    if result is None:  # a follower rank under torchrun: rank 0 reports
+        return 0
     table = format_table(result)
     to_stdout = args.json != "-"
     print(table, file=sys.stdout if to_stdout else sys.stderr, flush=True)

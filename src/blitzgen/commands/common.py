@@ -158,10 +158,12 @@ def tp_spec(args):
     """What every tensor-parallel rank loads, from the runtime flags (``--tp``)."""
     from ..parallel import TPSpec
 
+    if getattr(args, "speculate", None):  # its decoders run the model outside the lockstep runner
+        raise InvalidRequestError("--speculate does not work with --tp yet; drop one of them")
     opts = runtime_options(args).resolved()
     return TPSpec(model=args.model, device=opts.device, dtype=opts.dtype, quantize=opts.quantize,
                   group_size=opts.group_size, compile=opts.compile, max_model_len=opts.max_model_len,
-                  all_reduce=args.all_reduce)
+                  all_reduce=args.all_reduce, options=opts)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, *, only=None, **overrides):

@@ -49,6 +49,9 @@ def register(sub) -> None:
                    help="the model name the API reports and accepts (default: the model file's name)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_model_args(p)
+    from .common import add_parallel_args
+
+    add_parallel_args(p)
     from .speculate import add_speculation_args
 
     add_speculation_args(p, multi=True, help_note="; a request may choose with the extra body field "
@@ -81,6 +84,16 @@ def run(args) -> int:
     check_model(args.model)
     if getattr(args, "draft_model", None):
         check_model(args.draft_model)
+    tp = None
+    if getattr(args, "tp", None) is not None:  # rank 0 serves; the other ranks follow it
+        from ..parallel import serve as tp_serve
+        from .common import tp_spec
+
+        spec = tp_spec(args)
+        if tp_serve.torchrun_follower(args.tp, spec):
+            return 0
+        tp_serve.check(args.tp, spec)
+        tp = tp_serve.TPServing(args.tp, spec, log=log.info)
     sock = bind(args.host, args.port)  # before the slow part, so a busy port fails now
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -89,8 +102,8 @@ def run(args) -> int:
 
     from .speculate import server_speculation
 
-    engine = Engine(lambda: load_engine(args, log=log.info), max_queue=args.max_queue,
-                    speculation=server_speculation(args, log=log.info))
+    loader = tp.load if tp is not None else lambda: load_engine(args, log=log.info)
+    engine = Engine(loader, max_queue=args.max_queue, speculation=server_speculation(args, log=log.info))
     app = create_app(engine, api_key=args.api_key, served_model_name=args.served_model_name,
                      max_request_tokens=args.max_request_tokens, body_timeout=args.body_timeout,
                      allowed_hosts=default_allowed_hosts(args.host, args.allowed_hosts))
@@ -98,9 +111,13 @@ def run(args) -> int:
                             timeout_keep_alive=5, timeout_graceful_shutdown=10)  # log_config=None: our format
     server = DrainingServer(config, engine, drain_timeout=args.drain_timeout)
     engine.on_failure = server.exit_now
+    if tp is not None:
+        tp.attach(engine, server)
     port = sock.getsockname()[1]
     log.info("loading the model; the chat page will be at http://%s:%d/", _url_host(args.host), port)
     _run_quietly_on_sigterm(server, sock)
+    if tp is not None and not engine.worker_alive:  # the followers finish (a busy worker: os._exit below)
+        tp.stop()
     if engine.worker_alive:  # still in an aborted prefill: exiting under it would abort the process (134)
         log.warning("the engine thread is still busy; exiting without waiting for it")
         logging.shutdown()

@@ -1,13 +1,17 @@
 """Custom Triton kernels for batch-1 decode: weight-only int8 / int4 GEMV (see gemv.py), and a
 split-K attention for one query token over the KV cache (attention.py: opt-in, imported on use).
+Fused decode GEMVs (fused_gemv.py: RMSNorm prologue, SwiGLU or residual-add epilogue, for int8,
+int4 and float weights) and the one-token block built on them (fused_decode.py) are opt-in too
+(``RuntimeOptions.fused_decode``, BLITZGEN_FUSED=1): ``fused_int8_gemv`` / ``fused_int4_gemv`` /
+``fused_float_gemv`` below, with their references in reference.py as the CPU path.
 
     from blitzgen import kernels
     if kernels.available():                      # not disabled, CUDA present, Triton importable
         y = kernels.int8_gemv(x, weight, scales)   # x: [..., K] holding ONE token
         y = kernels.int4_gemv(x, qweight, scales, zeros, group_size)
 
-``int8_gemv`` / ``int4_gemv`` dispatch to the ``torch.ops.blitzgen.*`` custom ops (built with
-``torch.library.triton_op``, so torch.compile traces through them). On tensors that are not on
+``int8_gemv`` / ``int4_gemv`` dispatch to the ``torch.ops.blitzgen.*`` custom ops (opaque to
+torch.compile, see ``ops.opaque_op``). On tensors that are not on
 CUDA, or when the kernels are unavailable, they compute the same result in plain PyTorch (int8:
 the module's ``F.linear(x, w.to(x.dtype)) * s``; int4: dequantize + matmul, slow), so callers never
 break. A CUDA call that takes that slower path is reported once, with ``unavailable_reason()``
@@ -21,29 +25,33 @@ from __future__ import annotations
 import torch
 
 from .. import runtime
-from .reference import int4_gemv_ref, int8_gemv_ref
+from .reference import (fused_float_gemv_ref, fused_int4_gemv_ref, fused_int8_gemv_ref, int4_gemv_ref,
+                        int8_gemv_ref)
 
-__all__ = ["available", "unavailable_reason", "int8_gemv", "int4_gemv", "int8_gemv_ref", "int4_gemv_ref"]
+__all__ = ["available", "unavailable_reason", "int8_gemv", "int4_gemv", "int8_gemv_ref", "int4_gemv_ref",
+           "fused_int8_gemv", "fused_int4_gemv", "fused_float_gemv"]
 
 # Plain module globals (no lru_cache) so that torch.compile/dynamo can trace int8_gemv/int4_gemv
 # once available() has run eagerly (this module calls it on import).
 _GEMV = None  # the blitzgen.kernels.gemv module once imported
+_FUSED = None  # the blitzgen.kernels.fused_gemv module once imported
 _REASON: str | None = None  # why the kernels cannot run here (None: they can)
 _AVAILABLE: bool | None = None  # cached result of available()
 
 
 def _probe() -> str | None:
     """None when the kernels can run, else the reason they cannot (imports Triton on CUDA hosts)."""
-    global _GEMV
+    global _GEMV, _FUSED
     if not runtime.env_flag("BLITZGEN_KERNELS", True):
         return "disabled by the user (BLITZGEN_KERNELS=0)"
     if not torch.cuda.is_available():
         return "CUDA is not available"
     try:
         from . import gemv
+        from . import fused_gemv
     except Exception as e:  # ImportError, or a broken Triton install: reported, never swallowed
         return f"Triton kernels could not be imported ({type(e).__name__}: {e})"
-    _GEMV = gemv
+    _GEMV, _FUSED = gemv, fused_gemv
     return None
 
 
@@ -97,6 +105,32 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     if _use_kernels("int4 GEMV", x, qweight, scales, zeros):
         return _GEMV.int4_gemv(x, qweight, scales, zeros, group_size)
     return int4_gemv_ref(x, qweight, scales, zeros, group_size)
+
+
+def fused_int8_gemv(x, weight, scales, norm_weight=None, eps: float = 1e-5, residual=None,
+                    swiglu: bool = False) -> torch.Tensor:
+    """One decode token through an int8 layer with an optional RMSNorm of x first (``norm_weight``,
+    ``eps``), then SwiGLU over the [gate; up] outputs (``swiglu``) or ``+ residual``: one kernel on
+    CUDA (kernels/fused_gemv.py), the plain-PyTorch reference elsewhere."""
+    if _use_kernels("fused int8 GEMV", x, weight, scales):
+        return _FUSED.fused_int8_gemv(x, weight, scales, norm_weight, eps, residual, swiglu)
+    return fused_int8_gemv_ref(x, weight, scales, norm_weight, eps, residual, swiglu)
+
+
+def fused_int4_gemv(x, qweight, scales, zeros, group_size: int, norm_weight=None, eps: float = 1e-5,
+                    residual=None, swiglu: bool = False) -> torch.Tensor:
+    """As ``fused_int8_gemv`` for an int4 layer (canonical layout, see ``int4_gemv``)."""
+    if _use_kernels("fused int4 GEMV", x, qweight, scales, zeros):
+        return _FUSED.fused_int4_gemv(x, qweight, scales, zeros, group_size, norm_weight, eps, residual, swiglu)
+    return fused_int4_gemv_ref(x, qweight, scales, zeros, group_size, norm_weight, eps, residual, swiglu)
+
+
+def fused_float_gemv(x, weight, norm_weight=None, eps: float = 1e-5, residual=None,
+                     swiglu: bool = False) -> torch.Tensor:
+    """As ``fused_int8_gemv`` for an unquantized (bf16 / fp16 / fp32) weight [N, K]."""
+    if _use_kernels("fused float GEMV", x, weight):
+        return _FUSED.fused_float_gemv(x, weight, norm_weight, eps, residual, swiglu)
+    return fused_float_gemv_ref(x, weight, norm_weight, eps, residual, swiglu)
 
 
 # Decide now (eagerly, outside any torch.compile trace): on CPU-only machines this is a cheap False

@@ -63,7 +63,8 @@ def _split_kernel(Q, K, V, MASK, OUT, MAX, SUM,
         # CPU interpreter gets bf16 dots wrong. PRECISION is "tf32" for 16-bit caches (q.k exact:
         # bf16/fp16 values fit tf32; p rounded to tf32, finer than the bf16 p of flash kernels) and
         # "ieee" for float32 caches.
-        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK_N]
+        # [BLOCK_G, BLOCK_N]; cast back: under Inductor, scale arrives as fp64
+        s = (tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION) * scale).to(tl.float32)
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet

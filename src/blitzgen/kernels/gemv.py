@@ -56,10 +56,9 @@ the JSON file named by ``BLITZGEN_GEMV_CONFIGS`` (written by benchmarks/kernels_
 on the first eager call per shape when ``BLITZGEN_GEMV_AUTOTUNE=1`` (never during torch.compile
 tracing or CUDA-graph capture; the engine's warm-up is eager).
 
-The kernels are exposed as ``torch.ops.blitzgen.int8_gemv`` / ``torch.ops.blitzgen.int4_gemv``
-through ``torch.library.triton_op``: torch.compile (fullgraph, CUDA graphs) traces through them to
-the Triton kernel, and triton_op registers the function itself as the fake (meta) implementation.
-The raw launchers (``int8_gemv_raw`` / ``int4_gemv_raw``) run without torch.library, e.g. on CPU
+The kernels are exposed as ``torch.ops.blitzgen.int8_gemv`` / ``torch.ops.blitzgen.int4_gemv``,
+custom ops opaque to torch.compile (``ops.opaque_op``: fullgraph and CUDA graphs keep them as one
+call each; the compiler never re-analyses the kernel). The raw launchers (``int8_gemv_raw`` / ``int4_gemv_raw``) run without torch.library, e.g. on CPU
 tensors under ``TRITON_INTERPRET=1`` (tests).
 
 References: gpt-fast (``WeightOnlyInt8Linear``, int4 with tinygemm), tinygemm
@@ -666,25 +665,30 @@ def int4_gemv_raw(x, qweight, scales, zeros, group_size: int, cfg: GemvConfig | 
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library custom ops (traceable by torch.compile down to the Triton kernels)
+# torch.library custom ops (opaque to torch.compile)
 # ---------------------------------------------------------------------------------------------
 
 
 def _register_ops():
     if runtime.triton_interpret():
-        return None, None  # wrap_triton needs JITFunction objects; the interpreter has none
-    from torch.library import triton_op, wrap_triton
+        return None, None  # the interpreter runs the raw launchers
+    from .ops import opaque_op
 
-    @triton_op("blitzgen::int8_gemv", mutates_args=())
     def int8_gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        return _int8_impl(x, weight, scales, wrap_triton)
+        return _int8_impl(x, weight, scales, _identity)
 
-    @triton_op("blitzgen::int4_gemv", mutates_args=())
+    def int8_fake(x, weight, scales):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
     def int4_gemv_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                      zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-        return _int4_impl(x, qweight, scales, zeros, group_size, wrap_triton)
+        return _int4_impl(x, qweight, scales, zeros, group_size, _identity)
 
-    return int8_gemv_op, int4_gemv_op
+    def int4_fake(x, qweight, scales, zeros, group_size):
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+    return (opaque_op("blitzgen::int8_gemv", int8_gemv_op, int8_fake),
+            opaque_op("blitzgen::int4_gemv", int4_gemv_op, int4_fake))
 
 
 _int8_op, _int4_op = _register_ops()

@@ -1,89 +1,100 @@
-"""One tensor-parallel benchmark point: blitzgen at ``--tp N`` (its own launcher, random weights
-of a named shape made on each rank, only its slices) and gpt-fast's tp.py under torchrun on the
-same shape, mode and lengths (``peer_command``). ``a`` is the argparse namespace of
-benchmarks/tp_bench.py (shape, mode, group_size, tp, prompt_len, new_tokens, runs, device,
-compile, all_reduce, allreduce, temperature, top_k, peer_shape, peer_timeout).
-
-Timing: generated tokens / wall time of one request (prefill included, as gpt-fast counts),
-median of ``runs`` after one untimed run (and the warm-up: compile + CUDA graphs).
+"""``blitzgen bench --tp N``: the same timed runs as the one-process path (``bench._measure``) on
+rank 0's TPGenerator, the model spread over N ranks (blitzgen's own launcher, or torchrun's ranks),
+each rank making (random weights of a named shape) or reading (--model) only its slices. Rank 0
+reports; the other ranks return None. --time-all-reduce adds each all-reduce choice's time at the
+shape's decode and prompt message sizes.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import statistics
-import subprocess
-import sys
 import time
 
-from .group import MULTICAST_OFF
+import torch
+
+from ..bench import BenchOptions, _count, _group_size, _jsonable, _measure, _runtime
+from ..errors import BlitzgenError
 
 
-def blitzgen_point(a) -> dict:
-    from ..config import ModelArgs
-    from ..sampling import SamplingParams
-    from .comm import ALL_REDUCE
-    from .runner import TPSpec, run
-
-    compile_ = a.compile if a.compile is not None else a.device.startswith("cuda")
-    group_size = a.group_size or (32 if a.mode == "int4" else None)
-    spec = TPSpec(shape=a.shape, device=a.device, dtype="bfloat16", quantize=None if a.mode == "bf16" else a.mode,
-                  group_size=group_size, compile=compile_, all_reduce=a.all_reduce)
-    dim = ModelArgs.from_name(a.shape).dim
+def run(opts: BenchOptions, device: torch.device, dtype: torch.dtype, compile_: bool, log) -> dict | None:
+    """Our run over ``opts.tp`` ranks (blitzgen's own launcher, or torchrun's ranks): each rank makes
+    (or reads) only its slices; rank 0 times its TPGenerator exactly as the one-process path times
+    its Generator. Returns None on the other ranks."""
+    from ..generate import weight_bytes
+    from . import run as run_tp
+    from .runner import model_args
+    spec = tp_spec(opts, device, dtype, compile_)
+    full = model_args(spec)
+    log(f"{'building ' + spec.shape if spec.shape else 'loading ' + str(opts.model)} ({_count(full.num_params())} "
+        f"parameters) on {opts.tp} tensor-parallel rank(s), each {'making' if spec.shape else 'reading'} only its slices")
 
     def leader(lm, gen):
-        import torch
+        model = lm.model
+        dev = model.device  # peak memory: the build's included, as in the one-process path
+        shape = spec.shape.lower() if spec.shape else None
+        res = dict(shape=shape, model=None if shape else lm.source, model_name=shape or lm.name, tp=opts.tp,
+                   all_reduce=opts.all_reduce, tp_backend=gen.group.backend, num_params=full.num_params(),
+                   model_bytes=weight_bytes(model), quant=_jsonable(lm.quant))  # model_bytes: rank 0's share
+        res["build_s"] = time.perf_counter() - t0
+        res = _measure(opts, gen, model, lm.args, dev, compile_, log, res)
+        if opts.time_all_reduce and opts.tp > 1:
+            from .comm import ALL_REDUCE
 
-        from ..generate import weight_bytes
+            dim = lm.args.dim
+            sizes = (dim * 2, dim * 2 * opts.prompt_len)  # a decode step's message; the prompt's
+            kinds = ALL_REDUCE if dev.type == "cuda" else ("functional",)
+            res["all_reduce_us"] = times = {}
+            for k in kinds:  # a choice this machine cannot run (every rank fails alike) is recorded, not fatal
+                try:
+                    times[k] = {str(n): gen.time_all_reduce(k, n) * 1e6 for n in sizes}
+                except Exception as e:  # noqa: BLE001
+                    times[k] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        return res
 
-        sp = SamplingParams(temperature=a.temperature, top_k=a.top_k, seed=0)
-        prompt = list(range(1, a.prompt_len + 1))
-        gen.ensure_capacity(a.prompt_len + a.new_tokens)
-        t0 = time.perf_counter()
-        gen.warmup([sp], prompt_len=a.prompt_len) if gen.compiled else None
-        warm = time.perf_counter() - t0
-        rates = []
-        for i in range(-1, a.runs):
-            t = time.perf_counter()
-            n = sum(1 for _ in gen.generate_ids(prompt, a.new_tokens, sp, stop_token_ids=()))
-            if i >= 0:
-                rates.append(n / (time.perf_counter() - t))
-        out = dict(side="blitzgen", shape=a.shape, mode=a.mode, group_size=group_size, tp=a.tp,
-                   all_reduce=a.all_reduce, compile=compile_, prompt_len=a.prompt_len, new_tokens=a.new_tokens,
-                   tok_s=statistics.median(rates), tok_s_runs=rates, warmup_s=warm,
-                   rank0_weight_bytes=weight_bytes(lm.model), cache_len=lm.model.cache_len)
-        if lm.model.device.type == "cuda":
-            out["rank0_peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-        if a.allreduce and a.tp > 1:  # batch-1 decode message: one hidden state; prefill: prompt_len of them
-            kinds = ALL_REDUCE if a.device.startswith("cuda") else ("functional",)
-            out["all_reduce_us"] = {k: {str(n): gen.time_all_reduce(k, n) * 1e6 for n in
-                                        (dim * 2, dim * 2 * a.prompt_len)} for k in kinds}
-        return out
-
-    return run(a.tp, spec, leader)
+    if device.type == "cuda":  # rank 0 runs in this process (cuda:0): the roofline's buffers are not its peak
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    return run_tp(opts.tp, spec, leader)
 
 
-def peer_command(a, gpt_fast_dir: str) -> list[str]:
-    """gpt-fast's harness (blitzgen/peers/gptfast_generate.py) under torchrun with a.tp ranks."""
-    from ..bench_peers import gptfast_command, gptfast_preset
+def tp_spec(opts: BenchOptions, device: torch.device, dtype: torch.dtype, compile_: bool):
+    """What every rank of ``bench --tp`` loads: as the one-process path, --shape's random weights,
+    --model, else llama-2-7b's shape on CUDA and the embedded default model on CPU."""
+    from .runner import TPSpec
 
-    cmd = gptfast_command(gpt_fast_dir, a.peer_shape or gptfast_preset(a.shape), a.mode, a.group_size, a.prompt_len, a.new_tokens,
-                          a.runs, device=a.device, compile=a.compile is not False, temperature=a.temperature,
-                          top_k=a.top_k)
-    if a.tp > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.tp}"] + cmd[1:]
-    return cmd
+    shape = None if opts.model else opts.shape or ("llama-2-7b" if device.type == "cuda" else None)
+    return TPSpec(model=opts.model, shape=shape, device=device.type, dtype=str(dtype).replace("torch.", ""),
+                  quantize=None if opts.mode == "bf16" else opts.mode, group_size=_group_size(opts), compile=compile_,
+                  max_model_len=opts.prompt_len + opts.new_tokens, all_reduce=opts.all_reduce, seed=opts.seed,
+                  options=_runtime(opts))
 
 
-def run_peer(a, gpt_fast_dir: str) -> dict:
-    cmd = peer_command(a, gpt_fast_dir)
-    env = dict(os.environ, **MULTICAST_OFF, PYTHONUNBUFFERED="1")
-    print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.peer_timeout)
-    except subprocess.TimeoutExpired:
-        return dict(side="gpt-fast", tp=a.tp, error=f"timed out after {a.peer_timeout:.0f} s", command=cmd)
-    found = [json.loads(line) for line in res.stdout.splitlines() if line.startswith('{"peer"')]
-    out = dict(found[-1]) if found else dict(error=f"exit code {res.returncode}: {res.stderr[-500:]}")
-    return dict(out, side="gpt-fast", tp=a.tp, command=cmd)
+def check(opts: BenchOptions, device: torch.device, dtype: torch.dtype, compile_: bool) -> None:
+    """--tp's one-line errors, before anything is measured or built."""
+    from .comm import ALL_REDUCE
+    from .runner import check_split
+
+    if opts.tp is None:
+        if opts.all_reduce != "functional" or opts.time_all_reduce:
+            raise BlitzgenError("--all-reduce and --time-all-reduce apply to --tp only")
+        return
+    if opts.tp < 1:
+        raise BlitzgenError(f"--tp must be at least 1, got {opts.tp}")
+    if opts.speculate:
+        raise BlitzgenError("--speculate does not work with --tp yet; drop one of them")
+    if opts.all_reduce not in ALL_REDUCE:
+        raise BlitzgenError(f"unknown --all-reduce {opts.all_reduce!r} (one of {', '.join(ALL_REDUCE)})")
+    if opts.all_reduce != "functional" and device.type != "cuda":
+        raise BlitzgenError(f"--all-reduce {opts.all_reduce} needs CUDA GPUs (symmetric memory); use functional")
+    from .group import torchrun_env
+
+    env = torchrun_env()
+    if env is not None and env[1] != opts.tp:
+        raise BlitzgenError(f"--tp {opts.tp} but torchrun started {env[1]} ranks (--nproc_per_node); make them equal")
+    check_split(tp_spec(opts, device, dtype, compile_), opts.tp)
+
+
+def torchrun_follower() -> bool:
+    from .group import torchrun_env
+
+    env = torchrun_env()
+    return env is not None and env[0] != 0

@@ -34,6 +34,8 @@ MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1
 DEFAULT_TIMEOUT_S = 600.0  # a collective waiting longer than this fails (covers a slow first compile)
 POLL_S = 0.5  # the launcher's watchdog
 IDLE_POLL_S = 0.01  # a follower's request polling, at most this late
+HOT_POLL_S, HOT_S = 0.0002, 0.05  # ... and this often in the first HOT_S after the previous request
+FAIL_GRACE_S = 5.0  # after a rank dies: the on_failure hook's time (a server says unhealthy) before the exit
 
 
 class RankFailure(BlitzgenError):
@@ -104,8 +106,8 @@ def init(rank: int | None = None, world: int | None = None, *, device: str = "cp
          timeout_s: float = DEFAULT_TIMEOUT_S) -> TPGroup:
     """Join (or form) the group: torchrun's environment when present, else the given rank, world
     and init_method (``tcp://host:port``). NCCL on CUDA (this rank's GPU is LOCAL_RANK), gloo on CPU."""
-    for k, v in MULTICAST_OFF.items():
-        os.environ.setdefault(k, v)
+    for k, v in MULTICAST_OFF.items():  # before NCCL or symmetric memory read them: multicast stays off
+        os.environ[k] = v
     local = rank
     env = torchrun_env()
     if env is not None and rank is None:
@@ -142,9 +144,12 @@ class Channel:
         self.n += 1
 
     def recv(self, alive=lambda: True):
-        """The next request; polls the store (every 1 ms, backing off to IDLE_POLL_S while idle)."""
+        """The next request. Polls the store: every HOT_POLL_S for HOT_S (a request's next step, e.g.
+        a constrained decoder's per-token call, comes within a millisecond), then backing off to
+        IDLE_POLL_S while idle."""
         key = f"{self.PREFIX}{self.n}"
-        wait = 0.001
+        t0 = time.monotonic()
+        wait = HOT_POLL_S
         while True:
             try:
                 if self.store.check([key]):
@@ -154,22 +159,29 @@ class Channel:
             if not alive():
                 raise RankFailure(f"rank {self.rank}: rank 0's process is gone")
             time.sleep(wait)
-            wait = min(wait * 2, IDLE_POLL_S)
+            if time.monotonic() - t0 > HOT_S:
+                wait = min(wait * 2, IDLE_POLL_S)
         obj = pickle.loads(self.store.get(key))
-        if self.store.add(key + "/read", 1) == self.world - 1:  # the last reader frees the key
+        if self.store.add(key + "/read", 1) == self.world - 1:  # the last reader frees both keys
             self.store.delete_key(key)
+            self.store.delete_key(key + "/read")
         self.n += 1
         return obj
 
 
 # ---- the launcher ----------------------------------------------------------------------------------
 def _follower_entry(rank, world, init_method, device, timeout_s, parent, target, args):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle (it stops the others)
+    # Ctrl-C, and a SIGTERM sent to the whole process group (systemd, a terminal), are rank 0's to
+    # handle: it drains or stops, then tells the others to finish
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     for k, v in MULTICAST_OFF.items():
         os.environ[k] = v
+    alive = lambda: os.getppid() == parent  # noqa: E731
+    threading.Thread(target=_orphan_watch, args=(alive,), daemon=True).start()
     try:
         group = init(rank, world, device=device, init_method=init_method, timeout_s=timeout_s)
-        target(group, *args, alive=lambda: os.getppid() == parent)
+        target(group, *args, alive=alive)
     except RankFailure:
         sys.exit(3)
     except BlitzgenError as e:
@@ -180,44 +192,71 @@ def _follower_entry(rank, world, init_method, device, timeout_s, parent, target,
             dist.destroy_process_group()
 
 
+def _orphan_watch(alive) -> None:
+    """A follower whose rank 0 is gone exits, even when it is blocked inside a collective."""
+    while alive():
+        time.sleep(POLL_S)
+    os._exit(3)
+
+
+class Ranks:
+    """blitzgen's own launcher: ranks 1..world-1 spawned (``follower(group, *follower_args,
+    alive=...)``, importable by name), rank 0 in this process (``start`` returns its group; any
+    thread may call it). A watchdog ends the run when a follower dies: ``on_failure(message)``
+    (when given) runs first, for at most FAIL_GRACE_S, then the process exits with status 1
+    (rank 0 may be blocked inside a collective, so it cannot be unwound)."""
+
+    def __init__(self, world: int, follower, follower_args: tuple = (), *, device: str = "cpu",
+                 timeout_s: float = DEFAULT_TIMEOUT_S, on_failure=None):
+        check_devices(world, device)
+        self.world, self.device, self.timeout_s, self.on_failure = world, device, timeout_s, on_failure
+        self.follower, self.follower_args = follower, follower_args
+        self.procs: list = []
+        self.group: TPGroup | None = None
+        self.done = threading.Event()
+
+    def start(self) -> TPGroup:
+        for k, v in MULTICAST_OFF.items():  # inherited by the spawned ranks
+            os.environ[k] = v
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        ctx = torch.multiprocessing.get_context("spawn")
+        self.procs = [ctx.Process(target=_follower_entry, daemon=False,
+                                  args=(r, self.world, init_method, self.device, self.timeout_s, os.getpid(),
+                                        self.follower, self.follower_args))
+                      for r in range(1, self.world)]
+        for p in self.procs:
+            p.start()
+        threading.Thread(target=_watch, args=(self.procs, self.done, self.on_failure), daemon=True).start()
+        self.group = init(0, self.world, device=self.device, init_method=init_method, timeout_s=self.timeout_s)
+        return self.group
+
+    def stop(self) -> None:
+        """Tell the followers to finish (when the group came up), then make sure they are gone."""
+        self.done.set()
+        _stop(self.procs, self.group)
+
+
 def launch(world: int, follower, follower_args: tuple, leader, *, device: str = "cpu",
            timeout_s: float = DEFAULT_TIMEOUT_S):
     """Run ``follower(group, *follower_args, alive=...)`` on ranks 1..world-1 (spawned) and
-    return ``leader(group)`` run here as rank 0. A follower that dies ends the run: the others are
-    killed, one line is printed, and this process exits with status 1 (rank 0 may be blocked
-    inside a collective, so it cannot be unwound). Both callables must be importable by name."""
-    check_devices(world, device)
-    for k, v in MULTICAST_OFF.items():  # inherited by the spawned ranks
-        os.environ[k] = v
-    init_method = f"tcp://127.0.0.1:{free_port()}"
-    ctx = torch.multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_follower_entry, daemon=False,
-                         args=(r, world, init_method, device, timeout_s, os.getpid(), follower, follower_args))
-             for r in range(1, world)]
-    for p in procs:
-        p.start()
-    done = threading.Event()
-    watchdog = threading.Thread(target=_watch, args=(procs, done), daemon=True)
-    watchdog.start()
-    group = None
+    return ``leader(group)`` run here as rank 0 (see ``Ranks``). A follower that dies ends the run:
+    the others are killed, one line is printed, and this process exits with status 1."""
+    ranks = Ranks(world, follower, follower_args, device=device, timeout_s=timeout_s)
     try:
-        group = init(0, world, device=device, init_method=init_method, timeout_s=timeout_s)
-        return leader(group)
+        return leader(ranks.start())
     finally:
-        done.set()
-        _stop(procs, group)
+        ranks.stop()
 
 
 _FAILURE: list[str] = []
 
 
 def failure() -> str | None:
-    """Why the tensor-parallel ranks stopped (a dead rank), or None while they are all up: what a
-    health check reports in the moment before the launcher ends the process."""
+    """Why the tensor-parallel ranks stopped (a dead rank), or None while they are all up."""
     return _FAILURE[0] if _FAILURE else None
 
 
-def _watch(procs, done: threading.Event) -> None:
+def _watch(procs, done: threading.Event, on_failure=None) -> None:
     while not done.wait(POLL_S):
         for rank, p in enumerate(procs, start=1):
             if p.exitcode is not None and not done.is_set():
@@ -227,6 +266,12 @@ def _watch(procs, done: threading.Event) -> None:
                 for q in procs:
                     if q.is_alive():
                         q.kill()
+                if on_failure is not None:  # e.g. the server: unhealthy, requests aborted, shutting down
+                    t = threading.Thread(target=on_failure, args=(_FAILURE[0],), daemon=True)
+                    t.start()
+                    t.join(FAIL_GRACE_S)
+                sys.stdout.flush()
+                sys.stderr.flush()
                 os._exit(1)
 
 

@@ -2,13 +2,17 @@
 Generator; rank 0 drives it and the followers repeat each of its requests in lockstep.
 
 Rank 0 wraps its Generator in ``TPGenerator``: before each call that runs the model
-(``generate_ids``, ``stream``, ``complete``, ``warmup``) or sizes its cache (``ensure_capacity``:
-warm-up and prefill buckets depend on it) it sends the call, with the prompt ids,
-sampling parameters (a seed drawn by rank 0 when the request has none, so every rank's sampler
-draws the same tokens from the same all-reduced logits), stop strings and token limit, to the
-followers (``Channel``). Every rank then stops at the same token: stop tokens, stop strings and
-the limit are decided from the same ids. A caller that stops reading early (a cancelled request)
-still runs the remaining steps on rank 0, silently, because the followers run them too.
+(``generate_ids``, ``stream``, ``warmup``, and the other decoders' hooks ``prefill`` and
+``model_logits``) or changes what later calls run (``ensure_capacity``: the cache size;
+``forget_prefix``: the prompt cache) it sends the call, with the prompt ids, sampling parameters
+(a seed drawn by rank 0 when the request has none, so every rank's sampler draws the same tokens
+from the same all-reduced logits), stop strings and token limit, to the followers (``Channel``).
+Every rank then stops at the same token: stop tokens, stop strings and the limit are decided from
+the same ids. A caller that stops reading early (a cancelled request, a client gone) is the one
+thing the followers cannot see: every ``every`` items (CHECKPOINT_EVERY) all ranks agree, with a
+one-integer broadcast from rank 0, whether to go on; rank 0 runs silently to the next checkpoint and
+says stop there. Decoders that run their own token loop on ``prefill``/``model_logits`` (grammar,
+logprobs) send one request per step, so stopping needs no agreement.
 """
 
 from __future__ import annotations
@@ -25,8 +29,15 @@ from typing import Callable, Iterator
 from ..errors import BlitzgenError
 from .group import TPGroup
 
-# Generator calls that run the model or change what later calls run (cache size): every rank makes them
-_MODEL_CALLS = ("generate_ids", "stream", "complete", "warmup", "ensure_capacity")
+# Generator calls that run the model or change what later calls run (cache size, cached prefix):
+# every rank makes them
+_MODEL_CALLS = ("generate_ids", "stream", "warmup", "ensure_capacity", "prefill", "model_logits", "forget_prefix")
+_STEPPED = ("generate_ids", "stream")  # iterators: run in lockstep, with checkpoints
+# Generator methods that only read (or run on rank 0's text alone): TPGenerator leaves them local.
+# A new Generator method must be put here or made a model call (tests/test_tp.py checks it).
+LOCAL_CALLS = ("default_max_tokens", "check_request", "reuse_prefix", "stream_tokens", "warmup_plan",
+               "prefill_buckets", "prefill_buckets_at", "complete")  # complete: through TPGenerator.stream
+CHECKPOINT_EVERY = 16  # items between two go/stop agreements (a cancel runs at most this many more)
 
 
 def _time_all_reduce(group, *args, **kw):
@@ -52,6 +63,7 @@ class TPSpec:
     max_model_len: int | None = None
     all_reduce: str = "functional"
     seed: int = 0
+    options: object = None  # the RuntimeOptions rank 0's verb resolved (decode attention, warm-up, cache dir)
 
 
 def load_rank(group: TPGroup, spec: TPSpec):
@@ -73,7 +85,8 @@ def load_rank(group: TPGroup, spec: TPSpec):
         lm = load(spec.model, device=device, dtype=spec.dtype, quantize=quant,
                   progress=group.is_leader and sys.stderr.isatty(), shard=shard)
     wrap(lm.model, group.all_reduce(spec.all_reduce))
-    gen = Generator(lm.model, lm.tokenizer, compile=spec.compile, max_seq_len=spec.max_model_len)
+    gen = Generator(lm.model, lm.tokenizer, options=spec.options, compile=spec.compile,
+                    max_seq_len=spec.max_model_len)
     torch.manual_seed(0)
     return lm, gen
 
@@ -119,37 +132,54 @@ class TPGenerator:
     """Rank 0's Generator: each call that runs the model is first sent to the followers. Every
     other attribute is the wrapped Generator's."""
 
-    def __init__(self, gen, group: TPGroup):
-        self.gen, self.group = gen, group
+    def __init__(self, gen, group: TPGroup, every: int = CHECKPOINT_EVERY):
+        self.gen, self.group, self.every = gen, group, every
 
     def __getattr__(self, name):
         return getattr(self.gen, name)
 
     def _send(self, method: str, *args, **kw) -> None:
         if self.group.world > 1:
-            self.group.channel().send((method, args, kw))
+            self.group.channel().send((method, args, kw, self.every))
 
     def generate_ids(self, prompt_ids, max_new_tokens, sampling=None, stop_token_ids=None, stats=None):
         sampling = seeded(sampling)
         it = self.gen.generate_ids(prompt_ids, max_new_tokens, sampling, stop_token_ids, stats)  # validates
         self._send("generate_ids", list(prompt_ids), max_new_tokens, sampling, stop_token_ids)
-        return _lockstep(it)
+        return _lockstep(it, self.group, self.every)
 
     def stream(self, prompt_ids, max_new_tokens, sampling=None, stop=(), stop_token_ids=None):
         sampling = seeded(sampling)
         self.gen.check_request(len(prompt_ids), max_new_tokens)
         self._send("stream", list(prompt_ids), max_new_tokens, sampling, list(stop), stop_token_ids)
-        return _lockstep(self.gen.stream(prompt_ids, max_new_tokens, sampling, stop, stop_token_ids))
+        return _lockstep(self.gen.stream(prompt_ids, max_new_tokens, sampling, stop, stop_token_ids),
+                         self.group, self.every)
 
     def complete(self, prompt_ids, max_new_tokens, sampling=None, stop=()):
-        sampling = seeded(sampling)
-        self.gen.check_request(len(prompt_ids), max_new_tokens)
-        self._send("complete", list(prompt_ids), max_new_tokens, sampling, list(stop))
-        return self.gen.complete(prompt_ids, max_new_tokens, sampling, stop)
+        from ..generate import Completion
+
+        parts, ids, d = [], [], None
+        for d in self.stream(prompt_ids, max_new_tokens, sampling, stop):
+            parts.append(d.text)
+            ids.extend(d.token_ids)
+        return Completion("".join(parts), ids, d.finish_reason, d.stats)
 
     def ensure_capacity(self, n_tokens: int) -> None:
         self.gen.ensure_capacity(n_tokens)  # validates here first
         self._send("ensure_capacity", n_tokens)
+
+    # ---- the hooks of other decoders (constrained.py: grammar, logprobs): one request per step ----
+    def prefill(self, prompt_ids, start: int = 0):
+        self._send("prefill", list(prompt_ids), start)
+        return self.gen.prefill(prompt_ids, start)
+
+    def model_logits(self, tok, pos):
+        self._send("model_logits", int(tok.reshape(-1)[0]), int(pos.reshape(-1)[0]))
+        return self.gen.model_logits(tok, pos)
+
+    def forget_prefix(self) -> None:
+        self._send("forget_prefix")
+        self.gen.forget_prefix()
 
     def time_all_reduce(self, kind: str, nbytes: int, dtype: str = "bfloat16", iters: int = 200) -> float:
         """Seconds per all-reduce of nbytes (every rank runs it): see comm.time_all_reduce."""
@@ -163,27 +193,87 @@ class TPGenerator:
         return self.gen.warmup(sampling_modes, prompt_len, new_tokens)
 
 
-def _lockstep(it: Iterator) -> Iterator:
-    """it's items; when the caller stops early, the rest of it still runs (the followers run it).
-    Ctrl-C while it runs the model is held until the item is handed out, so that rank 0 never
-    stops inside a step the followers are taking too."""
-    finished = False
+def _agree(group: TPGroup, go: bool | None) -> bool:
+    """Every rank's answer to "go on?": rank 0's ``go``, broadcast (followers pass None)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([int(bool(go))], dtype=torch.int32, device=group.device)
+    dist.broadcast(t, src=0, group=group.group)
+    return bool(go) if group.is_leader else bool(t.item())
+
+
+def _lockstep(it: Iterator, group: TPGroup | None = None, every: int = CHECKPOINT_EVERY) -> Iterator:
+    """it's items, on rank 0. After every ``every`` items the ranks agree whether to go on
+    (``_agree``). When the caller stops early (closes it, even before the first item), rank 0 runs
+    silently to the next checkpoint (or the natural end) and says stop there. Ctrl-C while it runs
+    the model is held until the item is handed out, so that rank 0 never stops inside a step the
+    followers are taking too."""
+    return _Lockstep(it, group, every)
+
+
+class _Lockstep:
+    def __init__(self, it: Iterator, group: TPGroup | None, every: int):
+        self.it, self.group, self.every = it, group, every
+        self.sync = group is not None and group.world > 1
+        self.n, self.done = 0, False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.done:
+            raise StopIteration
+        if not self.sync:  # one rank: nothing to keep in step
+            return next(self.it)
+        if self.n and self.n % self.every == 0:
+            _agree(self.group, True)
+        try:
+            with _hold_interrupts() as held:
+                x = next(self.it)
+        except StopIteration:
+            self.done = True
+            raise
+        except BaseException:
+            self.close()
+            raise
+        self.n += 1
+        if held:
+            self.close()
+            raise KeyboardInterrupt
+        return x
+
+    def close(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        with _hold_interrupts():
+            if self.sync:
+                finished = False
+                while self.n == 0 or self.n % self.every:
+                    try:
+                        next(self.it)
+                    except StopIteration:
+                        finished = True
+                        break
+                    self.n += 1
+                if not finished:
+                    _agree(self.group, False)
+            close = getattr(self.it, "close", None)
+            if close is not None:
+                close()
+
+
+def _follow_steps(it: Iterator, group: TPGroup, every: int) -> None:
+    """A follower's side of ``_lockstep``: run it, stopping at the checkpoint where rank 0 says so."""
+    n = 0
     try:
-        while True:
-            try:
-                with _hold_interrupts() as held:
-                    x = next(it)
-            except StopIteration:
-                finished = True
+        for _ in it:
+            n += 1
+            if n % every == 0 and not _agree(group, None):
                 return
-            if held:
-                raise KeyboardInterrupt
-            yield x
     finally:
-        if not finished:
-            with _hold_interrupts():
-                for _ in it:
-                    pass
+        it.close()
 
 
 @contextlib.contextmanager
@@ -203,24 +293,38 @@ def _hold_interrupts():
 def follow(group: TPGroup, spec: TPSpec, alive: Callable[[], bool] = lambda: True) -> None:
     """A follower rank: load, then repeat rank 0's calls until it sends None."""
     _, gen = load_rank(group, spec)
+    serve(group, gen, alive)
+
+
+def serve(group: TPGroup, gen, alive: Callable[[], bool] = lambda: True) -> None:
+    """Repeat rank 0's calls on ``gen`` (this rank's Generator) until it sends None."""
+    import torch
+
     channel = group.channel()
     while True:
         req = channel.recv(alive)
         if req is None:
             return
-        method, args, kw = req
-        if method not in _MODEL_CALLS and method not in _GROUP_CALLS:
-            raise BlitzgenError(f"unknown request {method!r} from rank 0")
+        method, args, kw, every = req
         if method in _GROUP_CALLS:
-            _GROUP_CALLS[method](group, *args, **kw)
+            try:
+                _GROUP_CALLS[method](group, *args, **kw)
+            except Exception:  # noqa: BLE001 - rank 0 failed alike and reports it
+                pass
             continue
+        if method not in _MODEL_CALLS:
+            raise BlitzgenError(f"unknown request {method!r} from rank 0")
         try:
+            if method == "model_logits":  # (token, position) as ints: the tensors are rebuilt here
+                with torch.inference_mode():  # as in rank 0's token loop (the compiled step's guards)
+                    gen.model_logits(torch.tensor([[args[0]]], device=gen.device),
+                                     torch.tensor([args[1]], device=gen.device))
+                continue
             out = getattr(gen, method)(*args, **kw)
-            if method in ("generate_ids", "stream"):
-                for _ in out:
-                    pass
         except (BlitzgenError, ValueError):  # rank 0 got the same error before any collective
-            pass
+            continue
+        if method in _STEPPED:
+            _follow_steps(out, group, every)
 
 
 def run(world: int, spec: TPSpec, leader: Callable, *, timeout_s: float | None = None):
