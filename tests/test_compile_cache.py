@@ -303,3 +303,38 @@ def test_cached_opens_before_and_saves_after_the_block(root, monkeypatch):
     assert len(cc.list_entries(root)) == 1  # nothing saved for the failed block
     with cc.cached(args, _opts(), enabled=False) as none:
         assert none is None
+
+
+def test_cache_warm_loads_compiled_and_runs_the_full_warm_up(root, monkeypatch, capsys):
+    from blitzgen.commands import common
+
+    calls = []
+
+    class Gen:
+        device = "cpu"
+
+    class LM:
+        name = "m"
+
+    def fake_load(args, log=None):
+        calls.append(("load", args.model, args.compile))
+        return LM(), Gen()
+
+    monkeypatch.setattr(common, "load_engine", fake_load)
+    monkeypatch.setattr(cc, "warm_up", lambda lm, gen, *a, **k: calls.append(("warm", a, k)) or 1.5)
+    assert _cli(["cache", "warm", "--model", "some.gguf", "--dtype", "float32"]) == 0
+    assert calls == [("load", "some.gguf", True), ("warm", (), {})]  # the full warm-up: serve's entry
+    assert "compile + warm-up 1.5 s" in capsys.readouterr().err
+    from blitzgen.cli import main
+
+    assert main(["cache", "warm", "--no-compile"]) == 2
+    assert "drop --no-compile" in capsys.readouterr().err
+
+
+def test_key_follows_the_resolved_compile_regions():
+    tiny = ModelArgs.from_name("tiny")
+    on, off = cc.key_for(tiny, _opts(compile_regions=True)), cc.key_for(tiny, _opts(compile_regions=False))
+    assert cc.key_hash(on) != cc.key_hash(off)
+    assert cc.key_hash(cc.key_for(tiny, _opts())) == cc.key_hash(on)  # CPU's default is on
+    # how weights were read is not part of the key
+    assert cc.key_hash(cc.key_for(tiny, _opts(weight_cache=False, staged_load=False))) == cc.key_hash(on)

@@ -219,3 +219,34 @@ def test_bench_save_cli(tmp_path, capsys):
     assert "not an empty directory" in capsys.readouterr().err
     assert main(["bench", "--device", "cpu", "--save", str(tmp_path / "u")]) == 2
     assert main(["bench", "--shape", "tiny", "--mode", "int8", "--device", "cpu", "--save", str(tmp_path / "u")]) == 2
+
+
+@pytest.mark.parametrize("chunk,threads", [(1000, 3), (64 << 20, 4), (4096, 1)])
+def test_staged_reader_reads_what_safetensors_reads(tmp_path, chunk, threads):
+    """The CUDA loader's chunked, double-buffered, multi-threaded reader (run unpinned on the
+    CPU) returns exactly safetensors' tensors, for every dtype and for tensors larger and smaller
+    than a chunk, and for a tensor large enough to be split between threads."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from blitzgen.loading.hf import StagedReader
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"big": torch.randn(1200, 1100, generator=g).to(torch.bfloat16),  # 2.6 MB
+               "huge": torch.randn(2, 1100, 1000, generator=g),  # 8.8 MB: split between threads
+               "f16": torch.randn(333, generator=g).half(), "i64": torch.arange(17), "u8": torch.arange(5, dtype=torch.uint8),
+               "scalarish": torch.tensor([3.5]), "empty": torch.zeros(0, 4), "flag": torch.tensor([True, False])}
+    f = tmp_path / "t.safetensors"
+    save_file(tensors, str(f))
+    reader = StagedReader("cpu", chunk=chunk, threads=threads)
+    with safe_open(str(f), framework="pt") as h:
+        for name in tensors:
+            got, want = reader.get(str(f), name), h.get_tensor(name)
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), name
+    reader.close()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(f.read_bytes()[:-4096])
+    with pytest.raises(OSError, match="end of file"):
+        r = StagedReader("cpu", chunk=chunk, threads=threads)
+        for name in tensors:
+            r.get(str(cut), name)

@@ -95,3 +95,49 @@ def test_a_real_process_counts_interpreter_start_and_imports():
     assert phases["imports"] + phases["load"] == pytest.approx(phases["total"], abs=1e-6)
     assert phases["total"] == pytest.approx(data["now"] - data["start"], abs=0.05)
     assert out.stderr.strip().startswith("startup: ready in")
+
+
+def test_compile_regions_trace_one_block_for_every_layer():
+    """With ``compile_regions`` the decode step's graph calls one traced block subgraph per layer
+    (Dynamo traces the block once), and gives eager's logits; without, the layers are unrolled."""
+    import torch
+
+    from blitzgen.generate import _model_step
+    from tests.conftest import tiny_model
+
+    if not hasattr(torch.compiler, "nested_compile_region"):
+        pytest.skip("torch without nested_compile_region")
+    model = tiny_model(n_layers=4)
+    tok, pos = torch.tensor([[3]]), torch.tensor([2])
+    with torch.no_grad():
+        want = _model_step(model, tok, pos)
+    for regions in (True, False):
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        model.compile_regions = regions
+        with torch.no_grad():
+            got = torch.compile(_model_step, backend=backend, fullgraph=True)(model, tok, pos)
+        assert torch.allclose(got, want, atol=1e-5), regions
+        calls = [n for n in graphs[0].graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+        subgraphs = {n.args[0].target for n in calls}
+        if regions:
+            assert len(calls) == 4 and len(subgraphs) == 1  # one block traced, called per layer
+        else:
+            assert not calls
+    torch._dynamo.reset()
+
+
+def test_regions_default_on_for_cpu_off_for_cuda(monkeypatch):
+    from blitzgen.runtime import RuntimeOptions
+
+    assert RuntimeOptions().regions_for("cpu") and not RuntimeOptions().regions_for("cuda:0")
+    assert not RuntimeOptions(compile_regions=False).regions_for("cpu")
+    monkeypatch.setenv("BLITZGEN_COMPILE_REGIONS", "1")
+    assert RuntimeOptions.from_env().regions_for("cuda")
+    monkeypatch.setenv("BLITZGEN_COMPILE_REGIONS", "0")
+    assert not RuntimeOptions.from_env().regions_for("cpu")

@@ -104,6 +104,8 @@ def key_for(model_args, options=None, extra: dict | None = None) -> dict:
 
     opts = dataclasses.asdict(options) if options is not None else {}
     opts.pop("cache_dir", None)  # where the cache lives does not change what is in it
+    opts.pop("weight_cache", None)  # nor does how the weights were read
+    opts.pop("staged_load", None)
     if opts.get("gemv_configs"):  # a file of launch configs: its contents count, not its name
         try:
             with open(opts["gemv_configs"], "rb") as f:
@@ -112,6 +114,8 @@ def key_for(model_args, options=None, extra: dict | None = None) -> dict:
             pass
     args = dataclasses.asdict(model_args) if dataclasses.is_dataclass(model_args) else dict(model_args)
     device = opts.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if options is not None:  # the layout traced, resolved for the device (None means a device's default)
+        opts["compile_regions"] = options.regions_for(device)
     return {
         "format": FORMAT,
         "blitzgen": __version__,
@@ -139,6 +143,13 @@ def compile_root(root: str | None = None) -> str:
     return os.path.join(root or cache_root(), "compile")
 
 
+def weights_root(root: str | None = None) -> str:
+    """Converted weights (a GGUF dequantized once, loading/converted.py): ``<root>/weights/<key>/``."""
+    from .runtime import cache_root
+
+    return os.path.join(root or cache_root(), "weights")
+
+
 def use_inductor_dir(root: str | None = None) -> str:
     """Point Inductor's (and Triton's) local caches into blitzgen's cache root, unless the user set
     them; call before the first compile. Returns the Inductor directory."""
@@ -151,7 +162,8 @@ def use_inductor_dir(root: str | None = None) -> str:
 
 
 @contextlib.contextmanager
-def _locked(directory: str, exclusive: bool = True) -> Iterator[None]:
+def locked(directory: str, exclusive: bool = True) -> Iterator[None]:
+    """An ``fcntl`` lock on an entry directory: exclusive for writers, shared for readers."""
     if exclusive:
         os.makedirs(directory, exist_ok=True)
     try:
@@ -169,7 +181,8 @@ def _locked(directory: str, exclusive: bool = True) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _write_atomic(path: str, data: bytes) -> None:
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``path`` through a temporary file in the same directory, fsync, then rename."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -208,7 +221,7 @@ class CompileCache:
         use_inductor_dir(self.root)
         blob = None
         try:
-            with _locked(self.dir, exclusive=False):
+            with locked(self.dir, exclusive=False):
                 blob, manifest = self._read()
             if blob is None:
                 self.status = "miss"
@@ -252,7 +265,7 @@ class CompileCache:
         log.warning("blitzgen: compile cache entry %s is unusable (%s); rebuilding it", self.key, reason)
         self.status = f"rebuilt: {reason}"
         try:
-            with _locked(self.dir):
+            with locked(self.dir):
                 if recheck:
                     with contextlib.suppress(Exception):
                         if self._read()[0] is not None:
@@ -281,9 +294,9 @@ class CompileCache:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "artifacts": {kind: len(names) for kind, names in info.artifacts.items() if names},
             }
-            with _locked(self.dir):
-                _write_atomic(os.path.join(self.dir, BLOB), blob)
-                _write_atomic(os.path.join(self.dir, MANIFEST),
+            with locked(self.dir):
+                write_atomic(os.path.join(self.dir, BLOB), blob)
+                write_atomic(os.path.join(self.dir, MANIFEST),
                               json.dumps(manifest, indent=1, default=str).encode())
             self._loaded_sha = sha
             log.info("blitzgen: saved compile cache %s (%.1f MB)", self.key, len(blob) / 1e6)
@@ -331,11 +344,10 @@ def _dir_size(path: str) -> int:
 
 
 def list_entries(root: str | None = None) -> list[EntryInfo]:
+    """Compile-cache entries, then converted-weights entries (summary starts with "weights")."""
     out = []
     croot = compile_root(root)
-    if not os.path.isdir(croot):
-        return out
-    for key in sorted(os.listdir(croot)):
+    for key in sorted(os.listdir(croot)) if os.path.isdir(croot) else ():
         path = os.path.join(croot, key)
         if not os.path.isdir(path) or not ({MANIFEST, BLOB} & set(os.listdir(path))):
             continue  # not an entry, or one removed (its lock file stays)
@@ -352,17 +364,32 @@ def list_entries(root: str | None = None) -> list[EntryInfo]:
             out.append(EntryInfo(key, path, _dir_size(path), m.get("created", "?"), ok, summary))
         except (OSError, ValueError):
             out.append(EntryInfo(key, path, _dir_size(path), "?", False, "incomplete or corrupt"))
+    wroot = weights_root(root)
+    for key in sorted(os.listdir(wroot)) if os.path.isdir(wroot) else ():
+        path = os.path.join(wroot, key)
+        if not os.path.isdir(path) or set(os.listdir(path)) <= {LOCK}:
+            continue
+        try:
+            with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
+                m = json.load(f)
+            src = m["parts"]["source"]
+            ok = all(os.path.getsize(os.path.join(path, n)) == size for n, (size, _) in m["files"].items())
+            summary = f"weights {m['parts']['dtype']} of {os.path.basename(src['path'])}"
+            out.append(EntryInfo(key, path, _dir_size(path), m.get("created", "?"), ok, summary))
+        except (OSError, ValueError, KeyError, TypeError):
+            out.append(EntryInfo(key, path, _dir_size(path), "?", False, "weights: incomplete or corrupt"))
     return out
 
 
-def clear(root: str | None = None, *, inductor: bool = True) -> int:
-    """Remove every compile-cache entry (and Inductor's local cache under the same root); returns
-    the bytes freed."""
+def clear(root: str | None = None, *, inductor: bool = True, weights: bool = True) -> int:
+    """Remove every compile-cache entry, Inductor's local cache under the same root and the
+    converted weights (unless told to keep them); returns the bytes freed."""
     from .runtime import cache_root
 
     base = root or cache_root()
     freed = 0
-    for path in (compile_root(base), os.path.join(base, "inductor") if inductor else None):
+    for path in (compile_root(base), os.path.join(base, "inductor") if inductor else None,
+                 weights_root(base) if weights else None):
         if path and os.path.isdir(path):
             freed += _dir_size(path)
             shutil.rmtree(path, ignore_errors=True)

@@ -154,6 +154,16 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def _block(layer: TransformerBlock, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+    return layer(x, rope, mask, input_pos)
+
+
+# The same block as a compile region: Dynamo traces it once and reuses the trace for every layer
+# (torch >= 2.9), instead of tracing all n_layers; eager calls run it as is.
+_region = getattr(getattr(torch, "compiler", None), "nested_compile_region", None)
+_block_region = _region(_block) if _region is not None else _block
+
+
 class Transformer(nn.Module):
     """The model. ``args.max_seq_len`` is the trained context; ``cache_len`` is how many positions
     the KV cache currently holds (``setup_caches``). ``decode_attention`` names the one-token
@@ -171,6 +181,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.cache_len = 0
         self.max_batch = 0
+        self.compile_regions = False  # compiled: trace one block for all layers (set at load: RuntimeOptions.regions_for)
 
     @property
     def max_seq_len(self) -> int:
@@ -217,8 +228,9 @@ class Transformer(nn.Module):
         logits ([B, N, V]), which saves the output matmul over a long prompt."""
         rope, mask = self.rope_and_mask(input_pos)
         x = self.tok_embeddings(idx)
+        block = _block_region if self.compile_regions and torch.compiler.is_compiling() else _block
         for layer in self.layers:
-            x = layer(x, rope, mask, input_pos)
+            x = block(layer, x, rope, mask, input_pos)
         if logits_at is not None:
             x = x.index_select(1, logits_at)
         return self.output(self.norm(x)).float()

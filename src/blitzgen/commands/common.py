@@ -281,8 +281,10 @@ def load_engine(args, *, log=None):
         warn(f"--max-model-len {opts.max_model_len} is above {lm.name}'s context of {context} tokens; using {context}")
         opts = opts.replace(max_model_len=context)
     gen = Generator(lm.model, lm.tokenizer, options=opts)
+    cached = {"hit": ", converted weights from the cache", "saved": ", converted weights cached"}
     log(f"Loaded {lm.name} ({lm.kind}, {lm.args.n_layers} layers, {opts.dtype}"
-        f"{', ' + lm.quant['scheme'] if lm.quant else ''}) on {opts.device} in {lm.load_seconds:.2f} seconds")
+        f"{', ' + lm.quant['scheme'] if lm.quant else ''}{cached.get(lm.weight_cache, '')}) on {opts.device} "
+        f"in {lm.load_seconds:.2f} seconds")
     torch.manual_seed(0)
     return lm, gen
 

@@ -47,6 +47,7 @@ class LoadedModel:
     name: str
     load_seconds: float = 0.0
     quant: dict | None = None
+    weight_cache: str | None = None  # GGUF: "hit", "saved", "miss", "rebuilt: ..." (loading/converted.py)
 
 
 def default_model_path() -> Path:
@@ -153,7 +154,7 @@ def load(spec: str | os.PathLike | None = None, options: RuntimeOptions | None =
     device, dtype, quantize = resolve_options(options, device=device, dtype=dtype, quantize=quantize)
     path = resolve(spec)
     kind = detect_kind(path)
-    quant_meta = None
+    quant_meta = cache_status = None
     if kind == "gguf-dir":
         path, kind = next(p for p in sorted(path.glob("*.gguf")) if gguf_src.is_gguf_file(p)), "gguf"
     if kind == "blitzgen":
@@ -165,19 +166,65 @@ def load(spec: str | os.PathLike | None = None, options: RuntimeOptions | None =
     else:
         if kind == "hf":
             args = hf_src.load_args(path)
-            source = hf_src.SafetensorsSource(hf_src.safetensors_files(path), device=_read_device(device))
+            source = hf_src.SafetensorsSource(hf_src.safetensors_files(path), device=_read_device(device),
+                                              staged=options is None or options.staged_load)
+        elif shard is None and (options is None or options.weight_cache):
+            model, args, tokenizer, quant_meta, cache_status = _load_gguf_cached(
+                path, options, device=device, dtype=dtype, quantize=quantize, quant_dtype=quant_dtype,
+                progress=progress)
         else:
             reader = gguf_src.open_reader(path)
             args = gguf_src.load_args(reader)
             source = gguf_src.GGUFSource(reader, args)
-        model, args, quant_meta = assemble(args, source, device=device, dtype=dtype, quantize=quantize,
-                                           quant_dtype=quant_dtype, progress=progress, shard=shard)
-        tokenizer = Tokenizer.from_hf_dir(path) if kind == "hf" else Tokenizer.from_gguf(reader)
+        if cache_status is None:
+            model, args, quant_meta = assemble(args, source, device=device, dtype=dtype, quantize=quantize,
+                                               quant_dtype=quant_dtype, progress=progress, shard=shard)
+            tokenizer = Tokenizer.from_hf_dir(path) if kind == "hf" else Tokenizer.from_gguf(reader)
+    model.compile_regions = _regions(options, device, shard, quant_meta)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     name = path.stem if path.is_file() else path.name
     return LoadedModel(model=model, tokenizer=tokenizer, args=args, source=str(path), kind=kind, name=name,
-                       load_seconds=time.perf_counter() - t0, quant=quant_meta)
+                       load_seconds=time.perf_counter() - t0, quant=quant_meta, weight_cache=cache_status)
+
+
+def _regions(options: RuntimeOptions | None, device: str, shard, quant_meta: dict | None) -> bool:
+    """Whether the compiled model traces one block for all layers (RuntimeOptions.regions_for), but
+    never under tensor parallelism (unmeasured) nor with int4 weights: on torch 2.13 Dynamo's
+    region reuse cannot resolve the guard on quant/int4.py's ``CPU_PACKED_MAX_TOKENS[dtype]``
+    lookup (InternalTorchDynamoError), so int4 keeps the unrolled trace."""
+    if shard is not None or (quant_meta or {}).get("scheme") == "int4":
+        return False
+    return (options or RuntimeOptions()).regions_for(device)
+
+
+def _load_gguf_cached(path: Path, options: RuntimeOptions | None, *, device, dtype, quantize, quant_dtype, progress):
+    """A GGUF through the converted-weights cache (loading/converted.py): the cached safetensors
+    when there is a sound entry for this file and dtype, else the GGUF, recorded into a new entry.
+    -> (model, args, tokenizer, quant metadata, cache status)."""
+    from ..tokenizer import Tokenizer
+    from .converted import WeightCache
+
+    cache = WeightCache(path, dtype, root=options.cache_dir if options is not None else None)
+    hit = cache.open(_read_device(device), staged=options is None or options.staged_load)
+    if hit is not None:
+        model, args, meta = assemble(hit.args, hit.source, device=device, dtype=dtype, quantize=quantize,
+                                     quant_dtype=quant_dtype, progress=progress, where=f"{cache.dir} (cached {path.name})")
+        return model, args, hit.tokenizer, meta, cache.status
+    reader = gguf_src.open_reader(path)
+    args = gguf_src.load_args(reader)
+    source = gguf_src.GGUFSource(reader, args)
+    rec = cache.recorder()
+    try:
+        model, args, meta = assemble(args, source, device=device, dtype=dtype, quantize=quantize,
+                                     quant_dtype=quant_dtype, progress=progress, record=rec)
+        tokenizer = Tokenizer.from_gguf(reader)
+    except BaseException:
+        if rec is not None:
+            rec.discard()
+        raise
+    cache.save(rec, args, tokenizer)
+    return model, args, tokenizer, meta, cache.status
 
 
 def load_random(shape: str | ModelArgs, options: RuntimeOptions | None = None, *, device: str | None = None,
@@ -192,6 +239,7 @@ def load_random(shape: str | ModelArgs, options: RuntimeOptions | None = None, *
     source = RandomSource(args, device=device, dtype=dtype, seed=seed)
     model, args, meta = assemble(args, source, device=device, dtype=dtype, quantize=quantize, progress=progress,
                                  where="random weights", shard=shard)
+    model.compile_regions = _regions(options, device, shard, meta)
     name = shape.lower() if isinstance(shape, str) else "random"
     return LoadedModel(model=model, tokenizer=None, args=args, source=f"random:{name}", kind="random", name=name,
                        load_seconds=time.perf_counter() - t0, quant=meta)

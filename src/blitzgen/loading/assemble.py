@@ -4,9 +4,11 @@ weights arrive (or put in a checkpoint's quantized modules), tie the head, assig
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
-from typing import Protocol
+import threading
+from typing import Iterator, Protocol
 
 import torch
 import torch.nn as nn
@@ -42,6 +44,7 @@ def assemble(
     progress: bool = True,
     where: str = "checkpoint",
     shard=None,
+    record=None,
 ) -> tuple[Transformer, ModelArgs, dict | None]:
     """``Transformer(args)`` filled from ``source``; returns (model, args, quantization metadata).
 
@@ -62,14 +65,12 @@ def assemble(
         args = shard.rank_args(args)
     names = set(source.names())
     column = source.column
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = meta_model(args)
     if not args.tie_word_embeddings and prequantized is None:  # no head in the file: it shares the embedding
         head = _table(args, column, model, tied=False).get("output.weight")
         if head is not None and not all(p in names for p in head):
             args = dataclasses.replace(args, tie_word_embeddings=True)
-            with torch.device("meta"):
-                model = Transformer(args)
+            model = meta_model(args)
     tied = args.tie_word_embeddings
     qdtype = quant_dtype or dtype
     handler, targets, config = None, {}, quantize
@@ -99,6 +100,9 @@ def assemble(
     total = sum(expected[k].numel() * _size(expected[k], dtype) for k in table)
     bar = tqdm(total=total, desc="loading weights", unit="B", unit_scale=True, leave=False,
                disable=not (progress and sys.stderr.isatty()))
+    if record is not None:
+        record.begin([(k, expected[k].shape, dtype if expected[k].is_floating_point() else expected[k].dtype)
+                      for k in table])
     for ours, parts in table.items():
         tensors = []
         if shard is not None:
@@ -114,6 +118,8 @@ def assemble(
         if want.is_floating_point() != t.is_floating_point() or (not want.is_floating_point() and t.dtype != want.dtype):
             raise ModelLoadError(f"tensor {'+'.join(parts)} in {where} is {t.dtype}, expected {want.dtype}")
         t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        if record is not None:
+            record.add(ours, t)
         bar.update(t.numel() * t.element_size())
         module, _, pname = ours.rpartition(".")
         if module in targets:
@@ -141,6 +147,33 @@ def assemble(
         prepare_model(model)  # assigned buffers: build the packed copies and kernel hooks
     meta = quant_metadata(config, qdtype, len(targets)) if targets else None
     return model.eval(), args, meta
+
+
+_INIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """nn.init's initializers as no-ops (meta tensors have no values to initialize); one thread at
+    a time, so that the originals are always what gets restored."""
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
+    with _INIT_LOCK:
+        saved = {n: getattr(nn.init, n) for n in names}
+        try:
+            for n in names:
+                setattr(nn.init, n, lambda tensor, *a, **k: tensor)
+            yield
+        finally:
+            for n, f in saved.items():
+                setattr(nn.init, n, f)
+
+
+def meta_model(args: ModelArgs) -> Transformer:
+    """``Transformer(args)`` on the meta device without running the initializers: on a meta tensor
+    ``nn.init.normal_`` (the embedding's) runs a Dynamo-guarded reference op whose first call imports
+    torch._dynamo, ~1.5 s of an eager start on 2 cores."""
+    with torch.device("meta"), _no_init():
+        return Transformer(args)
 
 
 def _table(args: ModelArgs, column: str, model: nn.Module, tied: bool) -> dict[str, list[str]]:

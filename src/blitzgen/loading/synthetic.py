@@ -8,7 +8,6 @@ import zlib
 import torch
 
 from ..config import ModelArgs
-from ..model import Transformer
 
 
 class RandomSource:
@@ -17,8 +16,9 @@ class RandomSource:
     column = "ours"
 
     def __init__(self, args: ModelArgs, *, device: torch.device | str, dtype: torch.dtype, seed: int = 0):
-        with torch.device("meta"):
-            model = Transformer(args)
+        from .assemble import meta_model
+
+        model = meta_model(args)
         self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}  # tied head once
         self.device, self.dtype, self.seed = torch.device(device), dtype, seed
         self.gen = torch.Generator(device=self.device)
