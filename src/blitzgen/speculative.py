@@ -20,7 +20,10 @@ invisible (the mask is by position) and are overwritten before any query can see
 model's cache is kept in step the same way (it is caught up on tokens it has not seen).
 
 Shapes are static: the verify always takes K_max+1 tokens (padded), draft steps are one-token
-decode steps, prefill is padded to power-of-two buckets; nothing recompiles per accepted length.
+decode steps, a compiled prefill is padded to power-of-two buckets; nothing recompiles per accepted
+length. Compiled, each model forward (target step, verify, draft step) is one graph whatever the
+sampler, and the target step and prefill are the Generator's own when one is given (``gen=``), so
+speculation adds the verify graph (and the draft's step) to what plain decoding compiles.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import BlitzgenError, ContextLengthError, InvalidRequestError
+from .generate import _model_step, _prefill_logits
 from .model import Transformer
 from .sampling import SamplingParams, exponential_noise, filter_logits, make_generator, sample
 from .speculative_draft import (DraftMismatchError, DraftModel, DraftSource, NgramDraft, SelfInt4Draft,
@@ -80,7 +84,7 @@ def accept_tokens(p: Tensor, q: Tensor, draft: Tensor, k_eff: Tensor, u: Tensor,
     return n, (r / noise).argmax()
 
 
-# ---- compiled step functions -------------------------------------------------------------------
+# ---- step functions (compiled: model forwards as CUDA graphs, sampler/acceptance as small graphs) --
 def _fit_vocab(logits: Tensor, vocab: int) -> Tensor:
     """A draft model's logits cut or padded (with -inf) to the target's vocabulary size."""
     V = logits.shape[-1]
@@ -91,28 +95,21 @@ def _fit_vocab(logits: Tensor, vocab: int) -> Tensor:
     return F.pad(logits, (0, vocab - V), value=-float("inf"))
 
 
-def _target_step(model: Transformer, tok: Tensor, pos: Tensor, samp: dict, mode: tuple, noise: Tensor | None) -> Tensor:
-    """Plain one-token decode (the fallback): [1, 1] token at pos [1] -> next token [1]."""
-    return sample(model(tok, pos)[:, -1], samp, mode, noise)
+def _verify_logits(model: Transformer, idx: Tensor, pos: Tensor) -> Tensor:
+    """Target forward on idx [1, K+1] (last token + K drafts) at pos [K+1] -> logits [K+1, V]."""
+    return model(idx, pos)[0]
 
 
-def _draft_step(model: Transformer, tok: Tensor, pos: Tensor, samp: dict, mode: tuple, noise: Tensor,
-                vocab: int) -> tuple[Tensor, Tensor]:
-    """One draft decode step: -> (token [1], its distribution q [1, V_target])."""
-    q = sampling_probs(_fit_vocab(model(tok, pos)[:, -1], vocab), samp, mode)
+def _accept(logits: Tensor, q: Tensor, draft: Tensor, k_eff: Tensor, u: Tensor, noise: Tensor, samp: dict,
+            mode: tuple) -> tuple[Tensor, Tensor]:
+    """A verify's acceptance: (n accepted drafts [], next token [])."""
+    return accept_tokens(sampling_probs(logits, samp, mode), q, draft, k_eff, u, noise)
+
+
+def _draft_pick(logits: Tensor, samp: dict, mode: tuple, noise: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
+    """A draft step's token [1] and its distribution q [1, V_target] from the draft's logits [1, V]."""
+    q = sampling_probs(_fit_vocab(logits, vocab), samp, mode)
     return (q / noise).argmax(-1), q
-
-
-def _verify_step(model: Transformer, idx: Tensor, pos: Tensor, q: Tensor, k_eff: Tensor, u: Tensor,
-                 noise: Tensor, samp: dict, mode: tuple) -> tuple[Tensor, Tensor]:
-    """Target forward on idx [1, K+1] (last token + K drafts) at pos [K+1], then acceptance."""
-    p = sampling_probs(model(idx, pos)[0], samp, mode)  # [K+1, V]
-    return accept_tokens(p, q, idx[0, 1:], k_eff, u, noise)
-
-
-def _forward_chunk(model: Transformer, ids: Tensor, pos: Tensor, last: Tensor) -> Tensor:
-    """Prefill / catch-up: ids [1, T] at pos [T]; returns the logits at index `last` [1, V]."""
-    return model(ids, pos)[0].index_select(0, last)
 
 
 # ---- statistics --------------------------------------------------------------------------------
@@ -276,14 +273,16 @@ def make_draft(kind: str, target: Transformer, *, draft_model: Transformer | Non
 class SpeculativeDecoder:
     """Runs requests on a target model with a draft source, one at a time (batch size 1)."""
 
-    def __init__(self, target: Transformer, draft: DraftSource, *, k: int = 4, compile: bool = False,
+    def __init__(self, target: Transformer, draft: DraftSource, *, k: int = 4, compile: bool | None = None,
                  adaptive: bool = True, verify_cost: float | None = None, draft_cost: float | None = None,
-                 min_gain: float = 1.05, max_seq_len: int | None = None):
+                 min_gain: float = 1.05, max_seq_len: int | None = None, gen=None, compile_prefill: bool = False):
         if not isinstance(k, int) or not 1 <= k <= 32:
             raise InvalidRequestError(f"speculation length k must be an integer in 1..32, got {k!r}", param="k")
         if not isinstance(draft, DraftSource):
             raise BlitzgenError(f"not a draft source: {type(draft).__name__}")
-        self.model, self.draft, self.k_max = target, draft, k
+        if gen is not None and gen.model is not target:
+            raise BlitzgenError("the Generator given to SpeculativeDecoder runs another model")
+        self.model, self.draft, self.k_max, self.gen = target, draft, k, gen
         self.dmodel = draft.model
         if self.dmodel is not None:
             check_draft_model(target, self.dmodel)
@@ -293,30 +292,67 @@ class SpeculativeDecoder:
         if self.dmodel is not None:
             self.context = min(self.context, self.dmodel.args.max_seq_len)
         self.max_seq_len = min(max_seq_len or self.context, self.context)
-        self.compiled, self.adaptive = compile, adaptive
+        if compile is None:
+            compile = gen.compiled if gen is not None else False
+        self.compiled, self.adaptive = bool(compile), adaptive
         self.verify_cost = verify_cost if verify_cost is not None else (1.3 if self.device.type == "cuda" else 1.5)
         self.draft_cost = draft_cost if draft_cost is not None else draft.estimate_cost(target)
         self.min_gain = min_gain
         self.last_result_stats = SpeculationStats()
-        self._mark_step = compile and self.device.type == "cuda"
+        self._mark_step = self.compiled and self.device.type == "cuda"
         self._warming = False
-        if compile:
+        # Model forwards (one graph each, whatever the sampler; CUDA graphs on CUDA): the target's
+        # one-token step (the Generator's own graph when one is given), its (K+1)-token verify and the
+        # draft's step. Sampler, acceptance and draft pick: small graphs per sampler mode. Prefill:
+        # the Generator's, or eager unless compile_prefill (then one graph per power-of-two bucket).
+        self._step, self._vstep, self._dstep, self._chunk = _model_step, _verify_logits, _model_step, _prefill_logits
+        self._sample, self._accept, self._pick = sample, _accept, _draft_pick
+        self.prefill_compiled = self.compiled and (gen.prefill_compiled if gen is not None else compile_prefill)
+        if self.compiled:
             from .compile import compile_decode, compile_static
 
             dev = str(self.device)
-            self._tstep = compile_decode(_target_step, dev)
-            self._verify = compile_decode(_verify_step, dev)
-            self._dstep = compile_decode(_draft_step, dev) if self.dmodel is not None else None
-            self._chunk = compile_static(_forward_chunk, dev)
-            self._sample = compile_static(sample, dev)
-        else:
-            self._tstep, self._verify, self._dstep = _target_step, _verify_step, _draft_step
-            self._chunk, self._sample = _forward_chunk, sample
+            opts = getattr(gen, "options", None)
+            kw = dict(cache_dir=opts.cache_dir, autotune=opts.autotune) if opts is not None else {}
+            if gen is None:
+                self._step = compile_decode(_model_step, dev, **kw)
+            self._vstep = compile_decode(_verify_logits, dev, **kw)
+            if self.dmodel is not None:
+                self._dstep = compile_decode(_model_step, dev, **kw)
+            if self.prefill_compiled:
+                self._chunk = compile_static(_prefill_logits, dev, **kw)
+            self._sample = compile_static(sample, dev, **kw)
+            self._accept = compile_static(_accept, dev, **kw)
+            self._pick = compile_static(_draft_pick, dev, **kw)
+
+    def _mark(self) -> None:
+        if self._mark_step:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous graph's outputs are all consumed
+
+    def _plain_step(self, tok: Tensor, pos: Tensor, samp: dict, mode: tuple, noise: Tensor | None) -> Tensor:
+        """One-token target step: tok [1, 1] at pos [1] -> next token [1]."""
+        self._mark()
+        logits = self.gen.model_logits(tok, pos) if self.gen is not None else self._step(self.model, tok, pos)
+        return self._sample(logits, samp, mode, noise)
+
+    def _verify(self, idx: Tensor, pos: Tensor, q: Tensor, k_eff: Tensor, u: Tensor, noise: Tensor, samp: dict,
+                mode: tuple) -> tuple[Tensor, Tensor]:
+        """Target forward of K+1 tokens and acceptance -> (n accepted [], next token [])."""
+        self._mark()
+        return self._accept(self._vstep(self.model, idx, pos), q, idx[0, 1:], k_eff, u, noise, samp, mode)
+
+    def _draft_step(self, tok: Tensor, pos: Tensor, samp: dict, mode: tuple, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """One draft-model step -> (token [1], its distribution q [1, V_target])."""
+        self._mark()
+        return self._pick(self._dstep(self.dmodel, tok, pos), samp, mode, noise, self.vocab)
 
     # ---- capacity -------------------------------------------------------------------------------
     def _ensure_capacity(self, model: Transformer, n: int) -> None:
         """The Generator's growth rule (so a server's cache sizes, and compiled graphs, are shared)."""
         if n <= model.max_seq_len:
+            return
+        if self.gen is not None and model is self.model:
+            self.gen.ensure_capacity(n)
             return
         if self.compiled:
             cap = max(CACHE_ROUND, 1 << (n - 1).bit_length())
@@ -339,13 +375,16 @@ class SpeculativeDecoder:
 
     # ---- pieces ---------------------------------------------------------------------------------
     def _run_chunk(self, model: Transformer, ids: Sequence[int], start: int) -> Tensor:
-        """Write ids at positions start.. into model's cache; logits of the last one [1, V]. When
-        compiled, padded to a power-of-two bucket (padding lands past the real positions, or on
-        the last cache slot, which is overwritten before any query sees it)."""
+        """Write ids at positions start.. into model's cache; logits of the last one [1, V]. The
+        target's prompt goes through the Generator when there is one. A compiled prefill is padded
+        to a power-of-two bucket (padding lands past the real positions, or on the last cache slot,
+        which is overwritten before any query sees it)."""
+        if self.gen is not None and model is self.model and start == 0:
+            return self.gen.prefill(list(ids))
         dev, n = self.device, len(ids)
         cap = model.max_seq_len
         T = n
-        if self.compiled:
+        if self.prefill_compiled:
             T = min(max(MIN_PREFILL_BUCKET, 1 << (n - 1).bit_length()), cap)
         idx = torch.zeros((1, T), dtype=torch.int64, device=dev)
         idx[0, :n] = torch.tensor(list(ids), dtype=torch.int64, device=dev)
@@ -380,18 +419,18 @@ class SpeculativeDecoder:
                     ts.append(time.perf_counter() - t)
                 return sorted(ts)[len(ts) // 2]
 
-            t_step = timed(lambda: self._tstep(self.model, tok, pos, samp, mode, None))
-            t_verify = timed(lambda: self._verify(self.model, idx, vpos, q, kk, u, ones, samp, mode))
+            t_step = timed(lambda: self._plain_step(tok, pos, samp, mode, None))
+            t_verify = timed(lambda: self._verify(idx, vpos, q, kk, u, ones, samp, mode))
             t_draft = 0.0
             if self.dmodel is not None:
-                t_draft = timed(lambda: self._dstep(self.dmodel, tok, pos, samp, mode, ones[None], self.vocab))
+                t_draft = timed(lambda: self._draft_step(tok, pos, samp, mode, ones[None]))
         self.verify_cost, self.draft_cost = t_verify / t_step, t_draft / t_step
         return {"verify_cost": self.verify_cost, "draft_cost": self.draft_cost, "step_s": t_step,
                 "verify_s": t_verify, "draft_s": t_draft}
 
     def prefill_lengths(self, max_len: int) -> list[int]:
         """One prompt length per prefill bucket up to max_len (for ``warmup(prompt_lens=...)``)."""
-        if not self.compiled:
+        if not self.prefill_compiled:
             return []
         out, n = [], MIN_PREFILL_BUCKET
         while n < max_len:
@@ -415,7 +454,7 @@ class SpeculativeDecoder:
         finally:
             self.adaptive, self._warming = adaptive, False
         with torch.inference_mode():
-            for n in prompt_lens:
+            for n in (prompt_lens if self.prefill_compiled else ()):
                 for model in (self.model, self.dmodel):
                     if model is not None and n < min(model.max_seq_len, self.max_seq_len):
                         self._run_chunk(model, [0] * n, 0)
@@ -499,13 +538,11 @@ class SpeculativeDecoder:
                 k = len(drafts)
                 if ctl.on and self.adaptive and k and ctl.gain(k) < ctl.min_gain:
                     k = 0  # too short a proposal to pay for a verify
-            if self._mark_step:
-                torch.compiler.cudagraph_mark_step_begin()  # earlier graph outputs are all consumed
             if k <= 0:  # plain step
                 # while off, a host draft's guess is checked against the token for free
                 shadow = self.draft.propose(1) if self.dmodel is None and self.adaptive and not ctl.on else []
-                tok = self._tstep(self.model, torch.tensor([[seq[-1]]], device=dev), torch.tensor([P], device=dev),
-                                  samp, mode, noise((1, V)))
+                tok = self._plain_step(torch.tensor([[seq[-1]]], device=dev), torch.tensor([P], device=dev),
+                                       samp, mode, noise((1, V)))
                 new = [int(tok[0])]
                 st.plain_steps += 1
                 if shadow:
@@ -520,15 +557,15 @@ class SpeculativeDecoder:
                 else:
                     dvalid = self._catch_up(seq, dvalid, P, samp, mode, ones_v)
                     for i in range(k):
-                        d, qi = self._dstep(self.dmodel, idx[:, i:i + 1].clone(), torch.tensor([P + i], device=dev),
-                                            samp, mode, ones_v[None] if greedy else noise((1, V)), V)
+                        d, qi = self._draft_step(idx[:, i:i + 1].clone(), torch.tensor([P + i], device=dev),
+                                                 samp, mode, ones_v[None] if greedy else noise((1, V)))
                         idx[0, i + 1] = d[0]
                         q[i] = qi[0]
                     st.draft_steps += k
                     dvalid = P + k
                 u = zeros_k if greedy else torch.rand(K, generator=gen, device=dev)
-                n_t, tok_t = self._verify(self.model, idx, torch.arange(K + 1, device=dev) + P, q,
-                                          torch.tensor(k, device=dev), u, ones_v if greedy else noise((V,)), samp, mode)
+                n_t, tok_t = self._verify(idx, torch.arange(K + 1, device=dev) + P, q, torch.tensor(k, device=dev), u,
+                                          ones_v if greedy else noise((V,)), samp, mode)
                 n = int(n_t)
                 new = idx[0, 1:n + 1].tolist() + [int(tok_t)]
                 if self.dmodel is not None:
@@ -551,8 +588,8 @@ class SpeculativeDecoder:
             return dvalid
         if missing <= 2:
             for i in range(dvalid, P):
-                self._dstep(self.dmodel, torch.tensor([[seq[i]]], device=dev), torch.tensor([i], device=dev),
-                            samp, mode, ones_v[None], self.vocab)
+                self._draft_step(torch.tensor([[seq[i]]], device=dev), torch.tensor([i], device=dev),
+                                 samp, mode, ones_v[None])
         else:
             self._run_chunk(self.dmodel, seq[dvalid:P], dvalid)
         self.last_result_stats.draft_steps += missing

@@ -135,8 +135,7 @@ def build_decoders(args, lm, gen, *, log=None) -> dict:
         draft = make_draft(source, lm.model, draft_model=draft_lm.model if draft_lm else None,
                            draft_tokenizer=draft_lm.tokenizer if draft_lm else None,
                            target_tokenizer=lm.tokenizer, group_size=group)
-        out[source] = SpeculativeDecoder(lm.model, draft, k=args.speculate_k, compile=gen.compiled,
-                                         max_seq_len=gen.max_seq_len)
+        out[source] = SpeculativeDecoder(lm.model, draft, k=args.speculate_k, gen=gen, max_seq_len=gen.max_seq_len)
         log(f"Speculation {source} (k<={args.speculate_k}"
             f"{', draft ' + draft_lm.name if draft_lm else ''}) ready in {time.perf_counter() - t0:.2f} seconds")
     return out
