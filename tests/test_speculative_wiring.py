@@ -207,16 +207,27 @@ def test_bench_script_joins_a_split_model(tmp_path):
     assert sb.resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-def test_bench_script_shapes_runs_small(tmp_path):
+def test_bench_script_shapes_runs_small(tmp_path, capsys):
     sb = _bench_module()
     out = tmp_path / "s.json"
     assert sb.main(["shapes", "--shape", "tiny", "--modes", "bf16,int4", "--k", "1,3", "--pos", "16", "--reps", "2",
-                    "--device", "cpu", "--dtype", "float32", "--acceptance", "0.5,0.9", "--json", str(out)]) == 0
+                    "--how", "cudagraph,compile", "--device", "cpu", "--dtype", "float32", "--acceptance", "0.5,0.9",
+                    "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert r["kind"] == "shapes" and len(r["rows"]) == 4
+    assert r["kind"] == "shapes" and len(r["rows"]) == 4 and r["skipped"] == ["cudagraph: needs CUDA"]
     bf16 = [row for row in r["rows"] if row["mode"] == "bf16"]
-    assert all(row["verify_cost"] > 0 and set(row["predicted_speedup_ngram"]) == {"0.5", "0.9"} for row in bf16)
-    assert all("predicted_speedup_self_int4" in row for row in bf16)
+    assert all(row["verify_cost"] > 0 and set(row["predicted_speedup"]["ngram"]) == {"0.5", "0.9"} for row in bf16)
+    assert all("self-int4" in row["predicted_speedup"] for row in bf16)
+    # combined with (a)'s acceptance, and the budget skips what does not fit
+    real = tmp_path / "real.json"
+    real.write_text(json.dumps({"rows": [{"prompt": "add", "ngram": {"acceptance_rate": 0.6}}]}))
+    assert sb.main(["combine", "--shapes", str(out), "--real", str(real), "--json", str(tmp_path / "c.json")]) == 0
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert all("ngram/add" in row["predicted_speedup_at_measured_acceptance"] for row in c["rows"])
+    assert "predicted" in capsys.readouterr().out.lower()
+    assert sb.main(["shapes", "--shape", "tiny", "--modes", "bf16", "--k", "1", "--pos", "16", "--device", "cpu",
+                    "--budget", "0", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["skipped"]
 
 
 # ---- generate and chat on a tiny model with the real tokenizer ----------------------------------------
