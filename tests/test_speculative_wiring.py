@@ -245,6 +245,7 @@ def test_generate_and_chat_speculate_on_tiny(tiny_load, capsys):  # noqa: F811
     out = capsys.readouterr()
     assert out.out == plain
     assert "Speculation: ngram k<=3: acceptance" in out.err and "accepted lengths" in out.err
+    assert [line for line in out.err.splitlines() if line.startswith("startup: first token in")]
 
     msgs = [{"role": "user", "content": "hello there"}]
     replies = {}
