@@ -349,3 +349,11 @@ def test_free_evidence_turns_speculation_back_on():
     for _ in range(6):
         ctl.observe(1, 1)  # the n-gram guess was right on plain steps
     assert ctl.on and ctl.next_k() == 4
+
+
+def test_draft_follows_the_targets_decode_attention():
+    target = tiny_model(seed=1)
+    target.set_decode_attention("matmul")
+    for draft in (DraftModel(tiny_model(seed=11)), SelfInt4Draft(target)):
+        SpeculativeDecoder(target, draft, k=2)
+        assert draft.model.attention_op.decode_impl == "matmul"

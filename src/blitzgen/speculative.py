@@ -298,8 +298,15 @@ class SpeculativeDecoder:
         self.verify_cost = verify_cost if verify_cost is not None else (1.3 if self.device.type == "cuda" else 1.5)
         self.draft_cost = draft_cost if draft_cost is not None else draft.estimate_cost(target)
         self.min_gain = min_gain
+        # compiled on CUDA, warm-up measures the costs unless they were given
+        self.auto_calibrate = (verify_cost is None and draft_cost is None and self.compiled
+                               and self.device.type == "cuda")
+        self.calibration: dict | None = None
         self.last_result_stats = SpeculationStats()
         self._mark_step = self.compiled and self.device.type == "cuda"
+        is_cuda = self.device.type == "cuda"
+        self._host_tok = torch.empty(1, dtype=torch.int64, pin_memory=is_cuda)
+        self._event = torch.cuda.Event() if is_cuda else None
         self._warming = False
         # Model forwards (one graph each, whatever the sampler; CUDA graphs on CUDA): the target's
         # one-token step (the Generator's own graph when one is given), its (K+1)-token verify and the
@@ -391,15 +398,17 @@ class SpeculativeDecoder:
         pos = (torch.arange(T, device=dev) + start).clamp_max(cap - 1)
         return self._chunk(model, idx, pos, torch.tensor([n - 1], device=dev))
 
-    def calibrate(self, reps: int = 5, prompt_len: int = 64) -> dict:
-        """Time a verify, a plain step and a draft step on this device (after warm-up) and use
-        the ratios as the controller's costs. Returns {"verify_cost", "draft_cost", seconds...}."""
+    def calibrate(self, reps: int = 5, prompt_len: int = 64, sampling: SamplingParams | None = None) -> dict:
+        """Time a verify, a plain step and a draft step on this device (after warm-up, in a sampler
+        mode already compiled) and use the ratios as the controller's costs. Returns
+        {"verify_cost", "draft_cost", seconds...}."""
         dev, K = self.device, self.k_max
+        sampling = sampling or SamplingParams(temperature=0.0)
         with torch.inference_mode():
             self._ensure_capacity(self.model, prompt_len + K + 8)
             if self.dmodel is not None:
                 self._ensure_capacity(self.dmodel, prompt_len + K + 8)
-            samp, mode = SamplingParams(temperature=0.0).tensors(dev), SamplingParams(temperature=0.0).mode
+            samp, mode = sampling.tensors(dev), sampling.mode
             tok = torch.zeros((1, 1), dtype=torch.int64, device=dev)
             pos = torch.tensor([prompt_len], device=dev)
             idx = torch.zeros((1, K + 1), dtype=torch.int64, device=dev)
@@ -419,14 +428,15 @@ class SpeculativeDecoder:
                     ts.append(time.perf_counter() - t)
                 return sorted(ts)[len(ts) // 2]
 
-            t_step = timed(lambda: self._plain_step(tok, pos, samp, mode, None))
+            t_step = timed(lambda: self._plain_step(tok, pos, samp, mode, None if mode[0] else ones[None]))
             t_verify = timed(lambda: self._verify(idx, vpos, q, kk, u, ones, samp, mode))
             t_draft = 0.0
             if self.dmodel is not None:
                 t_draft = timed(lambda: self._draft_step(tok, pos, samp, mode, ones[None]))
         self.verify_cost, self.draft_cost = t_verify / t_step, t_draft / t_step
-        return {"verify_cost": self.verify_cost, "draft_cost": self.draft_cost, "step_s": t_step,
+        self.calibration = {"verify_cost": self.verify_cost, "draft_cost": self.draft_cost, "step_s": t_step,
                 "verify_s": t_verify, "draft_s": t_draft}
+        return self.calibration
 
     def prefill_lengths(self, max_len: int) -> list[int]:
         """One prompt length per prefill bucket up to max_len (for ``warmup(prompt_lens=...)``)."""
@@ -442,7 +452,8 @@ class SpeculativeDecoder:
                prompt_lens: Sequence[int] = ()) -> float:
         """Compile (and capture) every step a request can hit, per sampler mode: prefill bucket,
         draft step, verify and the plain step; then the prefill of each length in prompt_lens
-        (both models). Returns seconds."""
+        (both models); then, compiled on CUDA, ``calibrate`` (the controller's costs measured, so
+        that speculation switches off where it does not pay). Returns seconds."""
         t0 = time.perf_counter()
         adaptive, self.adaptive = self.adaptive, False  # always speculate, so verify runs
         self._warming = True  # host drafts propose something even without a match
@@ -458,6 +469,8 @@ class SpeculativeDecoder:
                 for model in (self.model, self.dmodel):
                     if model is not None and n < min(model.max_seq_len, self.max_seq_len):
                         self._run_chunk(model, [0] * n, 0)
+        if self.auto_calibrate and sampling_modes:
+            self.calibrate(sampling=sampling_modes[0])
         return time.perf_counter() - t0
 
     # ---- generation -----------------------------------------------------------------------------
@@ -538,15 +551,11 @@ class SpeculativeDecoder:
                 k = len(drafts)
                 if ctl.on and self.adaptive and k and ctl.gain(k) < ctl.min_gain:
                     k = 0  # too short a proposal to pay for a verify
-            if k <= 0:  # plain step
-                # while off, a host draft's guess is checked against the token for free
-                shadow = self.draft.propose(1) if self.dmodel is None and self.adaptive and not ctl.on else []
-                tok = self._plain_step(torch.tensor([[seq[-1]]], device=dev), torch.tensor([P], device=dev),
-                                       samp, mode, noise((1, V)))
-                new = [int(tok[0])]
-                st.plain_steps += 1
-                if shadow:
-                    ctl.observe(1, int(shadow[0] == new[0]))
+            if k <= 0:
+                if (yield from self._plain_run(seq, ctl, emit, st, cap, lambda: max_new_tokens - emitted, samp, mode,
+                                               noise)):
+                    return st
+                continue
             else:
                 idx.zero_()
                 q.zero_()
@@ -578,6 +587,48 @@ class SpeculativeDecoder:
             self.draft.extend(new)
             if (yield from emit(new)):
                 return st
+
+    def _plain_run(self, seq: list[int], ctl: AdaptiveK, emit, st: SpeculationStats, cap: int, left, samp: dict,
+                   mode: tuple, noise) -> Iterator[int]:
+        """Plain steps, pipelined like the Generator's (on CUDA the next step is queued before this
+        token is read back), until speculation should resume; yields the tokens through ``emit``
+        and returns True when the request is over. While speculation is off a host draft's guess
+        is checked against each token for free (``AdaptiveK.observe``); when a host draft has a
+        proposal again, the queued token is taken and the run ends."""
+        dev, K, V = self.device, self.k_max, self.vocab
+        shadows = self.dmodel is None and self.adaptive
+        cur = self._plain_step(torch.tensor([[seq[-1]]], device=dev), torch.tensor([len(seq) - 1], device=dev),
+                               samp, mode, noise((1, V)))
+        pos = torch.tensor([len(seq)], device=dev)
+        last = False
+        while True:
+            P = len(seq)  # where cur's token lands; the next step reads it there
+            shadow = self.draft.propose(1) if shadows and not ctl.on else []
+            if self._event is not None:
+                self._host_tok.copy_(cur, non_blocking=True)
+                self._event.record()
+            nxt = None
+            if not last and left() >= 2 and P < cap and (P + K + 1 > cap or (
+                    self.dmodel is None if ctl.on else ctl.next_k() == 0)):
+                nxt = self._plain_step(cur.view(1, 1), pos, samp, mode, noise((1, V)))
+                pos += 1
+            if self._event is not None:
+                self._event.synchronize()
+                new = int(self._host_tok[0])
+            else:
+                new = int(cur[0])
+            st.plain_steps += 1
+            if shadow:
+                ctl.observe(1, int(shadow[0] == new))
+            st.switched_off = ctl.switched_off
+            seq.append(new)
+            self.draft.extend([new])
+            if (yield from emit([new])):
+                return True
+            if nxt is None:
+                return False
+            cur = nxt
+            last = last or (ctl.on and self.dmodel is None and bool(self.draft.propose(1)))
 
     def _catch_up(self, seq: list[int], dvalid: int, P: int, samp: dict, mode: tuple, ones_v: Tensor) -> int:
         """Bring the draft model's cache to positions [0, P): one-token steps for one or two

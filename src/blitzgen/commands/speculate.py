@@ -146,17 +146,16 @@ def warm_up_speculative(lm, gen, dec, sampling_modes, prompt_lens: Sequence[int]
     (the source and K in the key), marking the start-up report; eager: 0.0."""
     if not dec.compiled:
         return 0.0
-    from ..compile_cache import CompileCache, key_for
+    from ..compile_cache import cached
     from ..startup import REPORT
 
     extra = {**gen.warmup_plan(), "speculate": dec.draft.name, "k": dec.k_max, "cache_len": gen.cache_len,
              "warmup": sorted({tuple(sp.mode) for sp in sampling_modes}), "prompt_lens": sorted(prompt_lens)}
-    entry = CompileCache(key_for(lm.args, gen.options, extra), gen.options.cache_dir).open()
-    REPORT.mark("cache load")
-    secs = dec.warmup(sampling_modes, prompt_lens=prompt_lens)
-    REPORT.mark("compile + warm-up")
-    REPORT.add_compile_breakdown()
-    entry.save()
+    with cached(lm.args, gen.options, extra, root=gen.options.cache_dir):
+        REPORT.mark("cache load")
+        secs = dec.warmup(sampling_modes, prompt_lens=prompt_lens)
+        REPORT.mark("compile + warm-up")
+        REPORT.add_compile_breakdown()
     return secs
 
 
