@@ -204,6 +204,10 @@ def test_bench_script_joins_a_split_model(tmp_path):
     assert sb.resolve_model(str(d / "m.gguf")) == str(d / "m.gguf")  # the path the parts came from
     assert (d / "m.gguf").read_bytes() == data
     assert sb.resolve_model(None) is None
+    (d / "m.gguf").unlink()
+    (d / "m.gguf.part-aa").unlink()  # the first call's part never arrived
+    with pytest.raises(SystemExit, match="not one split's complete set"):
+        sb.resolve_model(str(d))
     assert sb.resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
