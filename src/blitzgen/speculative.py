@@ -101,9 +101,16 @@ def _verify_logits(model: Transformer, idx: Tensor, pos: Tensor) -> Tensor:
 
 
 def _accept(logits: Tensor, q: Tensor, draft: Tensor, k_eff: Tensor, u: Tensor, noise: Tensor, samp: dict,
-            mode: tuple) -> tuple[Tensor, Tensor]:
-    """A verify's acceptance: (n accepted drafts [], next token [])."""
-    return accept_tokens(sampling_probs(logits, samp, mode), q, draft, k_eff, u, noise)
+            mode: tuple) -> Tensor:
+    """A verify's acceptance: [n accepted drafts, next token] (one read back)."""
+    return torch.stack(accept_tokens(sampling_probs(logits, samp, mode), q, draft, k_eff, u, noise))
+
+
+def _accept_host(logits: Tensor, draft: Tensor, k_eff: Tensor, u: Tensor, noise: Tensor, samp: dict,
+                 mode: tuple) -> Tensor:
+    """``_accept`` for a deterministic (host) draft: q is one-hot at the drafted tokens."""
+    q = F.one_hot(draft, logits.shape[-1]).float()
+    return torch.stack(accept_tokens(sampling_probs(logits, samp, mode), q, draft, k_eff, u, noise))
 
 
 def _draft_pick(logits: Tensor, samp: dict, mode: tuple, noise: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
@@ -313,7 +320,7 @@ class SpeculativeDecoder:
         # draft's step. Sampler, acceptance and draft pick: small graphs per sampler mode. Prefill:
         # the Generator's, or eager unless compile_prefill (then one graph per power-of-two bucket).
         self._step, self._vstep, self._dstep, self._chunk = _model_step, _verify_logits, _model_step, _prefill_logits
-        self._sample, self._accept, self._pick = sample, _accept, _draft_pick
+        self._sample, self._accept, self._accept_host, self._pick = sample, _accept, _accept_host, _draft_pick
         self.prefill_compiled = self.compiled and (gen.prefill_compiled if gen is not None else compile_prefill)
         if self.compiled:
             from .compile import compile_decode, compile_static
@@ -329,7 +336,10 @@ class SpeculativeDecoder:
             if self.prefill_compiled:
                 self._chunk = compile_static(_prefill_logits, dev, **kw)
             self._sample = compile_static(sample, dev, **kw)
-            self._accept = compile_static(_accept, dev, **kw)
+            if self.dmodel is not None:
+                self._accept = compile_static(_accept, dev, **kw)
+            else:
+                self._accept_host = compile_static(_accept_host, dev, **kw)
             self._pick = compile_static(_draft_pick, dev, **kw)
 
     def _mark(self) -> None:
@@ -342,11 +352,15 @@ class SpeculativeDecoder:
         logits = self.gen.model_logits(tok, pos) if self.gen is not None else self._step(self.model, tok, pos)
         return self._sample(logits, samp, mode, noise)
 
-    def _verify(self, idx: Tensor, pos: Tensor, q: Tensor, k_eff: Tensor, u: Tensor, noise: Tensor, samp: dict,
-                mode: tuple) -> tuple[Tensor, Tensor]:
-        """Target forward of K+1 tokens and acceptance -> (n accepted [], next token [])."""
+    def _verify(self, idx: Tensor, pos: Tensor, q: Tensor | None, k_eff: Tensor, u: Tensor, noise: Tensor, samp: dict,
+                mode: tuple) -> Tensor:
+        """Target forward of K+1 tokens and acceptance -> [n accepted, next token]; q None: a host
+        draft's (one-hot)."""
         self._mark()
-        return self._accept(self._vstep(self.model, idx, pos), q, idx[0, 1:], k_eff, u, noise, samp, mode)
+        logits = self._vstep(self.model, idx, pos)
+        if q is None:
+            return self._accept_host(logits, idx[0, 1:], k_eff, u, noise, samp, mode)
+        return self._accept(logits, q, idx[0, 1:], k_eff, u, noise, samp, mode)
 
     def _draft_step(self, tok: Tensor, pos: Tensor, samp: dict, mode: tuple, noise: Tensor) -> tuple[Tensor, Tensor]:
         """One draft-model step -> (token [1], its distribution q [1, V_target])."""
@@ -429,7 +443,8 @@ class SpeculativeDecoder:
                 return sorted(ts)[len(ts) // 2]
 
             t_step = timed(lambda: self._plain_step(tok, pos, samp, mode, None if mode[0] else ones[None]))
-            t_verify = timed(lambda: self._verify(idx, vpos, q, kk, u, ones, samp, mode))
+            t_verify = timed(lambda: self._verify(idx, vpos, q if self.dmodel is not None else None, kk, u, ones,
+                                                  samp, mode))
             t_draft = 0.0
             if self.dmodel is not None:
                 t_draft = timed(lambda: self._draft_step(tok, pos, samp, mode, ones[None]))
@@ -522,8 +537,9 @@ class SpeculativeDecoder:
         self.draft.reset(prompt)
         self.draft.extend([first])
         self.draft_valid = dvalid  # for tests: the draft cache is exact on [0, draft_valid)
-        idx = torch.zeros((1, K + 1), dtype=torch.int64, device=dev)
-        q = torch.zeros((K, V), device=dev)
+        idx = torch.zeros((1, K + 1), dtype=torch.int64, device=dev)  # a model draft's tokens
+        q = torch.zeros((K, V), device=dev) if self.dmodel is not None else None
+        k_t = [torch.tensor(i, device=dev) for i in range(K + 1)]
         emitted = 0
 
         def emit(toks):
@@ -557,13 +573,13 @@ class SpeculativeDecoder:
                     return st
                 continue
             else:
-                idx.zero_()
-                q.zero_()
-                idx[0, 0] = seq[-1]
-                if drafts is not None:
-                    idx[0, 1:k + 1] = torch.tensor(drafts, device=dev)
-                    q[torch.arange(k, device=dev), idx[0, 1:k + 1]] = 1.0
+                if drafts is not None:  # one copy to the device
+                    vidx = torch.tensor([[seq[-1]] + drafts + [0] * (K - k)], dtype=torch.int64, device=dev)
                 else:
+                    vidx = idx
+                    idx.zero_()
+                    q.zero_()
+                    idx[0, 0] = seq[-1]
                     dvalid = self._catch_up(seq, dvalid, P, samp, mode, ones_v)
                     for i in range(k):
                         d, qi = self._draft_step(idx[:, i:i + 1].clone(), torch.tensor([P + i], device=dev),
@@ -573,10 +589,14 @@ class SpeculativeDecoder:
                     st.draft_steps += k
                     dvalid = P + k
                 u = zeros_k if greedy else torch.rand(K, generator=gen, device=dev)
-                n_t, tok_t = self._verify(idx, torch.arange(K + 1, device=dev) + P, q, torch.tensor(k, device=dev), u,
-                                          ones_v if greedy else noise((V,)), samp, mode)
-                n = int(n_t)
-                new = idx[0, 1:n + 1].tolist() + [int(tok_t)]
+                out = self._verify(vidx, torch.arange(P, P + K + 1, device=dev), q, k_t[k], u,
+                                   ones_v if greedy else noise((V,)), samp, mode)
+                if drafts is not None:
+                    n, tok = out.tolist()  # one read back
+                    new = drafts[:n] + [tok]
+                else:
+                    n, tok, *drafted = torch.cat([out, idx[0, 1:]]).tolist()
+                    new = drafted[:n] + [tok]
                 if self.dmodel is not None:
                     dvalid = min(dvalid, P + 1 + n)  # drafts past the first rejection are stale
                 st.record(k, n)
