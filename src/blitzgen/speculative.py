@@ -134,6 +134,20 @@ def make_draft(kind: str, target: Transformer, *, draft_model: Transformer | Non
     raise BlitzgenError(f"unknown speculation source {kind!r} (known: {', '.join(SOURCES)})")
 
 
+_COMPILED: dict = {}
+
+
+def _compiled(fn, decode: bool, device: str, kw: dict):
+    """One compiled wrapper per function and settings, shared by every decoder in the process (a
+    server's n-gram and self-int4 decoders run the same verify graph on the same model)."""
+    from .compile import compile_decode, compile_static
+
+    key = (fn, decode, device, tuple(sorted(kw.items())))
+    if key not in _COMPILED:
+        _COMPILED[key] = (compile_decode if decode else compile_static)(fn, device, **kw)
+    return _COMPILED[key]
+
+
 class SpeculativeDecoder:
     """Runs requests on a target model with a draft source, one at a time (batch size 1)."""
 
@@ -180,24 +194,23 @@ class SpeculativeDecoder:
         self._sample, self._accept, self._accept_host, self._pick = sample, _accept, _accept_host, _draft_pick
         self.prefill_compiled = self.compiled and (gen.prefill_compiled if gen is not None else compile_prefill)
         if self.compiled:
-            from .compile import compile_decode, compile_static
-
-            dev = str(self.device)
             opts = getattr(gen, "options", None)
             kw = dict(cache_dir=opts.cache_dir, autotune=opts.autotune) if opts is not None else {}
+
+            def comp(fn, decode=False):
+                return _compiled(fn, decode, str(self.device), kw)
+
             if gen is None:
-                self._step = compile_decode(_model_step, dev, **kw)
-            self._vstep = compile_decode(_verify_logits, dev, **kw)
+                self._step = comp(_model_step, decode=True)
+            self._vstep = comp(_verify_logits, decode=True)
             if self.dmodel is not None:
-                self._dstep = compile_decode(_model_step, dev, **kw)
-            if self.prefill_compiled:
-                self._chunk = compile_static(_prefill_logits, dev, **kw)
-            self._sample = compile_static(sample, dev, **kw)
-            if self.dmodel is not None:
-                self._accept = compile_static(_accept, dev, **kw)
+                self._dstep = comp(_model_step, decode=True)
+                self._accept, self._pick = comp(_accept), comp(_draft_pick)
             else:
-                self._accept_host = compile_static(_accept_host, dev, **kw)
-            self._pick = compile_static(_draft_pick, dev, **kw)
+                self._accept_host = comp(_accept_host)
+            if self.prefill_compiled:
+                self._chunk = comp(_prefill_logits)
+            self._sample = comp(sample)
 
     def _mark(self) -> None:
         if self._mark_step:
@@ -239,6 +252,12 @@ class SpeculativeDecoder:
         cap = min(max(min(cap, self.max_seq_len), n), model.args.max_seq_len)
         with torch.inference_mode(False):
             model.setup_caches(1, cap)
+
+    def ensure_capacity(self, n: int) -> None:
+        """Grow both models' caches for n positions (before warming up: growing recompiles)."""
+        self._ensure_capacity(self.model, n)
+        if self.dmodel is not None:
+            self._ensure_capacity(self.dmodel, n)
 
     def _check(self, prompt_len: int, max_new_tokens: int) -> None:
         if prompt_len == 0:
@@ -359,10 +378,7 @@ class SpeculativeDecoder:
         K, dev, V = self.k_max, self.device, self.vocab
         # a verify writes K+1 positions from the last token: near the cache's end plain steps take over,
         # so requests never grow the cache past what plain decoding would
-        room = n0 + max_new_tokens
-        self._ensure_capacity(self.model, room)
-        if self.dmodel is not None:
-            self._ensure_capacity(self.dmodel, room)
+        self.ensure_capacity(n0 + max_new_tokens)
         cap = self.model.max_seq_len if self.dmodel is None else min(self.model.max_seq_len, self.dmodel.max_seq_len)
         stop_set = set(stop_token_ids or ())
         mode, samp = sampling.mode, sampling.tensors(dev)

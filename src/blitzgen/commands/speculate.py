@@ -191,7 +191,7 @@ class SpeculativeRun:
 
         self.gen, self.spec, self.total = gen, SpeculationStats(), SpeculationStats()
         self.dec = build_decoders(args, lm, gen)[default_source(args)]
-        gen.ensure_capacity(len(ids) + args.max_new_tokens)  # before warming up: growing recompiles
+        self.dec.ensure_capacity(len(ids) + args.max_new_tokens)  # before warming up: growing recompiles
         if gen.compiled:  # this sampler mode, and this prompt's prefill bucket when prefill compiles
             secs = warm_up_speculative(lm, gen, self.dec, [sampling], prompt_lens=[len(ids)])
             print(f"Compilation time: {secs:.2f} seconds", file=sys.stderr, flush=True)
