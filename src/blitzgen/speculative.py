@@ -356,7 +356,7 @@ class SpeculativeDecoder:
         finally:
             self.adaptive, self._warming = adaptive, False
         with torch.inference_mode():
-            for n in (prompt_lens if self.prefill_compiled else ()):
+            for n in prompt_lens:  # eager too: a first call at a new length can tune kernels
                 for model in (self.model, self.dmodel):
                     if model is not None and n < min(model.max_seq_len, self.max_seq_len):
                         self._run_chunk(model, [0] * n, 0)
@@ -455,7 +455,7 @@ class SpeculativeDecoder:
                     idx[0, 0] = seq[-1]
                     dvalid = self._catch_up(seq, dvalid, P, samp, mode, ones_v)
                     for i in range(k):
-                        d, qi = self._draft_step(idx[:, i:i + 1].clone(), torch.tensor([P + i], device=dev),
+                        d, qi = self._draft_step(idx[0, i].view(1, 1).clone(), torch.tensor([P + i], device=dev),
                                                  samp, mode, ones_v[None] if greedy else noise((1, V)))
                         idx[0, i + 1] = d[0]
                         q[i] = qi[0]
