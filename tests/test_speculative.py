@@ -303,10 +303,16 @@ def test_compiled_equals_eager():
         eager = SpeculativeDecoder(tiny_model(seed=1), make(None), k=3, adaptive=False)
         want_g, want_s = list(eager.generate_ids(PROMPT, 20, GREEDY)), list(eager.generate_ids(PROMPT, 20, sp))
         torch._dynamo.reset()
-        comp = SpeculativeDecoder(tiny_model(seed=1), make(None), k=3, adaptive=False, compile=True, max_seq_len=64)
-        assert list(comp.generate_ids(PROMPT, 20, GREEDY)) == want_g
+        comp = SpeculativeDecoder(tiny_model(seed=1), make(None), k=3, adaptive=False, compile=True, max_seq_len=64,
+                                  compile_prefill=True)
+        comp.warmup((GREEDY, sp))
         assert comp.last_result_stats.verify_steps > 0  # the compiled verify ran
+        assert list(comp.generate_ids(PROMPT, 20, GREEDY)) == want_g
         assert list(comp.generate_ids(PROMPT, 20, sp)) == want_s
+        # on a compiled Generator: its step and prefill graphs serve the plain steps
+        target = tiny_model(seed=1)
+        shared = SpeculativeDecoder(target, make(None), k=3, gen=Generator(target, compile=True, max_seq_len=64))
+        assert shared.compiled and list(shared.generate_ids(PROMPT, 20, GREEDY)) == want_g
 
 
 # ---- the real model ---------------------------------------------------------------------------
@@ -344,3 +350,11 @@ def test_free_evidence_turns_speculation_back_on():
     for _ in range(6):
         ctl.observe(1, 1)  # the n-gram guess was right on plain steps
     assert ctl.on and ctl.next_k() == 4
+
+
+def test_draft_follows_the_targets_decode_attention():
+    target = tiny_model(seed=1)
+    target.set_decode_attention("matmul")
+    for draft in (DraftModel(tiny_model(seed=11)), SelfInt4Draft(target)):
+        SpeculativeDecoder(target, draft, k=2)
+        assert draft.model.attention_op.decode_impl == "matmul"

@@ -204,19 +204,34 @@ def test_bench_script_joins_a_split_model(tmp_path):
     assert sb.resolve_model(str(d / "m.gguf")) == str(d / "m.gguf")  # the path the parts came from
     assert (d / "m.gguf").read_bytes() == data
     assert sb.resolve_model(None) is None
+    (d / "m.gguf").unlink()
+    (d / "m.gguf.part-aa").unlink()  # the first call's part never arrived
+    with pytest.raises(SystemExit, match="not one split's complete set"):
+        sb.resolve_model(str(d))
     assert sb.resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-def test_bench_script_shapes_runs_small(tmp_path):
+def test_bench_script_shapes_runs_small(tmp_path, capsys):
     sb = _bench_module()
     out = tmp_path / "s.json"
     assert sb.main(["shapes", "--shape", "tiny", "--modes", "bf16,int4", "--k", "1,3", "--pos", "16", "--reps", "2",
-                    "--device", "cpu", "--dtype", "float32", "--acceptance", "0.5,0.9", "--json", str(out)]) == 0
+                    "--how", "cudagraph,compile", "--device", "cpu", "--dtype", "float32", "--acceptance", "0.5,0.9",
+                    "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert r["kind"] == "shapes" and len(r["rows"]) == 4
+    assert r["kind"] == "shapes" and len(r["rows"]) == 4 and r["skipped"] == ["cudagraph: needs CUDA"]
     bf16 = [row for row in r["rows"] if row["mode"] == "bf16"]
-    assert all(row["verify_cost"] > 0 and set(row["predicted_speedup_ngram"]) == {"0.5", "0.9"} for row in bf16)
-    assert all("predicted_speedup_self_int4" in row for row in bf16)
+    assert all(row["verify_cost"] > 0 and set(row["predicted_speedup"]["ngram"]) == {"0.5", "0.9"} for row in bf16)
+    assert all("self-int4" in row["predicted_speedup"] for row in bf16)
+    # combined with (a)'s acceptance, and the budget skips what does not fit
+    real = tmp_path / "real.json"
+    real.write_text(json.dumps({"rows": [{"prompt": "add", "ngram": {"acceptance_rate": 0.6}}]}))
+    assert sb.main(["combine", "--shapes", str(out), "--real", str(real), "--json", str(tmp_path / "c.json")]) == 0
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert all("ngram/add" in row["predicted_speedup_at_measured_acceptance"] for row in c["rows"])
+    assert "predicted" in capsys.readouterr().out.lower()
+    assert sb.main(["shapes", "--shape", "tiny", "--modes", "bf16", "--k", "1", "--pos", "16", "--device", "cpu",
+                    "--budget", "0", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["skipped"]
 
 
 # ---- generate and chat on a tiny model with the real tokenizer ----------------------------------------
@@ -234,6 +249,7 @@ def test_generate_and_chat_speculate_on_tiny(tiny_load, capsys):  # noqa: F811
     out = capsys.readouterr()
     assert out.out == plain
     assert "Speculation: ngram k<=3: acceptance" in out.err and "accepted lengths" in out.err
+    assert [line for line in out.err.splitlines() if line.startswith("startup: first token in")]
 
     msgs = [{"role": "user", "content": "hello there"}]
     replies = {}

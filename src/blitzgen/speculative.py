@@ -20,13 +20,15 @@ invisible (the mask is by position) and are overwritten before any query can see
 model's cache is kept in step the same way (it is caught up on tokens it has not seen).
 
 Shapes are static: the verify always takes K_max+1 tokens (padded), draft steps are one-token
-decode steps, prefill is padded to power-of-two buckets; nothing recompiles per accepted length.
+decode steps, a compiled prefill is padded to power-of-two buckets; nothing recompiles per accepted
+length. Compiled, each model forward (target step, verify, draft step) is one graph whatever the
+sampler, and the target step and prefill are the Generator's own when one is given (``gen=``), so
+speculation adds the verify graph (and the draft's step) to what plain decoding compiles.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
 
 import torch
@@ -34,8 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import BlitzgenError, ContextLengthError, InvalidRequestError
+from .generate import _model_step, _prefill_logits
 from .model import Transformer
 from .sampling import SamplingParams, exponential_noise, filter_logits, make_generator, sample
+from .speculative_control import AdaptiveK, SpeculationStats
 from .speculative_draft import (DraftMismatchError, DraftModel, DraftSource, NgramDraft, SelfInt4Draft,
                                 check_draft_model, check_same_tokenizer)
 
@@ -80,7 +84,7 @@ def accept_tokens(p: Tensor, q: Tensor, draft: Tensor, k_eff: Tensor, u: Tensor,
     return n, (r / noise).argmax()
 
 
-# ---- compiled step functions -------------------------------------------------------------------
+# ---- step functions (compiled: model forwards as CUDA graphs, sampler/acceptance as small graphs) --
 def _fit_vocab(logits: Tensor, vocab: int) -> Tensor:
     """A draft model's logits cut or padded (with -inf) to the target's vocabulary size."""
     V = logits.shape[-1]
@@ -91,171 +95,28 @@ def _fit_vocab(logits: Tensor, vocab: int) -> Tensor:
     return F.pad(logits, (0, vocab - V), value=-float("inf"))
 
 
-def _target_step(model: Transformer, tok: Tensor, pos: Tensor, samp: dict, mode: tuple, noise: Tensor | None) -> Tensor:
-    """Plain one-token decode (the fallback): [1, 1] token at pos [1] -> next token [1]."""
-    return sample(model(tok, pos)[:, -1], samp, mode, noise)
+def _verify_logits(model: Transformer, idx: Tensor, pos: Tensor) -> Tensor:
+    """Target forward on idx [1, K+1] (last token + K drafts) at pos [K+1] -> logits [K+1, V]."""
+    return model(idx, pos)[0]
 
 
-def _draft_step(model: Transformer, tok: Tensor, pos: Tensor, samp: dict, mode: tuple, noise: Tensor,
-                vocab: int) -> tuple[Tensor, Tensor]:
-    """One draft decode step: -> (token [1], its distribution q [1, V_target])."""
-    q = sampling_probs(_fit_vocab(model(tok, pos)[:, -1], vocab), samp, mode)
+def _accept(logits: Tensor, q: Tensor, draft: Tensor, k_eff: Tensor, u: Tensor, noise: Tensor, samp: dict,
+            mode: tuple) -> Tensor:
+    """A verify's acceptance: [n accepted drafts, next token] (one read back)."""
+    return torch.stack(accept_tokens(sampling_probs(logits, samp, mode), q, draft, k_eff, u, noise))
+
+
+def _accept_host(logits: Tensor, draft: Tensor, k_eff: Tensor, u: Tensor, noise: Tensor, samp: dict,
+                 mode: tuple) -> Tensor:
+    """``_accept`` for a deterministic (host) draft: q is one-hot at the drafted tokens."""
+    q = F.one_hot(draft, logits.shape[-1]).float()
+    return torch.stack(accept_tokens(sampling_probs(logits, samp, mode), q, draft, k_eff, u, noise))
+
+
+def _draft_pick(logits: Tensor, samp: dict, mode: tuple, noise: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
+    """A draft step's token [1] and its distribution q [1, V_target] from the draft's logits [1, V]."""
+    q = sampling_probs(_fit_vocab(logits, vocab), samp, mode)
     return (q / noise).argmax(-1), q
-
-
-def _verify_step(model: Transformer, idx: Tensor, pos: Tensor, q: Tensor, k_eff: Tensor, u: Tensor,
-                 noise: Tensor, samp: dict, mode: tuple) -> tuple[Tensor, Tensor]:
-    """Target forward on idx [1, K+1] (last token + K drafts) at pos [K+1], then acceptance."""
-    p = sampling_probs(model(idx, pos)[0], samp, mode)  # [K+1, V]
-    return accept_tokens(p, q, idx[0, 1:], k_eff, u, noise)
-
-
-def _forward_chunk(model: Transformer, ids: Tensor, pos: Tensor, last: Tensor) -> Tensor:
-    """Prefill / catch-up: ids [1, T] at pos [T]; returns the logits at index `last` [1, V]."""
-    return model(ids, pos)[0].index_select(0, last)
-
-
-# ---- statistics --------------------------------------------------------------------------------
-@dataclass
-class SpeculationStats:
-    """Per request (or summed over requests with ``merge``)."""
-
-    source: str = ""
-    k_max: int = 0
-    verify_steps: int = 0  # target forwards of K_max+1 tokens
-    plain_steps: int = 0  # one-token target steps (fallback, or no n-gram match)
-    draft_steps: int = 0  # one-token draft-model steps (incl. catch-up)
-    drafted: int = 0
-    accepted: int = 0
-    generated_tokens: int = 0
-    prompt_tokens: int = 0
-    switched_off: int = 0  # times the controller turned speculation off
-    accepted_hist: list[int] = field(default_factory=list)  # [k_max+1]: verify steps by accepted count
-    k_hist: list[int] = field(default_factory=list)  # [k_max+1]: verify steps by drafted count
-    time_to_first_token: float = 0.0
-    total_seconds: float = 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def mean_tokens_per_verify(self) -> float:
-        """Tokens emitted per verify step (accepted drafts + the corrected/bonus token)."""
-        return (self.accepted + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.generated_tokens / self.total_seconds if self.total_seconds > 0 else 0.0
-
-    def record(self, drafted: int, accepted: int) -> None:
-        self.verify_steps += 1
-        self.drafted += drafted
-        self.accepted += accepted
-        self.accepted_hist[accepted] += 1
-        self.k_hist[drafted] += 1
-
-    def merge(self, other: "SpeculationStats") -> "SpeculationStats":
-        """Add another request's counts (for a server's /metrics)."""
-        for f in ("verify_steps", "plain_steps", "draft_steps", "drafted", "accepted", "generated_tokens",
-                  "prompt_tokens", "switched_off", "time_to_first_token", "total_seconds"):
-            setattr(self, f, getattr(self, f) + getattr(other, f))
-        n = max(len(self.accepted_hist), len(other.accepted_hist))
-        for name in ("accepted_hist", "k_hist"):
-            a, b = getattr(self, name), getattr(other, name)
-            setattr(self, name, [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)])
-        self.source = self.source or other.source
-        self.k_max = max(self.k_max, other.k_max)
-        return self
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.update(acceptance_rate=self.acceptance_rate, mean_tokens_per_verify=self.mean_tokens_per_verify,
-                 tokens_per_second=self.tokens_per_second)
-        return d
-
-    def summary(self) -> str:
-        """One line for the CLI."""
-        return (f"speculation {self.source} k<={self.k_max}: acceptance {self.acceptance_rate:.0%}, "
-                f"{self.mean_tokens_per_verify:.2f} tokens/verify over {self.verify_steps} verify + "
-                f"{self.plain_steps} plain steps, accepted lengths {self.accepted_hist}")
-
-
-# ---- adaptive draft length ---------------------------------------------------------------------
-class AdaptiveK:
-    """Chooses the draft length from the acceptance seen, or 0 (a plain step) when speculating
-    would not pay.
-
-    Per-draft-token acceptance alpha is estimated from decayed counts of accepted tokens A and
-    rejections R (alpha = A / (A + R), the geometric model's estimate). A round of k drafts emits
-    E(k) = (1 - alpha^(k+1)) / (1 - alpha) tokens and costs verify_cost + k * draft_cost target
-    steps; k maximises E(k) / cost, and speculation is off while that ratio is below min_gain.
-    While off, a probe round runs after `probe` plain steps (doubling after each failed probe up
-    to max_probe), so a request that becomes predictable later still gains.
-    """
-
-    def __init__(self, k_max: int, *, verify_cost: float = 1.3, draft_cost: float = 0.0, min_gain: float = 1.05,
-                 decay: float = 0.8, prior: float = 0.8, probe: int = 16, max_probe: int = 256, adaptive: bool = True):
-        self.k_max, self.verify_cost, self.draft_cost = k_max, verify_cost, draft_cost
-        self.min_gain, self.decay, self.adaptive = min_gain, decay, adaptive
-        self.prior, self.probe0, self.max_probe = prior, probe, max_probe
-        self.reset()
-
-    def reset(self) -> None:
-        self.acc, self.rej = 2 * self.prior, 2 * (1 - self.prior)  # a prior worth two rounds
-        self.on, self.since_off, self.probe = True, 0, self.probe0
-        self.k = self.k_max
-        self.switched_off = 0
-        self._choose()
-
-    @property
-    def alpha(self) -> float:
-        return self.acc / (self.acc + self.rej)
-
-    def expected_tokens(self, k: int) -> float:
-        a = min(self.alpha, 1 - 1e-6)
-        return (1 - a ** (k + 1)) / (1 - a)
-
-    def gain(self, k: int) -> float:
-        return self.expected_tokens(k) / (self.verify_cost + k * self.draft_cost)
-
-    def _choose(self) -> None:
-        self.k = max(range(1, self.k_max + 1), key=self.gain) if self.adaptive else self.k_max
-
-    def next_k(self) -> int:
-        """Draft length for the next round; 0 means take a plain step."""
-        if not self.adaptive or self.on:
-            return self.k
-        self.since_off += 1
-        if self.since_off > self.probe:  # a probe round
-            return self.k
-        return 0
-
-    def observe(self, k: int, n: int) -> None:
-        """Free evidence, no verify ran (a host draft checked against a plain step's token): it
-        may turn speculation back on, but is never a failed probe."""
-        self.acc = self.decay * self.acc + n
-        self.rej = self.decay * self.rej + (1 if n < k else 0)
-        self._choose()
-        if self.adaptive and not self.on and self.gain(self.k) >= self.min_gain:
-            self.on, self.probe = True, self.probe0
-
-    def update(self, k: int, n: int) -> None:
-        """A round drafted k tokens and n were accepted."""
-        self.acc = self.decay * self.acc + n
-        self.rej = self.decay * self.rej + (1 if n < k else 0)
-        self._choose()
-        if not self.adaptive:
-            return
-        good = self.gain(self.k) >= self.min_gain
-        if self.on and not good:
-            self.on, self.since_off = False, 0
-            self.switched_off += 1
-        elif not self.on:
-            if good:
-                self.on, self.probe = True, self.probe0
-            else:  # failed probe: wait longer before the next one
-                self.since_off, self.probe = 0, min(2 * self.probe, self.max_probe)
 
 
 # ---- the decoder -------------------------------------------------------------------------------
@@ -273,17 +134,33 @@ def make_draft(kind: str, target: Transformer, *, draft_model: Transformer | Non
     raise BlitzgenError(f"unknown speculation source {kind!r} (known: {', '.join(SOURCES)})")
 
 
+_COMPILED: dict = {}
+
+
+def _compiled(fn, decode: bool, device: str, kw: dict):
+    """One compiled wrapper per function and settings, shared by every decoder in the process (a
+    server's n-gram and self-int4 decoders run the same verify graph on the same model)."""
+    from .compile import compile_decode, compile_static
+
+    key = (fn, decode, device, tuple(sorted(kw.items())))
+    if key not in _COMPILED:
+        _COMPILED[key] = (compile_decode if decode else compile_static)(fn, device, **kw)
+    return _COMPILED[key]
+
+
 class SpeculativeDecoder:
     """Runs requests on a target model with a draft source, one at a time (batch size 1)."""
 
-    def __init__(self, target: Transformer, draft: DraftSource, *, k: int = 4, compile: bool = False,
+    def __init__(self, target: Transformer, draft: DraftSource, *, k: int = 4, compile: bool | None = None,
                  adaptive: bool = True, verify_cost: float | None = None, draft_cost: float | None = None,
-                 min_gain: float = 1.05, max_seq_len: int | None = None):
+                 min_gain: float = 1.05, max_seq_len: int | None = None, gen=None, compile_prefill: bool = False):
         if not isinstance(k, int) or not 1 <= k <= 32:
             raise InvalidRequestError(f"speculation length k must be an integer in 1..32, got {k!r}", param="k")
         if not isinstance(draft, DraftSource):
             raise BlitzgenError(f"not a draft source: {type(draft).__name__}")
-        self.model, self.draft, self.k_max = target, draft, k
+        if gen is not None and gen.model is not target:
+            raise BlitzgenError("the Generator given to SpeculativeDecoder runs another model")
+        self.model, self.draft, self.k_max, self.gen = target, draft, k, gen
         self.dmodel = draft.model
         if self.dmodel is not None:
             check_draft_model(target, self.dmodel)
@@ -293,30 +170,80 @@ class SpeculativeDecoder:
         if self.dmodel is not None:
             self.context = min(self.context, self.dmodel.args.max_seq_len)
         self.max_seq_len = min(max_seq_len or self.context, self.context)
-        self.compiled, self.adaptive = compile, adaptive
+        if compile is None:
+            compile = gen.compiled if gen is not None else False
+        self.compiled, self.adaptive = bool(compile), adaptive
         self.verify_cost = verify_cost if verify_cost is not None else (1.3 if self.device.type == "cuda" else 1.5)
         self.draft_cost = draft_cost if draft_cost is not None else draft.estimate_cost(target)
         self.min_gain = min_gain
+        # compiled on CUDA, warm-up measures the costs unless they were given
+        self.auto_calibrate = (verify_cost is None and draft_cost is None and self.compiled
+                               and self.device.type == "cuda")
+        self.calibration: dict | None = None
         self.last_result_stats = SpeculationStats()
-        self._mark_step = compile and self.device.type == "cuda"
+        self._mark_step = self.compiled and self.device.type == "cuda"
+        is_cuda = self.device.type == "cuda"
+        self._host_tok = torch.empty(1, dtype=torch.int64, pin_memory=is_cuda)
+        self._event = torch.cuda.Event() if is_cuda else None
         self._warming = False
-        if compile:
-            from .compile import compile_decode, compile_static
+        # Model forwards (one graph each, whatever the sampler; CUDA graphs on CUDA): the target's
+        # one-token step (the Generator's own graph when one is given), its (K+1)-token verify and the
+        # draft's step. Sampler, acceptance and draft pick: small graphs per sampler mode. Prefill:
+        # the Generator's, or eager unless compile_prefill (then one graph per power-of-two bucket).
+        self._step, self._vstep, self._dstep, self._chunk = _model_step, _verify_logits, _model_step, _prefill_logits
+        self._sample, self._accept, self._accept_host, self._pick = sample, _accept, _accept_host, _draft_pick
+        self.prefill_compiled = self.compiled and (gen.prefill_compiled if gen is not None else compile_prefill)
+        if self.compiled:
+            opts = getattr(gen, "options", None)
+            kw = dict(cache_dir=opts.cache_dir, autotune=opts.autotune) if opts is not None else {}
 
-            dev = str(self.device)
-            self._tstep = compile_decode(_target_step, dev)
-            self._verify = compile_decode(_verify_step, dev)
-            self._dstep = compile_decode(_draft_step, dev) if self.dmodel is not None else None
-            self._chunk = compile_static(_forward_chunk, dev)
-            self._sample = compile_static(sample, dev)
-        else:
-            self._tstep, self._verify, self._dstep = _target_step, _verify_step, _draft_step
-            self._chunk, self._sample = _forward_chunk, sample
+            def comp(fn, decode=False):
+                return _compiled(fn, decode, str(self.device), kw)
+
+            if gen is None:
+                self._step = comp(_model_step, decode=True)
+            self._vstep = comp(_verify_logits, decode=True)
+            if self.dmodel is not None:
+                self._dstep = comp(_model_step, decode=True)
+                self._accept, self._pick = comp(_accept), comp(_draft_pick)
+            else:
+                self._accept_host = comp(_accept_host)
+            if self.prefill_compiled:
+                self._chunk = comp(_prefill_logits)
+            self._sample = comp(sample)
+
+    def _mark(self) -> None:
+        if self._mark_step:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous graph's outputs are all consumed
+
+    def _plain_step(self, tok: Tensor, pos: Tensor, samp: dict, mode: tuple, noise: Tensor | None) -> Tensor:
+        """One-token target step: tok [1, 1] at pos [1] -> next token [1]."""
+        self._mark()
+        logits = self.gen.model_logits(tok, pos) if self.gen is not None else self._step(self.model, tok, pos)
+        return self._sample(logits, samp, mode, noise)
+
+    def _verify(self, idx: Tensor, pos: Tensor, q: Tensor | None, k_eff: Tensor, u: Tensor, noise: Tensor, samp: dict,
+                mode: tuple) -> Tensor:
+        """Target forward of K+1 tokens and acceptance -> [n accepted, next token]; q None: a host
+        draft's (one-hot)."""
+        self._mark()
+        logits = self._vstep(self.model, idx, pos)
+        if q is None:
+            return self._accept_host(logits, idx[0, 1:], k_eff, u, noise, samp, mode)
+        return self._accept(logits, q, idx[0, 1:], k_eff, u, noise, samp, mode)
+
+    def _draft_step(self, tok: Tensor, pos: Tensor, samp: dict, mode: tuple, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """One draft-model step -> (token [1], its distribution q [1, V_target])."""
+        self._mark()
+        return self._pick(self._dstep(self.dmodel, tok, pos), samp, mode, noise, self.vocab)
 
     # ---- capacity -------------------------------------------------------------------------------
     def _ensure_capacity(self, model: Transformer, n: int) -> None:
         """The Generator's growth rule (so a server's cache sizes, and compiled graphs, are shared)."""
         if n <= model.max_seq_len:
+            return
+        if self.gen is not None and model is self.model:
+            self.gen.ensure_capacity(n)
             return
         if self.compiled:
             cap = max(CACHE_ROUND, 1 << (n - 1).bit_length())
@@ -325,6 +252,12 @@ class SpeculativeDecoder:
         cap = min(max(min(cap, self.max_seq_len), n), model.args.max_seq_len)
         with torch.inference_mode(False):
             model.setup_caches(1, cap)
+
+    def ensure_capacity(self, n: int) -> None:
+        """Grow both models' caches for n positions (before warming up: growing recompiles)."""
+        self._ensure_capacity(self.model, n)
+        if self.dmodel is not None:
+            self._ensure_capacity(self.dmodel, n)
 
     def _check(self, prompt_len: int, max_new_tokens: int) -> None:
         if prompt_len == 0:
@@ -339,28 +272,33 @@ class SpeculativeDecoder:
 
     # ---- pieces ---------------------------------------------------------------------------------
     def _run_chunk(self, model: Transformer, ids: Sequence[int], start: int) -> Tensor:
-        """Write ids at positions start.. into model's cache; logits of the last one [1, V]. When
-        compiled, padded to a power-of-two bucket (padding lands past the real positions, or on
-        the last cache slot, which is overwritten before any query sees it)."""
+        """Write ids at positions start.. into model's cache; logits of the last one [1, V]. The
+        target's prompt goes through the Generator when there is one. A compiled prefill is padded
+        to a power-of-two bucket (padding lands past the real positions, or on the last cache slot,
+        which is overwritten before any query sees it)."""
+        if self.gen is not None and model is self.model and start == 0:
+            return self.gen.prefill(list(ids))
         dev, n = self.device, len(ids)
         cap = model.max_seq_len
         T = n
-        if self.compiled:
+        if self.prefill_compiled:
             T = min(max(MIN_PREFILL_BUCKET, 1 << (n - 1).bit_length()), cap)
         idx = torch.zeros((1, T), dtype=torch.int64, device=dev)
         idx[0, :n] = torch.tensor(list(ids), dtype=torch.int64, device=dev)
         pos = (torch.arange(T, device=dev) + start).clamp_max(cap - 1)
         return self._chunk(model, idx, pos, torch.tensor([n - 1], device=dev))
 
-    def calibrate(self, reps: int = 5, prompt_len: int = 64) -> dict:
-        """Time a verify, a plain step and a draft step on this device (after warm-up) and use
-        the ratios as the controller's costs. Returns {"verify_cost", "draft_cost", seconds...}."""
+    def calibrate(self, reps: int = 5, prompt_len: int = 64, sampling: SamplingParams | None = None) -> dict:
+        """Time a verify, a plain step and a draft step on this device (after warm-up, in a sampler
+        mode already compiled) and use the ratios as the controller's costs. Returns
+        {"verify_cost", "draft_cost", seconds...}."""
         dev, K = self.device, self.k_max
+        sampling = sampling or SamplingParams(temperature=0.0)
         with torch.inference_mode():
             self._ensure_capacity(self.model, prompt_len + K + 8)
             if self.dmodel is not None:
                 self._ensure_capacity(self.dmodel, prompt_len + K + 8)
-            samp, mode = SamplingParams(temperature=0.0).tensors(dev), SamplingParams(temperature=0.0).mode
+            samp, mode = sampling.tensors(dev), sampling.mode
             tok = torch.zeros((1, 1), dtype=torch.int64, device=dev)
             pos = torch.tensor([prompt_len], device=dev)
             idx = torch.zeros((1, K + 1), dtype=torch.int64, device=dev)
@@ -380,18 +318,20 @@ class SpeculativeDecoder:
                     ts.append(time.perf_counter() - t)
                 return sorted(ts)[len(ts) // 2]
 
-            t_step = timed(lambda: self._tstep(self.model, tok, pos, samp, mode, None))
-            t_verify = timed(lambda: self._verify(self.model, idx, vpos, q, kk, u, ones, samp, mode))
+            t_step = timed(lambda: self._plain_step(tok, pos, samp, mode, None if mode[0] else ones[None]))
+            t_verify = timed(lambda: self._verify(idx, vpos, q if self.dmodel is not None else None, kk, u, ones,
+                                                  samp, mode))
             t_draft = 0.0
             if self.dmodel is not None:
-                t_draft = timed(lambda: self._dstep(self.dmodel, tok, pos, samp, mode, ones[None], self.vocab))
+                t_draft = timed(lambda: self._draft_step(tok, pos, samp, mode, ones[None]))
         self.verify_cost, self.draft_cost = t_verify / t_step, t_draft / t_step
-        return {"verify_cost": self.verify_cost, "draft_cost": self.draft_cost, "step_s": t_step,
+        self.calibration = {"verify_cost": self.verify_cost, "draft_cost": self.draft_cost, "step_s": t_step,
                 "verify_s": t_verify, "draft_s": t_draft}
+        return self.calibration
 
     def prefill_lengths(self, max_len: int) -> list[int]:
         """One prompt length per prefill bucket up to max_len (for ``warmup(prompt_lens=...)``)."""
-        if not self.compiled:
+        if not self.prefill_compiled:
             return []
         out, n = [], MIN_PREFILL_BUCKET
         while n < max_len:
@@ -403,7 +343,8 @@ class SpeculativeDecoder:
                prompt_lens: Sequence[int] = ()) -> float:
         """Compile (and capture) every step a request can hit, per sampler mode: prefill bucket,
         draft step, verify and the plain step; then the prefill of each length in prompt_lens
-        (both models). Returns seconds."""
+        (both models); then, compiled on CUDA, ``calibrate`` (the controller's costs measured, so
+        that speculation switches off where it does not pay). Returns seconds."""
         t0 = time.perf_counter()
         adaptive, self.adaptive = self.adaptive, False  # always speculate, so verify runs
         self._warming = True  # host drafts propose something even without a match
@@ -415,10 +356,12 @@ class SpeculativeDecoder:
         finally:
             self.adaptive, self._warming = adaptive, False
         with torch.inference_mode():
-            for n in prompt_lens:
+            for n in prompt_lens:  # eager too: a first call at a new length can tune kernels
                 for model in (self.model, self.dmodel):
                     if model is not None and n < min(model.max_seq_len, self.max_seq_len):
                         self._run_chunk(model, [0] * n, 0)
+        if self.auto_calibrate and sampling_modes:
+            self.calibrate(sampling=sampling_modes[0])
         return time.perf_counter() - t0
 
     # ---- generation -----------------------------------------------------------------------------
@@ -435,10 +378,7 @@ class SpeculativeDecoder:
         K, dev, V = self.k_max, self.device, self.vocab
         # a verify writes K+1 positions from the last token: near the cache's end plain steps take over,
         # so requests never grow the cache past what plain decoding would
-        room = n0 + max_new_tokens
-        self._ensure_capacity(self.model, room)
-        if self.dmodel is not None:
-            self._ensure_capacity(self.dmodel, room)
+        self.ensure_capacity(n0 + max_new_tokens)
         cap = self.model.max_seq_len if self.dmodel is None else min(self.model.max_seq_len, self.dmodel.max_seq_len)
         stop_set = set(stop_token_ids or ())
         mode, samp = sampling.mode, sampling.tensors(dev)
@@ -470,8 +410,9 @@ class SpeculativeDecoder:
         self.draft.reset(prompt)
         self.draft.extend([first])
         self.draft_valid = dvalid  # for tests: the draft cache is exact on [0, draft_valid)
-        idx = torch.zeros((1, K + 1), dtype=torch.int64, device=dev)
-        q = torch.zeros((K, V), device=dev)
+        idx = torch.zeros((1, K + 1), dtype=torch.int64, device=dev)  # a model draft's tokens
+        q = torch.zeros((K, V), device=dev) if self.dmodel is not None else None
+        k_t = [torch.tensor(i, device=dev) for i in range(K + 1)]
         emitted = 0
 
         def emit(toks):
@@ -499,38 +440,36 @@ class SpeculativeDecoder:
                 k = len(drafts)
                 if ctl.on and self.adaptive and k and ctl.gain(k) < ctl.min_gain:
                     k = 0  # too short a proposal to pay for a verify
-            if self._mark_step:
-                torch.compiler.cudagraph_mark_step_begin()  # earlier graph outputs are all consumed
-            if k <= 0:  # plain step
-                # while off, a host draft's guess is checked against the token for free
-                shadow = self.draft.propose(1) if self.dmodel is None and self.adaptive and not ctl.on else []
-                tok = self._tstep(self.model, torch.tensor([[seq[-1]]], device=dev), torch.tensor([P], device=dev),
-                                  samp, mode, noise((1, V)))
-                new = [int(tok[0])]
-                st.plain_steps += 1
-                if shadow:
-                    ctl.observe(1, int(shadow[0] == new[0]))
+            if k <= 0:
+                if (yield from self._plain_run(seq, ctl, emit, st, cap, lambda: max_new_tokens - emitted, samp, mode,
+                                               noise)):
+                    return st
+                continue
             else:
-                idx.zero_()
-                q.zero_()
-                idx[0, 0] = seq[-1]
-                if drafts is not None:
-                    idx[0, 1:k + 1] = torch.tensor(drafts, device=dev)
-                    q[torch.arange(k, device=dev), idx[0, 1:k + 1]] = 1.0
+                if drafts is not None:  # one copy to the device
+                    vidx = torch.tensor([[seq[-1]] + drafts + [0] * (K - k)], dtype=torch.int64, device=dev)
                 else:
+                    vidx = idx
+                    idx.zero_()
+                    q.zero_()
+                    idx[0, 0] = seq[-1]
                     dvalid = self._catch_up(seq, dvalid, P, samp, mode, ones_v)
                     for i in range(k):
-                        d, qi = self._dstep(self.dmodel, idx[:, i:i + 1].clone(), torch.tensor([P + i], device=dev),
-                                            samp, mode, ones_v[None] if greedy else noise((1, V)), V)
+                        d, qi = self._draft_step(idx[0, i].view(1, 1).clone(), torch.tensor([P + i], device=dev),
+                                                 samp, mode, ones_v[None] if greedy else noise((1, V)))
                         idx[0, i + 1] = d[0]
                         q[i] = qi[0]
                     st.draft_steps += k
                     dvalid = P + k
                 u = zeros_k if greedy else torch.rand(K, generator=gen, device=dev)
-                n_t, tok_t = self._verify(self.model, idx, torch.arange(K + 1, device=dev) + P, q,
-                                          torch.tensor(k, device=dev), u, ones_v if greedy else noise((V,)), samp, mode)
-                n = int(n_t)
-                new = idx[0, 1:n + 1].tolist() + [int(tok_t)]
+                out = self._verify(vidx, torch.arange(P, P + K + 1, device=dev), q, k_t[k], u,
+                                   ones_v if greedy else noise((V,)), samp, mode)
+                if drafts is not None:
+                    n, tok = out.tolist()  # one read back
+                    new = drafts[:n] + [tok]
+                else:
+                    n, tok, *drafted = torch.cat([out, idx[0, 1:]]).tolist()
+                    new = drafted[:n] + [tok]
                 if self.dmodel is not None:
                     dvalid = min(dvalid, P + 1 + n)  # drafts past the first rejection are stale
                 st.record(k, n)
@@ -542,6 +481,48 @@ class SpeculativeDecoder:
             if (yield from emit(new)):
                 return st
 
+    def _plain_run(self, seq: list[int], ctl: AdaptiveK, emit, st: SpeculationStats, cap: int, left, samp: dict,
+                   mode: tuple, noise) -> Iterator[int]:
+        """Plain steps, pipelined like the Generator's (on CUDA the next step is queued before this
+        token is read back), until speculation should resume; yields the tokens through ``emit``
+        and returns True when the request is over. While speculation is off a host draft's guess
+        is checked against each token for free (``AdaptiveK.observe``); when a host draft has a
+        proposal again, the queued token is taken and the run ends."""
+        dev, K, V = self.device, self.k_max, self.vocab
+        shadows = self.dmodel is None and self.adaptive
+        cur = self._plain_step(torch.tensor([[seq[-1]]], device=dev), torch.tensor([len(seq) - 1], device=dev),
+                               samp, mode, noise((1, V)))
+        pos = torch.tensor([len(seq)], device=dev)
+        last = False
+        while True:
+            P = len(seq)  # where cur's token lands; the next step reads it there
+            shadow = self.draft.propose(1) if shadows and not ctl.on else []
+            if self._event is not None:
+                self._host_tok.copy_(cur, non_blocking=True)
+                self._event.record()
+            nxt = None
+            if not last and left() >= 2 and P < cap and (P + K + 1 > cap or (
+                    self.dmodel is None if ctl.on else ctl.next_k() == 0)):
+                nxt = self._plain_step(cur.view(1, 1), pos, samp, mode, noise((1, V)))
+                pos += 1
+            if self._event is not None:
+                self._event.synchronize()
+                new = int(self._host_tok[0])
+            else:
+                new = int(cur[0])
+            st.plain_steps += 1
+            if shadow:
+                ctl.observe(1, int(shadow[0] == new))
+            st.switched_off = ctl.switched_off
+            seq.append(new)
+            self.draft.extend([new])
+            if (yield from emit([new])):
+                return True
+            if nxt is None:
+                return False
+            cur = nxt
+            last = last or (ctl.on and self.dmodel is None and bool(self.draft.propose(1)))
+
     def _catch_up(self, seq: list[int], dvalid: int, P: int, samp: dict, mode: tuple, ones_v: Tensor) -> int:
         """Bring the draft model's cache to positions [0, P): one-token steps for one or two
         missing tokens, a padded chunk forward for more."""
@@ -551,8 +532,8 @@ class SpeculativeDecoder:
             return dvalid
         if missing <= 2:
             for i in range(dvalid, P):
-                self._dstep(self.dmodel, torch.tensor([[seq[i]]], device=dev), torch.tensor([i], device=dev),
-                            samp, mode, ones_v[None], self.vocab)
+                self._draft_step(torch.tensor([[seq[i]]], device=dev), torch.tensor([i], device=dev),
+                                 samp, mode, ones_v[None])
         else:
             self._run_chunk(self.dmodel, seq[dvalid:P], dvalid)
         self.last_result_stats.draft_steps += missing

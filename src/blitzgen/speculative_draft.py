@@ -138,10 +138,20 @@ def check_same_tokenizer(target, draft) -> None:
 
 
 def check_draft_model(target: Transformer, draft: Transformer) -> None:
+    """Refuse a draft that cannot run beside the target; give it the target's decode attention."""
     if draft.args.head_dim <= 0 or draft.args.max_seq_len < 2:
         raise DraftMismatchError("the draft model has no usable context")
     if draft.device != target.device:
         raise DraftMismatchError(f"the draft model is on {draft.device}, the target on {target.device}")
+    follow_attention(target, draft)
+
+
+def follow_attention(target: Transformer, draft: Transformer) -> None:
+    """The draft uses the target's one-token attention (``--decode-attention`` reaches the target
+    only; a draft loaded or built apart starts at "auto")."""
+    op, mine = target.attention_op, draft.attention_op
+    if (op.decode_impl, op.chunks) != (mine.decode_impl, mine.chunks):
+        draft.set_decode_attention(op.decode_impl, op.chunks)
 
 
 @torch.no_grad()

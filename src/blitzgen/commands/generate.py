@@ -68,29 +68,29 @@ def run(args) -> int:
 
 
 def run_loaded(args, sampling, lm, gen) -> int:
+    """Warm up (plain or speculative), then the one print path: each sample's text streamed to
+    stdout, its timing lines (and speculation statistics) on stderr, the totals and the
+    ``startup:`` line (process start to the first token)."""
     import torch
 
     from ..generate import weight_bytes
     from ..sampling import choice_sampling
     from ..startup import REPORT
-    from ..compile_cache import warm_up
 
     ids = build_prompt_ids(lm.tokenizer, args.prompt, args.raw, args.system)
-    if getattr(args, "speculate", None):
-        from .speculate import run_speculative
-
-        return run_speculative(args, lm, gen, ids, sampling)
     gen.check_request(len(ids), args.max_new_tokens)
-    gen.ensure_capacity(len(ids) + args.max_new_tokens)
-    if gen.compiled:  # this sampler mode, and this prompt's prefill bucket when prefill compiles
-        secs = warm_up(lm, gen, [sampling], prompt_len=len(ids))
-        print(f"Compilation time: {secs:.2f} seconds", file=sys.stderr, flush=True)
+    if getattr(args, "speculate", None):
+        from .speculate import SpeculativeRun
+
+        run = SpeculativeRun(args, lm, gen, ids, sampling)
+    else:
+        run = PlainRun(lm, gen, ids, args.max_new_tokens, sampling)
     nbytes = weight_bytes(lm.model)
     rates = []
     out = sys.stdout
     report = None
     for i in range(args.num_samples):
-        for d in gen.stream(ids, args.max_new_tokens, choice_sampling(sampling, i), args.stop):
+        for d in run.stream(ids, args.max_new_tokens, choice_sampling(sampling, i), args.stop):
             if report is None:
                 REPORT.mark("first token")
                 report = REPORT.render("first token")
@@ -102,12 +102,33 @@ def run_loaded(args, sampling, lm, gen) -> int:
             out.write("\n")
         rates.append(st.tokens_per_second)
         print_timing(i, st, nbytes)
+        run.sample_done()
     print("==========", file=sys.stderr)
     print(f"Average tokens/sec: {statistics.mean(rates):.2f}", file=sys.stderr)
+    run.all_done(args.num_samples)
     if lm.model.device.type == "cuda":
         print(f"Memory used: {torch.cuda.max_memory_reserved() / 1e9:.02f} GB", file=sys.stderr)
     print(report, file=sys.stderr, flush=True)
     return 0
+
+
+class PlainRun:
+    """Plain decoding for ``run_loaded``: warmed up for this sampler and prompt length when compiled."""
+
+    def __init__(self, lm, gen, ids: list[int], max_new_tokens: int, sampling):
+        from ..compile_cache import warm_up
+
+        gen.ensure_capacity(len(ids) + max_new_tokens)
+        if gen.compiled:  # this sampler mode, and this prompt's prefill bucket when prefill compiles
+            secs = warm_up(lm, gen, [sampling], prompt_len=len(ids))
+            print(f"Compilation time: {secs:.2f} seconds", file=sys.stderr, flush=True)
+        self.stream = gen.stream
+
+    def sample_done(self) -> None:
+        pass
+
+    def all_done(self, num_samples: int) -> None:
+        pass
 
 
 def print_timing(i: int, st, nbytes: int) -> None:

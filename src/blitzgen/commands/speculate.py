@@ -135,11 +135,28 @@ def build_decoders(args, lm, gen, *, log=None) -> dict:
         draft = make_draft(source, lm.model, draft_model=draft_lm.model if draft_lm else None,
                            draft_tokenizer=draft_lm.tokenizer if draft_lm else None,
                            target_tokenizer=lm.tokenizer, group_size=group)
-        out[source] = SpeculativeDecoder(lm.model, draft, k=args.speculate_k, compile=gen.compiled,
-                                         max_seq_len=gen.max_seq_len)
+        out[source] = SpeculativeDecoder(lm.model, draft, k=args.speculate_k, gen=gen, max_seq_len=gen.max_seq_len)
         log(f"Speculation {source} (k<={args.speculate_k}"
             f"{', draft ' + draft_lm.name if draft_lm else ''}) ready in {time.perf_counter() - t0:.2f} seconds")
     return out
+
+
+def warm_up_speculative(lm, gen, dec, sampling_modes, prompt_lens: Sequence[int] = ()) -> float:
+    """``compile_cache.warm_up`` for a decoder: its warm-up inside a compile-cache entry of its own
+    (the source and K in the key), marking the start-up report; eager: 0.0."""
+    if not dec.compiled:
+        return 0.0
+    from ..compile_cache import cached
+    from ..startup import REPORT
+
+    extra = {**gen.warmup_plan(), "speculate": dec.draft.name, "k": dec.k_max, "cache_len": gen.cache_len,
+             "warmup": sorted({tuple(sp.mode) for sp in sampling_modes}), "prompt_lens": sorted(prompt_lens)}
+    with cached(lm.args, gen.options, extra, root=gen.options.cache_dir):
+        REPORT.mark("cache load")
+        secs = dec.warmup(sampling_modes, prompt_lens=prompt_lens)
+        REPORT.mark("compile + warm-up")
+        REPORT.add_compile_breakdown()
+    return secs
 
 
 def speculative_decoder(args, lm, gen, sampling_modes=None):
@@ -151,7 +168,7 @@ def speculative_decoder(args, lm, gen, sampling_modes=None):
     if gen.compiled:
         from ..sampling import sampler_modes
 
-        secs = dec.warmup(sampling_modes or sampler_modes())
+        secs = warm_up_speculative(lm, gen, dec, sampling_modes or sampler_modes())
         print(f"Speculation compiled in {secs:.2f} seconds", file=sys.stderr, flush=True)
     return dec
 
@@ -164,44 +181,31 @@ def server_speculation(args, *, log=None):
     return lambda lm, gen: (build_decoders(args, lm, gen, log=log), default_source(args))
 
 
-def run_speculative(args, lm, gen, ids: list[int], sampling) -> int:
-    """``blitzgen generate --speculate ...``: stream each sample, then the timing lines and the
-    speculation summary (acceptance, tokens per verify, accepted-length histogram) on stderr."""
-    import statistics
+class SpeculativeRun:
+    """``blitzgen generate --speculate ...`` for commands.generate.run_loaded's print path: the
+    decoder, warmed up for this sampler and prompt when compiled; after each sample the speculation
+    summary (acceptance, tokens per verify, accepted-length histogram), after several the total."""
 
-    import torch
+    def __init__(self, args, lm, gen, ids: list[int], sampling):
+        from ..speculative import SpeculationStats
 
-    from ..generate import weight_bytes
-    from ..sampling import choice_sampling
-    from ..speculative import SpeculationStats, stream_speculative
-    from .generate import print_timing
+        self.gen, self.spec, self.total = gen, SpeculationStats(), SpeculationStats()
+        self.dec = build_decoders(args, lm, gen)[default_source(args)]
+        self.dec.ensure_capacity(len(ids) + args.max_new_tokens)  # before warming up: growing recompiles
+        if gen.compiled:  # this sampler mode, and this prompt's prefill bucket when prefill compiles
+            secs = warm_up_speculative(lm, gen, self.dec, [sampling], prompt_lens=[len(ids)])
+            print(f"Compilation time: {secs:.2f} seconds", file=sys.stderr, flush=True)
 
-    gen.check_request(len(ids), args.max_new_tokens)
-    dec = build_decoders(args, lm, gen)[default_source(args)]
-    if gen.compiled:
-        secs = dec.warmup([sampling], prompt_lens=[len(ids)])  # this prompt's prefill bucket too
-        print(f"Compilation time: {secs:.2f} seconds", file=sys.stderr, flush=True)
-    nbytes = weight_bytes(lm.model)
-    rates, total = [], SpeculationStats()
-    out = sys.stdout
-    for i in range(args.num_samples):
-        spec = SpeculationStats()
-        for d in stream_speculative(dec, gen, ids, args.max_new_tokens, choice_sampling(sampling, i), args.stop,
-                                    spec_stats=spec):
-            if not args.quiet:
-                out.write(d.text)
-                out.flush()
-        st = d.stats
-        if not args.quiet:
-            out.write("\n")
-        rates.append(st.tokens_per_second)
-        total.merge(spec)
-        print_timing(i, st, nbytes)
-        print(f"Speculation: {spec.summary().removeprefix('speculation ')}", file=sys.stderr, flush=True)
-    print("==========", file=sys.stderr)
-    print(f"Average tokens/sec: {statistics.mean(rates):.2f}", file=sys.stderr)
-    if args.num_samples > 1:
-        print(f"Speculation, all samples: {total.summary().removeprefix('speculation ')}", file=sys.stderr)
-    if lm.model.device.type == "cuda":
-        print(f"Memory used: {torch.cuda.max_memory_reserved() / 1e9:.02f} GB", file=sys.stderr)
-    return 0
+    def stream(self, ids, max_new_tokens: int, sampling, stop):
+        from ..speculative import SpeculationStats, stream_speculative
+
+        self.spec = SpeculationStats()
+        return stream_speculative(self.dec, self.gen, ids, max_new_tokens, sampling, stop, spec_stats=self.spec)
+
+    def sample_done(self) -> None:
+        self.total.merge(self.spec)
+        print(f"Speculation: {self.spec.summary().removeprefix('speculation ')}", file=sys.stderr, flush=True)
+
+    def all_done(self, num_samples: int) -> None:
+        if num_samples > 1:
+            print(f"Speculation, all samples: {self.total.summary().removeprefix('speculation ')}", file=sys.stderr)

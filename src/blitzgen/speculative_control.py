@@ -1,0 +1,152 @@
+"""Speculation statistics and the adaptive draft-length controller (torch-free).
+
+    st = SpeculationStats(source="ngram", k_max=4, accepted_hist=[0] * 5, k_hist=[0] * 5)
+    ctl = AdaptiveK(4, verify_cost=1.1); k = ctl.next_k(); ...; ctl.update(k, n_accepted)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+# ---- statistics --------------------------------------------------------------------------------
+@dataclass
+class SpeculationStats:
+    """Per request (or summed over requests with ``merge``)."""
+
+    source: str = ""
+    k_max: int = 0
+    verify_steps: int = 0  # target forwards of K_max+1 tokens
+    plain_steps: int = 0  # one-token target steps (fallback, or no n-gram match)
+    draft_steps: int = 0  # one-token draft-model steps (incl. catch-up)
+    drafted: int = 0
+    accepted: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    switched_off: int = 0  # times the controller turned speculation off
+    accepted_hist: list[int] = field(default_factory=list)  # [k_max+1]: verify steps by accepted count
+    k_hist: list[int] = field(default_factory=list)  # [k_max+1]: verify steps by drafted count
+    time_to_first_token: float = 0.0
+    total_seconds: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_tokens_per_verify(self) -> float:
+        """Tokens emitted per verify step (accepted drafts + the corrected/bonus token)."""
+        return (self.accepted + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.total_seconds if self.total_seconds > 0 else 0.0
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.verify_steps += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.accepted_hist[accepted] += 1
+        self.k_hist[drafted] += 1
+
+    def merge(self, other: "SpeculationStats") -> "SpeculationStats":
+        """Add another request's counts (for a server's /metrics)."""
+        for f in ("verify_steps", "plain_steps", "draft_steps", "drafted", "accepted", "generated_tokens",
+                  "prompt_tokens", "switched_off", "time_to_first_token", "total_seconds"):
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+        n = max(len(self.accepted_hist), len(other.accepted_hist))
+        for name in ("accepted_hist", "k_hist"):
+            a, b = getattr(self, name), getattr(other, name)
+            setattr(self, name, [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)])
+        self.source = self.source or other.source
+        self.k_max = max(self.k_max, other.k_max)
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(acceptance_rate=self.acceptance_rate, mean_tokens_per_verify=self.mean_tokens_per_verify,
+                 tokens_per_second=self.tokens_per_second)
+        return d
+
+    def summary(self) -> str:
+        """One line for the CLI."""
+        return (f"speculation {self.source} k<={self.k_max}: acceptance {self.acceptance_rate:.0%}, "
+                f"{self.mean_tokens_per_verify:.2f} tokens/verify over {self.verify_steps} verify + "
+                f"{self.plain_steps} plain steps, accepted lengths {self.accepted_hist}")
+
+
+# ---- adaptive draft length ---------------------------------------------------------------------
+class AdaptiveK:
+    """Chooses the draft length from the acceptance seen, or 0 (a plain step) when speculating
+    would not pay.
+
+    Per-draft-token acceptance alpha is estimated from decayed counts of accepted tokens A and
+    rejections R (alpha = A / (A + R), the geometric model's estimate). A round of k drafts emits
+    E(k) = (1 - alpha^(k+1)) / (1 - alpha) tokens and costs verify_cost + k * draft_cost target
+    steps; k maximises E(k) / cost, and speculation is off while that ratio is below min_gain.
+    While off, a probe round runs after `probe` plain steps (doubling after each failed probe up
+    to max_probe), so a request that becomes predictable later still gains.
+    """
+
+    def __init__(self, k_max: int, *, verify_cost: float = 1.3, draft_cost: float = 0.0, min_gain: float = 1.05,
+                 decay: float = 0.8, prior: float = 0.8, probe: int = 16, max_probe: int = 256, adaptive: bool = True):
+        self.k_max, self.verify_cost, self.draft_cost = k_max, verify_cost, draft_cost
+        self.min_gain, self.decay, self.adaptive = min_gain, decay, adaptive
+        self.prior, self.probe0, self.max_probe = prior, probe, max_probe
+        self.reset()
+
+    def reset(self) -> None:
+        self.acc, self.rej = 2 * self.prior, 2 * (1 - self.prior)  # a prior worth two rounds
+        self.on, self.since_off, self.probe = True, 0, self.probe0
+        self.k = self.k_max
+        self.switched_off = 0
+        self._choose()
+
+    @property
+    def alpha(self) -> float:
+        return self.acc / (self.acc + self.rej)
+
+    def expected_tokens(self, k: int) -> float:
+        a = min(self.alpha, 1 - 1e-6)
+        return (1 - a ** (k + 1)) / (1 - a)
+
+    def gain(self, k: int) -> float:
+        return self.expected_tokens(k) / (self.verify_cost + k * self.draft_cost)
+
+    def _choose(self) -> None:
+        self.k = max(range(1, self.k_max + 1), key=self.gain) if self.adaptive else self.k_max
+
+    def next_k(self) -> int:
+        """Draft length for the next round; 0 means take a plain step."""
+        if not self.adaptive or self.on:
+            return self.k
+        self.since_off += 1
+        if self.since_off > self.probe:  # a probe round
+            return self.k
+        return 0
+
+    def observe(self, k: int, n: int) -> None:
+        """Free evidence, no verify ran (a host draft checked against a plain step's token): it
+        may turn speculation back on, but is never a failed probe."""
+        self.acc = self.decay * self.acc + n
+        self.rej = self.decay * self.rej + (1 if n < k else 0)
+        self._choose()
+        if self.adaptive and not self.on and self.gain(self.k) >= self.min_gain:
+            self.on, self.probe = True, self.probe0
+
+    def update(self, k: int, n: int) -> None:
+        """A round drafted k tokens and n were accepted."""
+        self.acc = self.decay * self.acc + n
+        self.rej = self.decay * self.rej + (1 if n < k else 0)
+        self._choose()
+        if not self.adaptive:
+            return
+        good = self.gain(self.k) >= self.min_gain
+        if self.on and not good:
+            self.on, self.since_off = False, 0
+            self.switched_off += 1
+        elif not self.on:
+            if good:
+                self.on, self.probe = True, self.probe0
+            else:  # failed probe: wait longer before the next one
+                self.since_off, self.probe = 0, min(2 * self.probe, self.max_probe)
