@@ -15,7 +15,6 @@ import random
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,18 +28,7 @@ from blitzgen.model import RMSNorm
 
 from .conftest import tiny_model
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-needs_triton = pytest.mark.skipif(not _has_triton(), reason="triton is not installed")
+from .test_kernels import SRC, needs_triton
 
 
 @pytest.fixture
