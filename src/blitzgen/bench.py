@@ -283,6 +283,7 @@ def _measure(opts: BenchOptions, gen, model, args, device: torch.device, compile
     def one_run(i: int) -> tuple[float, object]:
         sp = choice_sampling(SamplingParams(temperature=opts.temperature, top_k=opts.top_k, seed=opts.seed), i)
         stats = GenerationStats()
+        gen.forget_prefix()  # every run prefills its whole prompt (the same one each run)
         _sync(device)
         t = time.perf_counter()
         n = 0
