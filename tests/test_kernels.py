@@ -227,9 +227,10 @@ _INTERP_SCRIPT = r"""
 import json, math, os, sys
 assert os.environ.get("TRITON_INTERPRET") == "1"
 import torch
-from blitzgen.kernels.gemv import GemvConfig as C, int8_gemv_raw, int4_gemv_raw, choose_config
+from blitzgen.kernels.gemv import GemvConfig as C, int8_gemv_raw, int4_gemv_raw, choose_config, supported
 from blitzgen.kernels.reference import int8_gemv_ref, int4_gemv_ref, float_gemv_ref
 from blitzgen.kernels.gemv_float import FloatGemvConfig, float_gemv_raw
+from blitzgen.kernels.gemv_rows import int8_rows_raw
 
 CASES = json.loads(sys.argv[1])
 torch.manual_seed(0)
@@ -254,13 +255,16 @@ for case in CASES:
         split = cfg is not None and cfg.split_k > 1
         poison = None if split else torch.full((N,), float("nan"), dtype=dtype)
         y = float_gemv_raw(x, w, cfg, out=poison)
-    elif kind == "int8":
+    elif kind in ("int8", "int8rows"):
         w = torch.randint(-128, 128, (N, K), dtype=torch.int8)
         w[0, :4] = torch.tensor([-128, 127, -1, 0], dtype=torch.int8)  # extremes
         s = (torch.rand(N) * 0.02 + 1e-3).to(dtype)
         r = int8_gemv_ref(x, w, s)
         poison = torch.full((N,), float("nan"), dtype=dtype)
-        y = int8_gemv_raw(x, w, s, cfg, out=poison)
+        if kind == "int8rows":  # rows are written by the kernel into its own output
+            y, poison = int8_rows_raw(x, w, s, cfg), None
+        else:
+            y = int8_gemv_raw(x, w, s, cfg, out=poison)
     else:
         qw = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
         qw[0, :2] = torch.tensor([0x0F, 0xF0], dtype=torch.uint8)
@@ -269,8 +273,11 @@ for case in CASES:
         r = int4_gemv_ref(x, qw, sc, z, g)
         poison = torch.full((N,), float("nan"), dtype=dtype)
         y = int4_gemv_raw(x, qw, sc, z, g, cfg, out=poison)
+    eff = cfg or choose_config(kind, N, K, g) if kind in ("int8", "int4") else None
+    if eff is not None and (eff.split_k > 1 or not supported(kind, K, g, eff)):
+        poison = None  # split-K (a float32 buffer, then a cast) and the PyTorch fallback ignore ``out``
     res = check(y, r, case["tol"])
-    res["poisoned_out_used"] = kind != "float" or poison is None or y.reshape(-1).data_ptr() == poison.data_ptr()
+    res["poisoned_out_used"] = poison is None or y.reshape(-1).data_ptr() == poison.data_ptr()
     res["case"] = case
     print("RESULT " + json.dumps(res), flush=True)
 """
@@ -291,6 +298,15 @@ INT8_CASES = [
     _case("int8", 24, 1000, lead=(1, 1, 1)),  # K % 16 != 0 -> wpt 2 + tail
     _case("int8", 8, 1004),  # K % 8 != 0 -> PyTorch fallback inside the op
     _case("int8", 19, 640, cfg=[16, 1, 4, 1, 1], dtype="float16"),
+]
+# several rows (kernels/gemv_rows.py): lead = (1, rows)
+INT8_ROWS_CASES = [
+    _case("int8rows", 37, 1024, lead=(1, 4)),  # heuristic config, N tail
+    _case("int8rows", 40, 1536, cfg=[2, 2, 2, 2, 1], dtype="float32", lead=(8,)),  # split-K 2, fp32
+    _case("int8rows", 24, 1000, lead=(1, 3)),  # MP 4 > 3 rows, K tail
+    _case("int8rows", 19, 640, cfg=[4, 1, 4, 1, 1], dtype="float16", lead=(2,)),  # wpt 4
+    _case("int8rows", 16, 3072, cfg=[2, 4, 2, 3, 1], lead=(1, 5)),  # split-K 3, MP 8
+    _case("int8rows", 8, 1004, lead=(1, 7)),  # K % 8 != 0 -> PyTorch fallback
 ]
 INT4_CASES = [
     _case("int4", 37, 1024, 32, cfg=[8, 2, 4, 1, 1]),
@@ -336,6 +352,11 @@ def _assert_results(results):
 @needs_triton
 def test_int8_kernel_interpreter():
     _assert_results(_run_interpreter(INT8_CASES))
+
+
+@needs_triton
+def test_int8_rows_kernel_interpreter():
+    _assert_results(_run_interpreter(INT8_ROWS_CASES))
 
 
 @needs_triton
@@ -424,3 +445,33 @@ def test_float_gemv_sm90_codegen():
         pytest.skip(f"cannot drive triton.compile here: {e}")
     ptx = c.asm["ptx"]
     assert "ld.global.v4" in ptx and "ld.local" not in ptx and "st.local" not in ptx
+
+
+@needs_triton
+@pytest.mark.parametrize("rows", [2, 4, 8])
+def test_int8_rows_sm90_codegen(rows):
+    """The several-row int8 kernel compiles for Hopper without register spills, at the Llama-2-7B
+    MLP shapes' configs (speculative verify of K + 1 = rows tokens)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from blitzgen.kernels import gemv, gemv_rows
+
+    for N, K in [(22016, 4096), (4096, 11008)]:
+        cfg = gemv_rows.choose_rows_config(N, K, rows, 132)
+        sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
+               "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_wn": "i32",
+               "tiles_per_split": "i32", "magic": "i32"}
+        ce = {"MP": gemv_rows.padded_rows(rows), "BN": cfg.block_n, "L": 32 * cfg.num_warps, "WPT": cfg.wpt,
+              "SPLIT_K": 1, "HAS_TAIL": K % gemv.tile_k("int8", cfg) != 0}
+        attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5, 6, 7, 8, 9)}
+        sig.update({k: "constexpr" for k in ce})
+        try:
+            c = triton.compile(ASTSource(fn=gemv_rows._int8_rows_kernel, signature=sig, constexprs=ce, attrs=attrs),
+                               target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
+        except (ImportError, AttributeError, TypeError) as e:  # compiler API of another Triton version
+            pytest.skip(f"cannot drive triton.compile here: {e}")
+        ptx = c.asm["ptx"]
+        assert "ld.local" not in ptx and "st.local" not in ptx, (N, K, cfg)  # no spills
+        assert "ld.global.v4" in ptx or "ld.global.nc.v4" in ptx  # 16-byte activation loads

@@ -93,6 +93,27 @@ def test_quantized_eager_matches_dequantized_twin(quantized, summary):
     summary(f"{scheme} g={g}: relative logit error prefill {prefill_err:.1e}, decode {decode_err:.1e}")
 
 
+def test_quantized_chunks_of_few_tokens_match_dequantized_twin(quantized, summary):
+    """Prompt fed in chunks of 2..8 tokens (a speculative verify's shape; int8: the row GEMV)
+    against the dequantized twin."""
+    from blitzgen.quant import dequantize_model
+
+    scheme, g, oracle, _ = quantized
+    twin = dequantize_model(random_model(quantize=scheme, group_size=g, cache=1024))
+    seq = _prompt(44, 9)
+    want = teacher_forced_logits(twin, seq)
+    got, i, size = [], 0, 2
+    with torch.inference_mode():
+        while i < len(seq):
+            chunk = seq[i:i + size]
+            pos = torch.arange(i, i + len(chunk), device="cuda")
+            got.append(oracle(torch.tensor([chunk], device="cuda"), pos)[0].float())
+            i, size = i + len(chunk), 2 + size % 7  # 2, 3, ..., 8, 2, ...
+    err = rel_err(torch.cat(got), want)
+    assert err < 3e-2, err
+    summary(f"{scheme} g={g}: relative logit error in chunks of 2-8 tokens {err:.1e}")
+
+
 def test_quantized_compiled_decode(quantized, summary):
     scheme, g, oracle, gen = quantized
     prompt = _prompt(17, 17)

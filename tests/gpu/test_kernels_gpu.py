@@ -82,6 +82,26 @@ def test_gemv_kernels_match_reference(kind, g, seed, summary):
     summary(f"{len(BIG) + len(ODD)} shapes, worst relative error {worst:.1e}")
 
 
+def test_int8_rows_kernel_matches_reference(seed, summary):
+    """int8 with 2..8 tokens (speculative verify, short prefill chunks): the op and the raw launcher
+    with a split-K config, every row count, at the big and odd shapes."""
+    from blitzgen.kernels import gemv, gemv_rows
+
+    worst, n = 0.0, 0
+    for N, K in BIG + ODD:
+        for rows in range(2, kernels.INT8_ROWS_MAX + 1):
+            dtype = torch.float16 if (N, K) in ODD and rows % 2 else torch.bfloat16
+            x, (w, s), _ = _inputs("int8", N, K, None, dtype)
+            x = torch.randn(1, rows, K, device="cuda").to(dtype)
+            r = int8_gemv_ref(x, w, s)
+            what = f"int8 rows={rows} N={N} K={K} {dtype} seed={seed}"
+            worst = max(worst, _check(kernels.int8_gemv_rows(x, w, s), r, TOL[dtype], what + " (op)"))
+            cfg = gemv_rows.choose_rows_config(N, K, rows, gemv._device_sms(x))._replace(split_k=2)
+            worst = max(worst, _check(gemv_rows.int8_rows_raw(x, w, s, cfg), r, TOL[dtype], f"{what} {cfg}"))
+            n += 1
+    summary(f"{n} (shape, rows) cases, worst relative error {worst:.1e}")
+
+
 @pytest.mark.parametrize("kind,g", [("int8", None), ("int4", 32)], ids=["int8", "int4g32"])
 def test_gemv_candidate_configs(kind, g, seed, summary):
     """Every config the autotuner or the benchmark may pick, at two shapes (incl. split-K)."""

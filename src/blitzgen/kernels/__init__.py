@@ -28,20 +28,22 @@ from .. import runtime
 from .reference import (fused_float_gemv_ref, fused_int4_gemv_ref, fused_int8_gemv_ref, int4_gemv_ref,
                         int8_gemv_ref)
 
-__all__ = ["available", "unavailable_reason", "int8_gemv", "int4_gemv", "int8_gemv_ref", "int4_gemv_ref",
+__all__ = ["available", "unavailable_reason", "int8_gemv", "int8_gemv_rows", "int4_gemv", "int8_gemv_ref", "int4_gemv_ref",
            "fused_int8_gemv", "fused_int4_gemv", "fused_float_gemv"]
 
 # Plain module globals (no lru_cache) so that torch.compile/dynamo can trace int8_gemv/int4_gemv
 # once available() has run eagerly (this module calls it on import).
 _GEMV = None  # the blitzgen.kernels.gemv module once imported
+_ROWS = None  # the blitzgen.kernels.gemv_rows module once imported
 _FUSED = None  # the blitzgen.kernels.fused_gemv module once imported
 _REASON: str | None = None  # why the kernels cannot run here (None: they can)
 _AVAILABLE: bool | None = None  # cached result of available()
+INT8_ROWS_MAX = 8  # int8_gemv_rows takes up to this many tokens (more: dequantize + cuBLAS)
 
 
 def _probe() -> str | None:
     """None when the kernels can run, else the reason they cannot (imports Triton on CUDA hosts)."""
-    global _GEMV, _FUSED
+    global _GEMV, _FUSED, _ROWS
     if not runtime.env_flag("BLITZGEN_KERNELS", True):
         return "disabled by the user (BLITZGEN_KERNELS=0)"
     if not torch.cuda.is_available():
@@ -49,9 +51,10 @@ def _probe() -> str | None:
     try:
         from . import gemv
         from . import fused_gemv
+        from . import gemv_rows
     except Exception as e:  # ImportError, or a broken Triton install: reported, never swallowed
         return f"Triton kernels could not be imported ({type(e).__name__}: {e})"
-    _GEMV, _FUSED = gemv, fused_gemv
+    _GEMV, _FUSED, _ROWS = gemv, fused_gemv, gemv_rows
     return None
 
 
@@ -95,6 +98,14 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> to
     """y = (x @ weight.T) * scales; x [..., K] with one row, weight int8 [N, K], scales [N]."""
     if _use_kernels("int8 GEMV", x, weight, scales):
         return _GEMV.int8_gemv(x, weight, scales)
+    return torch.nn.functional.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
+
+
+def int8_gemv_rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """As ``int8_gemv`` for x [..., K] holding 1..INT8_ROWS_MAX rows (speculative verify, short
+    prefills): kernels/gemv_rows.py."""
+    if _use_kernels("int8 row GEMV", x, weight, scales):
+        return _ROWS.int8_gemv_rows(x, weight, scales)
     return torch.nn.functional.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
 
 
