@@ -276,3 +276,23 @@ def test_side_by_side_runs_on_cpu(tmp_path):
     assert res[0]["config"] == "tiny/bf16/p4/n4" and _positive(res[0]["blitzgen"]["tok_s"])
     assert "unknown shape" in res[1]["error"]  # a failing config is recorded; the others still run
     assert "tiny/bf16/p4/n4" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.slow  # ~9 s on 2 busy cores: the GGUF's tokenizer and xgrammar's vocabulary set-up
+def test_structured_gpu_bench_runs_on_cpu(tmp_path, capsys):
+    """benchmarks/structured_gpu.py: saves the default tokenizer, loads it back, times the four variants."""
+    import importlib.util
+
+    pytest.importorskip("xgrammar")
+    spec = importlib.util.spec_from_file_location("structured_gpu", REPO / "benchmarks" / "structured_gpu.py")
+    sg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sg)
+    tok, out = tmp_path / "tok", tmp_path / "s.json"
+    assert sg.main(["--save-tokenizer", str(tok)]) == 0
+    assert sg.main(["--tokenizer", str(tok), "--shape", "tiny", "--device", "cpu", "--dtype", "float32",
+                    "--new-tokens", "6", "--reps", "1", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert list(r["results"]) == ["plain", "loop", "loop+schema", "loop+schema+lp"] and r["vocab_size"] == 49152
+    assert all(_positive(v["decode_tok_s"]) and _positive(v["ratio"]) for v in r["results"].values())
+    assert r["loop_equals_plain"] and r["schema_equals_lp"] and r["schema_text_head"].startswith('{"xs": [')
+    assert "token_loop + json_schema" in capsys.readouterr().out
