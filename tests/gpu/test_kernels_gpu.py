@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from blitzgen import kernels, runtime
-from blitzgen.kernels.reference import int4_gemv_ref, int8_gemv_ref
+from blitzgen.kernels.reference import dequantize_int4_ref, int4_gemv_ref, int8_gemv_ref
 
 from .common import random_model
 
@@ -82,22 +82,29 @@ def test_gemv_kernels_match_reference(kind, g, seed, summary):
     summary(f"{len(BIG) + len(ODD)} shapes, worst relative error {worst:.1e}")
 
 
-def test_int8_rows_kernel_matches_reference(seed, summary):
-    """int8 with 2..8 tokens (speculative verify, short prefill chunks): the op and the raw launcher
-    with a split-K config, every row count, at the big and odd shapes."""
-    from blitzgen.kernels import gemv, gemv_rows
+@pytest.mark.parametrize("kind,g", KINDS, ids=["int8", "int4g32", "int4g64", "int4g128"])
+def test_row_matmul_matches_reference(kind, g, seed, summary):
+    """The tensor-core row matmul (kernels/mm_rows.py) for 2..16 tokens: the op that the quantized
+    layers call, and the raw launcher without split-K and with a deep split, at every shape."""
+    from blitzgen.kernels import mm_rows
 
     worst, n = 0.0, 0
     for N, K in BIG + ODD:
-        for rows in range(2, kernels.INT8_ROWS_MAX + 1):
+        for rows in (2, 3, 4, 5, 8, 9, 16):
             dtype = torch.float16 if (N, K) in ODD and rows % 2 else torch.bfloat16
-            x, (w, s), _ = _inputs("int8", N, K, None, dtype)
+            x1, args, _ = _inputs(kind, N, K, g, dtype)
             x = torch.randn(1, rows, K, device="cuda").to(dtype)
-            r = int8_gemv_ref(x, w, s)
-            what = f"int8 rows={rows} N={N} K={K} {dtype} seed={seed}"
-            worst = max(worst, _check(kernels.int8_gemv_rows(x, w, s), r, TOL[dtype], what + " (op)"))
-            cfg = gemv_rows.choose_rows_config(N, K, rows, gemv._device_sms(x))._replace(split_k=2)
-            worst = max(worst, _check(gemv_rows.int8_rows_raw(x, w, s, cfg), r, TOL[dtype], f"{what} {cfg}"))
+            if kind == "int8":  # int8 -> bf16 is exact: the fp32 reference holds
+                r = int8_gemv_ref(x, *args)
+            else:  # the tile is dequantized to x's dtype before the dot (as tinygemm and F.linear do)
+                w = dequantize_int4_ref(*args).to(dtype).float()
+                r = (x.float() @ w.t()).to(dtype)
+            what = f"{kind} g={g} rows={rows} N={N} K={K} {dtype} seed={seed}"
+            op = kernels.int8_rows if kind == "int8" else kernels.int4_rows
+            worst = max(worst, _check(op(x, *args), r, TOL[dtype], what + " (op)"))
+            raw = mm_rows.int8_mm_rows_raw if kind == "int8" else mm_rows.int4_mm_rows_raw
+            for cfg in (mm_rows.MmConfig(block_k=max(128, g or 0)), mm_rows.MmConfig(32, max(256, g or 0), 4, 2, 4)):
+                worst = max(worst, _check(raw(x, *args, cfg=cfg), r, TOL[dtype], f"{what} {cfg}"))
             n += 1
     summary(f"{n} (shape, rows) cases, worst relative error {worst:.1e}")
 

@@ -28,17 +28,18 @@ from .. import runtime
 from .reference import (fused_float_gemv_ref, fused_int4_gemv_ref, fused_int8_gemv_ref, int4_gemv_ref,
                         int8_gemv_ref)
 
-__all__ = ["available", "unavailable_reason", "int8_gemv", "int8_gemv_rows", "int4_gemv", "int8_gemv_ref", "int4_gemv_ref",
+__all__ = ["available", "unavailable_reason", "int8_gemv", "int8_rows", "int4_gemv", "int4_rows", "int8_gemv_ref", "int4_gemv_ref",
            "fused_int8_gemv", "fused_int4_gemv", "fused_float_gemv"]
 
 # Plain module globals (no lru_cache) so that torch.compile/dynamo can trace int8_gemv/int4_gemv
 # once available() has run eagerly (this module calls it on import).
 _GEMV = None  # the blitzgen.kernels.gemv module once imported
-_ROWS = None  # the blitzgen.kernels.gemv_rows module once imported
+_ROWS = None  # the blitzgen.kernels.mm_rows module once imported
 _FUSED = None  # the blitzgen.kernels.fused_gemv module once imported
 _REASON: str | None = None  # why the kernels cannot run here (None: they can)
 _AVAILABLE: bool | None = None  # cached result of available()
-INT8_ROWS_MAX = 8  # int8_gemv_rows takes up to this many tokens (more: dequantize + cuBLAS)
+ROWS_MAX = 16  # int8_rows / int4_rows take up to this many tokens (more: dequantize + cuBLAS / tinygemm)
+INT4_ROWS_MIN = 5  # int4 below this: tinygemm was faster on the H200 (BENCHMARKS.md, rows_gpu.py)
 
 
 def _probe() -> str | None:
@@ -51,10 +52,10 @@ def _probe() -> str | None:
     try:
         from . import gemv
         from . import fused_gemv
-        from . import gemv_rows
+        from . import mm_rows
     except Exception as e:  # ImportError, or a broken Triton install: reported, never swallowed
         return f"Triton kernels could not be imported ({type(e).__name__}: {e})"
-    _GEMV, _FUSED, _ROWS = gemv, fused_gemv, gemv_rows
+    _GEMV, _FUSED, _ROWS = gemv, fused_gemv, mm_rows
     return None
 
 
@@ -101,12 +102,20 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> to
     return torch.nn.functional.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
 
 
-def int8_gemv_rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """As ``int8_gemv`` for x [..., K] holding 1..INT8_ROWS_MAX rows (speculative verify, short
-    prefills): kernels/gemv_rows.py."""
-    if _use_kernels("int8 row GEMV", x, weight, scales):
-        return _ROWS.int8_gemv_rows(x, weight, scales)
+def int8_rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """As ``int8_gemv`` for x [..., K] holding 1..ROWS_MAX rows (speculative verify, short prefill
+    chunks): the tensor-core kernel of mm_rows.py."""
+    if _use_kernels("int8 row matmul", x, weight, scales):
+        return _ROWS.int8_mm_rows(x, weight, scales)
     return torch.nn.functional.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
+
+
+def int4_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+              group_size: int) -> torch.Tensor:
+    """As ``int4_gemv`` for x [..., K] holding 1..ROWS_MAX rows (mm_rows.py)."""
+    if _use_kernels("int4 row matmul", x, qweight, scales, zeros):
+        return _ROWS.int4_mm_rows(x, qweight, scales, zeros, group_size)
+    return int4_gemv_ref(x, qweight, scales, zeros, group_size)
 
 
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

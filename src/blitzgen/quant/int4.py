@@ -12,12 +12,15 @@ Matmul paths, chosen per call (the choice is static per shape, so torch.compile 
 
 1. CUDA, one token, and ``blitzgen.kernels.int4_gemv`` exists: that kernel,
    ``int4_gemv(x, qweight, scales, zeros, group_size) -> y``.
-2. CUDA otherwise: ``_int4_mm_cuda``, aten's tinygemm ``_weight_int4pack_mm`` (bf16 activations)
+2. CUDA, ``kernels.INT4_ROWS_MIN``..``kernels.ROWS_MAX`` tokens (speculative verify, short prefill
+   chunks) and
+   ``blitzgen.kernels.int4_rows`` exists: that kernel (tensor cores, kernels/mm_rows.py).
+3. CUDA otherwise: ``_int4_mm_cuda``, aten's tinygemm ``_weight_int4pack_mm`` (bf16 activations)
    on a packed copy built once by ``prepare()`` (non-persistent buffers ``packed_weight``,
    ``packed_scales_zeros`` [in // g, out, 2]).
-3. CPU, bf16: aten's ``_weight_int4pack_mm_for_cpu`` on its own packed copy for up to 128 rows,
+4. CPU, bf16: aten's ``_weight_int4pack_mm_for_cpu`` on its own packed copy for up to 128 rows,
    where it beats dequantizing by far; longer inputs, and float32, dequantize + F.linear.
-4. Anything else (shapes or dtypes the packed ops refuse, or a packed op that fails its one-time
+5. Anything else (shapes or dtypes the packed ops refuse, or a packed op that fails its one-time
    self-check against the dequantized reference on this torch build): dequantize + F.linear.
 """
 
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import BlitzgenError
+from ..kernels import INT4_ROWS_MIN, ROWS_MAX  # the package imports Triton only on CUDA hosts
 from .core import (INT4_GROUP_SIZES, Handler, Int4Config, QuantizedLinear, get_kernel, is_single_token,
                    register_handler, scale_eps)
 
@@ -184,6 +188,7 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("packed_scales_zeros", None, persistent=False)
         self._packed_for: tuple[str, torch.dtype] | None = None
         self._gemv = None
+        self._rows = None  # blitzgen.kernels.int4_rows on CUDA when available
 
     @classmethod
     @torch.no_grad()
@@ -200,12 +205,13 @@ class Int4Linear(QuantizedLinear):
     def prepare(self) -> None:
         """(Re)build the packed copy for the current device and dtype, and look up the GEMV hook."""
         self.packed_weight = self.packed_scales_zeros = None
-        self._packed_for, self._gemv = None, None
+        self._packed_for, self._gemv, self._rows = None, None, None
         dev, dtype = self.qweight.device.type, self.scales.dtype
         if dev not in _PACKERS:
             return
         if dev == "cuda":
             self._gemv = get_kernel("int4_gemv")
+            self._rows = get_kernel("int4_rows")
             shape_ok = self.out_features % 8 == 0 and dtype == torch.bfloat16
         else:  # the CPU op only pays off in bf16 (float32: no faster than dequantizing, see above)
             shape_ok = self.out_features % 16 == 0 and dtype in CPU_PACKED_MAX_TOKENS
@@ -228,6 +234,9 @@ class Int4Linear(QuantizedLinear):
         packed = self._packed_for is not None and self._packed_for == (x.device.type, x.dtype)
         if x.is_cuda and self._gemv is not None and is_single_token(x):
             y = self._gemv(x, self.qweight, self.scales, self.zeros, self.group_size)
+        elif (x.is_cuda and self._rows is not None
+              and INT4_ROWS_MIN * x.shape[-1] <= x.numel() <= ROWS_MAX * x.shape[-1]):
+            y = self._rows(x, self.qweight, self.scales, self.zeros, self.group_size)
         elif packed and x.is_cuda:
             y = _int4_mm_cuda(x, self.packed_weight, self.packed_scales_zeros, self.group_size)
         elif packed and x.numel() <= CPU_PACKED_MAX_TOKENS.get(x.dtype, 0) * x.shape[-1]:

@@ -5,8 +5,8 @@ forward is gpt-fast's ``F.linear(x, weight.to(x.dtype)) * scales``, with two CUD
 measured on an H200 with torch 2.11 (one 11008x4096 layer, bf16 dense = 26 us):
 
 - one token and ``blitzgen.kernels.int8_gemv`` exists: that kernel (decode);
-- 2..``kernels.INT8_ROWS_MAX`` tokens (speculative verify, short prefill chunks):
-  ``kernels.int8_gemv_rows``, the same kernel design with each weight byte used for every row;
+- 2..``kernels.ROWS_MAX`` tokens (speculative verify, short prefill chunks): ``kernels.int8_rows``,
+  the weight tile dequantized in registers and multiplied on the tensor cores (kernels/mm_rows.py);
 - more tokens (prefill): the same formula behind a custom op, so inductor runs it as written
   (dequantize + cuBLAS, 151 us at 16 tokens) instead of fusing the conversion into its own mixed
   matmul (1834 us at 16 tokens). For one token inductor's fused kernel is kept (87 us with
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import BlitzgenError
-from ..kernels import INT8_ROWS_MAX  # the package imports Triton only on CUDA hosts
+from ..kernels import ROWS_MAX  # the package imports Triton only on CUDA hosts
 from .core import (Handler, Int8Config, QuantizedLinear, get_kernel, is_single_token, register_handler,
                    scale_eps)
 
@@ -63,7 +63,7 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
         self._gemv = None  # blitzgen.kernels.int8_gemv(x, weight, scales) when available, on CUDA
-        self._rows = None  # blitzgen.kernels.int8_gemv_rows, likewise
+        self._rows = None  # blitzgen.kernels.int8_rows, likewise
 
     @classmethod
     @torch.no_grad()
@@ -78,7 +78,7 @@ class Int8Linear(QuantizedLinear):
     def prepare(self) -> None:
         cuda = self.weight.device.type == "cuda"
         self._gemv = get_kernel("int8_gemv") if cuda else None
-        self._rows = get_kernel("int8_gemv_rows") if cuda else None
+        self._rows = get_kernel("int8_rows") if cuda else None
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         return dequantize_int8(self.weight, self.scales, dtype)
@@ -86,7 +86,7 @@ class Int8Linear(QuantizedLinear):
     def forward(self, x: Tensor) -> Tensor:
         if x.is_cuda and is_single_token(x) and self._gemv is not None:
             y = self._gemv(x, self.weight, self.scales)
-        elif x.is_cuda and self._rows is not None and x.numel() <= INT8_ROWS_MAX * x.shape[-1]:
+        elif x.is_cuda and self._rows is not None and x.numel() <= ROWS_MAX * x.shape[-1]:
             y = self._rows(x, self.weight, self.scales)
         elif x.is_cuda and not is_single_token(x):
             y = int8_linear_op(x, self.weight, self.scales)

@@ -1,0 +1,223 @@
+"""int8 / int4 weight-only matmul for a few rows (2-16 tokens) on the tensor cores.
+
+A speculative verify of K + 1 tokens, or a short prefill chunk, is too many rows for the GEMV
+kernels (gemv.py: each weight byte costs one FFMA per row on the CUDA cores, so 8 rows are
+issue-bound) and too few for dequantize + cuBLAS (the whole weight is written and read again in
+bf16). Here each program dequantizes a [BK, BN] weight tile in registers (int8: a conversion;
+int4: unpack, then (q - 8) * scale + zero per group) and feeds ``tl.dot`` with the activations
+padded to 16 rows: the weight is read once, and the multiply-adds go to the tensor cores.
+Split-K (fp32 atomics into a zeroed buffer, then a cast) keeps every SM busy on narrow shapes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import runtime
+
+MAX_ROWS = 16  # one tensor-core tile of rows
+
+
+class MmConfig(NamedTuple):
+    block_n: int = 64
+    block_k: int = 128  # int4: a multiple of the group size
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 1
+
+
+@triton.jit
+def _store(y_ptr, acc, rm, rn, M, N, stride_ym, SPLIT_K: tl.constexpr):
+    ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    ok = (rm < M)[:, None] & (rn < N)[None, :]
+    if SPLIT_K == 1:
+        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.atomic_add(ptrs, acc, mask=ok, sem="relaxed")
+
+
+@triton.jit
+def _dot(acc, x, w, IEEE: tl.constexpr):
+    if IEEE:
+        return acc + tl.dot(x, w.to(x.dtype), input_precision="ieee")
+    return acc + tl.dot(x, w.to(x.dtype))
+
+
+@triton.jit
+def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_wn,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+                    EVEN_K: tl.constexpr, IEEE: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """y[m, n] = s[n] * sum_k x[m, k] * w[n, k]; w int8 [N, K] row-major."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rnc = tl.minimum(rn, N - 1).to(tl.int64)
+    rk = tl.arange(0, BK)
+    x_ptrs = x_ptr + tl.minimum(rm, M - 1)[:, None] * stride_xm + rk[None, :]
+    w_ptrs = w_ptr + rnc[None, :] * stride_wn + rk[:, None]  # [BK, BN]
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for t in tl.range(pid_k, tl.cdiv(K, BK), SPLIT_K, num_stages=NUM_STAGES):
+        k0 = t * BK
+        if EVEN_K:
+            x = tl.load(x_ptrs + k0)
+            w = tl.load(w_ptrs + k0)
+        else:
+            ok = (k0 + rk) < K
+            x = tl.load(x_ptrs + k0, mask=ok[None, :], other=0.0)
+            w = tl.load(w_ptrs + k0, mask=ok[:, None], other=0)
+        acc = _dot(acc, x, w, IEEE)
+    s = tl.load(s_ptr + rnc).to(tl.float32)
+    _store(y_ptr, acc * s[None, :], rm, rn, M, N, stride_ym, SPLIT_K)
+
+
+@triton.jit
+def _int4_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_wn, stride_sn,
+                    GS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                    NUM_STAGES: tl.constexpr):
+    """y[m, n] = sum_k x[m, k] * ((q[n, k] - 8) * s[n, k // GS] + z[n, k // GS]); q packed two per
+    byte in w [N, K // 2] (even k in the low nibble). BK is a multiple of GS; K of GS."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rnc = tl.minimum(rn, N - 1).to(tl.int64)
+    rk = tl.arange(0, BK)
+    rb = tl.arange(0, BK // 2)
+    rg = tl.arange(0, BK // GS)
+    x_ptrs = x_ptr + tl.minimum(rm, M - 1)[:, None] * stride_xm + rk[None, :]
+    w_ptrs = w_ptr + rnc[None, :] * stride_wn + rb[:, None]  # [BK // 2, BN] bytes
+    s_off = rnc[None, :] * stride_sn + rg[:, None]  # [BK // GS, BN]
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for t in tl.range(pid_k, tl.cdiv(K, BK), SPLIT_K, num_stages=NUM_STAGES):
+        k0 = t * BK
+        if EVEN_K:
+            x = tl.load(x_ptrs + k0)
+            p = tl.load(w_ptrs + k0 // 2)
+            s = tl.load(s_ptr + s_off + k0 // GS)
+            z = tl.load(z_ptr + s_off + k0 // GS)
+        else:
+            ok = (k0 + rk) < K
+            x = tl.load(x_ptrs + k0, mask=ok[None, :], other=0.0)
+            p = tl.load(w_ptrs + k0 // 2, mask=((k0 + 2 * rb) < K)[:, None], other=0)
+            gok = ((k0 + GS * rg) < K)[:, None]
+            s = tl.load(s_ptr + s_off + k0 // GS, mask=gok, other=0.0)
+            z = tl.load(z_ptr + s_off + k0 // GS, mask=gok, other=0.0)
+        q = tl.join(p & 0xF, p >> 4)  # [BK // 2, BN, 2]: k = 2j + (0: low, 1: high nibble)
+        q = tl.reshape(tl.permute(q, (0, 2, 1)), [BK // GS, GS, BN]).to(tl.float32) - 8.0
+        w = q * s.to(tl.float32)[:, None, :] + z.to(tl.float32)[:, None, :]
+        acc = _dot(acc, x, tl.reshape(w, [BK, BN]), IEEE)
+    _store(y_ptr, acc, rm, rn, M, N, stride_ym, SPLIT_K)
+
+
+def choose_config(N: int, K: int, num_sms: int, group_size: int | None = None) -> MmConfig:
+    """64 output columns x 128 of K per tile (int4: at least one group), split along K until the
+    grid has two programs per SM (a weight-streaming kernel needs several in flight per SM)."""
+    bk = max(128, group_size or 0)
+    cfg = MmConfig(block_n=64 if group_size else 128, block_k=bk)
+    blocks, tiles = -(-N // cfg.block_n), -(-K // bk)
+    split = 1
+    while blocks * split < 1.5 * num_sms and split * 2 <= tiles:
+        split *= 2
+    return cfg._replace(split_k=split)
+
+
+def _prepare(x: torch.Tensor, N: int, K: int):
+    x2 = x.reshape(-1, K).contiguous()
+    m = x2.shape[0]
+    if not 1 <= m <= MAX_ROWS or x.shape[-1] != K:
+        raise ValueError(f"the row matmul takes 1..{MAX_ROWS} rows of K={K}: got x of shape {tuple(x.shape)}")
+    return x2, m
+
+
+def _output(x2, m: int, N: int, split_k: int):
+    if split_k == 1:
+        return torch.empty(m, N, dtype=x2.dtype, device=x2.device)
+    return torch.zeros(m, N, dtype=torch.float32, device=x2.device)
+
+
+def _sms(x: torch.Tensor) -> int:
+    from .gemv import _device_sms
+
+    return _device_sms(x)
+
+
+def int8_mm_rows_raw(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                     cfg: MmConfig | None = None) -> torch.Tensor:
+    """y = (x @ weight.T) * scales for x [..., K] of 1..MAX_ROWS rows (launched directly: also under
+    TRITON_INTERPRET=1)."""
+    N, K = weight.shape
+    x2, m = _prepare(x, N, K)
+    cfg = cfg or choose_config(N, K, _sms(x))
+    y = _output(x2, m, N, cfg.split_k)
+    grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
+    _int8_mm_kernel[grid](
+        x2, weight.contiguous(), scales.reshape(N).contiguous(), y, m, N, K, x2.stride(0), y.stride(0),
+        weight.stride(0), BM=16, BN=cfg.block_n, BK=cfg.block_k, SPLIT_K=cfg.split_k,
+        EVEN_K=K % cfg.block_k == 0, IEEE=x.dtype == torch.float32, NUM_STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps)
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def int4_mm_rows_raw(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     group_size: int, cfg: MmConfig | None = None) -> torch.Tensor:
+    """y = x @ dequant(qweight, scales, zeros).T for x [..., K] of 1..MAX_ROWS rows (canonical int4
+    layout, see kernels.int4_gemv)."""
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    x2, m = _prepare(x, N, K)
+    cfg = cfg or choose_config(N, K, _sms(x), group_size)
+    if cfg.block_k % group_size or K % group_size:
+        raise ValueError(f"int4 row matmul: block_k {cfg.block_k} and K {K} must be multiples of the group "
+                         f"size {group_size}")
+    y = _output(x2, m, N, cfg.split_k)
+    scales, zeros = scales.contiguous(), zeros.contiguous()
+    grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
+    _int4_mm_kernel[grid](
+        x2, qweight.contiguous(), scales, zeros, y, m, N, K, x2.stride(0), y.stride(0), qweight.stride(0),
+        scales.stride(0), GS=group_size, BM=16, BN=cfg.block_n, BK=cfg.block_k, SPLIT_K=cfg.split_k,
+        EVEN_K=K % cfg.block_k == 0, IEEE=x.dtype == torch.float32, NUM_STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps)
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def _register_ops():
+    if runtime.triton_interpret():
+        return None, None  # the interpreter runs the raw launchers
+    from .ops import opaque_op
+
+    def int8_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return int8_mm_rows_raw(x, weight, scales)
+
+    def int8_fake(x, weight, scales):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    def int4_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                group_size: int) -> torch.Tensor:
+        return int4_mm_rows_raw(x, qweight, scales, zeros, group_size)
+
+    def int4_fake(x, qweight, scales, zeros, group_size):
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+    return (opaque_op("blitzgen::int8_mm_rows", int8_op, int8_fake),
+            opaque_op("blitzgen::int4_mm_rows", int4_op, int4_fake))
+
+
+_int8_op, _int4_op = _register_ops()
+
+
+def int8_mm_rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    if _int8_op is None:
+        return int8_mm_rows_raw(x, weight, scales)
+    return torch.ops.blitzgen.int8_mm_rows(x, weight, scales)
+
+
+def int4_mm_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 group_size: int) -> torch.Tensor:
+    if _int4_op is None:
+        return int4_mm_rows_raw(x, qweight, scales, zeros, group_size)
+    return torch.ops.blitzgen.int4_mm_rows(x, qweight, scales, zeros, int(group_size))
