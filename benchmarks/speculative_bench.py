@@ -232,6 +232,13 @@ def load_target(a):
     return lm, Generator(lm.model, lm.tokenizer, compile=a.compile)
 
 
+def first_divergence(got: list[int], want: list[int]) -> int | None:
+    """Index of the first token where two greedy outputs differ (None: identical). In bfloat16 a
+    (K+1)-token verify rounds differently from one-token steps, so a near-tie can flip."""
+    i = next((i for i, (x, y) in enumerate(zip(got, want)) if x != y), None)
+    return i if i is not None or len(got) == len(want) else min(len(got), len(want))
+
+
 def run_real(a) -> Results:
     from blitzgen.sampling import SamplingParams
     from blitzgen.speculative import SpeculativeDecoder, make_draft
@@ -293,12 +300,13 @@ def run_real(a) -> Results:
             last[name] = time.perf_counter() - t
             st = dec.last_result_stats
             rate = len(got) / statistics.median(times_s)
-            row[name] = {"tok_s": rate, "speedup": rate / base, "identical": got == want, "warmup_s": warm_s,
+            row[name] = {"tok_s": rate, "speedup": rate / base, "identical": got == want,
+                         "first_divergence": first_divergence(got, want), "warmup_s": warm_s,
                          "build_s": build, "calibration": cal,
                          **{k: v for k, v in st.to_dict().items() if k != "tokens_per_second"}}
             log(f"  {name}: {rate:.1f} tok/s ({rate / base:.2f}x), acceptance {st.acceptance_rate:.0%}, "
                 f"{st.mean_tokens_per_verify:.2f} tok/verify, verify {st.verify_steps} plain {st.plain_steps}, "
-                f"hist {st.accepted_hist}, identical={got == want}")
+                f"hist {st.accepted_hist}, identical={got == want} (first divergence {first_divergence(got, want)})")
         res.add(row)
     return res
 

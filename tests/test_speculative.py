@@ -34,8 +34,11 @@ def plain(model, prompt, n, sampling=GREEDY, stop=()):
 
 
 def sources(model):
+    # draft_cost 0.3: a draft the size of the target is never run by the adaptive controller (it
+    # cannot pay); these tests check exactness, so they pretend it is cheap
     return {"ngram": NgramDraft(), "self-int4": SelfInt4Draft(model),
-            "draft-model": DraftModel(tiny_model(seed=11)), "same-model": DraftModel(tiny_model(seed=1))}
+            "draft-model": DraftModel(tiny_model(seed=11), draft_cost=0.3),
+            "same-model": DraftModel(tiny_model(seed=1), draft_cost=0.3)}
 
 
 # ---- probabilities ----------------------------------------------------------------------------
@@ -237,6 +240,19 @@ def test_draft_with_other_tokenizer_refused():
 
 
 # ---- adaptivity -------------------------------------------------------------------------------
+def test_a_draft_that_cannot_pay_never_runs():
+    """Even at acceptance 1 a draft as slow as the target gains nothing: off from the start, no
+    probes, and free evidence does not turn it on (H200, SmolLM2 self-int4: c_d 1.24)."""
+    ctl = AdaptiveK(4, verify_cost=1.09, draft_cost=1.24, probe=2, max_probe=4)
+    assert not ctl.can_pay() and not ctl.on
+    assert [ctl.next_k() for _ in range(50)] == [0] * 50
+    for _ in range(10):
+        ctl.observe(1, 1)
+    assert not ctl.on and ctl.next_k() == 0
+    assert AdaptiveK(4, verify_cost=1.09, draft_cost=0.5).can_pay()
+    assert AdaptiveK(4, verify_cost=1.09, draft_cost=1.24, adaptive=False).next_k() == 4
+
+
 def test_adaptive_k_shrinks_switches_off_and_recovers():
     ctl = AdaptiveK(6, verify_cost=1.2, draft_cost=0.1, probe=4, max_probe=16)
     assert ctl.k == 6 and ctl.on
