@@ -53,16 +53,37 @@ def token_loop(gen, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sa
     stats.cached_tokens = start
     logits = gen.prefill(prompt_ids, start)
     pos = torch.tensor([len(prompt_ids)], dtype=torch.int64, device=dev)
+    cuda = dev.type == "cuda"
+    host_tok = torch.empty(1, dtype=torch.int64, pin_memory=cuda)
+    host_row = torch.empty(1 + 2 * k if k else 1, dtype=torch.float32, pin_memory=cuda) if k is not None else None
+    event = torch.cuda.Event() if cuda else None
     for i in range(max_new_tokens):
+        last = i + 1 == max_new_tokens
         masked = constraint.apply(logits) if constraint is not None else logits
         noise = None if noise_gen is None else exponential_noise(masked.shape, noise_gen, dev)
         tok = sample(masked, samp, mode, noise)  # [1]
-        if k is not None:
-            row = logprob_rows(logits, tok, k)[0].cpu()  # the chosen token's and the top-k logprobs
-            value = int(tok[0])
-            rows.append(unpack(row, value, k))
+        row = logprob_rows(logits, tok, k)[0] if k is not None else None  # chosen + top-k logprobs
+        if cuda:  # as Generator.generate_ids: queue the next step before reading this token back
+            host_tok.copy_(tok, non_blocking=True)
+            if row is not None:
+                host_row.copy_(row, non_blocking=True)
+            event.record()
+            if not last:  # the step needs only tok on the device; its KV lands after the live prefix
+                logits = gen.model_logits(tok.view(1, 1), pos, continues=True)
+                pos += 1
+            event.synchronize()
+            value = int(host_tok[0])
         else:
             value = int(tok[0])
+            if row is not None:
+                host_row = row.cpu()
+            if not last:
+                logits = gen.model_logits(tok.view(1, 1), pos, continues=True)
+                pos += 1
+        if not last:  # its KV is (being) written right after the live prefix
+            gen.prefixes.extend(value)
+        if k is not None:
+            rows.append(unpack(host_row, value, k))
         if constraint is not None and not constraint.advance(value):
             raise RuntimeError(f"the grammar refused token {value} it allowed")
         now = time.perf_counter()
@@ -73,14 +94,10 @@ def token_loop(gen, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sa
         stats.decode_seconds = now - t_first
         stats.total_seconds = now - t0
         yield value
-        if value in stop_ids or i + 1 == max_new_tokens:
+        if value in stop_ids or last:
             break
         if constraint is not None and constraint.is_terminated():
             break
-        # the next mask/sample read it before the next call; the live prefix grows by the token
-        logits = gen.model_logits(tok.view(1, 1), pos, extends=value)
-        pos += 1
-
 
 def stream(gen, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingParams | None = None,
            stop: Sequence[str] = (), *, top_logprobs: int | None = None, constraint=None,

@@ -329,13 +329,15 @@ class Generator:
             tok = nxt
 
     # ---- hooks for other decoders (speculative, constrained) -------------------------------------
-    def model_logits(self, tok: Tensor, pos: Tensor, *, extends: int | None = None) -> Tensor:
+    def model_logits(self, tok: Tensor, pos: Tensor, *, extends: int | None = None,
+                     continues: bool = False) -> Tensor:
         """One decode step of the model alone: tok [1, 1] at pos [1] -> logits [1, V] float32 (the
         compiled CUDA-graph step when compiled: valid only until the next call; clone to keep it).
         ``extends``: tok's id, when pos is the position right after the live prefix (a decode loop
-        continuing a prefill); the prefix then grows by it. Otherwise the live prefix is forgotten
-        (the caller decides what the cache holds)."""
-        if extends is None:
+        continuing a prefill); the prefix then grows by it. ``continues``: the same, with the id not
+        read back yet (the caller appends it to ``prefixes.live`` once it has it). Otherwise the live
+        prefix is forgotten (the caller decides what the cache holds)."""
+        if extends is None and not continues:
             self.prefixes.drop_live()
         logits = self._step(self.model, tok, pos)
         if extends is not None:  # written at len(live): the claim held until now
