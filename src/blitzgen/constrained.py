@@ -48,7 +48,7 @@ def token_loop(gen, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sa
     noise_gen = None if mode[0] else make_generator(sampling.seed, dev)
     k = top_logprobs
     stats.prompt_tokens = len(prompt_ids)
-    t0 = t_first = time.perf_counter()
+    t0 = time.perf_counter()
     start = gen.reuse_prefix(prompt_ids)  # prompt caching, as in plain decoding
     stats.cached_tokens = start
     logits = gen.prefill(prompt_ids, start)
@@ -86,13 +86,7 @@ def token_loop(gen, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sa
             rows.append(unpack(host_row, value, k))
         if constraint is not None and not constraint.advance(value):
             raise RuntimeError(f"the grammar refused token {value} it allowed")
-        now = time.perf_counter()
-        if i == 0:
-            stats.time_to_first_token = now - t0
-            t_first = now
-        stats.generated_tokens = i + 1
-        stats.decode_seconds = now - t_first
-        stats.total_seconds = now - t0
+        stats.record_token(i, t0)
         yield value
         if value in stop_ids or last:
             break

@@ -60,6 +60,15 @@ class GenerationStats:
     decode_seconds: float = 0.0
     total_seconds: float = 0.0
 
+    def record_token(self, i: int, t0: float) -> None:
+        """Token i (0-based) of a request that started at t0 (time.perf_counter) is out now."""
+        now = time.perf_counter()
+        if i == 0:
+            self.time_to_first_token = now - t0
+        self.generated_tokens = i + 1
+        self.decode_seconds = now - t0 - self.time_to_first_token
+        self.total_seconds = now - t0
+
     @property
     def tokens_per_second(self) -> float:
         """Generated tokens over the whole request time (gpt-fast's figure)."""
@@ -124,14 +133,9 @@ def timed_tokens(tokens: Iterator[int], stats: GenerationStats) -> Iterator[int]
     """Pass token ids through, filling stats' timing fields as Generator.generate_ids does (for
     decoders of their own: speculative, constrained)."""
     t0 = time.perf_counter()
-    t_first = t0
     try:
         for i, tok in enumerate(tokens):
-            now = time.perf_counter()
-            if i == 0:
-                stats.time_to_first_token, t_first = now - t0, now
-            stats.generated_tokens = i + 1
-            stats.decode_seconds, stats.total_seconds = now - t_first, now - t0
+            stats.record_token(i, t0)
             yield tok
     finally:
         close = getattr(tokens, "close", None)
@@ -297,8 +301,6 @@ class Generator:
         tok = self._sample(self.prefill(prompt_ids, start), samp, mode, noise())  # [1] on device
         pos = torch.tensor([prompt_len], dtype=torch.int64, device=dev)
         cached = self.prefixes.live  # grows as tokens enter the cache
-        first = True
-        t_first = t0
         for i in range(max_new_tokens):
             last = i + 1 == max_new_tokens
             if self.is_cuda:
@@ -316,13 +318,7 @@ class Generator:
                     pos += 1
             if not last:  # its KV is (being) written at position prompt_len + i
                 cached.append(value)
-            now = time.perf_counter()
-            if first:
-                stats.time_to_first_token = now - t0
-                t_first, first = now, False
-            stats.generated_tokens = i + 1
-            stats.decode_seconds = now - t_first
-            stats.total_seconds = now - t0
+            stats.record_token(i, t0)
             yield value
             if value in stop_set or last:
                 break
