@@ -174,9 +174,12 @@ class TPGenerator:
         self._send("prefill", list(prompt_ids), start)
         return self.gen.prefill(prompt_ids, start)
 
-    def model_logits(self, tok, pos, *, extends=None):
-        self._send("model_logits", int(tok.reshape(-1)[0]), int(pos.reshape(-1)[0]), extends=extends)
-        return self.gen.model_logits(tok, pos, extends=extends)
+    def model_logits(self, tok, pos, *, extends=None, continues=False):
+        value = int(tok.reshape(-1)[0])  # read back here anyway: the followers get the id
+        # continues: rank 0's caller extends its live prefix once it has read the token; the
+        # followers extend theirs now (the same claim on every rank)
+        self._send("model_logits", value, int(pos.reshape(-1)[0]), extends=value if continues else extends)
+        return self.gen.model_logits(tok, pos, extends=extends, continues=continues)
 
     def forget_prefix(self) -> None:
         self._send("forget_prefix")
