@@ -206,7 +206,7 @@ def test_custom_ops_have_fake_impls():
     """torch.compile traces the ops with fake tensors: shapes / dtypes, incl. leading dims."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from blitzgen.kernels import gemv  # noqa: F401  (registers torch.ops.blitzgen.*)
+    from blitzgen.kernels import gemv, mm_rows  # noqa: F401  (registers torch.ops.blitzgen.*)
 
     with FakeTensorMode():
         x = torch.empty(1, 1, 4096, dtype=torch.bfloat16, device="cuda")
@@ -219,6 +219,9 @@ def test_custom_ops_have_fake_impls():
         x2 = torch.empty(1, 4096, dtype=torch.bfloat16, device="cuda")
         y4 = torch.ops.blitzgen.int4_gemv(x2, qw, sc, sc, 128)
         assert y4.shape == (1, 4096) and y4.dtype == torch.bfloat16
+        xr = torch.empty(1, 8, 4096, dtype=torch.bfloat16, device="cuda")  # a verify of 8 tokens
+        assert torch.ops.blitzgen.int8_mm_rows(xr, w, s).shape == (1, 8, 12288)
+        assert torch.ops.blitzgen.int4_mm_rows(xr, qw, sc, sc, 128).shape == (1, 8, 4096)
 
 
 # ------------------------------------------------------------------ kernels under the interpreter

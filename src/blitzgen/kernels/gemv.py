@@ -672,23 +672,17 @@ def int4_gemv_raw(x, qweight, scales, zeros, group_size: int, cfg: GemvConfig | 
 def _register_ops():
     if runtime.triton_interpret():
         return None, None  # the interpreter runs the raw launchers
-    from .ops import opaque_op
+    from .ops import linear_fake, opaque_op
 
     def int8_gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return _int8_impl(x, weight, scales, _identity)
-
-    def int8_fake(x, weight, scales):
-        return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     def int4_gemv_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                      zeros: torch.Tensor, group_size: int) -> torch.Tensor:
         return _int4_impl(x, qweight, scales, zeros, group_size, _identity)
 
-    def int4_fake(x, qweight, scales, zeros, group_size):
-        return x.new_empty((*x.shape[:-1], qweight.shape[0]))
-
-    return (opaque_op("blitzgen::int8_gemv", int8_gemv_op, int8_fake),
-            opaque_op("blitzgen::int4_gemv", int4_gemv_op, int4_fake))
+    return (opaque_op("blitzgen::int8_gemv", int8_gemv_op, linear_fake),
+            opaque_op("blitzgen::int4_gemv", int4_gemv_op, linear_fake))
 
 
 _int8_op, _int4_op = _register_ops()

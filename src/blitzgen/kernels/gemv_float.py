@@ -114,15 +114,12 @@ def float_gemv_raw(x, weight, cfg: FloatGemvConfig | None = None, out=None) -> t
 def _register_op():
     if runtime.triton_interpret():
         return None  # the interpreter runs the raw launcher
-    from .ops import opaque_op
+    from .ops import linear_fake, opaque_op
 
     def float_gemv_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return _impl(x, weight, _identity)
 
-    def fake(x, weight):
-        return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-    return opaque_op("blitzgen::float_gemv", float_gemv_op, fake)
+    return opaque_op("blitzgen::float_gemv", float_gemv_op, linear_fake)
 
 
 _op = _register_op()

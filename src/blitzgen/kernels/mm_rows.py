@@ -11,6 +11,7 @@ Split-K (fp32 atomics into a zeroed buffer, then a cast) keeps every SM busy on 
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -115,6 +116,7 @@ def _int4_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, strid
     _store(y_ptr, acc, rm, rn, M, N, stride_ym, SPLIT_K)
 
 
+@functools.lru_cache(maxsize=None)
 def choose_config(N: int, K: int, num_sms: int, group_size: int | None = None) -> MmConfig:
     """64 output columns x 128 of K per tile (int4: at least one group), split along K until the
     grid has two programs per SM (a weight-streaming kernel needs several in flight per SM)."""
@@ -188,23 +190,17 @@ def int4_mm_rows_raw(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 def _register_ops():
     if runtime.triton_interpret():
         return None, None  # the interpreter runs the raw launchers
-    from .ops import opaque_op
+    from .ops import linear_fake, opaque_op
 
     def int8_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return int8_mm_rows_raw(x, weight, scales)
-
-    def int8_fake(x, weight, scales):
-        return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     def int4_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 group_size: int) -> torch.Tensor:
         return int4_mm_rows_raw(x, qweight, scales, zeros, group_size)
 
-    def int4_fake(x, qweight, scales, zeros, group_size):
-        return x.new_empty((*x.shape[:-1], qweight.shape[0]))
-
-    return (opaque_op("blitzgen::int8_mm_rows", int8_op, int8_fake),
-            opaque_op("blitzgen::int4_mm_rows", int4_op, int4_fake))
+    return (opaque_op("blitzgen::int8_mm_rows", int8_op, linear_fake),
+            opaque_op("blitzgen::int4_mm_rows", int4_op, linear_fake))
 
 
 _int8_op, _int4_op = _register_ops()

@@ -16,3 +16,8 @@ def opaque_op(name: str, fn: Callable, fake: Callable):
     op = torch.library.custom_op(name, fn, mutates_args=())
     op.register_fake(fake)
     return op
+
+
+def linear_fake(x: torch.Tensor, weight: torch.Tensor, *rest) -> torch.Tensor:
+    """The fake of a linear-shaped op: x's leading dims, one output per weight row."""
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
