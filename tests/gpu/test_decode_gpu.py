@@ -169,3 +169,25 @@ def test_overlapped_host_copy_equals_synchronous_loop(f32, summary):
     assert _ids(eager, prompt, 40) == want
     assert _ids(gen, prompt, 40) == want
     summary("40 greedy tokens: eager and compiled overlapped loops equal the synchronous loop")
+
+
+def test_overlapped_token_loop_equals_synchronous_loop(f32, summary):
+    """The logprobs/grammar token loop also queues step n+1 before reading token n back: its tokens
+    (eager and compiled) equal the synchronous loop's, and each chosen logprob is the log-softmax
+    of the synchronous loop's logits (teacher forced) in float32."""
+    from blitzgen.constrained import token_loop
+    from blitzgen.generate import GenerationStats
+
+    oracle, eager, gen = f32
+    prompt = _prompt(20, 6)
+    want = _synchronous_greedy(oracle, prompt, 40)
+    want_lp = torch.log_softmax(teacher_forced_logits(oracle, prompt + want)[len(prompt) - 1:-1], dim=-1)
+    for g in (eager, gen):
+        g.forget_prefix()
+        rows = []
+        got = list(token_loop(g, prompt, 40, GREEDY, set(), GenerationStats(), top_logprobs=3, rows=rows))
+        assert got == want
+        chosen = torch.tensor([r.logprob for r in rows])
+        ref = want_lp[torch.arange(40), torch.tensor(want, device=want_lp.device)].cpu()
+        assert torch.allclose(chosen, ref, atol=1e-3), (chosen - ref).abs().max()
+    summary("40 greedy tokens with top-3 logprobs: eager and compiled token loops equal the synchronous loop")
