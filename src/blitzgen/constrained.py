@@ -68,18 +68,16 @@ def token_loop(gen, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sa
             if row is not None:
                 host_row.copy_(row, non_blocking=True)
             event.record()
-            if not last:  # the step needs only tok on the device; its KV lands after the live prefix
-                logits = gen.model_logits(tok.view(1, 1), pos, continues=True)
-                pos += 1
+        if not last:  # the step needs only tok on the device; its KV lands after the live prefix
+            logits = gen.model_logits(tok.view(1, 1), pos, continues=True)
+            pos += 1
+        if cuda:
             event.synchronize()
             value = int(host_tok[0])
         else:
             value = int(tok[0])
             if row is not None:
                 host_row = row.cpu()
-            if not last:
-                logits = gen.model_logits(tok.view(1, 1), pos, continues=True)
-                pos += 1
         if not last:  # its KV is (being) written right after the live prefix
             gen.prefixes.extend(value)
         if k is not None:

@@ -99,12 +99,13 @@ class AdaptiveK:
 
     def can_pay(self) -> bool:
         """Whether some k reaches min_gain at all (acceptance 1: a round of k emits k + 1 tokens)."""
-        return max((k + 1) / (self.verify_cost + k * self.draft_cost) for k in range(1, self.k_max + 1)) \
-            >= self.min_gain
+        return self._can_pay
 
     def reset(self) -> None:
+        self._can_pay = max((k + 1) / (self.verify_cost + k * self.draft_cost)
+                            for k in range(1, self.k_max + 1)) >= self.min_gain
         self.acc, self.rej = 2 * self.prior, 2 * (1 - self.prior)  # a prior worth two rounds
-        self.on, self.since_off, self.probe = not self.adaptive or self.can_pay(), 0, self.probe0
+        self.on, self.since_off, self.probe = not self.adaptive or self._can_pay, 0, self.probe0
         self.k = self.k_max
         self.switched_off = 0
         self._choose()
@@ -128,7 +129,7 @@ class AdaptiveK:
         if not self.adaptive or self.on:
             return self.k
         self.since_off += 1
-        if self.since_off > self.probe and self.can_pay():  # a probe round
+        if self.since_off > self.probe and self._can_pay:  # a probe round
             return self.k
         return 0
 
@@ -138,7 +139,7 @@ class AdaptiveK:
         self.acc = self.decay * self.acc + n
         self.rej = self.decay * self.rej + (1 if n < k else 0)
         self._choose()
-        if self.adaptive and not self.on and self.gain(self.k) >= self.min_gain and self.can_pay():
+        if self.adaptive and not self.on and self.gain(self.k) >= self.min_gain and self._can_pay:
             self.on, self.probe = True, self.probe0
 
     def update(self, k: int, n: int) -> None:
