@@ -404,7 +404,7 @@ class SpeculativeDecoder:
         first = int(self._sample(logits, samp, mode, noise((1, V)))[0])
         seq = prompt + [first]
         dvalid = 0  # draft-model cache positions [0, dvalid) hold seq's tokens
-        if self.dmodel is not None:
+        if self.dmodel is not None and ctl.on:  # a draft that cannot pay is never prefilled (nor run)
             self._run_chunk(self.dmodel, prompt, 0)
             dvalid = n0
         self.draft.reset(prompt)
