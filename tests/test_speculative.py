@@ -253,6 +253,22 @@ def test_a_draft_that_cannot_pay_never_runs():
     assert AdaptiveK(4, verify_cost=1.09, draft_cost=1.24, adaptive=False).next_k() == 4
 
 
+def test_calibrate_times_chained_plain_steps():
+    """calibrate() runs on any device: positive costs, adopted by the decoder's controller, and the
+    plain step is timed in a chain of steps (as decode runs them), not one synchronized step."""
+    model = tiny_model(seed=1)
+    dec = SpeculativeDecoder(model, NgramDraft(), k=3)
+    calls = []
+    real = dec._plain_step
+    dec._plain_step = lambda *a: calls.append(1) or real(*a)
+    cal = dec.calibrate(reps=2, prompt_len=8)
+    assert set(cal) >= {"verify_cost", "draft_cost", "step_s", "verify_s", "draft_s"}
+    assert cal["verify_cost"] > 0 and cal["step_s"] > 0 and cal["draft_cost"] == 0.0
+    assert dec.verify_cost == cal["verify_cost"] and len(calls) == (2 + 2) * 8
+    list(dec.generate_ids(PROMPT, 6, GREEDY))
+    assert dec.controller.verify_cost == cal["verify_cost"]
+
+
 def test_adaptive_k_shrinks_switches_off_and_recovers():
     ctl = AdaptiveK(6, verify_cost=1.2, draft_cost=0.1, probe=4, max_probe=16)
     assert ctl.k == 6 and ctl.on
