@@ -357,9 +357,16 @@ def test_bench_two_ranks_times_the_all_reduce(capsys):
     assert set(r["all_reduce_us"]["functional"]) == {"128", "640"}  # tiny: dim 64 * 2 bytes; prompt 5 of them
 
 
+def test_bench_two_ranks_with_ngram_speculation(capsys):
+    r = _bench_json(["--shape", "tiny", "--tp", "2", "--new-tokens", "12", "--temperature", "0", "--speculate",
+                     "ngram"], capsys)
+    assert r["tp"] == 2 and r["speculate"] == "ngram" and r["tok_s"] > 0
+    assert r["speculation"]["generated_tokens"] > 0
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--tp", "0", "--shape", "tiny"], "--tp must be at least 1, got 0"),
-    (["--tp", "2", "--shape", "tiny", "--speculate", "ngram"], "--speculate does not work with --tp"),
+    (["--tp", "2", "--shape", "tiny", "--speculate", "self-int4"], "--speculate self-int4 does not work with --tp"),
     (["--shape", "tiny", "--all-reduce", "symm-one-shot"], "apply to --tp only"),
     (["--tp", "2", "--shape", "tiny", "--all-reduce", "symm-two-shot"], "needs CUDA GPUs"),
     (["--tp", "2", "--shape", "tiny", "--quantize", "int4"], "int4 group size 32 does not fit a 2-way split"),
@@ -421,3 +428,59 @@ def test_the_request_channel_frees_what_it_read():
         leader.send(("model_logits", (i, 7 + i), {}, 16))
     assert [follower.recv()[1] for _ in range(5)] == [(i, 7 + i) for i in range(5)]
     assert store.num_keys() == before
+
+
+def test_ngram_speculation_over_two_ranks_equals_one_rank_plain():
+    """--tp 2 --speculate ngram: every rank builds the same decoder and follows rank 0's calls with
+    its costs; greedy tokens equal one process's plain decoding, verifies did run, and a request the
+    caller stops early leaves the ranks in step for the next one."""
+    from blitzgen.generate import Generator
+    from blitzgen.loading import load_random
+    from blitzgen.parallel import TPSpec, run
+
+    prompt = [5, 17, 42, 99, 3, 250, 5, 17, 42, 99, 7, 8, 5, 17, 42]
+    ref = load_random("tiny", device="cpu", dtype="float32", seed=0, progress=False).model
+    want = list(Generator(ref).generate_ids(prompt, 40, stop_token_ids=()))
+
+    def lead(lm, gen):
+        dec = gen.speculative("ngram", 4)
+        dec.dec.verify_cost = 1.0  # rank 0's costs travel with each call: speculation stays on
+        first = list(dec.generate_ids(prompt, 40))
+        verifies = dec.last_result_stats.verify_steps
+        it = dec.generate_ids(prompt, 40)
+        head = [next(it) for _ in range(5)]
+        it.close()  # the caller stops early: rank 0 runs to the next checkpoint, the followers stop there
+        again = list(dec.generate_ids(prompt, 40))
+        return first, verifies, head, again
+
+    first, verifies, head, again = run(2, TPSpec(shape="tiny", dtype="float32"), lead, timeout_s=120)
+    assert first == want and again == want and head == want[:5]
+    assert verifies > 0
+
+
+def test_tp_refuses_speculation_with_a_draft_model_in_one_line():
+    import argparse
+
+    from blitzgen.commands.common import tp_spec
+    from blitzgen.errors import InvalidRequestError
+
+    for source in ("self-int4", "draft-model"):
+        args = argparse.Namespace(speculate=[source], model=None, all_reduce="functional")
+        with pytest.raises(InvalidRequestError, match=f"--speculate {source} does not work with --tp yet; use "
+                                                      "--speculate ngram"):
+            tp_spec(args)
+
+
+def test_generate_two_ranks_with_ngram_speculation_prints_the_plain_text(tmp_path, capsys):
+    from blitzgen.cli import main
+    from blitzgen.config import ModelArgs
+    from blitzgen.loading.synthetic import save_random_checkpoint
+
+    save_random_checkpoint(ModelArgs.from_name("tiny"), tmp_path, dtype=torch.float32, seed=4)
+    base = ["generate", "--model", str(tmp_path), "--device", "cpu", "--dtype", "float32", "--raw", "--prompt",
+            "t5_t17_t42_t99_t5_t17_t42_t99_t5_t17", "--max-new-tokens", "24", "--temperature", "0"]
+    assert main(base) == 0
+    want = capsys.readouterr().out
+    assert main([*base, "--tp", "2", "--speculate", "ngram"]) == 0
+    out = capsys.readouterr()
+    assert out.out.splitlines()[0] == want.splitlines()[0] and "Speculation: ngram k<=4: acceptance" in out.err

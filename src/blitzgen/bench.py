@@ -278,7 +278,7 @@ def _measure(opts: BenchOptions, gen, model, args, device: torch.device, compile
     gen.check_request(P, N)  # ContextLengthError names the model's context
     g = torch.Generator().manual_seed(opts.seed)
     prompt = torch.randint(1, max(2, min(args.vocab_size, 30000)), (P,), generator=g).tolist()
-    dec, spec_runs = _speculative_decoder(opts, model, compile_, P + N, log), []
+    dec, spec_runs = _speculative_decoder(opts, model, compile_, P + N, log, gen), []
 
     def one_run(i: int) -> tuple[float, object]:
         sp = choice_sampling(SamplingParams(temperature=opts.temperature, top_k=opts.top_k, seed=opts.seed), i)
@@ -355,13 +355,19 @@ def _measure(opts: BenchOptions, gen, model, args, device: torch.device, compile
     return res
 
 
-def _speculative_decoder(opts: BenchOptions, model, compile_: bool, max_len: int, log):
-    """The SpeculativeDecoder that --speculate asks for (None without it)."""
+def _speculative_decoder(opts: BenchOptions, model, compile_: bool, max_len: int, log, gen=None):
+    """The SpeculativeDecoder that --speculate asks for (None without it); under --tp, every rank's
+    (on the Generators: ``TPGenerator.speculative``)."""
     if not opts.speculate:
         return None
+    from .parallel.runner import TPGenerator
     from .speculative import SpeculativeDecoder, make_draft
 
     t = time.perf_counter()
+    if isinstance(gen, TPGenerator):
+        dec = gen.speculative(opts.speculate, opts.speculate_k)
+        log(f"speculation {opts.speculate} (k<={opts.speculate_k}) on {gen.group.world} ranks")
+        return dec
     draft = make_draft(opts.speculate, model, group_size=_group_size(opts) or 32)
     log(f"speculation {opts.speculate} (k<={opts.speculate_k}) built in {time.perf_counter() - t:.1f} s")
     return SpeculativeDecoder(model, draft, k=opts.speculate_k, compile=compile_, max_seq_len=max_len)

@@ -1,6 +1,6 @@
 """``blitzgen serve --tp 2`` on CPU (gloo) answers like one process: a tiny random GQA checkpoint with
 the default model's tokenizer, greedy and seeded requests, streamed and not, logprobs and a JSON
-schema (the grammar / logprobs token loop), n > 1; clients that leave mid-stream (plain and
+schema (the grammar / logprobs token loop), n > 1, n-gram speculation; clients that leave mid-stream (plain and
 constrained) leave the ranks in lockstep; a follower that dies makes /health 503 and the server
 exit within a bounded time. The reference is the same app at --tp 1 (in this process)."""
 
@@ -50,7 +50,7 @@ def tp_server(ckpt, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve-tp") / "serve.log"
     cmd = [sys.executable, "-m", "blitzgen.cli", "serve", "--tp", "2", "--model", str(ckpt), "--device", "cpu",
-           "--dtype", "float32", "--port", str(port), "--max-queue", "4"]
+           "--dtype", "float32", "--port", str(port), "--max-queue", "4", "--speculate", "off,ngram"]
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -147,8 +147,20 @@ def test_tp2_server_answers_like_one_process(tp_server, reference):
     check_all()  # every rank still in step (a rank out of step would hang or answer differently)
     assert httpx.get(url + "/health").status_code == 200
     assert "aborted" in log_path.read_text()
-    r = httpx.post(f"{url}/v1/completions", json={**plain, "speculate": "ngram"}, timeout=30)
-    assert r.status_code == 400 and "speculate" in r.text
+    # n-gram speculation over both ranks (asked per request): the same greedy text as plain decoding,
+    # and a client that leaves mid-stream leaves the ranks in step
+    spec = {**long, "max_tokens": 60, "speculate": "ngram"}
+    r = httpx.post(f"{url}/v1/completions", json=spec, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == reference.post("/v1/completions", json={**long, "max_tokens": 60}).json()[
+        "choices"][0]["text"]
+    _stream_text(url, "completions", {**spec, "max_tokens": 300}, stop_after=3)
+    check_all()
+    metrics = httpx.get(url + "/metrics").text
+    assert 'blitzgen_spec_decode_requests_total{source="ngram"} 2.0' in metrics
+    (verifies,) = [float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith('blitzgen_spec_decode_verify_steps_total{source="ngram"}')]
+    assert verifies > 0  # the ranks did verify drafts together
 
 
 @pytest.mark.slow
@@ -174,7 +186,7 @@ def test_a_dying_follower_makes_the_server_unhealthy_and_exit(tp_server):
 
 
 @pytest.mark.parametrize("argv, env, needle", [
-    (["--tp", "2", "--speculate", "ngram"], {}, "--speculate does not work with --tp yet"),
+    (["--tp", "2", "--speculate", "ngram,self-int4"], {}, "--speculate self-int4 does not work with --tp yet"),
     (["--tp", "3"], {}, "--tp 3 does not divide the model's 8 attention heads (possible --tp values: 1, 2, 4, 8)"),
     (["--tp", "2"], {"RANK": "0", "WORLD_SIZE": "4"}, "--tp 2 but torchrun started 4 ranks"),
 ])

@@ -121,10 +121,16 @@ def build_decoders(args, lm, gen, *, log=None) -> dict:
     from ..speculative import SpeculativeDecoder, make_draft
     from .common import runtime_options
 
+    from ..parallel.runner import TPGenerator
+
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = {}
     for source in speculation_sources(args):
         t0 = time.perf_counter()
+        if isinstance(gen, TPGenerator):  # every rank builds it (n-gram only: tp_spec checked)
+            out[source] = gen.speculative(source, args.speculate_k)
+            log(f"Speculation {source} (k<={args.speculate_k}, {gen.group.world} ranks) ready")
+            continue
         draft_lm = None
         if source == "draft-model":
             from ..loading import load

@@ -12,7 +12,10 @@ the same ids. A caller that stops reading early (a cancelled request, a client g
 thing the followers cannot see: every ``every`` items (CHECKPOINT_EVERY) all ranks agree, with a
 one-integer broadcast from rank 0, whether to go on; rank 0 runs silently to the next checkpoint and
 says stop there. Decoders that run their own token loop on ``prefill``/``model_logits`` (grammar,
-logprobs) send one request per step, so stopping needs no agreement.
+logprobs) send one request per step, so stopping needs no agreement. Speculative decoding (n-gram
+drafts) is mirrored a level up: every rank builds the same ``SpeculativeDecoder`` on its own
+Generator (``TPGenerator.speculative``), and its calls are sent like the Generator's, with rank 0's
+measured costs, so that every rank's controller makes the same choices.
 """
 
 from __future__ import annotations
@@ -209,6 +212,60 @@ class TPGenerator:
         self._send("warmup", sampling_modes, prompt_len, new_tokens)
         return self.gen.warmup(sampling_modes, prompt_len, new_tokens)
 
+    def speculative(self, source: str, k: int) -> "TPSpeculative":
+        """A speculative decoder over every rank: each builds the same one on its own Generator."""
+        dec = build_speculative(self.gen, source, k)  # validates here first
+        self._send("speculative", source, k)
+        return TPSpeculative(dec, source, self)
+
+
+TP_SPECULATION = ("ngram",)  # sources that run under tensor parallelism (no second model to shard)
+
+
+def build_speculative(gen, source: str, k: int):
+    """The SpeculativeDecoder of ``source`` on this rank's (inner) Generator."""
+    from ..speculative import SpeculativeDecoder, make_draft
+
+    if source not in TP_SPECULATION:
+        raise BlitzgenError(f"--speculate {source} does not work with --tp yet (its draft model is not sharded); "
+                            f"use --speculate {' or '.join(TP_SPECULATION)}, or drop --tp")
+    return SpeculativeDecoder(gen.model, make_draft(source, gen.model), k=k, gen=gen, max_seq_len=gen.max_seq_len)
+
+
+class TPSpeculative:
+    """Rank 0's SpeculativeDecoder under tensor parallelism: each call that runs the model is first
+    sent to the followers, with this decoder's costs (``calibrate`` times them on rank 0; every
+    rank's controller must decide alike). Every other attribute is the wrapped decoder's."""
+
+    def __init__(self, dec, source: str, tpgen: TPGenerator):
+        self.dec, self.source, self.tpgen = dec, source, tpgen
+
+    def __getattr__(self, name):
+        return getattr(self.dec, name)
+
+    def _send(self, call: str, *args, **kw) -> None:
+        self.tpgen._send("speculative_call", self.source, call, args, kw,
+                         (self.dec.verify_cost, self.dec.draft_cost))
+
+    def generate_ids(self, prompt_ids, max_new_tokens, sampling=None, stop_token_ids=(), stats=None):
+        sampling = seeded(sampling)
+        self.dec._check(len(prompt_ids), max_new_tokens)  # before the followers start
+        self._send("generate_ids", list(prompt_ids), max_new_tokens, sampling, stop_token_ids)
+        return _lockstep(self.dec.generate_ids(prompt_ids, max_new_tokens, sampling, stop_token_ids, stats),
+                         self.tpgen.group, self.tpgen.every)
+
+    def ensure_capacity(self, n: int) -> None:
+        self._send("ensure_capacity", n)
+        self.dec.ensure_capacity(n)
+
+    def warmup(self, *args, **kw) -> float:
+        self._send("warmup", *args, **kw)
+        return self.dec.warmup(*args, **kw)
+
+    def calibrate(self, *args, **kw) -> dict:
+        self._send("calibrate", *args, **kw)
+        return self.dec.calibrate(*args, **kw)
+
 
 def _agree(group: TPGroup, go: bool | None) -> bool:
     """Every rank's answer to "go on?": rank 0's ``go``, broadcast (followers pass None)."""
@@ -318,11 +375,15 @@ def serve(group: TPGroup, gen, alive: Callable[[], bool] = lambda: True) -> None
     import torch
 
     channel = group.channel()
+    decoders: dict = {}  # source -> this rank's SpeculativeDecoder (TPGenerator.speculative)
     while True:
         req = channel.recv(alive)
         if req is None:
             return
         method, args, kw, every = req
+        if method in ("speculative", "speculative_call"):
+            _follow_speculative(group, gen, decoders, method, args, kw, every)
+            continue
         if method in _GROUP_CALLS:
             try:
                 _GROUP_CALLS[method](group, *args, **kw)
@@ -342,6 +403,22 @@ def serve(group: TPGroup, gen, alive: Callable[[], bool] = lambda: True) -> None
             continue
         if method in _STEPPED:
             _follow_steps(out, group, every)
+
+
+def _follow_speculative(group: TPGroup, gen, decoders: dict, method: str, args, kw, every: int) -> None:
+    """A follower's side of TPGenerator.speculative and TPSpeculative's calls."""
+    try:
+        if method == "speculative":
+            decoders[args[0]] = build_speculative(gen, *args, **kw)
+            return
+        source, call, cargs, ckw, (verify_cost, draft_cost) = args
+        dec = decoders[source]
+        dec.verify_cost, dec.draft_cost = verify_cost, draft_cost  # rank 0's: the same choices
+        out = getattr(dec, call)(*cargs, **ckw)
+    except (BlitzgenError, ValueError):  # rank 0 got the same error before any collective
+        return
+    if call == "generate_ids":
+        _follow_steps(out, group, every)
 
 
 def run(world: int, spec: TPSpec, leader: Callable, *, timeout_s: float | None = None):
