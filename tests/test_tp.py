@@ -366,7 +366,6 @@ def test_bench_two_ranks_with_ngram_speculation(capsys):
 
 @pytest.mark.parametrize("argv, needle", [
     (["--tp", "0", "--shape", "tiny"], "--tp must be at least 1, got 0"),
-    (["--tp", "2", "--shape", "tiny", "--speculate", "self-int4"], "--speculate self-int4 does not work with --tp"),
     (["--shape", "tiny", "--all-reduce", "symm-one-shot"], "apply to --tp only"),
     (["--tp", "2", "--shape", "tiny", "--all-reduce", "symm-two-shot"], "needs CUDA GPUs"),
     (["--tp", "2", "--shape", "tiny", "--quantize", "int4"], "int4 group size 32 does not fit a 2-way split"),
@@ -458,17 +457,16 @@ def test_ngram_speculation_over_two_ranks_equals_one_rank_plain():
     assert verifies > 0
 
 
-def test_tp_refuses_speculation_with_a_draft_model_in_one_line():
+def test_tp_refuses_a_separate_draft_model_in_one_line():
     import argparse
 
     from blitzgen.commands.common import tp_spec
     from blitzgen.errors import InvalidRequestError
 
-    for source in ("self-int4", "draft-model"):
-        args = argparse.Namespace(speculate=[source], model=None, all_reduce="functional")
-        with pytest.raises(InvalidRequestError, match=f"--speculate {source} does not work with --tp yet; use "
-                                                      "--speculate ngram"):
-            tp_spec(args)
+    args = argparse.Namespace(speculate=["draft-model"], model=None, all_reduce="functional")
+    with pytest.raises(InvalidRequestError, match="--speculate draft-model does not work with --tp yet; use "
+                                                  "--speculate ngram or self-int4"):
+        tp_spec(args)
 
 
 def test_generate_two_ranks_with_ngram_speculation_prints_the_plain_text(tmp_path, capsys):
@@ -484,3 +482,26 @@ def test_generate_two_ranks_with_ngram_speculation_prints_the_plain_text(tmp_pat
     assert main([*base, "--tp", "2", "--speculate", "ngram"]) == 0
     out = capsys.readouterr()
     assert out.out.splitlines()[0] == want.splitlines()[0] and "Speculation: ngram k<=4: acceptance" in out.err
+
+
+def test_self_int4_speculation_over_two_ranks_equals_one_rank_plain(tmp_path):
+    """--tp 2 --speculate self-int4: each rank drafts with an int4 copy of its own slices (all-reducing
+    where the target does); greedy tokens equal one process's plain decoding."""
+    from blitzgen.config import ModelArgs
+    from blitzgen.generate import Generator
+    from blitzgen.loading import load
+    from blitzgen.loading.synthetic import save_random_checkpoint
+    from blitzgen.parallel import TPSpec, run
+
+    save_random_checkpoint(ModelArgs.from_name("tiny").replace(**GQA), tmp_path, dtype=torch.float32, seed=5)
+    prompt = [5, 17, 42, 99, 3, 250, 5, 17, 42, 99, 7, 8]
+    ref = load(str(tmp_path), device="cpu", dtype="float32", progress=False).model
+    want = list(Generator(ref).generate_ids(prompt, 30, stop_token_ids=()))
+
+    def lead(lm, gen):
+        dec = gen.speculative("self-int4", 3)
+        got = list(dec.generate_ids(prompt, 30))
+        return got, dec.last_result_stats.verify_steps, dec.last_result_stats.draft_steps
+
+    got, verifies, drafts = run(2, TPSpec(model=str(tmp_path), dtype="float32"), lead, timeout_s=120)
+    assert got == want and verifies > 0 and drafts > 0

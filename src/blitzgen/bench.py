@@ -365,7 +365,7 @@ def _speculative_decoder(opts: BenchOptions, model, compile_: bool, max_len: int
 
     t = time.perf_counter()
     if isinstance(gen, TPGenerator):
-        dec = gen.speculative(opts.speculate, opts.speculate_k)
+        dec = gen.speculative(opts.speculate, opts.speculate_k, _group_size(opts) or 32)
         log(f"speculation {opts.speculate} (k<={opts.speculate_k}) on {gen.group.world} ranks")
         return dec
     draft = make_draft(opts.speculate, model, group_size=_group_size(opts) or 32)

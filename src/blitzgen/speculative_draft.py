@@ -157,7 +157,9 @@ def follow_attention(target: Transformer, draft: Transformer) -> None:
 @torch.no_grad()
 def build_int4_copy(target: Transformer, group_size: int = 32) -> Transformer:
     """A second Transformer whose Linear layers are int4 quantizations of the target's (float or
-    int8) weights. Embedding and norm tensors are shared read-only; the copy has its own caches."""
+    int8) weights. Embedding and norm tensors are shared read-only; the copy has its own caches.
+    A tensor-parallel rank's target (its slices, row-parallel layers wrapped) gives that rank's
+    copy, wrapped alike."""
     from .quant.core import plan_quantization, quantize_weight, set_submodule, target_linears
     from .quant import Int4Config, Int4Linear, Int8Linear, dequantize_int8
 
@@ -175,10 +177,13 @@ def build_int4_copy(target: Transformer, group_size: int = 32) -> Transformer:
             setattr(mod, pname, getattr(src[name], pname))
     if target.args.tie_word_embeddings and "output" not in names:
         draft.output.weight = draft.tok_embeddings.weight
+    all_reduce = None  # a tensor-parallel rank's target: wo/w2 sum over ranks (parallel.tp.RowParallel)
     for name, has_bias in names.items():
         lin = src.get(name)
         if lin is None and name == "output":  # tied head
             lin = target.tok_embeddings
+        if hasattr(lin, "all_reduce") and hasattr(lin, "linear"):  # this rank's slice, then the sum
+            all_reduce, lin = lin.all_reduce, lin.linear
         if isinstance(lin, Int4Linear):
             raise DraftMismatchError("the model is already int4; self-int4 speculation needs a float or int8 model")
         if isinstance(lin, Int8Linear):
@@ -191,6 +196,10 @@ def build_int4_copy(target: Transformer, group_size: int = 32) -> Transformer:
         set_submodule(draft, name, quantize_weight(handler, config, weight, bias, dtype))
         del weight
     assert not [n for n, _ in target_linears(draft)], "every target Linear is quantized"
+    if all_reduce is not None:
+        from .parallel.tp import wrap
+
+        wrap(draft, all_reduce)  # the copy all-reduces where the target does
     if target.max_seq_len:
         with torch.inference_mode(False):
             draft.setup_caches(max(target.max_batch, 1), target.max_seq_len)

@@ -1,6 +1,6 @@
 """``blitzgen serve --tp 2`` on CPU (gloo) answers like one process: a tiny random GQA checkpoint with
 the default model's tokenizer, greedy and seeded requests, streamed and not, logprobs and a JSON
-schema (the grammar / logprobs token loop), n > 1, n-gram speculation; clients that leave mid-stream (plain and
+schema (the grammar / logprobs token loop), n > 1, n-gram and self-int4 speculation; clients that leave mid-stream (plain and
 constrained) leave the ranks in lockstep; a follower that dies makes /health 503 and the server
 exit within a bounded time. The reference is the same app at --tp 1 (in this process)."""
 
@@ -50,7 +50,7 @@ def tp_server(ckpt, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve-tp") / "serve.log"
     cmd = [sys.executable, "-m", "blitzgen.cli", "serve", "--tp", "2", "--model", str(ckpt), "--device", "cpu",
-           "--dtype", "float32", "--port", str(port), "--max-queue", "4", "--speculate", "off,ngram"]
+           "--dtype", "float32", "--port", str(port), "--max-queue", "4", "--speculate", "off,ngram,self-int4"]
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -150,10 +150,13 @@ def test_tp2_server_answers_like_one_process(tp_server, reference):
     # n-gram speculation over both ranks (asked per request): the same greedy text as plain decoding,
     # and a client that leaves mid-stream leaves the ranks in step
     spec = {**long, "max_tokens": 60, "speculate": "ngram"}
-    r = httpx.post(f"{url}/v1/completions", json=spec, timeout=120)
+    r = r0 = httpx.post(f"{url}/v1/completions", json=spec, timeout=120)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == reference.post("/v1/completions", json={**long, "max_tokens": 60}).json()[
         "choices"][0]["text"]
+    r = httpx.post(f"{url}/v1/completions", json={**spec, "speculate": "self-int4"}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == r0.json()["choices"][0]["text"]
     _stream_text(url, "completions", {**spec, "max_tokens": 300}, stop_after=3)
     check_all()
     metrics = httpx.get(url + "/metrics").text
@@ -186,7 +189,7 @@ def test_a_dying_follower_makes_the_server_unhealthy_and_exit(tp_server):
 
 
 @pytest.mark.parametrize("argv, env, needle", [
-    (["--tp", "2", "--speculate", "ngram,self-int4"], {}, "--speculate self-int4 does not work with --tp yet"),
+    (["--tp", "2", "--draft-model", "CKPT"], {}, "--speculate draft-model does not work with --tp yet"),
     (["--tp", "3"], {}, "--tp 3 does not divide the model's 8 attention heads (possible --tp values: 1, 2, 4, 8)"),
     (["--tp", "2"], {"RANK": "0", "WORLD_SIZE": "4"}, "--tp 2 but torchrun started 4 ranks"),
 ])
@@ -200,6 +203,7 @@ def test_serve_tp_refuses_what_cannot_run_before_binding(tmp_path, argv, env, ne
     synthetic.save_random_checkpoint(ModelArgs.from_name("tiny").replace(**{**GQA, "vocab_size": 512}), ckpt)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
+    argv = [str(ckpt) if a == "CKPT" else a for a in argv]
     assert main(["serve", "--model", str(ckpt), "--device", "cpu", "--port", "1", *argv]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err and "cannot listen" not in err

@@ -127,8 +127,8 @@ def build_decoders(args, lm, gen, *, log=None) -> dict:
     out = {}
     for source in speculation_sources(args):
         t0 = time.perf_counter()
-        if isinstance(gen, TPGenerator):  # every rank builds it (n-gram only: tp_spec checked)
-            out[source] = gen.speculative(source, args.speculate_k)
+        if isinstance(gen, TPGenerator):  # every rank builds it (tp_spec checked the source)
+            out[source] = gen.speculative(source, args.speculate_k, getattr(args, "group_size", None) or 32)
             log(f"Speculation {source} (k<={args.speculate_k}, {gen.group.world} ranks) ready")
             continue
         draft_lm = None

@@ -13,7 +13,7 @@ thing the followers cannot see: every ``every`` items (CHECKPOINT_EVERY) all ran
 one-integer broadcast from rank 0, whether to go on; rank 0 runs silently to the next checkpoint and
 says stop there. Decoders that run their own token loop on ``prefill``/``model_logits`` (grammar,
 logprobs) send one request per step, so stopping needs no agreement. Speculative decoding (n-gram
-drafts) is mirrored a level up: every rank builds the same ``SpeculativeDecoder`` on its own
+and self-int4 drafts) is mirrored a level up: every rank builds the same ``SpeculativeDecoder`` on its own
 Generator (``TPGenerator.speculative``), and its calls are sent like the Generator's, with rank 0's
 measured costs, so that every rank's controller makes the same choices.
 """
@@ -212,24 +212,27 @@ class TPGenerator:
         self._send("warmup", sampling_modes, prompt_len, new_tokens)
         return self.gen.warmup(sampling_modes, prompt_len, new_tokens)
 
-    def speculative(self, source: str, k: int) -> "TPSpeculative":
+    def speculative(self, source: str, k: int, group_size: int = 32) -> "TPSpeculative":
         """A speculative decoder over every rank: each builds the same one on its own Generator."""
-        dec = build_speculative(self.gen, source, k)  # validates here first
-        self._send("speculative", source, k)
+        dec = build_speculative(self.gen, source, k, group_size)  # validates here first
+        self._send("speculative", source, k, group_size)
         return TPSpeculative(dec, source, self)
 
 
-TP_SPECULATION = ("ngram",)  # sources that run under tensor parallelism (no second model to shard)
+# sources that run under tensor parallelism: n-gram, and self-int4 (each rank's int4 copy of its
+# slices, all-reducing where the target does); a separate draft model is not sharded
+TP_SPECULATION = ("ngram", "self-int4")
 
 
-def build_speculative(gen, source: str, k: int):
+def build_speculative(gen, source: str, k: int, group_size: int = 32):
     """The SpeculativeDecoder of ``source`` on this rank's (inner) Generator."""
     from ..speculative import SpeculativeDecoder, make_draft
 
     if source not in TP_SPECULATION:
         raise BlitzgenError(f"--speculate {source} does not work with --tp yet (its draft model is not sharded); "
                             f"use --speculate {' or '.join(TP_SPECULATION)}, or drop --tp")
-    return SpeculativeDecoder(gen.model, make_draft(source, gen.model), k=k, gen=gen, max_seq_len=gen.max_seq_len)
+    return SpeculativeDecoder(gen.model, make_draft(source, gen.model, group_size=group_size), k=k, gen=gen,
+                              max_seq_len=gen.max_seq_len)
 
 
 class TPSpeculative:
