@@ -457,18 +457,6 @@ def test_ngram_speculation_over_two_ranks_equals_one_rank_plain():
     assert verifies > 0
 
 
-def test_tp_refuses_a_separate_draft_model_in_one_line():
-    import argparse
-
-    from blitzgen.commands.common import tp_spec
-    from blitzgen.errors import InvalidRequestError
-
-    args = argparse.Namespace(speculate=["draft-model"], model=None, all_reduce="functional")
-    with pytest.raises(InvalidRequestError, match="--speculate draft-model does not work with --tp yet; use "
-                                                  "--speculate ngram or self-int4"):
-        tp_spec(args)
-
-
 def test_generate_two_ranks_with_ngram_speculation_prints_the_plain_text(tmp_path, capsys):
     from blitzgen.cli import main
     from blitzgen.config import ModelArgs
@@ -504,4 +492,36 @@ def test_self_int4_speculation_over_two_ranks_equals_one_rank_plain(tmp_path):
         return got, dec.last_result_stats.verify_steps, dec.last_result_stats.draft_steps
 
     got, verifies, drafts = run(2, TPSpec(model=str(tmp_path), dtype="float32"), lead, timeout_s=120)
+    assert got == want and verifies > 0 and drafts > 0
+
+
+def test_draft_model_speculation_over_two_ranks_equals_one_rank_plain(tmp_path):
+    """--tp 2 --draft-model D: each rank loads its slices of the draft too (all-reducing like the
+    target); greedy tokens equal one process's plain decoding; a draft whose heads do not split is
+    one clear error."""
+    from blitzgen.config import ModelArgs
+    from blitzgen.generate import Generator
+    from blitzgen.loading import load
+    from blitzgen.loading.synthetic import save_random_checkpoint
+    from blitzgen.parallel import TPSpec, run
+
+    target, draft, odd = tmp_path / "target", tmp_path / "draft", tmp_path / "odd"
+    save_random_checkpoint(ModelArgs.from_name("tiny").replace(**GQA), target, dtype=torch.float32, seed=5)
+    save_random_checkpoint(ModelArgs.from_name("tiny").replace(**{**GQA, "n_layers": 1}), draft, dtype=torch.float32,
+                           seed=6)
+    save_random_checkpoint(ModelArgs.from_name("tiny").replace(dim=48, n_heads=3, n_kv_heads=3, head_dim=16), odd,
+                           dtype=torch.float32, seed=7)
+    prompt = [5, 17, 42, 99, 3, 250, 5, 17, 42, 99, 7, 8]
+    ref = load(str(target), device="cpu", dtype="float32", progress=False).model
+    want = list(Generator(ref).generate_ids(prompt, 30, stop_token_ids=()))
+
+    def lead(lm, gen):
+        with pytest.raises(ShardError, match="does not divide"):
+            gen.speculative("draft-model", 3, draft_model=str(odd))
+        dec = gen.speculative("draft-model", 3, draft_model=str(draft))
+        dec.dec.draft_cost = 0.3  # the ranks' controllers speculate on rank 0's costs
+        got = list(dec.generate_ids(prompt, 30))
+        return got, dec.last_result_stats.verify_steps, dec.last_result_stats.draft_steps
+
+    got, verifies, drafts = run(2, TPSpec(model=str(target), dtype="float32"), lead, timeout_s=120)
     assert got == want and verifies > 0 and drafts > 0

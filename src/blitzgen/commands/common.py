@@ -158,13 +158,6 @@ def tp_spec(args):
     """What every tensor-parallel rank loads, from the runtime flags (``--tp``)."""
     from ..parallel import TPSpec
 
-    from ..parallel.runner import TP_SPECULATION
-    from .speculate import speculation_sources
-
-    for source in speculation_sources(args):  # a draft model is not sharded: n-gram only
-        if source not in TP_SPECULATION:
-            raise InvalidRequestError(f"--speculate {source} does not work with --tp yet; use --speculate "
-                                      f"{' or '.join(TP_SPECULATION)}, or drop --tp", param="speculate")
     opts = runtime_options(args).resolved()
     return TPSpec(model=args.model, device=opts.device, dtype=opts.dtype, quantize=opts.quantize,
                   group_size=opts.group_size, compile=opts.compile, max_model_len=opts.max_model_len,

@@ -127,8 +127,9 @@ def build_decoders(args, lm, gen, *, log=None) -> dict:
     out = {}
     for source in speculation_sources(args):
         t0 = time.perf_counter()
-        if isinstance(gen, TPGenerator):  # every rank builds it (tp_spec checked the source)
-            out[source] = gen.speculative(source, args.speculate_k, getattr(args, "group_size", None) or 32)
+        if isinstance(gen, TPGenerator):  # every rank builds it (a draft model: its slices)
+            out[source] = gen.speculative(source, args.speculate_k, getattr(args, "group_size", None) or 32,
+                                          getattr(args, "draft_model", None))
             log(f"Speculation {source} (k<={args.speculate_k}, {gen.group.world} ranks) ready")
             continue
         draft_lm = None

@@ -13,7 +13,6 @@ import torch
 
 from ..bench import BenchOptions, _count, _group_size, _jsonable, _measure, _runtime
 from ..errors import BlitzgenError
-from .runner import TP_SPECULATION
 
 
 def run(opts: BenchOptions, device: torch.device, dtype: torch.dtype, compile_: bool, log) -> dict | None:
@@ -80,9 +79,6 @@ def check(opts: BenchOptions, device: torch.device, dtype: torch.dtype, compile_
         return
     if opts.tp < 1:
         raise BlitzgenError(f"--tp must be at least 1, got {opts.tp}")
-    if opts.speculate and opts.speculate not in TP_SPECULATION:
-        raise BlitzgenError(f"--speculate {opts.speculate} does not work with --tp yet; use --speculate "
-                            f"{' or '.join(TP_SPECULATION)}, or drop --tp")
     if opts.all_reduce not in ALL_REDUCE:
         raise BlitzgenError(f"unknown --all-reduce {opts.all_reduce!r} (one of {', '.join(ALL_REDUCE)})")
     if opts.all_reduce != "functional" and device.type != "cuda":

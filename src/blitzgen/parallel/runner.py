@@ -12,9 +12,9 @@ the same ids. A caller that stops reading early (a cancelled request, a client g
 thing the followers cannot see: every ``every`` items (CHECKPOINT_EVERY) all ranks agree, with a
 one-integer broadcast from rank 0, whether to go on; rank 0 runs silently to the next checkpoint and
 says stop there. Decoders that run their own token loop on ``prefill``/``model_logits`` (grammar,
-logprobs) send one request per step, so stopping needs no agreement. Speculative decoding (n-gram
-and self-int4 drafts) is mirrored a level up: every rank builds the same ``SpeculativeDecoder`` on its own
-Generator (``TPGenerator.speculative``), and its calls are sent like the Generator's, with rank 0's
+logprobs) send one request per step, so stopping needs no agreement. Speculative decoding (n-gram,
+self-int4 and a draft model, each rank holding its slices of the draft) is mirrored a level up:
+every rank builds the same ``SpeculativeDecoder`` on its own Generator (``TPGenerator.speculative``), and its calls are sent like the Generator's, with rank 0's
 measured costs, so that every rank's controller makes the same choices.
 """
 
@@ -212,27 +212,33 @@ class TPGenerator:
         self._send("warmup", sampling_modes, prompt_len, new_tokens)
         return self.gen.warmup(sampling_modes, prompt_len, new_tokens)
 
-    def speculative(self, source: str, k: int, group_size: int = 32) -> "TPSpeculative":
+    def speculative(self, source: str, k: int, group_size: int = 32, draft_model: str | None = None
+                    ) -> "TPSpeculative":
         """A speculative decoder over every rank: each builds the same one on its own Generator."""
-        dec = build_speculative(self.gen, source, k, group_size)  # validates here first
-        self._send("speculative", source, k, group_size)
+        dec = build_speculative(self.gen, self.group, source, k, group_size, draft_model)  # validates here first
+        self._send("speculative", source, k, group_size, draft_model)
         return TPSpeculative(dec, source, self)
 
 
-# sources that run under tensor parallelism: n-gram, and self-int4 (each rank's int4 copy of its
-# slices, all-reducing where the target does); a separate draft model is not sharded
-TP_SPECULATION = ("ngram", "self-int4")
-
-
-def build_speculative(gen, source: str, k: int, group_size: int = 32):
-    """The SpeculativeDecoder of ``source`` on this rank's (inner) Generator."""
+def build_speculative(gen, group: TPGroup, source: str, k: int, group_size: int = 32, draft_model: str | None = None):
+    """The SpeculativeDecoder of ``source`` on this rank's (inner) Generator. self-int4: an int4 copy
+    of this rank's slices; a draft model: its own slices of it, all-reducing like the target."""
     from ..speculative import SpeculativeDecoder, make_draft
 
-    if source not in TP_SPECULATION:
-        raise BlitzgenError(f"--speculate {source} does not work with --tp yet (its draft model is not sharded); "
-                            f"use --speculate {' or '.join(TP_SPECULATION)}, or drop --tp")
-    return SpeculativeDecoder(gen.model, make_draft(source, gen.model, group_size=group_size), k=k, gen=gen,
-                              max_seq_len=gen.max_seq_len)
+    dlm = None
+    if source == "draft-model":
+        from ..loading import load
+        from .tp import Sharding, wrap
+
+        if draft_model is None:
+            raise BlitzgenError("--speculate draft-model needs --draft-model")
+        dlm = load(draft_model, device=str(gen.device), dtype=gen.model.dtype, progress=False,
+                   shard=Sharding(group.rank, group.world))
+        wrap(dlm.model, gen.model.layers[0].attention.wo.all_reduce)  # the target's all-reduce
+    draft = make_draft(source, gen.model, draft_model=dlm.model if dlm else None,
+                       draft_tokenizer=dlm.tokenizer if dlm else None, target_tokenizer=gen.tokenizer,
+                       group_size=group_size)
+    return SpeculativeDecoder(gen.model, draft, k=k, gen=gen, max_seq_len=gen.max_seq_len)
 
 
 class TPSpeculative:
@@ -412,7 +418,7 @@ def _follow_speculative(group: TPGroup, gen, decoders: dict, method: str, args, 
     """A follower's side of TPGenerator.speculative and TPSpeculative's calls."""
     try:
         if method == "speculative":
-            decoders[args[0]] = build_speculative(gen, *args, **kw)
+            decoders[args[0]] = build_speculative(gen, group, *args, **kw)
             return
         source, call, cargs, ckw, (verify_cost, draft_cost) = args
         dec = decoders[source]

@@ -5,9 +5,8 @@ loader, so the port listens and ``/health`` answers 503 "loading" while they com
 generation path of the server goes through the TPGenerator: plain and streamed decoding
 (``stream``: lockstep with go/stop checkpoints, so a client that leaves mid-stream stops every
 rank at the same step), and the grammar / logprobs token loop (``prefill`` and ``model_logits``,
-one request per step), and n-gram / self-int4 speculation (``TPGenerator.speculative``: every
-rank runs the same decoder, in lockstep like ``stream``). A separate draft model (--draft-model)
-is refused at start-up with ``--tp``: it is not sharded.
+one request per step), and speculation from any source (``TPGenerator.speculative``: every rank
+runs the same decoder, in lockstep like ``stream``; a draft model is split like the target).
 
 A follower that dies: ``/health`` turns 503 ("failed"), running and queued requests end with an
 error, the server stops, and the process exits with status 1 within POLL_S + FAIL_GRACE_S.
