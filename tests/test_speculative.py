@@ -36,7 +36,7 @@ def plain(model, prompt, n, sampling=GREEDY, stop=()):
 def sources(model):
     # draft_cost 0.3: a draft the size of the target is never run by the adaptive controller (it
     # cannot pay); these tests check exactness, so they pretend it is cheap
-    return {"ngram": NgramDraft(), "self-int4": SelfInt4Draft(model),
+    return {"ngram": NgramDraft(min_match=1), "self-int4": SelfInt4Draft(model),
             "draft-model": DraftModel(tiny_model(seed=11), draft_cost=0.3),
             "same-model": DraftModel(tiny_model(seed=1), draft_cost=0.3)}
 
@@ -70,6 +70,22 @@ def test_ngram_proposes_longest_recent_match():
     assert d.propose(4) == []
     d.reset([7, 7, 7])
     assert d.propose(4) == [7]  # the continuation stops at the end of the sequence
+
+
+def test_ngram_one_token_matches_propose_only_when_a_verify_is_cheap():
+    d = NgramDraft(n_max=3)
+    d.adapt(1.4)  # an expensive verify: a match of 2+ tokens is needed
+    d.reset([1, 2, 5, 3, 9, 3])
+    assert d.propose(2) == []  # only "3" matches (-> 9)
+    d.adapt(1.1)
+    assert d.propose(2) == [9, 3]
+    d.extend([9])
+    d.adapt(1.4)
+    assert d.propose(1) == [3]  # "3 9" matches
+    fixed = NgramDraft(n_max=3, min_match=1)
+    fixed.adapt(2.0)
+    fixed.reset([1, 2, 5, 3, 9, 3])
+    assert fixed.propose(1) == [9]
 
 
 # ---- exactness --------------------------------------------------------------------------------
@@ -291,7 +307,8 @@ def test_adaptive_k_shrinks_switches_off_and_recovers():
 @pytest.mark.parametrize("kind", ["ngram", "draft-model"])
 def test_speculation_switches_off_on_unpredictable_text(kind):
     model = tiny_model(seed=1)
-    src = NgramDraft() if kind == "ngram" else DraftModel(tiny_model(seed=11), draft_cost=0.3)
+    # min_match=1: every one-token match proposes (on this text a 2-token match never comes)
+    src = NgramDraft(min_match=1) if kind == "ngram" else DraftModel(tiny_model(seed=11), draft_cost=0.3)
     dec = SpeculativeDecoder(model, src, k=4, verify_cost=1.3)
     want = plain(model, PROMPT, 60)
     assert list(dec.generate_ids(PROMPT, 60, GREEDY)) == want

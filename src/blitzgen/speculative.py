@@ -415,6 +415,7 @@ class SpeculativeDecoder:
         if self.dmodel is not None and ctl.on:  # a draft that cannot pay is never prefilled (nor run)
             self._run_chunk(self.dmodel, prompt, 0)
             dvalid = n0
+        self.draft.adapt(self.verify_cost)  # e.g. the shortest n-gram match worth a verify
         self.draft.reset(prompt)
         self.draft.extend([first])
         self.draft_valid = dvalid  # for tests: the draft cache is exact on [0, draft_valid)
