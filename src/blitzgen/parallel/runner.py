@@ -440,7 +440,11 @@ def run(world: int, spec: TPSpec, leader: Callable, *, timeout_s: float | None =
     check_split(spec, world)
 
     def lead(group: TPGroup):
+        from ..startup import REPORT
+
+        REPORT.mark("imports")  # with the ranks' start: rank 0's start-up report, as serve --tp
         lm, gen = load_rank(group, spec)
+        REPORT.mark("load")
         return leader(lm, TPGenerator(gen, group))
 
     if torchrun_env() is not None:
