@@ -134,6 +134,33 @@ def make_draft(kind: str, target: Transformer, *, draft_model: Transformer | Non
     raise BlitzgenError(f"unknown speculation source {kind!r} (known: {', '.join(SOURCES)})")
 
 
+def build_decoder(gen, source: str, k: int, *, group_size: int = 32, draft_model: str | None = None,
+                  group=None) -> "SpeculativeDecoder":
+    """The decoder of a CLI/server source on a Generator, sharing its model, KV cache, compile setting
+    and length limit. A draft model is loaded from ``draft_model`` on the Generator's device and
+    dtype; with ``group`` (a tensor-parallel rank), only its slices, all-reducing like the target."""
+    dmodel = dtok = None
+    if source == "draft-model":
+        from .loading import load
+
+        if draft_model is None:
+            raise BlitzgenError("--speculate draft-model needs --draft-model")
+        shard = None
+        if group is not None:
+            from .parallel.tp import Sharding
+
+            shard = Sharding(group.rank, group.world)
+        dlm = load(draft_model, device=str(gen.device), dtype=gen.model.dtype, progress=False, shard=shard)
+        if group is not None:
+            from .parallel.tp import wrap
+
+            wrap(dlm.model, gen.model.layers[0].attention.wo.all_reduce)  # the target's all-reduce
+        dmodel, dtok = dlm.model, dlm.tokenizer
+    draft = make_draft(source, gen.model, draft_model=dmodel, draft_tokenizer=dtok, target_tokenizer=gen.tokenizer,
+                       group_size=group_size)
+    return SpeculativeDecoder(gen.model, draft, k=k, gen=gen, max_seq_len=gen.max_seq_len)
+
+
 _COMPILED: dict = {}
 
 

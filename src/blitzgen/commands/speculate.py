@@ -116,35 +116,25 @@ def default_source(args) -> str | None:
 # ---- building -----------------------------------------------------------------------------------
 def build_decoders(args, lm, gen, *, log=None) -> dict:
     """{source: SpeculativeDecoder} on ``lm``'s model, sharing its KV cache and the Generator's
-    compile setting and length limit. A draft model is loaded like --model (same device and dtype);
-    one with another tokenizer is a one-line error."""
-    from ..speculative import SpeculativeDecoder, make_draft
-    from .common import runtime_options
-
+    compile setting and length limit (``speculative.build_decoder``; under --tp, on every rank). A
+    draft model is loaded like --model (same device and dtype); one with another tokenizer is a
+    one-line error."""
     from ..parallel.runner import TPGenerator
+    from ..speculative import build_decoder
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = {}
+    group_size = getattr(args, "group_size", None) or 32
+    draft_model = getattr(args, "draft_model", None)
     for source in speculation_sources(args):
         t0 = time.perf_counter()
-        if isinstance(gen, TPGenerator):  # every rank builds it (a draft model: its slices)
-            out[source] = gen.speculative(source, args.speculate_k, getattr(args, "group_size", None) or 32,
-                                          getattr(args, "draft_model", None))
-            log(f"Speculation {source} (k<={args.speculate_k}, {gen.group.world} ranks) ready")
-            continue
-        draft_lm = None
-        if source == "draft-model":
-            from ..loading import load
-
-            opts = runtime_options(args).resolved()
-            draft_lm = load(args.draft_model, device=opts.device, dtype=opts.torch_dtype, progress=False)
-        group = getattr(args, "group_size", None) or 32
-        draft = make_draft(source, lm.model, draft_model=draft_lm.model if draft_lm else None,
-                           draft_tokenizer=draft_lm.tokenizer if draft_lm else None,
-                           target_tokenizer=lm.tokenizer, group_size=group)
-        out[source] = SpeculativeDecoder(lm.model, draft, k=args.speculate_k, gen=gen, max_seq_len=gen.max_seq_len)
-        log(f"Speculation {source} (k<={args.speculate_k}"
-            f"{', draft ' + draft_lm.name if draft_lm else ''}) ready in {time.perf_counter() - t0:.2f} seconds")
+        if isinstance(gen, TPGenerator):
+            out[source] = gen.speculative(source, args.speculate_k, group_size, draft_model)
+        else:
+            out[source] = build_decoder(gen, source, args.speculate_k, group_size=group_size, draft_model=draft_model)
+        ranks = f", {gen.group.world} ranks" if isinstance(gen, TPGenerator) else ""
+        log(f"Speculation {source} (k<={args.speculate_k}{', draft ' + draft_model if source == 'draft-model' else ''}"
+            f"{ranks}) ready in {time.perf_counter() - t0:.2f} seconds")
     return out
 
 

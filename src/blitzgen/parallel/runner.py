@@ -14,8 +14,9 @@ one-integer broadcast from rank 0, whether to go on; rank 0 runs silently to the
 says stop there. Decoders that run their own token loop on ``prefill``/``model_logits`` (grammar,
 logprobs) send one request per step, so stopping needs no agreement. Speculative decoding (n-gram,
 self-int4 and a draft model, each rank holding its slices of the draft) is mirrored a level up:
-every rank builds the same ``SpeculativeDecoder`` on its own Generator (``TPGenerator.speculative``), and its calls are sent like the Generator's, with rank 0's
-measured costs, so that every rank's controller makes the same choices.
+every rank builds the same ``SpeculativeDecoder`` on its own Generator (``TPGenerator.speculative``),
+and its calls are sent like the Generator's, with rank 0's measured costs, so that every rank's
+controller makes the same choices.
 """
 
 from __future__ import annotations
@@ -215,30 +216,12 @@ class TPGenerator:
     def speculative(self, source: str, k: int, group_size: int = 32, draft_model: str | None = None
                     ) -> "TPSpeculative":
         """A speculative decoder over every rank: each builds the same one on its own Generator."""
-        dec = build_speculative(self.gen, self.group, source, k, group_size, draft_model)  # validates here first
+        from ..speculative import build_decoder
+
+        dec = build_decoder(self.gen, source, k, group_size=group_size, draft_model=draft_model,
+                            group=self.group)  # validates here first
         self._send("speculative", source, k, group_size, draft_model)
         return TPSpeculative(dec, source, self)
-
-
-def build_speculative(gen, group: TPGroup, source: str, k: int, group_size: int = 32, draft_model: str | None = None):
-    """The SpeculativeDecoder of ``source`` on this rank's (inner) Generator. self-int4: an int4 copy
-    of this rank's slices; a draft model: its own slices of it, all-reducing like the target."""
-    from ..speculative import SpeculativeDecoder, make_draft
-
-    dlm = None
-    if source == "draft-model":
-        from ..loading import load
-        from .tp import Sharding, wrap
-
-        if draft_model is None:
-            raise BlitzgenError("--speculate draft-model needs --draft-model")
-        dlm = load(draft_model, device=str(gen.device), dtype=gen.model.dtype, progress=False,
-                   shard=Sharding(group.rank, group.world))
-        wrap(dlm.model, gen.model.layers[0].attention.wo.all_reduce)  # the target's all-reduce
-    draft = make_draft(source, gen.model, draft_model=dlm.model if dlm else None,
-                       draft_tokenizer=dlm.tokenizer if dlm else None, target_tokenizer=gen.tokenizer,
-                       group_size=group_size)
-    return SpeculativeDecoder(gen.model, draft, k=k, gen=gen, max_seq_len=gen.max_seq_len)
 
 
 class TPSpeculative:
@@ -418,7 +401,11 @@ def _follow_speculative(group: TPGroup, gen, decoders: dict, method: str, args, 
     """A follower's side of TPGenerator.speculative and TPSpeculative's calls."""
     try:
         if method == "speculative":
-            decoders[args[0]] = build_speculative(gen, group, *args, **kw)
+            from ..speculative import build_decoder
+
+            source, k, group_size, draft_model = args
+            decoders[source] = build_decoder(gen, source, k, group_size=group_size, draft_model=draft_model,
+                                             group=group)
             return
         source, call, cargs, ckw, (verify_cost, draft_cost) = args
         dec = decoders[source]
