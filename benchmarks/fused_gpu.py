@@ -294,7 +294,19 @@ def _classify(name: str) -> str:
     return "other"
 
 
-def stage_profile(rep, steps=200, prof_steps=8):
+def stage_profile(rep, modes=("int4",), steps=200, prof_steps=8):
+    for mode in modes:
+        if time.time() - T0 > rep.data["budget"] - 60:
+            rep.data["skipped"].append(f"profile {mode}")
+            TABLE.append(f"profile {mode}: skipped (budget)")
+            continue
+        try:
+            _profile_mode(rep, mode, steps, prof_steps)
+        except Exception as e:  # noqa: BLE001
+            rep.error(f"profile {mode}", e)
+
+
+def _profile_mode(rep, mode, steps, prof_steps):
     from torch.profiler import ProfilerActivity, profile
 
     from blitzgen.bench import build_random_model
@@ -308,14 +320,14 @@ def stage_profile(rep, steps=200, prof_steps=8):
     out = rep.data.setdefault("profile", {})
     free()
     model, _ = build_random_model(ModelArgs.from_name(SHAPE), torch.device(DEV), torch.bfloat16,
-                                  quantize=make_config("int4", 32))
+                                  quantize=None if mode == "bf16" else make_config(mode, 32 if mode == "int4" else None))
     prompt = list(range(1, 6))
     for on in (False, True):
         if time.time() - T0 > rep.data["budget"] - 40:
-            rep.data["skipped"].append(f"profile fused={on}")
-            TABLE.append(f"profile int4 fused={int(on)}: skipped (budget)")
+            rep.data["skipped"].append(f"profile {mode} fused={on}")
+            TABLE.append(f"profile {mode} fused={int(on)}: skipped (budget)")
             break
-        label = f"int4 fused={int(on)}"
+        label = f"{mode} fused={int(on)}"
         try:
             opts = RuntimeOptions.from_env(device=DEV, compile=DEV == "cuda", fused_decode=on)
             fused_decode.enable(model, on)
@@ -430,6 +442,7 @@ def main():
     ap.add_argument("--stages", default="check,layers,profile,bench")
     ap.add_argument("--kinds", default="int4,int8,bf16", help="for check and layers")
     ap.add_argument("--modes", default="int4,int8,bf16", help="for bench")
+    ap.add_argument("--profile-modes", default="int4", help="for profile")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--budget", type=float, default=340.0, help="seconds; later stages are skipped past this")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
@@ -460,7 +473,7 @@ def main():
         stage_layers(rep, kinds)
     if "profile" in stages:
         try:
-            stage_profile(rep)
+            stage_profile(rep, a.profile_modes.split(","))
         except Exception as e:  # noqa: BLE001
             rep.error("profile", e)
     if "bench" in stages:

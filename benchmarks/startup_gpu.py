@@ -102,6 +102,7 @@ def main() -> int:
     ap.add_argument("--out", default="startup_gpu.json")
     ap.add_argument("--budget", type=float, default=500, help="seconds for the whole call")
     ap.add_argument("--cases", default="all", help="comma list of bf16:0,bf16:1,int8:1,int8:0 (dtype:regions)")
+    ap.add_argument("--warm-runs", type=int, default=1, help="warm starts per case (warm, warm2, ...)")
     ap.add_argument("--no-load-ab", action="store_true", help="skip the staged-load A/B (4 loads, ~40 s)")
     a = ap.parse_args()
     t_start = time.time()
@@ -140,7 +141,7 @@ def main() -> int:
         cache = tempfile.mkdtemp(prefix=f"bg-{name}-r{regions}-")
         case = {"case": name, "regions": regions, "cache": cache}
         info["cases"].append(case)
-        for phase in ("cold", "warm"):
+        for phase in ["cold", "warm"] + [f"warm{i}" for i in range(2, a.warm_runs + 1)]:
             left = a.budget - (time.time() - t_start)
             case[phase] = run(a.model_dir, quantize, regions, cache, max(left - 5, 10))
             dump()

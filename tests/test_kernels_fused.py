@@ -180,7 +180,13 @@ def test_runtime_option_and_generator_wiring(monkeypatch):
     opts = RuntimeOptions.from_env(device="cpu", compile=False)
     assert opts.fused_decode is True
     monkeypatch.delenv("BLITZGEN_FUSED")
-    assert RuntimeOptions.from_env().fused_decode is False
+    assert RuntimeOptions.from_env().fused_decode is None
+    auto = RuntimeOptions()  # default: CUDA, unquantized only (measured; BENCHMARKS.md)
+    assert auto.fused_for("cuda", quantized=False) and not auto.fused_for("cuda", quantized=True)
+    assert not auto.fused_for("cpu", quantized=False)
+    monkeypatch.setenv("BLITZGEN_FUSED", "0")
+    assert not RuntimeOptions.from_env().fused_for("cuda", quantized=False)
+    assert RuntimeOptions(fused_decode=True).fused_for("cuda", quantized=True)
     model = tiny_model()
     fused_decode.enable(model, True)
     Generator(model, options=opts)  # CUDA only: on CPU the option leaves (turns) it off

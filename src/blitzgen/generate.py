@@ -143,6 +143,12 @@ def timed_tokens(tokens: Iterator[int], stats: GenerationStats) -> Iterator[int]
             close()
 
 
+def _quantized(model) -> bool:
+    from .quant.core import QuantizedLinear
+
+    return any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
 class Generator:
     """Runs requests on one model, one at a time, reusing its static KV cache.
 
@@ -176,10 +182,11 @@ class Generator:
             op = model.attention_op
             if parse_decode_attention(impl) != (op.decode_impl, op.chunks):
                 model.set_decode_attention(impl)
-            if opts.fused_decode or any(getattr(m, "fused_decode", None) for m in model.layers):
-                from .kernels.fused_decode import enable  # imported only when asked (Triton on CUDA)
+            fused = self.is_cuda and opts.kernels and opts.fused_for(self.device.type, _quantized(model))
+            if fused or any(getattr(m, "fused_decode", None) for m in model.layers):
+                from .kernels.fused_decode import enable  # imported only when used (Triton on CUDA)
 
-                enable(model, opts.fused_decode and self.is_cuda)
+                enable(model, fused)
         self.prefill_compiled = self.compiled and opts.compile_prefill
         self._step, self._prefill, self._sample = _model_step, _prefill_logits, sample
         if self.compiled:

@@ -9,13 +9,14 @@ Environment variables (each read here only):
   BLITZGEN_STAGED_LOAD       0/false/off: read safetensors to CUDA with safetensors' own copy, not
                              through pinned, double-buffered, multi-threaded reads (loading/hf.py)
   BLITZGEN_COMPILE_REGIONS   1/0: compile one transformer block as a region that every layer reuses
-                             (Dynamo traces 1 block, not n_layers); default: on for CPU, off for CUDA
+                             (Dynamo traces 1 block, not n_layers); default: on
   BLITZGEN_KERNELS           0/false/off: do not use the Triton kernels (GEMV, decode attention)
   BLITZGEN_DECODE_ATTENTION  auto | sdpa | matmul | split[:C] | triton: one-token attention
   BLITZGEN_GEMV_CONFIGS      a JSON file of GEMV launch configs that override the built-in table
   BLITZGEN_GEMV_AUTOTUNE     1: time candidate GEMV configs on first use (eager only)
-  BLITZGEN_FUSED             1: decode (one token) through the fused RMSNorm/GEMV/SwiGLU/residual
-                             kernels (kernels/fused_decode.py); CUDA only, off by default
+  BLITZGEN_FUSED             1/0: decode (one token) through the fused RMSNorm/GEMV/SwiGLU/residual
+                             kernels (kernels/fused_decode.py); CUDA only; default: on for
+                             unquantized weights, off for int8/int4 (RuntimeOptions.fused_for)
   BLITZGEN_GPTFAST_SCRIPT    the gpt-fast harness that `bench --peer` runs
   BLITZGEN_API_KEY           the server's API key (read as `serve --api-key`'s default)
   BLITZGEN_MODAL_*           the Modal deployment's settings (deploy/settings.py): APP, GPU, VOLUME,
@@ -88,7 +89,7 @@ class RuntimeOptions:
     compile_prefill: bool = False  # compile prefill per length bucket (else eager, as gpt-fast)
     autotune: bool = False  # Inductor's coordinate-descent tuning (slow to compile, ~+3% decode)
     compile_regions: bool | None = None  # one block traced for all layers; None: regions_for(device)
-    fused_decode: bool = False  # one-token blocks through kernels/fused_decode.py (BLITZGEN_FUSED)
+    fused_decode: bool | None = None  # one-token blocks through kernels/fused_decode.py; None: fused_for()
 
     @classmethod
     def from_env(cls, **overrides) -> "RuntimeOptions":
@@ -98,7 +99,7 @@ class RuntimeOptions:
             kernels=env_flag("BLITZGEN_KERNELS", True),
             gemv_configs=env("BLITZGEN_GEMV_CONFIGS"),
             gemv_autotune=env_flag("BLITZGEN_GEMV_AUTOTUNE", False),
-            fused_decode=env_flag("BLITZGEN_FUSED", False),
+            fused_decode=env_flag("BLITZGEN_FUSED", True) if env("BLITZGEN_FUSED") else None,
             cache_dir=cache_root(),
             weight_cache=env_flag("BLITZGEN_WEIGHT_CACHE", True),
             staged_load=env_flag("BLITZGEN_STAGED_LOAD", True),
@@ -136,11 +137,19 @@ class RuntimeOptions:
 
     def regions_for(self, device: str) -> bool:
         """Whether a compiled model traces one block as a region for all layers: the option when
-        set, else on for CPU (Dynamo's warm re-trace of a 32-layer step: 22.9 s -> 9.4 s, cold
-        compile 123 s -> 43 s, same decode output) and off for CUDA until measured there."""
+        set, else on (CPU: Dynamo's warm re-trace of a 32-layer step 22.9 s -> 9.4 s, cold compile
+        123 s -> 43 s; H200, Llama-2-7B: cold start 50 s -> 24-29 s at the same decode speed)."""
         if self.compile_regions is not None:
             return self.compile_regions
-        return not str(device).startswith("cuda")
+        return True
+
+    def fused_for(self, device: str, quantized: bool) -> bool:
+        """Whether one-token blocks run through the fused GEMV kernels: the option when set, else
+        on CUDA for unquantized weights only (H200, Llama-2-7B: bf16 +6% in `bench`; int4 +0.3%,
+        int8 -3%, where our plain GEMVs plus Inductor's norms are already faster; BENCHMARKS.md)."""
+        if self.fused_decode is not None:
+            return self.fused_decode
+        return str(device).startswith("cuda") and not quantized
 
     @property
     def torch_dtype(self):
