@@ -49,13 +49,25 @@ def configure_inductor(device: str, cache_dir: str | None = None, autotune: bool
     _configured.add(kind)
 
 
-def compile_decode(fn: Callable, device: str, cache_dir: str | None = None, autotune: bool = False) -> Callable:
+def compile_decode(fn: Callable, device: str, cache_dir: str | None = None, autotune: bool = False,
+                   options=None) -> Callable:
     """The model's decode step: one CUDA-graph replay on CUDA (its output is overwritten by the
-    next replay)."""
+    next replay). ``options.aot_decode``: saved and loaded whole with torch's AOT precompile
+    (aot_decode.py), the plain compiled step as its fallback."""
     configure_inductor(device, cache_dir, autotune)
     if device.startswith("cuda"):
-        return torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    return torch.compile(fn, fullgraph=True, dynamic=False)
+        step = torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    else:
+        step = torch.compile(fn, fullgraph=True, dynamic=False)
+    if options is not None and options.aot_decode:
+        from . import aot_decode
+
+        if aot_decode.supported():
+            return aot_decode.AOTDecodeStep(fn, device, options, cache_dir, fallback=step)
+        from .runtime import fallback
+
+        fallback("AOT decode step", f"torch {torch.__version__} has no load_compiled_function")
+    return step
 
 
 def compile_static(fn: Callable, device: str, cache_dir: str | None = None, autotune: bool = False) -> Callable:

@@ -196,7 +196,7 @@ class Generator:
             # are overwritten by the next replay, so the sampler reads them before that); each
             # sampler mode is a small plain graph whose output stays valid.
             dev, kw = str(self.device), dict(cache_dir=opts.cache_dir, autotune=opts.autotune)
-            self._step = compile_decode(_model_step, dev, **kw)
+            self._step = compile_decode(_model_step, dev, options=opts, **kw)
             self._sample = compile_static(sample, dev, **kw)
             if self.prefill_compiled:
                 self._prefill = compile_static(_prefill_logits, dev, **kw)

@@ -10,6 +10,8 @@ Environment variables (each read here only):
                              through pinned, double-buffered, multi-threaded reads (loading/hf.py)
   BLITZGEN_COMPILE_REGIONS   1/0: compile one transformer block as a region that every layer reuses
                              (Dynamo traces 1 block, not n_layers); default: on
+  BLITZGEN_AOT_DECODE        1: save the compiled decode step whole with torch's AOT precompile
+                             and load it on warm starts (no Dynamo re-trace; aot_decode.py); off
   BLITZGEN_KERNELS           0/false/off: do not use the Triton kernels (GEMV, decode attention)
   BLITZGEN_DECODE_ATTENTION  auto | sdpa | matmul | split[:C] | triton: one-token attention
   BLITZGEN_GEMV_CONFIGS      a JSON file of GEMV launch configs that override the built-in table
@@ -90,6 +92,7 @@ class RuntimeOptions:
     autotune: bool = False  # Inductor's coordinate-descent tuning (slow to compile, ~+3% decode)
     compile_regions: bool | None = None  # one block traced for all layers; None: regions_for(device)
     fused_decode: bool | None = None  # one-token blocks through kernels/fused_decode.py; None: fused_for()
+    aot_decode: bool = False  # the decode step saved/loaded with torch's AOT precompile (BLITZGEN_AOT_DECODE)
 
     @classmethod
     def from_env(cls, **overrides) -> "RuntimeOptions":
@@ -100,6 +103,7 @@ class RuntimeOptions:
             gemv_configs=env("BLITZGEN_GEMV_CONFIGS"),
             gemv_autotune=env_flag("BLITZGEN_GEMV_AUTOTUNE", False),
             fused_decode=env_flag("BLITZGEN_FUSED", True) if env("BLITZGEN_FUSED") else None,
+            aot_decode=env_flag("BLITZGEN_AOT_DECODE", False),
             cache_dir=cache_root(),
             weight_cache=env_flag("BLITZGEN_WEIGHT_CACHE", True),
             staged_load=env_flag("BLITZGEN_STAGED_LOAD", True),
