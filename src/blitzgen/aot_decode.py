@@ -100,8 +100,11 @@ class AOTDecodeStep:
                 mode = "reduce-overhead" if self.cuda else None
                 compiled = torch.compile(self.fn, fullgraph=True, dynamic=False, mode=mode)
                 fn = compiled.aot_compile(((model, tok, pos), {}))
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                fn.save_compiled_function(path)  # torch >= 2.12 writes atomically; 2.11 does not
+                from .compile_cache import locked, write_atomic
+
+                data = type(fn).serialize(fn).serialized_data  # = save_compiled_function, atomic on 2.11 too
+                with locked(os.path.dirname(path)):
+                    write_atomic(path, data)
                 self.status = "compiled"
             except Exception as e:  # noqa: BLE001
                 if self.fallback is None:
