@@ -262,12 +262,16 @@ def test_cache_ls_and_clear(root, capsys):
     Path(broken.dir, cc.BLOB).write_bytes(b"y")
     os.makedirs(os.path.join(root, "inductor", "ab"))
     Path(root, "inductor", "ab", "k.so").write_bytes(b"z" * 5000)
+    os.makedirs(cc.aot_root(root))
+    Path(cc.aot_root(root), "abc123.pt2").write_bytes(b"a" * 300)  # an AOT-saved decode step
     assert _cli(["cache", "ls"]) == 0
     out = capsys.readouterr().out
-    assert good.key in out and broken.key in out and "int8" in out and "broken" in out and "2 entries" in out
+    assert good.key in out and broken.key in out and "int8" in out and "broken" in out and "3 entries" in out
+    assert "abc123" in out and "aot decode step" in out
     assert _cli(["cache", "clear"]) == 0
     assert "freed" in capsys.readouterr().out
     assert not os.path.exists(cc.compile_root(root)) and not os.path.exists(os.path.join(root, "inductor"))
+    assert not os.path.exists(cc.aot_root(root))
     assert _cli(["cache", "ls", "--dir", root]) == 0
     assert "no compile cache entries" in capsys.readouterr().out
 

@@ -67,7 +67,7 @@ class AOTDecodeStep:
 
         parts = cc.key_for(model.args, self.options, _signature(model))
         root = self.cache_dir or (self.options.cache_dir if self.options is not None else None)
-        return os.path.join(os.path.dirname(cc.compile_root(root)), "aot", cc.key_hash(parts) + ".pt2")
+        return os.path.join(cc.aot_root(root), cc.key_hash(parts) + ".pt2")
 
     def _cudagraph_config(self):
         if not self.cuda:

@@ -150,6 +150,13 @@ def weights_root(root: str | None = None) -> str:
     return os.path.join(root or cache_root(), "weights")
 
 
+def aot_root(root: str | None = None) -> str:
+    """Decode steps saved whole with torch's AOT precompile (aot_decode.py): ``<root>/aot/<key>.pt2``."""
+    from .runtime import cache_root
+
+    return os.path.join(root or cache_root(), "aot")
+
+
 def use_inductor_dir(root: str | None = None) -> str:
     """Point Inductor's (and Triton's) local caches into blitzgen's cache root, unless the user set
     them; call before the first compile. Returns the Inductor directory."""
@@ -378,6 +385,13 @@ def list_entries(root: str | None = None) -> list[EntryInfo]:
             out.append(EntryInfo(key, path, _dir_size(path), m.get("created", "?"), ok, summary))
         except (OSError, ValueError, KeyError, TypeError):
             out.append(EntryInfo(key, path, _dir_size(path), "?", False, "weights: incomplete or corrupt"))
+    aroot = aot_root(root)
+    for name in sorted(os.listdir(aroot)) if os.path.isdir(aroot) else ():
+        path = os.path.join(aroot, name)
+        if name.endswith(".pt2") and os.path.isfile(path):
+            size = os.path.getsize(path)
+            created = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(os.path.getmtime(path)))
+            out.append(EntryInfo(name[:-4], path, size, created, size > 0, "aot decode step"))
     return out
 
 
@@ -389,7 +403,7 @@ def clear(root: str | None = None, *, inductor: bool = True, weights: bool = Tru
     base = root or cache_root()
     freed = 0
     for path in (compile_root(base), os.path.join(base, "inductor") if inductor else None,
-                 weights_root(base) if weights else None):
+                 weights_root(base) if weights else None, aot_root(base)):
         if path and os.path.isdir(path):
             freed += _dir_size(path)
             shutil.rmtree(path, ignore_errors=True)
