@@ -64,3 +64,79 @@ def test_aot_decode_off_by_default(monkeypatch):
     assert RuntimeOptions().aot_decode is False and RuntimeOptions.from_env().aot_decode is False
     monkeypatch.setenv("BLITZGEN_AOT_DECODE", "1")
     assert RuntimeOptions.from_env().aot_decode is True
+
+
+class _FakeStep:
+    """Stands in for an AOTCompiledFunction: guards pass; calling it runs ``body``."""
+
+    def __init__(self, body):
+        self.body = body
+
+    def guard_check(self, *args):
+        return True
+
+    def disable_guard_check(self):
+        pass
+
+    def __call__(self, *args):
+        return self.body(*args)
+
+    @classmethod
+    def serialize(cls, fn):
+        class _S:
+            serialized_data = b"saved step"
+        return _S()
+
+
+def _step(tmp_path, monkeypatch, fallback):
+    from blitzgen import aot_decode
+    from blitzgen.runtime import RuntimeOptions
+
+    from tests.conftest import tiny_model
+
+    model = tiny_model(seed=1)
+    model.setup_caches(1, 32)
+    opts = RuntimeOptions(device="cpu", compile=True, aot_decode=True, cache_dir=str(tmp_path))
+    step = aot_decode.AOTDecodeStep(lambda m, t, p: "traced", "cpu", opts, str(tmp_path), fallback=fallback)
+    return aot_decode, model, step
+
+
+def test_aot_decode_corrupt_file_is_recompiled_and_rewritten(tmp_path, monkeypatch):
+    aot_decode, model, step = _step(tmp_path, monkeypatch, fallback=lambda *a: "fallback")
+    path = step.path_for(model)
+    os.makedirs(os.path.dirname(path))
+    Path(path).write_bytes(b"\x00not a saved step")
+
+    class _Compiled:
+        def aot_compile(self, example):
+            return _FakeStep(lambda *a: "aot")
+    monkeypatch.setattr(aot_decode.torch, "compile", lambda *a, **k: _Compiled())
+    assert step(model, None, None) == "aot" and step.status == "compiled"
+    assert Path(path).read_bytes() == b"saved step"
+
+
+def test_aot_decode_loaded_step_failing_on_first_call_falls_back(tmp_path, monkeypatch):
+    aot_decode, model, step = _step(tmp_path, monkeypatch, fallback=lambda *a: "fallback")
+    path = step.path_for(model)
+    os.makedirs(os.path.dirname(path))
+    Path(path).write_bytes(b"a step that loads")
+
+    def boom(*a):
+        raise RuntimeError("CUDA graph capture failed")
+    monkeypatch.setattr(aot_decode.torch.compiler, "load_compiled_function", lambda f: _FakeStep(boom))
+    assert step(model, None, None) == "fallback" and step.status.startswith("fallback")
+    assert not os.path.exists(path)  # removed, so the next start compiles afresh
+    assert step(model, None, None) == "fallback"
+
+
+def test_aot_decode_key_follows_the_source(monkeypatch):
+    from blitzgen import aot_decode
+
+    digest = aot_decode.source_digest()
+    assert len(digest) == 16 and digest == aot_decode.source_digest()
+    monkeypatch.setattr(aot_decode, "_SOURCE_DIGEST", "edited")
+    from tests.conftest import tiny_model
+
+    model = tiny_model(seed=1)
+    model.setup_caches(1, 32)
+    assert aot_decode._signature(model)["source"] == "edited"

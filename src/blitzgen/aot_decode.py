@@ -40,11 +40,31 @@ def supported() -> bool:
     return hasattr(torch.compiler, "load_compiled_function")
 
 
+_SOURCE_DIGEST: str | None = None
+
+
+def source_digest() -> str:
+    """sha256 of blitzgen's own Python sources: torch checks only its own version when it loads a
+    saved step, and guards do not see code, so an edit to the model or a kernel must change the key."""
+    global _SOURCE_DIGEST
+    if _SOURCE_DIGEST is None:
+        import hashlib
+        from pathlib import Path
+
+        h = hashlib.sha256()
+        root = Path(__file__).resolve().parent
+        for path in sorted(root.rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+        _SOURCE_DIGEST = h.hexdigest()[:16]
+    return _SOURCE_DIGEST
+
+
 def _signature(model) -> dict:
     """What the traced step depends on beyond model.args and options (part of the file's key)."""
     quant = sorted({type(m).__name__ for m in model.modules()} - {"Transformer", "TransformerBlock"})
     op = getattr(model, "attention_op", None)
-    return {"aot_decode": 1, "cache_len": model.cache_len, "batch": getattr(model, "max_batch", 1),
+    return {"aot_decode": 1, "source": source_digest(), "cache_len": model.cache_len, "batch": getattr(model, "max_batch", 1),
             "dtype": str(model.dtype), "device": str(model.device), "regions": bool(model.compile_regions),
             "attention": repr(op), "modules": quant,
             "fused": any(getattr(b, "fused_decode", None) is not None for b in getattr(model, "layers", ()))}
@@ -60,6 +80,7 @@ class AOTDecodeStep:
         self.cuda = device.startswith("cuda")
         self._fns: dict[tuple, Callable] = {}  # (id(model), cache_len) -> AOTCompiledFunction
         self.status = ""  # "loaded" | "compiled" | "fallback: ..." for the last (model, cache) seen
+        self._unproven: set[tuple] = set()  # loaded from a file, not yet called
         self.seconds = 0.0
 
     def path_for(self, model) -> str:
@@ -91,6 +112,7 @@ class AOTDecodeStep:
                 if not fn.guard_check(model, tok, pos):
                     raise ValueError("guards fail on this model/inputs")
                 self.status = "loaded"
+                self._unproven.add(key)
             except Exception as e:  # noqa: BLE001 - a stale or foreign file: compile afresh
                 log.warning("blitzgen: AOT decode step %s unusable (%s: %s); recompiling", path,
                             type(e).__name__, e)
@@ -100,12 +122,8 @@ class AOTDecodeStep:
                 mode = "reduce-overhead" if self.cuda else None
                 compiled = torch.compile(self.fn, fullgraph=True, dynamic=False, mode=mode)
                 fn = compiled.aot_compile(((model, tok, pos), {}))
-                from .compile_cache import locked, write_atomic
-
-                data = type(fn).serialize(fn).serialized_data  # = save_compiled_function, atomic on 2.11 too
-                with locked(os.path.dirname(path)):
-                    write_atomic(path, data)
                 self.status = "compiled"
+                self._save(fn, path)
             except Exception as e:  # noqa: BLE001
                 if self.fallback is None:
                     raise
@@ -116,6 +134,30 @@ class AOTDecodeStep:
         self._fns[key] = fn
         return fn
 
+    def _save(self, fn, path: str) -> None:
+        """Write the step atomically under the cache's lock; a failed write (a read-only or full
+        cache) is logged and the compiled step kept."""
+        try:
+            from .compile_cache import locked, write_atomic
+
+            data = type(fn).serialize(fn).serialized_data  # = save_compiled_function, atomic on 2.11 too
+            with locked(os.path.dirname(path)):
+                write_atomic(path, data)
+        except Exception as e:  # noqa: BLE001
+            log.warning("blitzgen: could not save the AOT decode step to %s (%s: %s)", path, type(e).__name__, e)
+
+    def _drop(self, model, error: Exception) -> Callable:
+        """A loaded step that fails on its first call: remove its file, use the ordinary step."""
+        path = self.path_for(model)
+        log.warning("blitzgen: AOT decode step %s failed on its first call (%s: %s); using torch.compile",
+                    path, type(error).__name__, error)
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        self.status = f"fallback: {type(error).__name__}"
+        fn = self.fallback or torch.compile(self.fn, fullgraph=True, dynamic=False)
+        self._fns[(id(model), model.cache_len)] = fn
+        return fn
+
     def __call__(self, model, tok, pos):
         fn = self._get(model, tok, pos)
         if fn is self.fallback:
@@ -124,4 +166,12 @@ class AOTDecodeStep:
             self.status = "fallback: guards"
             return (self.fallback or self.fn)(model, tok, pos)
         fn.disable_guard_check()  # checked just above
-        return fn(model, tok, pos)
+        key = (id(model), model.cache_len)
+        if key not in self._unproven:
+            return fn(model, tok, pos)
+        try:  # a loaded file's first call (CUDA-graph capture, kernels): never let it end a start
+            out = fn(model, tok, pos)
+        except Exception as e:  # noqa: BLE001
+            return self._drop(model, e)(model, tok, pos)
+        self._unproven.discard(key)
+        return out

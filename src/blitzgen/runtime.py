@@ -9,7 +9,7 @@ Environment variables (each read here only):
   BLITZGEN_STAGED_LOAD       0/false/off: read safetensors to CUDA with safetensors' own copy, not
                              through pinned, double-buffered, multi-threaded reads (loading/hf.py)
   BLITZGEN_COMPILE_REGIONS   1/0: compile one transformer block as a region that every layer reuses
-                             (Dynamo traces 1 block, not n_layers); default: on
+                             (Dynamo traces 1 block, not n_layers); default: on for CPU, off for CUDA
   BLITZGEN_AOT_DECODE        1: save the compiled decode step whole with torch's AOT precompile
                              and load it on warm starts (no Dynamo re-trace; aot_decode.py); off
   BLITZGEN_KERNELS           0/false/off: do not use the Triton kernels (GEMV, decode attention)
@@ -141,11 +141,12 @@ class RuntimeOptions:
 
     def regions_for(self, device: str) -> bool:
         """Whether a compiled model traces one block as a region for all layers: the option when
-        set, else on (CPU: Dynamo's warm re-trace of a 32-layer step 22.9 s -> 9.4 s, cold compile
-        123 s -> 43 s; H200, Llama-2-7B: cold start 50 s -> 24-29 s at the same decode speed)."""
+        set, else on for CPU (Dynamo's warm re-trace of a 32-layer step 22.9 s -> 9.4 s, cold
+        compile 123 s -> 43 s) and off for CUDA (H200, Llama-2-7B: cold start 50 s -> 24-29 s at the
+        same decode speed, but no GPU test has yet compared a region-compiled step with plain decoding)."""
         if self.compile_regions is not None:
             return self.compile_regions
-        return True
+        return not str(device).startswith("cuda")
 
     def fused_for(self, device: str, quantized: bool) -> bool:
         """Whether one-token blocks run through the fused GEMV kernels: the option when set, else

@@ -1,0 +1,51 @@
+"""The compiled decode as the verbs build it (RuntimeOptions: fused one-token blocks for unquantized
+weights), with compile regions, and with the AOT-saved step (BLITZGEN_AOT_DECODE), each against the
+eager plain model, greedy, teacher-forced (tests/gpu/common.check_greedy)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blitzgen.generate import Generator
+from blitzgen.runtime import RuntimeOptions
+
+from .common import GREEDY, check_greedy, random_model
+
+pytestmark = pytest.mark.gpu
+
+TOL = 0.25
+NEW = 40
+PROMPT = [11, 2024, 7, 31000, 5, 987, 42, 3]
+
+
+def _ids(gen, n=NEW):
+    return list(gen.generate_ids(PROMPT, n, GREEDY, stop_token_ids=()))
+
+
+@pytest.mark.parametrize("quantize,regions,aot", [(None, False, False), (None, True, False), ("int8", True, False),
+                                                  (None, False, True)],
+                         ids=["bf16-defaults", "bf16-regions", "int8-regions", "bf16-aot"])
+def test_compiled_as_shipped_matches_eager_plain(quantize, regions, aot, tmp_path, summary):
+    torch._dynamo.reset()
+    oracle = random_model(quantize=quantize, cache=1024)
+    eager = _ids(Generator(oracle))
+    opts = RuntimeOptions(device="cuda", compile=True, compile_regions=regions, aot_decode=aot,
+                          cache_dir=str(tmp_path))
+    model = random_model(quantize=quantize, cache=256)
+    model.compile_regions = opts.regions_for("cuda")  # as loading sets it
+    gen = Generator(model, options=opts)
+    fused = all(layer.fused_decode is not None for layer in model.layers)
+    assert fused == (quantize is None), "fused blocks: on for unquantized weights only"
+    got = _ids(gen)
+    msg = check_greedy(oracle, PROMPT, got, TOL, eager)
+    if aot:
+        assert gen._step.status == "compiled", gen._step.status
+        torch._dynamo.reset()
+        again = Generator(random_model(quantize=quantize, cache=256), options=opts)  # loads the saved step
+        got2 = _ids(again)
+        assert again._step.status == "loaded", again._step.status
+        msg += "; loaded: " + check_greedy(oracle, PROMPT, got2, TOL, eager)
+    summary(f"{quantize or 'bf16'} regions={regions} aot={aot} fused={fused}: {msg}")
+    del gen
+    torch.cuda.empty_cache()
