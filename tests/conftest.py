@@ -14,6 +14,19 @@ from blitzgen.config import ModelArgs
 from blitzgen.model import Transformer
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, what CI runs): each file's tests stay on one
+    worker (module fixtures are built once), and every test on the shared live server
+    (tests/server) joins one group, so they run on one worker in collection order, the SIGTERM
+    test last."""
+    if getattr(config.option, "dist", "no") == "no":
+        return
+    for item in items:
+        group = "live-server" if "server" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def smol_path():
     from blitzgen.loading import default_model_path
