@@ -39,6 +39,9 @@ def parse(stderr: str) -> dict:
         out["phases"] = {k: float(v) for k, v in re.findall(r"([\w +-]+?) ([\d.]+) s(?:, |$)", m.group(2))}
         if m.group(3):
             out["compile_detail"] = {k: float(v) for k, v in re.findall(r"([\w]+) ([\d.]+) s", m.group(3))}
+    m = re.search(r"^blitzgen: AOT decode step (.+)$", stderr, re.M)
+    if m:
+        out["aot_step"] = m.group(1)
     m = re.search(r"Time for inference 1: .*? ([\d.]+) tokens/sec \(first token (\d+) ms, decode ([\d.]+) tokens/sec\)", stderr)
     if m:
         out.update(tok_s=float(m.group(1)), ttft_ms=int(m.group(2)), decode_tok_s=float(m.group(3)))

@@ -81,6 +81,7 @@ class AOTDecodeStep:
         self._fns: dict[tuple, Callable] = {}  # (id(model), cache_len) -> AOTCompiledFunction
         self.status = ""  # "loaded" | "compiled" | "fallback: ..." for the last (model, cache) seen
         self._unproven: set[tuple] = set()  # loaded from a file, not yet called
+        self.guard_misses = 0  # calls that failed the saved step's guards and ran the ordinary step
         self.seconds = 0.0
 
     def path_for(self, model) -> str:
@@ -163,7 +164,7 @@ class AOTDecodeStep:
         if fn is self.fallback:
             return fn(model, tok, pos)
         if not fn.guard_check(model, tok, pos):  # ~8 us; another grad mode, a changed attribute
-            self.status = "fallback: guards"
+            self.guard_misses += 1
             return (self.fallback or self.fn)(model, tok, pos)
         fn.disable_guard_check()  # checked just above
         key = (id(model), model.cache_len)

@@ -396,8 +396,8 @@ def list_entries(root: str | None = None) -> list[EntryInfo]:
 
 
 def clear(root: str | None = None, *, inductor: bool = True, weights: bool = True) -> int:
-    """Remove every compile-cache entry, Inductor's local cache under the same root and the
-    converted weights (unless told to keep them); returns the bytes freed."""
+    """Remove every compile-cache entry, the AOT-saved decode steps, Inductor's local cache under
+    the same root and the converted weights (unless told to keep them); returns the bytes freed."""
     from .runtime import cache_root
 
     base = root or cache_root()
@@ -426,6 +426,9 @@ def warm_up(lm, gen, sampling_modes=None, prompt_len: int | None = None) -> floa
     REPORT.mark("cache load")
     secs = gen.warmup(sampling_modes, prompt_len=prompt_len)
     REPORT.mark("compile + warm-up")
+    status = getattr(gen._step, "status", None)  # BLITZGEN_AOT_DECODE: loaded, compiled or a fallback
+    if status:
+        print(f"blitzgen: AOT decode step {status}", file=sys.stderr, flush=True)
     REPORT.add_compile_breakdown()
     entry.save()
     return secs
