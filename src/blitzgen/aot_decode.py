@@ -1,4 +1,4 @@
-"""The compiled decode step saved whole (Dynamo's trace, guards and Inductor's code) with PyTorch's
+"""The compiled decode step (and the samplers) saved whole (Dynamo's trace, guards and Inductor's code) with PyTorch's
 AOT precompile, so a warm start loads it instead of re-tracing (opt-in: BLITZGEN_AOT_DECODE=1).
 
 ``torch.compile(fn, fullgraph=True).aot_compile(((model, tok, pos), {}))`` (torch >= 2.10) traces
@@ -11,7 +11,8 @@ serialized (ID_MATCH on modules, globals) are dropped, the rest (shapes, dtypes,
 grad/inference mode, constant attributes such as ``compile_regions`` or the attention op's
 ``decode_impl``) are checked on every call (~8 us on the CPU).
 
-One file per (model, options, KV-cache length) under ``<cache root>/aot/``. A missing, unreadable
+One file per (model, options, KV-cache length) under ``<cache root>/aot/``, and one per sampler
+mode and logits shape (``AOTFunction`` with ``describe_sample``), so a warm start traces nothing. A missing, unreadable
 or non-matching file is (re)compiled and written; a guard failure later falls back to the ordinary
 ``torch.compile`` step (Dynamo as before). Things to know:
 
@@ -64,71 +65,97 @@ def _signature(model) -> dict:
     """What the traced step depends on beyond model.args and options (part of the file's key)."""
     quant = sorted({type(m).__name__ for m in model.modules()} - {"Transformer", "TransformerBlock"})
     op = getattr(model, "attention_op", None)
-    return {"aot_decode": 1, "source": source_digest(), "cache_len": model.cache_len, "batch": getattr(model, "max_batch", 1),
-            "dtype": str(model.dtype), "device": str(model.device), "regions": bool(model.compile_regions),
-            "attention": repr(op), "modules": quant,
+    return {"aot_decode": 1, "source": source_digest(), "cache_len": model.cache_len,
+            "batch": getattr(model, "max_batch", 1), "dtype": str(model.dtype), "device": str(model.device),
+            "regions": bool(model.compile_regions), "attention": repr(op), "modules": quant,
             "fused": any(getattr(b, "fused_decode", None) is not None for b in getattr(model, "layers", ()))}
 
 
-class AOTDecodeStep:
-    """A drop-in for the compiled ``_model_step``: ``step(model, tok, pos) -> logits``."""
+def step_key(args: tuple) -> tuple:
+    """In-process key of a decode step call ``(model, tok, pos)`` (cheap: checked every call)."""
+    return id(args[0]), args[0].cache_len
+
+
+def step_parts(args: tuple) -> tuple[object, dict]:
+    """(model args, signature) for the step's file name."""
+    return args[0].args, _signature(args[0])
+
+
+def sample_key(args: tuple) -> tuple:
+    """The same for ``sampling.sample(logits, tensors, mode, noise)``: one file per mode and shape."""
+    logits, _, mode, noise = args
+    return tuple(logits.shape), logits.dtype, logits.device, tuple(mode), noise is None
+
+
+def sample_parts(args: tuple) -> tuple[object, dict]:
+    shape, dtype, device, mode, no_noise = sample_key(args)
+    return {}, {"aot_fn": "sample", "source": source_digest(), "shape": list(shape), "dtype": str(dtype),
+                "device": str(device), "mode": list(mode), "noise": not no_noise}
+
+
+class AOTFunction:
+    """A drop-in for a ``torch.compile``d function, saved and loaded whole (see the module doc).
+    ``key(args)``: a call's in-process key (cheap); ``parts(args)``: the model args and signature
+    its file is named by."""
 
     def __init__(self, fn: Callable, device: str, options=None, cache_dir: str | None = None,
-                 fallback: Callable | None = None):
+                 fallback: Callable | None = None, key: Callable = step_key, parts: Callable = step_parts,
+                 cudagraphs: bool = False, what: str = "decode step"):
         self.fn, self.device, self.options, self.cache_dir = fn, device, options, cache_dir
-        self.fallback = fallback  # the ordinary torch.compile'd step
-        self.cuda = device.startswith("cuda")
-        self._fns: dict[tuple, Callable] = {}  # (id(model), cache_len) -> AOTCompiledFunction
-        self.status = ""  # "loaded" | "compiled" | "fallback: ..." for the last (model, cache) seen
+        self.fallback = fallback  # the ordinary torch.compile'd function
+        self.key, self.parts, self.what = key, parts, what
+        self.cudagraphs = cudagraphs and device.startswith("cuda")
+        self._fns: dict[tuple, Callable] = {}  # in-process key -> AOTCompiledFunction (or the fallback)
+        self.status = ""  # "loaded" | "compiled" | "fallback: ..." for the last new key seen
         self._unproven: set[tuple] = set()  # loaded from a file, not yet called
-        self.guard_misses = 0  # calls that failed the saved step's guards and ran the ordinary step
+        self.guard_misses = 0  # calls that failed the saved function's guards and ran the ordinary one
         self.seconds = 0.0
 
-    def path_for(self, model) -> str:
+    def path_for(self, *args) -> str:
         from . import compile_cache as cc
 
-        parts = cc.key_for(model.args, self.options, _signature(model))
+        model_args, sig = self.parts(args)
+        parts = cc.key_for(model_args, self.options, sig)
         root = self.cache_dir or (self.options.cache_dir if self.options is not None else None)
         return os.path.join(cc.aot_root(root), cc.key_hash(parts) + ".pt2")
 
     def _cudagraph_config(self):
-        if not self.cuda:
+        if not self.cudagraphs:
             return contextlib.nullcontext()
         import torch._inductor.config as inductor_config
 
         return inductor_config.patch({"triton.cudagraphs": True})
 
-    def _get(self, model, tok, pos) -> Callable:
-        key = (id(model), model.cache_len)
+    def _get(self, key, args) -> Callable:
         fn = self._fns.get(key)
         if fn is not None:
             return fn
         t0 = time.perf_counter()
-        path = self.path_for(model)
+        path = self.path_for(*args)
         fn = None
         if os.path.exists(path):
             try:
                 with open(path, "rb") as f, self._cudagraph_config():
                     fn = torch.compiler.load_compiled_function(f)
-                if not fn.guard_check(model, tok, pos):
-                    raise ValueError("guards fail on this model/inputs")
+                if not fn.guard_check(*args):
+                    raise ValueError("guards fail on these inputs")
                 self.status = "loaded"
                 self._unproven.add(key)
             except Exception as e:  # noqa: BLE001 - a stale or foreign file: compile afresh
-                log.warning("blitzgen: AOT decode step %s unusable (%s: %s); recompiling", path,
+                log.warning("blitzgen: AOT %s %s unusable (%s: %s); recompiling", self.what, path,
                             type(e).__name__, e)
                 fn = None
         if fn is None:
             try:
-                mode = "reduce-overhead" if self.cuda else None
+                mode = "reduce-overhead" if self.cudagraphs else None
                 compiled = torch.compile(self.fn, fullgraph=True, dynamic=False, mode=mode)
-                fn = compiled.aot_compile(((model, tok, pos), {}))
+                fn = compiled.aot_compile((args, {}))
                 self.status = "compiled"
                 self._save(fn, path)
             except Exception as e:  # noqa: BLE001
                 if self.fallback is None:
                     raise
-                log.warning("blitzgen: AOT decode step failed (%s: %s); using torch.compile",
+                log.warning("blitzgen: AOT %s failed (%s: %s); using torch.compile", self.what,
                             type(e).__name__, e)
                 self.status, fn = f"fallback: {type(e).__name__}", self.fallback
         self.seconds += time.perf_counter() - t0
@@ -136,8 +163,8 @@ class AOTDecodeStep:
         return fn
 
     def _save(self, fn, path: str) -> None:
-        """Write the step atomically under the cache's lock; a failed write (a read-only or full
-        cache) is logged and the compiled step kept."""
+        """Write atomically under the cache's lock; a failed write (a read-only or full cache) is
+        logged and the compiled function kept."""
         try:
             from .compile_cache import locked, write_atomic
 
@@ -145,34 +172,47 @@ class AOTDecodeStep:
             with locked(os.path.dirname(path)):
                 write_atomic(path, data)
         except Exception as e:  # noqa: BLE001
-            log.warning("blitzgen: could not save the AOT decode step to %s (%s: %s)", path, type(e).__name__, e)
+            log.warning("blitzgen: could not save the AOT %s to %s (%s: %s)", self.what, path, type(e).__name__, e)
 
-    def _drop(self, model, error: Exception) -> Callable:
-        """A loaded step that fails on its first call: remove its file, use the ordinary step."""
-        path = self.path_for(model)
-        log.warning("blitzgen: AOT decode step %s failed on its first call (%s: %s); using torch.compile",
-                    path, type(error).__name__, error)
+    def _drop(self, key, args, error: Exception) -> Callable:
+        """A loaded function that fails on its first call: remove its file, use the ordinary one."""
+        path = self.path_for(*args)
+        log.warning("blitzgen: AOT %s %s failed on its first call (%s: %s); using torch.compile",
+                    self.what, path, type(error).__name__, error)
         with contextlib.suppress(OSError):
             os.remove(path)
         self.status = f"fallback: {type(error).__name__}"
         fn = self.fallback or torch.compile(self.fn, fullgraph=True, dynamic=False)
-        self._fns[(id(model), model.cache_len)] = fn
+        self._fns[key] = fn
+        self._unproven.discard(key)
         return fn
 
-    def __call__(self, model, tok, pos):
-        fn = self._get(model, tok, pos)
+    def __call__(self, *args):
+        key = self.key(args)
+        fn = self._get(key, args)
         if fn is self.fallback:
-            return fn(model, tok, pos)
-        if not fn.guard_check(model, tok, pos):  # ~8 us; another grad mode, a changed attribute
+            return fn(*args)
+        if not fn.guard_check(*args):  # ~8 us; another grad mode, a changed attribute
             self.guard_misses += 1
-            return (self.fallback or self.fn)(model, tok, pos)
+            return (self.fallback or self.fn)(*args)
         fn.disable_guard_check()  # checked just above
-        key = (id(model), model.cache_len)
         if key not in self._unproven:
-            return fn(model, tok, pos)
+            return fn(*args)
         try:  # a loaded file's first call (CUDA-graph capture, kernels): never let it end a start
-            out = fn(model, tok, pos)
+            out = fn(*args)
         except Exception as e:  # noqa: BLE001
-            return self._drop(model, e)(model, tok, pos)
+            return self._drop(key, args, e)(*args)
         self._unproven.discard(key)
         return out
+
+
+def AOTDecodeStep(fn: Callable, device: str, options=None, cache_dir: str | None = None,
+                  fallback: Callable | None = None) -> AOTFunction:
+    """The model's decode step ``step(model, tok, pos) -> logits``, CUDA-graphed on CUDA."""
+    return AOTFunction(fn, device, options, cache_dir, fallback, step_key, step_parts, cudagraphs=True)
+
+
+def AOTSampler(fn: Callable, device: str, options=None, cache_dir: str | None = None,
+               fallback: Callable | None = None) -> AOTFunction:
+    """``sampling.sample``, one saved graph per mode and logits shape (no CUDA graphs)."""
+    return AOTFunction(fn, device, options, cache_dir, fallback, sample_key, sample_parts, what="sampler")

@@ -75,3 +75,16 @@ def compile_static(fn: Callable, device: str, cache_dir: str | None = None, auto
     length bucket): fullgraph, static shapes, no CUDA graphs (outputs stay valid)."""
     configure_inductor(device, cache_dir, autotune)
     return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def compile_sampler(fn: Callable, device: str, cache_dir: str | None = None, autotune: bool = False,
+                    options=None) -> Callable:
+    """``sampling.sample`` as compile_static does it; with ``options.aot_decode`` each mode's graph
+    is saved and loaded whole too (aot_decode.AOTSampler), so a warm start traces nothing."""
+    step = compile_static(fn, device, cache_dir, autotune)
+    if options is not None and options.aot_decode:
+        from . import aot_decode
+
+        if aot_decode.supported():
+            return aot_decode.AOTSampler(fn, device, options, cache_dir, fallback=step)
+    return step

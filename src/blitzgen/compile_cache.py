@@ -426,9 +426,10 @@ def warm_up(lm, gen, sampling_modes=None, prompt_len: int | None = None) -> floa
     REPORT.mark("cache load")
     secs = gen.warmup(sampling_modes, prompt_len=prompt_len)
     REPORT.mark("compile + warm-up")
-    status = getattr(gen._step, "status", None)  # BLITZGEN_AOT_DECODE: loaded, compiled or a fallback
-    if status:
-        print(f"blitzgen: AOT decode step {status}", file=sys.stderr, flush=True)
+    for what, fn in (("decode step", gen._step), ("sampler", gen._sample)):  # BLITZGEN_AOT_DECODE
+        status = getattr(fn, "status", None)  # loaded, compiled or a fallback
+        if status:
+            print(f"blitzgen: AOT {what} {status}", file=sys.stderr, flush=True)
     REPORT.add_compile_breakdown()
     entry.save()
     return secs

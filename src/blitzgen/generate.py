@@ -190,14 +190,14 @@ class Generator:
         self.prefill_compiled = self.compiled and opts.compile_prefill
         self._step, self._prefill, self._sample = _model_step, _prefill_logits, sample
         if self.compiled:
-            from .compile import compile_decode, compile_static
+            from .compile import compile_decode, compile_sampler, compile_static
 
             # The model step is one graph whatever the sampler (a CUDA graph on CUDA: its logits
             # are overwritten by the next replay, so the sampler reads them before that); each
             # sampler mode is a small plain graph whose output stays valid.
             dev, kw = str(self.device), dict(cache_dir=opts.cache_dir, autotune=opts.autotune)
             self._step = compile_decode(_model_step, dev, options=opts, **kw)
-            self._sample = compile_static(sample, dev, **kw)
+            self._sample = compile_sampler(sample, dev, options=opts, **kw)
             if self.prefill_compiled:
                 self._prefill = compile_static(_prefill_logits, dev, **kw)
         self._host_tok = torch.empty(1, dtype=torch.int64, pin_memory=self.is_cuda)
