@@ -21,6 +21,7 @@ SCRIPT = textwrap.dedent("""
     from tests.conftest import tiny_model
     from blitzgen.generate import Generator
     from blitzgen.runtime import RuntimeOptions
+    from blitzgen.sampling import SamplingParams
     from torch._dynamo.utils import counters
 
     opts = RuntimeOptions(device="cpu", compile=True, dtype="float32", aot_decode=True, cache_dir={cache!r})
@@ -29,8 +30,12 @@ SCRIPT = textwrap.dedent("""
     m.compile_regions = {regions}
     gen = Generator(m, options=opts)
     ids = list(gen.generate_ids([1, 2, 3, 4, 5], 6, stop_token_ids=()))
-    eager = list(Generator(tiny_model(seed=3)).generate_ids([1, 2, 3, 4, 5], 6, stop_token_ids=()))
-    print(json.dumps({{"ids": ids, "eager": eager, "status": gen._step.status, "sampler": gen._sample.status,
+    eager_gen = Generator(tiny_model(seed=3))
+    eager = list(eager_gen.generate_ids([1, 2, 3, 4, 5], 6, stop_token_ids=()))
+    hot = SamplingParams(temperature=0.9, top_k=20, seed=7)  # a second sampler mode, saved on its own
+    sampled = list(gen.generate_ids([1, 2, 3, 4, 5], 6, hot, stop_token_ids=()))
+    sampled_eager = list(eager_gen.generate_ids([1, 2, 3, 4, 5], 6, hot, stop_token_ids=()))
+    print(json.dumps({{"ids": ids, "eager": eager, "sampled": sampled, "sampled_eager": sampled_eager, "status": gen._step.status, "sampler": gen._sample.status,
                       "frames": counters["stats"]["unique_graphs"]}}))
 """)
 
@@ -54,6 +59,7 @@ def test_aot_decode_saved_then_loaded_without_dynamo(tmp_path, regions):
     second = _run(tmp_path, regions)  # a fresh process: the step is loaded, not traced
     assert second["status"] == "loaded" and second["ids"] == first["ids"]
     assert first["sampler"] == "compiled" and second["sampler"] == "loaded"
+    assert first["sampled"] == first["sampled_eager"] and second["sampled"] == first["sampled_eager"]
     # a fresh process with both saved: Dynamo traced nothing (the step and the sampler were loaded)
     assert second["frames"] == 0, (first, second)
 

@@ -1,5 +1,6 @@
-"""The compiled decode step (and the samplers) saved whole (Dynamo's trace, guards and Inductor's code) with PyTorch's
-AOT precompile, so a warm start loads it instead of re-tracing (opt-in: BLITZGEN_AOT_DECODE=1).
+"""The compiled decode step and samplers saved whole (Dynamo's trace, guards and Inductor's code)
+with PyTorch's AOT precompile, so a warm start loads them instead of re-tracing (opt-in:
+BLITZGEN_AOT_DECODE=1).
 
 ``torch.compile(fn, fullgraph=True).aot_compile(((model, tok, pos), {}))`` (torch >= 2.10) traces
 and compiles once and returns an ``AOTCompiledFunction``; ``save_compiled_function(path)`` writes
@@ -11,10 +12,10 @@ serialized (ID_MATCH on modules, globals) are dropped, the rest (shapes, dtypes,
 grad/inference mode, constant attributes such as ``compile_regions`` or the attention op's
 ``decode_impl``) are checked on every call (~8 us on the CPU).
 
-One file per (model, options, KV-cache length) under ``<cache root>/aot/``, and one per sampler
-mode and logits shape (``AOTFunction`` with ``describe_sample``), so a warm start traces nothing. A missing, unreadable
-or non-matching file is (re)compiled and written; a guard failure later falls back to the ordinary
-``torch.compile`` step (Dynamo as before). Things to know:
+One file per (model, options, KV-cache length) under ``<cache root>/aot/`` (``AOTDecodeStep``),
+and one per sampler mode and logits shape (``AOTSampler``), so a warm start traces nothing. A
+missing, unreadable or non-matching file is (re)compiled and written; a guard failure later falls
+back to the ordinary ``torch.compile`` function (Dynamo as before). Things to know:
 
 * Load in the grad mode of the calls (the Generator's decode runs under inference_mode): the
   guard manager captures the dispatch-key state when it is built at load time.
@@ -29,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 from typing import Callable
 
 import torch
@@ -109,7 +109,6 @@ class AOTFunction:
         self.status = ""  # "loaded" | "compiled" | "fallback: ..." for the last new key seen
         self._unproven: set[tuple] = set()  # loaded from a file, not yet called
         self.guard_misses = 0  # calls that failed the saved function's guards and ran the ordinary one
-        self.seconds = 0.0
 
     def path_for(self, *args) -> str:
         from . import compile_cache as cc
@@ -130,7 +129,6 @@ class AOTFunction:
         fn = self._fns.get(key)
         if fn is not None:
             return fn
-        t0 = time.perf_counter()
         path = self.path_for(*args)
         fn = None
         if os.path.exists(path):
@@ -158,7 +156,6 @@ class AOTFunction:
                 log.warning("blitzgen: AOT %s failed (%s: %s); using torch.compile", self.what,
                             type(e).__name__, e)
                 self.status, fn = f"fallback: {type(e).__name__}", self.fallback
-        self.seconds += time.perf_counter() - t0
         self._fns[key] = fn
         return fn
 

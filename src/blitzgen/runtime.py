@@ -10,8 +10,8 @@ Environment variables (each read here only):
                              through pinned, double-buffered, multi-threaded reads (loading/hf.py)
   BLITZGEN_COMPILE_REGIONS   1/0: compile one transformer block as a region that every layer reuses
                              (Dynamo traces 1 block, not n_layers); default: on for CPU, off for CUDA
-  BLITZGEN_AOT_DECODE        1: save the compiled decode step whole with torch's AOT precompile
-                             and load it on warm starts (no Dynamo re-trace; aot_decode.py); off
+  BLITZGEN_AOT_DECODE        1: save the compiled decode step and samplers whole with torch's AOT
+                             precompile and load them on warm starts (no Dynamo; aot_decode.py); off
   BLITZGEN_KERNELS           0/false/off: do not use the Triton kernels (GEMV, decode attention)
   BLITZGEN_DECODE_ATTENTION  auto | sdpa | matmul | split[:C] | triton: one-token attention
   BLITZGEN_GEMV_CONFIGS      a JSON file of GEMV launch configs that override the built-in table
@@ -92,7 +92,7 @@ class RuntimeOptions:
     autotune: bool = False  # Inductor's coordinate-descent tuning (slow to compile, ~+3% decode)
     compile_regions: bool | None = None  # one block traced for all layers; None: regions_for(device)
     fused_decode: bool | None = None  # one-token blocks through kernels/fused_decode.py; None: fused_for()
-    aot_decode: bool = False  # the decode step saved/loaded with torch's AOT precompile (BLITZGEN_AOT_DECODE)
+    aot_decode: bool = False  # decode step + samplers saved/loaded by torch's AOT precompile (BLITZGEN_AOT_DECODE)
 
     @classmethod
     def from_env(cls, **overrides) -> "RuntimeOptions":
