@@ -342,3 +342,16 @@ def test_key_follows_the_resolved_compile_regions():
     assert cc.key_hash(cc.key_for(tiny, _opts())) == cc.key_hash(on)  # CPU's default is on
     # how weights were read is not part of the key
     assert cc.key_hash(cc.key_for(tiny, _opts(weight_cache=False, staged_load=False))) == cc.key_hash(on)
+
+
+def test_inductor_cache_goes_under_blitzgen_cache_even_after_torch_set_its_default(tmp_path, monkeypatch):
+    """Importing torch._dynamo.config sets TORCHINDUCTOR_CACHE_DIR to torch's default; that is not a
+    user's choice, so blitzgen's cache root still gets Inductor's cache. A user's own value stays."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    assert cc.use_inductor_dir(str(tmp_path)) == str(tmp_path / "inductor")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert cc.use_inductor_dir(str(tmp_path)) == str(tmp_path / "mine")

@@ -162,8 +162,14 @@ def use_inductor_dir(root: str | None = None) -> str:
     them; call before the first compile. Returns the Inductor directory."""
     from .runtime import cache_root
 
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     base = root or cache_root()
-    inductor = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(base, "inductor"))
+    inductor = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # importing torch._dynamo.config already sets it to torch's default (cache_dir_utils.cache_dir):
+    # that value is torch's, not the user's
+    if inductor is None or os.path.abspath(inductor) == os.path.abspath(default_cache_dir()):
+        inductor = os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, "inductor")
     os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(inductor, "triton"))
     return inductor
 
