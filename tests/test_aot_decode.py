@@ -23,6 +23,7 @@ SCRIPT = textwrap.dedent("""
     from blitzgen.runtime import RuntimeOptions
     from blitzgen.sampling import SamplingParams
     from torch._dynamo.utils import counters
+    torch._dynamo.config.enable_aot_compile = False  # torch 2.11's default: aot_decode turns it on itself
 
     opts = RuntimeOptions(device="cpu", compile=True, dtype="float32", aot_decode=True, cache_dir={cache!r})
     m = tiny_model(seed=3)

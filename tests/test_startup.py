@@ -132,11 +132,13 @@ def test_compile_regions_trace_one_block_for_every_layer():
     torch._dynamo.reset()
 
 
-def test_regions_default_on_for_cpu_off_for_cuda(monkeypatch):
+def test_regions_default_on_for_cpu_and_cuda(monkeypatch):
     from blitzgen.runtime import RuntimeOptions
 
-    assert RuntimeOptions().regions_for("cpu") and not RuntimeOptions().regions_for("cuda:0")
+    assert RuntimeOptions().regions_for("cpu") and RuntimeOptions().regions_for("cuda:0")
     assert not RuntimeOptions(compile_regions=False).regions_for("cpu")
+    monkeypatch.setenv("BLITZGEN_COMPILE_REGIONS", "0")
+    assert not RuntimeOptions.from_env().regions_for("cuda")
     monkeypatch.setenv("BLITZGEN_COMPILE_REGIONS", "1")
     assert RuntimeOptions.from_env().regions_for("cuda")
     monkeypatch.setenv("BLITZGEN_COMPILE_REGIONS", "0")

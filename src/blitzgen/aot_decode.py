@@ -37,6 +37,14 @@ import torch
 log = logging.getLogger("blitzgen")
 
 
+def _aot_enabled():
+    """``torch.compile`` attaches ``.aot_compile`` only under ``torch._dynamo.config.enable_aot_compile``,
+    which is off by default on torch 2.11 (on by default on 2.13)."""
+    import torch._dynamo.config as dynamo_config
+
+    return dynamo_config.patch(enable_aot_compile=True)
+
+
 def supported() -> bool:
     return hasattr(torch.compiler, "load_compiled_function")
 
@@ -146,8 +154,9 @@ class AOTFunction:
         if fn is None:
             try:
                 mode = "reduce-overhead" if self.cudagraphs else None
-                compiled = torch.compile(self.fn, fullgraph=True, dynamic=False, mode=mode)
-                fn = compiled.aot_compile((args, {}))
+                with _aot_enabled():
+                    compiled = torch.compile(self.fn, fullgraph=True, dynamic=False, mode=mode)
+                    fn = compiled.aot_compile((args, {}))
                 self.status = "compiled"
                 self._save(fn, path)
             except Exception as e:  # noqa: BLE001

@@ -1,5 +1,5 @@
-"""The compiled decode as the verbs build it (RuntimeOptions: fused one-token blocks for unquantized
-weights), with compile regions, and with the AOT-saved step (BLITZGEN_AOT_DECODE), each against the
+"""The compiled decode as the verbs build it (RuntimeOptions: compile regions, fused one-token blocks
+for unquantized weights), without regions, and with the AOT-saved step (BLITZGEN_AOT_DECODE), each against the
 eager plain model, greedy, teacher-forced (tests/gpu/common.check_greedy)."""
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ def _ids(gen, n=NEW):
     return list(gen.generate_ids(PROMPT, n, GREEDY, stop_token_ids=()))
 
 
-@pytest.mark.parametrize("quantize,regions,aot", [(None, False, False), (None, True, False), ("int8", True, False),
-                                                  (None, False, True)],
-                         ids=["bf16-defaults", "bf16-regions", "int8-regions", "bf16-aot"])
+@pytest.mark.parametrize("quantize,regions,aot", [(None, None, False), ("int8", None, False), (None, False, False),
+                                                  (None, None, True), ("int8", None, True)],
+                         ids=["bf16-defaults", "int8-defaults", "bf16-no-regions", "bf16-aot", "int8-aot"])
 def test_compiled_as_shipped_matches_eager_plain(quantize, regions, aot, tmp_path, summary):
     torch._dynamo.reset()
     oracle = random_model(quantize=quantize, cache=1024)
@@ -46,6 +46,6 @@ def test_compiled_as_shipped_matches_eager_plain(quantize, regions, aot, tmp_pat
         got2 = _ids(again)
         assert again._step.status == "loaded", again._step.status
         msg += "; loaded: " + check_greedy(oracle, PROMPT, got2, TOL, eager)
-    summary(f"{quantize or 'bf16'} regions={regions} aot={aot} fused={fused}: {msg}")
+    summary(f"{quantize or 'bf16'} regions={model.compile_regions} aot={aot} fused={fused}: {msg}")
     del gen
     torch.cuda.empty_cache()
