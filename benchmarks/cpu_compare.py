@@ -5,6 +5,7 @@ greedy decoding of exactly --new-tokens tokens (EOS does not stop any engine), -
 threads for every engine. Engines:
 
 - blitzgen eager, float32 and bfloat16 (weights dequantized from the GGUF on load);
+- blitzgen as the CLI loads by default: a GGUF's 4-bit blocks kept as int4 g32, the head as stored;
 - blitzgen compiled (--compile; a cold torch.compile on CPU takes minutes);
 - transformers ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)``, float32, ``generate``;
 - llama.cpp through llama-cpp-python (``Llama(...).generate(tokens, temp=0, top_k=1)``), running
@@ -52,15 +53,19 @@ def load_avg() -> str:
 # generation and returns (ids, ttft_s, total_s).
 
 
-def setup_blitzgen(path: Path, prompt_ids: list[int], n: int, dtype: str, compile_: bool):
+def setup_blitzgen(path: Path, prompt_ids: list[int], n: int, dtype: str, compile_: bool, auto: bool = False):
+    """``auto``: as the CLI loads by default (loading.auto_quantization: the GGUF's 4-bit blocks
+    stay int4 g32, the head as stored); else every weight widened to ``dtype``."""
     import torch
 
     from blitzgen.generate import GenerationStats, Generator
-    from blitzgen.loading import load
+    from blitzgen.loading import auto_quantization, load
+    from blitzgen.runtime import RuntimeOptions
     from blitzgen.sampling import SamplingParams
 
     t0 = time.perf_counter()
-    lm = load(path, device="cpu", dtype=getattr(torch, dtype), progress=False)
+    opts = RuntimeOptions(device="cpu", dtype=dtype, compile=compile_, auto_quantize=auto)
+    lm = load(path, auto_quantization(path, opts), progress=False)
     load_s = time.perf_counter() - t0
     gen = Generator(lm.model, lm.tokenizer, compile=compile_, max_seq_len=len(prompt_ids) + n)
     greedy = SamplingParams(temperature=0.0)
@@ -164,7 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also blitzgen compiled (cold compile takes minutes)")
     ap.add_argument("--skip", action="append", default=[],
-                    help="skip engines: hf, llama.cpp, bf16, fp32 (repeatable)")
+                    help="skip engines: hf, llama.cpp, bf16, fp32, default (repeatable)")
     ap.add_argument("--json", default=None, help="write the results to this file")
     a = ap.parse_args(argv)
 
@@ -205,6 +210,9 @@ def main(argv=None) -> int:
         engines.append(("blitzgen eager", "float32", lambda: setup_blitzgen(path, prompt_ids, n, "float32", False)))
     if "bf16" not in a.skip:
         engines.append(("blitzgen eager", "bfloat16", lambda: setup_blitzgen(path, prompt_ids, n, "bfloat16", False)))
+    if "default" not in a.skip:
+        engines.append(("blitzgen eager, the CLI default", "int4 blocks (GGUF's own), bf16 head",
+                        lambda: setup_blitzgen(path, prompt_ids, n, "bfloat16", False, auto=True)))
     if a.compile:
         if "fp32" not in a.skip:
             engines.append(("blitzgen compiled", "float32",
@@ -212,6 +220,9 @@ def main(argv=None) -> int:
         if "bf16" not in a.skip:
             engines.append(("blitzgen compiled", "bfloat16",
                             lambda: setup_blitzgen(path, prompt_ids, n, "bfloat16", True)))
+        if "default" not in a.skip:
+            engines.append(("blitzgen compiled", "int4 blocks (GGUF's own), bf16 head",
+                            lambda: setup_blitzgen(path, prompt_ids, n, "bfloat16", True, auto=True)))
     if "llama.cpp" not in a.skip:
         engines.append(("llama.cpp (llama-cpp-python)", "Q4_1 (GGUF's own)",
                         lambda: setup_llamacpp(path, prompt_ids, n, a.threads)))

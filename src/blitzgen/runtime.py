@@ -79,6 +79,8 @@ class RuntimeOptions:
     compile: bool | None = None
     quantize: str | None = None  # "int8" | "int4"
     group_size: int | None = None  # int4 only
+    quantize_head: bool = True  # False: the output head keeps its float weights
+    auto_quantize: bool = True  # no quantize given: a GGUF's 4-bit blocks stay 4-bit (loading.auto_quantization)
     max_model_len: int | None = None  # the user's limit on prompt + completion
     decode_attention: str = "auto"
     kernels: bool = True

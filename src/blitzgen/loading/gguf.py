@@ -7,6 +7,7 @@ the rotate_half form, so ``unpermute_qk`` undoes that.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,42 @@ _SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 def expected_size(path: Path) -> int | None:
     """The byte length the GGUF header promises (data start + the end of the last tensor), or
     None when the header itself is cut short or unreadable. Reads the header only."""
+    scan = scan_header(path)
+    return None if scan is None else scan[0]
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    """{tensor name: GGML type name, e.g. "Q4_1"} from the header ({} when it is unreadable)."""
+    scan = scan_header(path)
+    return {} if scan is None else dict(scan[1])
+
+
+# llama.cpp types whose blocks are 32 weights sharing one scale (and a minimum): int4 with group
+# size 32 holds them exactly but for the scales' rounding to the compute dtype.
+FOUR_BIT_G32 = frozenset({"Q4_0", "Q4_1", "Q4_K"})
+BLOCK_WEIGHTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def four_bit_blocks(path: Path) -> bool:
+    """Whether every transformer-block projection of the file is stored in 4 bits with 32-weight
+    groups (Q4_0, Q4_1, Q4_K), i.e. what int4 g32 keeps without further loss."""
+    types = [t for name, t in tensor_types(path).items() if name.split(".")[-2:-1] and
+             name.split(".")[-2] in BLOCK_WEIGHTS and name.startswith("blk.")]
+    return bool(types) and all(t in FOUR_BIT_G32 for t in types)
+
+
+def scan_header(path: Path) -> tuple[int, dict[str, str]] | None:
+    """(expected byte length, {tensor name: type name}) from the header alone, or None. Remembered
+    per file version (the vocabulary's strings take ~0.1 s to skip in Python)."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return _scan_header(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _scan_header(path: str, _size: int, _mtime_ns: int) -> tuple[int, dict[str, str]] | None:
     import mmap
     import struct
 
@@ -90,12 +127,14 @@ def expected_size(path: Path) -> int | None:
                     alignment = take("I")
                 else:
                     skip(vtype)
-            end = 0
+            end, types = 0, {}
             for _ in range(n_tensors):
-                string()
+                tname = string().decode("utf-8", "replace")
                 dims = [take("Q") for _ in range(take("I"))]
                 ttype, offset = take("IQ")
-                block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+                qtype = gguf.GGMLQuantizationType(ttype)
+                types[tname] = qtype.name
+                block, size = gguf.GGML_QUANT_SIZES[qtype]
                 count = 1
                 for d in dims:
                     count *= d
@@ -103,7 +142,7 @@ def expected_size(path: Path) -> int | None:
             if pos > len(m):
                 return None
             start = pos + (-pos % alignment)
-            return start + end
+            return start + end, types
     except (OSError, ValueError, KeyError, struct.error):
         return None
 

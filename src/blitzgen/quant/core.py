@@ -20,6 +20,7 @@ TARGETS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w
 class Int8Config:
     """Per-output-channel symmetric int8 weights; scales in the compute dtype."""
 
+    head: bool = True  # quantize the output head too (False: it keeps its float weights)
     scheme: ClassVar[str] = "int8"
 
     @property
@@ -32,6 +33,7 @@ class Int4Config:
     """Group-wise asymmetric 4-bit weights (tinygemm convention); scales/zeros in the compute dtype."""
 
     group_size: int = 32
+    head: bool = True  # quantize the output head too (False: it keeps its float weights)
     scheme: ClassVar[str] = "int4"
 
     def __post_init__(self) -> None:
@@ -45,15 +47,16 @@ class Int4Config:
 QuantConfig = Int8Config | Int4Config
 
 
-def make_config(scheme: str, group_size: int | None = None) -> QuantConfig:
-    """The config for a scheme name ("int8" | "int4"); group_size applies to int4 only (default 32)."""
+def make_config(scheme: str, group_size: int | None = None, head: bool = True) -> QuantConfig:
+    """The config for a scheme name ("int8" | "int4"); group_size applies to int4 only (default 32);
+    ``head=False`` leaves the output head unquantized."""
     key = str(scheme).lower().strip()
     if key == "int8":
         if group_size is not None:
             raise BlitzgenError("int8 quantization is per output channel; --group-size applies to int4 only")
-        return Int8Config()
+        return Int8Config(head=head)
     if key == "int4":
-        return Int4Config() if group_size is None else Int4Config(group_size=group_size)
+        return Int4Config(head=head) if group_size is None else Int4Config(group_size=group_size, head=head)
     raise BlitzgenError(f"unknown quantization scheme {scheme!r} (known: {', '.join(SCHEMES)})")
 
 
@@ -119,7 +122,8 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def config_meta(config) -> dict:
-    return {"scheme": config.scheme, "group_size": config.group_size}
+    head = {} if getattr(config, "head", True) else {"head": False}
+    return {"scheme": config.scheme, "group_size": config.group_size, **head}
 
 
 def quant_metadata(config, dtype: torch.dtype, n_modules: int) -> dict:
@@ -135,7 +139,7 @@ def plan_quantization(model: nn.Module, config, dtype: torch.dtype) -> tuple[Han
     handler = handler_for(config)
     if not dtype.is_floating_point:
         raise BlitzgenError(f"scales must be a float dtype, not {dtype}")
-    targets = target_linears(model)
+    targets = [(name, lin) for name, lin in target_linears(model) if config.head or name != "output"]
     if not targets:
         raise BlitzgenError("the model has no Linear layers to quantize")
     for name, lin in targets:

@@ -189,6 +189,7 @@ class Int4Linear(QuantizedLinear):
         self._packed_for: tuple[str, torch.dtype] | None = None
         self._gemv = None
         self._rows = None  # blitzgen.kernels.int4_rows on CUDA when available
+        self._cpu_rows = 0
 
     @classmethod
     @torch.no_grad()
@@ -206,6 +207,7 @@ class Int4Linear(QuantizedLinear):
         """(Re)build the packed copy for the current device and dtype, and look up the GEMV hook."""
         self.packed_weight = self.packed_scales_zeros = None
         self._packed_for, self._gemv, self._rows = None, None, None
+        self._cpu_rows = 0  # rows the CPU packed op takes (an int: no dict lookup for Dynamo to guard)
         dev, dtype = self.qweight.device.type, self.scales.dtype
         if dev not in _PACKERS:
             return
@@ -223,6 +225,7 @@ class Int4Linear(QuantizedLinear):
         pack, _ = _PACKERS[dev]
         self.packed_weight, self.packed_scales_zeros = pack(self.qweight, self.scales, self.zeros, tiles)
         self._packed_for = (dev, dtype)
+        self._cpu_rows = CPU_PACKED_MAX_TOKENS.get(dtype, 0) if dev == "cpu" else 0
 
     def split_unit(self) -> int:
         return self.group_size
@@ -239,7 +242,7 @@ class Int4Linear(QuantizedLinear):
             y = self._rows(x, self.qweight, self.scales, self.zeros, self.group_size)
         elif packed and x.is_cuda:
             y = _int4_mm_cuda(x, self.packed_weight, self.packed_scales_zeros, self.group_size)
-        elif packed and x.numel() <= CPU_PACKED_MAX_TOKENS.get(x.dtype, 0) * x.shape[-1]:
+        elif packed and x.numel() <= self._cpu_rows * x.shape[-1]:
             y = _int4_mm_cpu(x, self.packed_weight, self.packed_scales_zeros, self.group_size)
         else:
             y = F.linear(x, self.dequantize(x.dtype))
