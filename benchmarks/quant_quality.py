@@ -32,8 +32,11 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct GGUF")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--run-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="dtype of the copies compared with the float reference (default: --dtype)")
     p.add_argument("--schemes", default="int8,int4-g32,int4-g64",
-                   help="comma-separated: int8, int4-g32, int4-g64, int4-g128")
+                   help="'none' (the float model in --run-dtype); a '-nohead' suffix leaves the output head "
+                        "unquantized (the CPU default for a 4-bit GGUF is int4-g32-nohead); comma-separated: int8, int4-g32, int4-g64, int4-g128")
     p.add_argument("--text", default=None, help="a text file to use instead of the fixed passage")
     p.add_argument("--gptq", default=None, metavar="FILE",
                    help="also quantize each int4 scheme with GPTQ calibrated on this text file (rows 'int4-gNN-gptq')")
@@ -63,14 +66,17 @@ def main(argv=None) -> int:
         samples = calibration_samples(lm.tokenizer, a.gptq, max_tokens=a.calibration_tokens, seq_len=512)
     for spec in specs:
         gptq = spec.endswith("-gptq")
-        name, _, g = spec.removesuffix("-gptq").partition("-g")
-        model = copy.deepcopy(lm.model)
+        head = not spec.removesuffix("-gptq").endswith("-nohead")
+        name, _, g = spec.removesuffix("-gptq").removesuffix("-nohead").partition("-g")
+        model = copy.deepcopy(lm.model).to(getattr(torch, a.run_dtype or a.dtype))
         try:
             t0 = time.perf_counter()
-            if gptq:
-                gptq_quantize_model(model, make_config(name, int(g) if g else None), samples)
+            if name == "none":
+                pass
+            elif gptq:
+                gptq_quantize_model(model, make_config(name, int(g) if g else None, head=head), samples)
             else:
-                quantize_model(model, make_config(name, int(g) if g else None))
+                quantize_model(model, make_config(name, int(g) if g else None, head=head))
             secs = time.perf_counter() - t0
         except BlitzgenError as e:
             print(f"{spec}: skipped ({e})", file=sys.stderr)

@@ -58,8 +58,8 @@ def test_head_false_leaves_the_tied_head_float():
 
 def test_default_cpu_load_keeps_4bit_blocks_and_its_quality(smol, smol_path):
     """Teacher-forced over a fixed passage against the file's float32 weights: the int4 blocks (head
-    unquantized) agree with the float argmax about as often as plain bf16 does (measured 96.9% vs
-    96.1%; quantizing the head too: 86.7%)."""
+    unquantized) agree with the float argmax about as often as plain bf16 does (measured 95.4-96.9%
+    against 96.1-96.2%; quantizing the head too: 87-90%)."""
     from blitzgen.quant.quality import QUALITY_TEXT, logit_metrics, teacher_forced_logits
 
     opts = auto_quantization(smol_path, _cpu())
@@ -71,7 +71,7 @@ def test_default_cpu_load_keeps_4bit_blocks_and_its_quality(smol, smol_path):
     got = logit_metrics(ref, teacher_forced_logits(lm.model, ids))
     plain = load(smol_path, _cpu(auto_quantize=False), dtype=torch.bfloat16, progress=False)
     base = logit_metrics(ref, teacher_forced_logits(plain.model, ids))
-    assert got["agreement"] >= base["agreement"] - 0.03 and got["kl"] < 0.005, (got, base)
+    assert got["agreement"] >= base["agreement"] - 0.04 and got["kl"] < 0.005, (got, base)
 
 
 def test_cli_load_line_says_the_blocks_stayed_4bit(capsys):
