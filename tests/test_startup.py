@@ -143,3 +143,29 @@ def test_regions_default_on_for_cpu_and_cuda(monkeypatch):
     assert RuntimeOptions.from_env().regions_for("cuda")
     monkeypatch.setenv("BLITZGEN_COMPILE_REGIONS", "0")
     assert not RuntimeOptions.from_env().regions_for("cpu")
+
+
+@pytest.mark.slow
+def test_compile_regions_with_int4_on_cpu_match_eager():
+    """int4 (bf16, the CPU packed op) compiled by Inductor with one block traced for all layers:
+    the op is opaque (quant/int4.int4_mm_cpu_op), since Inductor's own lowering of it breaks inside
+    a region; logits match the eager int4 model's."""
+    import torch
+
+    from blitzgen.generate import _model_step
+    from blitzgen.quant import make_config, quantize_model
+    from tests.conftest import tiny_model
+
+    if not hasattr(torch.compiler, "nested_compile_region"):
+        pytest.skip("torch without nested_compile_region")
+    model = tiny_model(n_layers=3, dtype=torch.bfloat16)
+    quantize_model(model, make_config("int4", 32, head=False))
+    assert model.layers[0].attention.wqkv._packed_for == ("cpu", torch.bfloat16)
+    tok, pos = torch.tensor([[3]]), torch.tensor([2])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = _model_step(model, tok, pos).float()
+        model.compile_regions = True
+        got = torch.compile(_model_step, fullgraph=True)(model, tok, pos).float()
+    torch._dynamo.reset()
+    assert torch.allclose(got, want, atol=0.05 * want.abs().max().item()), (got - want).abs().max()

@@ -129,10 +129,23 @@ def _int4_mm_cuda(x: Tensor, packed_weight: Tensor, scales_and_zeros: Tensor, gr
     return y.reshape(*shape[:-1], y.shape[-1])
 
 
+@torch.library.custom_op("blitzgen_quant::int4_mm_cpu", mutates_args=())
+def int4_mm_cpu_op(x: Tensor, packed_weight: Tensor, group_size: int, scales_and_zeros: Tensor) -> Tensor:
+    """aten's ``_weight_int4pack_mm_for_cpu`` for 2-D x, opaque to torch.compile: Inductor lowers the
+    aten op to ``quantized.int4mm_packed_weight_cpu`` with the group size as a constant tensor,
+    which inside a compile region (one block traced for all layers) reaches the kernel malformed
+    ("group size must be a scalar", torch 2.13). As an opaque op it runs the same kernel."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed_weight, group_size, scales_and_zeros)
+
+
+@int4_mm_cpu_op.register_fake
+def _(x: Tensor, packed_weight: Tensor, group_size: int, scales_and_zeros: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], scales_and_zeros.shape[1])
+
+
 def _int4_mm_cpu(x: Tensor, packed_weight: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
     shape = x.shape
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]), packed_weight, group_size,
-                                                   scales_and_zeros)
+    y = int4_mm_cpu_op(x.reshape(-1, shape[-1]), packed_weight, group_size, scales_and_zeros)
     return y.reshape(*shape[:-1], y.shape[-1])
 
 
@@ -235,17 +248,18 @@ class Int4Linear(QuantizedLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         packed = self._packed_for is not None and self._packed_for == (x.device.type, x.dtype)
+        g = self.in_features // self.scales.shape[-1]  # = group_size, but a shape: a constant in a shared region
         if x.is_cuda and self._gemv is not None and is_single_token(x):
-            y = self._gemv(x, self.qweight, self.scales, self.zeros, self.group_size)
+            y = self._gemv(x, self.qweight, self.scales, self.zeros, g)
         elif (x.is_cuda and self._rows is not None
               and INT4_ROWS_MIN * x.shape[-1] <= x.numel() <= ROWS_MAX * x.shape[-1]):
-            y = self._rows(x, self.qweight, self.scales, self.zeros, self.group_size)
+            y = self._rows(x, self.qweight, self.scales, self.zeros, g)
         elif packed and x.is_cuda:
-            y = _int4_mm_cuda(x, self.packed_weight, self.packed_scales_zeros, self.group_size)
+            y = _int4_mm_cuda(x, self.packed_weight, self.packed_scales_zeros, g)
         elif packed and x.numel() <= self._cpu_rows * x.shape[-1]:
-            y = _int4_mm_cpu(x, self.packed_weight, self.packed_scales_zeros, self.group_size)
+            y = _int4_mm_cpu(x, self.packed_weight, self.packed_scales_zeros, g)
         else:
-            y = F.linear(x, self.dequantize(x.dtype))
+            y = F.linear(x, dequantize_int4(self.qweight, self.scales, self.zeros, g, x.dtype))
         return self._finish(y, x)
 
     def describe(self) -> str:
