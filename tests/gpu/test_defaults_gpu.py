@@ -24,8 +24,9 @@ def _ids(gen, n=NEW):
 
 
 @pytest.mark.parametrize("quantize,regions,aot", [(None, None, False), ("int8", None, False), (None, False, False),
-                                                  (None, None, True), ("int8", None, True)],
-                         ids=["bf16-defaults", "int8-defaults", "bf16-no-regions", "bf16-aot", "int8-aot"])
+                                                  (None, None, True), ("int8", None, True), ("int4", True, False)],
+                         ids=["bf16-defaults", "int8-defaults", "bf16-no-regions", "bf16-aot", "int8-aot",
+                              "int4-regions"])
 def test_compiled_as_shipped_matches_eager_plain(quantize, regions, aot, tmp_path, summary):
     torch._dynamo.reset()
     oracle = random_model(quantize=quantize, cache=1024)
