@@ -116,12 +116,37 @@ def test_second_load_maps_the_converted_weights(root, tiny_gguf):
         lm.model.setup_caches(1, 16)
     with torch.no_grad():
         assert torch.equal(first.model(ids, torch.arange(3)), second.model(ids, torch.arange(3)))
-    # a quantized run re-quantizes the cached float weights exactly as it quantizes the GGUF's
+    # a quantized run re-quantizes the cached float weights exactly as it quantizes the GGUF's,
+    # records the quantized buffers in an entry of their own, and reads them back as they are
     q_miss = load(tiny_gguf, RuntimeOptions(device="cpu", weight_cache=False), device="cpu",
                   dtype=torch.bfloat16, quantize="int8", progress=False)
+    q_first = _load(tiny_gguf, quantize="int8")
     q_hit = _load(tiny_gguf, quantize="int8")
-    assert q_hit.weight_cache == "hit" and q_miss.weight_cache is None
+    assert (q_miss.weight_cache, q_first.weight_cache, q_hit.weight_cache) == (None, "saved", "hit")
+    assert q_hit.quant == q_first.quant == q_miss.quant
+    _same(q_miss, q_first)
     _same(q_miss, q_hit)
+
+
+@pytest.mark.parametrize("head", [True, False])
+def test_int4_entry_holds_the_quantized_buffers(root, tiny_gguf, head):
+    from blitzgen.quant import Int4Linear, make_config
+
+    config = make_config("int4", 32, head=head)
+    fresh = load(tiny_gguf, RuntimeOptions(device="cpu", weight_cache=False), device="cpu",
+                 dtype=torch.bfloat16, quantize=config, progress=False)
+    first, hit = _load(tiny_gguf, quantize=config), _load(tiny_gguf, quantize=config)
+    assert (first.weight_cache, hit.weight_cache) == ("saved", "hit")
+    assert isinstance(hit.model.output, Int4Linear) == head
+    _same(fresh, hit)
+    assert hit.model.layers[0].attention.wqkv._packed_for == fresh.model.layers[0].attention.wqkv._packed_for
+    ids = torch.tensor([[1, 5, 6]])
+    for lm in (fresh, hit):
+        lm.model.setup_caches(1, 16)
+    with torch.no_grad():
+        assert torch.equal(fresh.model(ids, torch.arange(3)), hit.model(ids, torch.arange(3)))
+    entries = [p for p in Path(cc.weights_root(root)).iterdir() if p.is_dir()]
+    assert len(entries) == 2  # the float entry and the quantized one
 
 
 def test_keys_follow_the_file_and_the_dtype(tmp_path, tiny_gguf):
@@ -258,9 +283,9 @@ def test_meta_model_skips_init_and_torch_dynamo():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_regions_follow_the_options_and_stay_off_for_int4(root, tiny_gguf):
+def test_regions_follow_the_options(root, tiny_gguf):
     assert _load(tiny_gguf).model.compile_regions  # CPU default
     assert _load(tiny_gguf, quantize="int8").model.compile_regions
-    assert not _load(tiny_gguf, quantize="int4").model.compile_regions
+    assert _load(tiny_gguf, quantize="int4").model.compile_regions  # CPU int4: an opaque op (CUDA: off)
     off = load(tiny_gguf, RuntimeOptions(device="cpu", compile_regions=False), device="cpu", progress=False)
     assert not off.model.compile_regions

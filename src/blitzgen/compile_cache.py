@@ -387,7 +387,10 @@ def list_entries(root: str | None = None) -> list[EntryInfo]:
                 m = json.load(f)
             src = m["parts"]["source"]
             ok = all(os.path.getsize(os.path.join(path, n)) == size for n, (size, _) in m["files"].items())
-            summary = f"weights {m['parts']['dtype']} of {os.path.basename(src['path'])}"
+            q = m["parts"].get("quant")
+            qdesc = (f" {q['scheme']}" + (f" g{q['group_size']}" if q.get("group_size") else "")
+                     + (" (head float)" if q.get("head") is False else "")) if q else ""
+            summary = f"weights {m['parts']['dtype']}{qdesc} of {os.path.basename(src['path'])}"
             out.append(EntryInfo(key, path, _dir_size(path), m.get("created", "?"), ok, summary))
         except (OSError, ValueError, KeyError, TypeError):
             out.append(EntryInfo(key, path, _dir_size(path), "?", False, "weights: incomplete or corrupt"))

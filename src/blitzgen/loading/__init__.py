@@ -13,6 +13,7 @@ Every source goes through the one assemble step (assemble.py) and the one name t
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 import time
@@ -28,6 +29,8 @@ from ..runtime import DTYPES, RuntimeOptions
 from . import gguf as gguf_src
 from . import hf as hf_src
 from .assemble import assemble
+
+log = logging.getLogger("blitzgen")
 from .checkpoint import is_quantized_checkpoint, load_checkpoint, save_quantized  # noqa: F401
 from .synthetic import RandomSource
 
@@ -224,30 +227,58 @@ def _regions(options: RuntimeOptions | None, device: str, shard, quant_meta: dic
 def _load_gguf_cached(path: Path, options: RuntimeOptions | None, *, device, dtype, quantize, quant_dtype, progress):
     """A GGUF through the converted-weights cache (loading/converted.py): the cached safetensors
     when there is a sound entry for this file and dtype, else the GGUF, recorded into a new entry.
+    Quantized, the entry holds the quantized buffers (read back without re-quantizing: the default
+    model's int4 blocks took ~1-2 s to re-quantize at every start on 2 cores); on its miss the
+    float entry (or the GGUF) is quantized as before, then recorded.
     -> (model, args, tokenizer, quant metadata, cache status)."""
+    from ..quant.core import config_meta, quant_metadata, quantized_module_types
     from ..tokenizer import Tokenizer
+    from .assemble import record_model
     from .converted import WeightCache
 
-    cache = WeightCache(path, dtype, root=options.cache_dir if options is not None else None)
-    hit = cache.open(_read_device(device), staged=options is None or options.staged_load)
+    root = options.cache_dir if options is not None else None
+    staged = options is None or options.staged_load
+    qentry = None
+    if quantize is not None and quant_dtype in (None, dtype):
+        qentry = WeightCache(path, dtype, root=root, quant={**config_meta(quantize), "dtype": str(dtype)})
+        hit = qentry.open(_read_device(device), staged=staged)
+        if hit is not None:
+            model, args, _ = assemble(hit.args, hit.source, device=device, dtype=dtype, prequantized=quantize,
+                                      progress=progress, where=f"{qentry.dir} (cached {path.name})")
+            n = sum(isinstance(m, quantized_module_types()) for m in model.modules())
+            return model, args, hit.tokenizer, quant_metadata(quantize, dtype, n), qentry.status
+    cache = WeightCache(path, dtype, root=root)
+    hit = cache.open(_read_device(device), staged=staged)
     if hit is not None:
         model, args, meta = assemble(hit.args, hit.source, device=device, dtype=dtype, quantize=quantize,
                                      quant_dtype=quant_dtype, progress=progress, where=f"{cache.dir} (cached {path.name})")
-        return model, args, hit.tokenizer, meta, cache.status
-    reader = gguf_src.open_reader(path)
-    args = gguf_src.load_args(reader)
-    source = gguf_src.GGUFSource(reader, args)
-    rec = cache.recorder()
-    try:
-        model, args, meta = assemble(args, source, device=device, dtype=dtype, quantize=quantize,
-                                     quant_dtype=quant_dtype, progress=progress, record=rec)
-        tokenizer = Tokenizer.from_gguf(reader)
-    except BaseException:
-        if rec is not None:
+        tokenizer = hit.tokenizer
+    else:
+        reader = gguf_src.open_reader(path)
+        args = gguf_src.load_args(reader)
+        source = gguf_src.GGUFSource(reader, args)
+        rec = cache.recorder()
+        try:
+            model, args, meta = assemble(args, source, device=device, dtype=dtype, quantize=quantize,
+                                         quant_dtype=quant_dtype, progress=progress, record=rec)
+            tokenizer = Tokenizer.from_gguf(reader)
+        except BaseException:
+            if rec is not None:
+                rec.discard()
+            raise
+        cache.save(rec, args, tokenizer)
+    if qentry is None:
+        return model, args, tokenizer, meta, cache.status
+    rec = qentry.recorder()
+    if rec is not None:
+        try:
+            record_model(rec, model, args)
+        except Exception as e:  # noqa: BLE001 - a cache must never stop a load
+            log.warning("blitzgen: could not record the quantized weights (%s: %s)", type(e).__name__, e)
             rec.discard()
-        raise
-    cache.save(rec, args, tokenizer)
-    return model, args, tokenizer, meta, cache.status
+            rec = None
+        qentry.save(rec, args, tokenizer)
+    return model, args, tokenizer, meta, qentry.status if qentry.status == "saved" else cache.status
 
 
 def load_random(shape: str | ModelArgs, options: RuntimeOptions | None = None, *, device: str | None = None,

@@ -77,6 +77,8 @@ def assemble(
     if prequantized is not None:
         handler = handler_for(prequantized)
         for name, lin in target_linears(model):
+            if name == "output" and not getattr(prequantized, "head", True):
+                continue  # the head was left float
             set_submodule(model, name, handler.empty(lin.in_features, lin.out_features, lin.bias is not None,
                                                      prequantized, dtype, "meta"))
     elif quantize is not None:
@@ -182,6 +184,17 @@ def _table(args: ModelArgs, column: str, model: nn.Module, tied: bool) -> dict[s
         return mapping(args.n_layers, column, args.qkv_bias, tied)
     shared = tied and isinstance(model.output, nn.Linear)  # a float tied head is the embedding itself
     return {k: [k] for k in model.state_dict(keep_vars=True) if not (shared and k == "output.weight")}
+
+
+def record_model(record, model: nn.Module, args: ModelArgs) -> None:
+    """Stream a whole assembled model's tensors (quantized buffers included) to a recorder
+    (loading/converted.Recorder), in the names and layout that ``assemble(prequantized=...)`` reads
+    back: what a converted-weights entry of a quantized load holds."""
+    table = _table(args, "ours", model, args.tie_word_embeddings)
+    state = model.state_dict()
+    record.begin([(k, state[k].shape, state[k].dtype) for k in table])
+    for k in table:
+        record.add(k, state[k])
 
 
 def _size(t: torch.Tensor, dtype: torch.dtype) -> int:

@@ -10,7 +10,9 @@ no GGUF parse, no dequantization, no copy (CPU tensors are views of the page cac
 The entry is ``<cache root>/weights/<key>/`` (layout owned by compile_cache.py): ``model.safetensors``,
 ``args.json``, the tokenizer files, and ``manifest.json`` written last with each file's size and
 CRC-32. The key is the GGUF's identity (resolved path, size, mtime in ns, and a SHA-256 of its
-first and last MiB), the dtype, the ``gguf`` package's and blitzgen's versions and ``FORMAT``.
+first and last MiB), the dtype, the ``gguf`` package's and blitzgen's versions and ``FORMAT``; a
+quantized load's entry adds the quantization (scheme, group size, head) and holds the quantized
+buffers, which ``assemble(prequantized=...)`` reads back without re-quantizing.
 Stat data rather than a hash of the whole file: a full hash reads the whole GGUF on every start
 (0.1 s for the default model, seconds for a 7B one); the two sampled MiB (the header, with the
 metadata and tensor table, and the end of the data) catch a different file copied in with the same
@@ -71,12 +73,15 @@ def source_identity(path: Path) -> dict:
     return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sample": h.hexdigest()}
 
 
-def key_for(path: Path, dtype: torch.dtype) -> dict:
+def key_for(path: Path, dtype: torch.dtype, quant: dict | None = None) -> dict:
     from .. import __version__
     from ..compile_cache import _package_version
 
-    return {"format": FORMAT, "blitzgen": __version__, "gguf": _package_version("gguf"),
-            "source": source_identity(path), "dtype": str(dtype).replace("torch.", "")}
+    parts = {"format": FORMAT, "blitzgen": __version__, "gguf": _package_version("gguf"),
+             "source": source_identity(path), "dtype": str(dtype).replace("torch.", "")}
+    if quant is not None:  # an entry of quantized weights (their config and scales' dtype)
+        parts["quant"] = quant
+    return parts
 
 
 def _crc_file(path: str) -> tuple[int, int]:
@@ -193,14 +198,15 @@ class Hit:
 
 
 class WeightCache:
-    """One GGUF + dtype's entry. ``open()`` -> Hit or None; on a miss, ``recorder()`` goes to
+    """One GGUF + dtype's entry (+ quantization: ``quant`` = the config's metadata and the scales'
+    dtype; such an entry holds the quantized buffers, read back without re-quantizing). ``open()`` -> Hit or None; on a miss, ``recorder()`` goes to
     assemble and ``save(recorder, args, tokenizer)`` publishes the entry. Never raises."""
 
-    def __init__(self, path: Path, dtype: torch.dtype, root: str | None = None):
+    def __init__(self, path: Path, dtype: torch.dtype, root: str | None = None, quant: dict | None = None):
         self.status = "unopened"  # "hit" | "miss" | "saved" | "rebuilt: <reason>" | "off: <reason>"
         self.seconds = 0.0
         try:
-            self.parts = key_for(path, dtype)
+            self.parts = key_for(path, dtype, quant)
         except OSError as e:
             self.parts, self.key, self.dir = None, None, None
             self.status = f"off: {e}"
