@@ -148,3 +148,44 @@ def test_aot_decode_key_follows_the_source(monkeypatch):
     model = tiny_model(seed=1)
     model.setup_caches(1, 32)
     assert aot_decode._signature(model)["source"] == "edited"
+
+
+LAZY = textwrap.dedent("""
+    import json, sys, types, torch
+    sys.path.insert(0, {root!r})
+    from tests.conftest import tiny_model
+    from blitzgen import compile_cache as cc
+    from blitzgen.generate import Generator
+    from blitzgen.runtime import RuntimeOptions
+    from blitzgen.sampling import SamplingParams
+
+    opened = []
+    real_open = cc.CompileCache.open
+    cc.CompileCache.open = lambda self: (opened.append(self.key), real_open(self))[1]
+    opts = RuntimeOptions(device="cpu", compile=True, dtype="float32", aot_decode=True, cache_dir={cache!r})
+    m = tiny_model(seed=3)
+    m.setup_caches(1, 64)
+    gen = Generator(m, options=opts)
+    cc.warm_up(types.SimpleNamespace(args=m.args), gen, [SamplingParams(temperature=0.0)], prompt_len=5)
+    ids = list(gen.generate_ids([1, 2, 3, 4, 5], 6, stop_token_ids=()))
+    print(json.dumps({{"opened": len(opened), "step": gen._step.status, "sampler": gen._sample.status, "ids": ids}}))
+""")
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "load_compiled_function"), reason="torch without AOT precompile")
+def test_warm_aot_start_skips_the_compile_cache_artifacts(tmp_path):
+    """compile_cache.warm_up with every compiled function AOT-saved: the first start compiles, so
+    it opens (and saves) the compile-cache entry; the second loads the AOT files and never opens it."""
+    import json
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    runs = []
+    for _ in range(2):
+        code = LAZY.format(root=str(ROOT), cache=str(tmp_path / "cache"))
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert (first["opened"], first["step"], first["sampler"]) == (1, "compiled", "compiled")
+    assert (second["opened"], second["step"], second["sampler"]) == (0, "loaded", "loaded")
+    assert second["ids"] == first["ids"]

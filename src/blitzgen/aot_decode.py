@@ -117,6 +117,7 @@ class AOTFunction:
         self.status = ""  # "loaded" | "compiled" | "fallback: ..." for the last new key seen
         self._unproven: set[tuple] = set()  # loaded from a file, not yet called
         self.guard_misses = 0  # calls that failed the saved function's guards and ran the ordinary one
+        self.before_compile: Callable | None = None  # called before any compile (compile_cache.warm_up's lazy entry)
 
     def path_for(self, *args) -> str:
         from . import compile_cache as cc
@@ -152,6 +153,8 @@ class AOTFunction:
                             type(e).__name__, e)
                 fn = None
         if fn is None:
+            if self.before_compile is not None:
+                self.before_compile()
             try:
                 mode = "reduce-overhead" if self.cudagraphs else None
                 with _aot_enabled():
@@ -188,6 +191,8 @@ class AOTFunction:
         with contextlib.suppress(OSError):
             os.remove(path)
         self.status = f"fallback: {type(error).__name__}"
+        if self.before_compile is not None:
+            self.before_compile()
         fn = self.fallback or torch.compile(self.fn, fullgraph=True, dynamic=False)
         self._fns[key] = fn
         self._unproven.discard(key)

@@ -431,7 +431,19 @@ def warm_up(lm, gen, sampling_modes=None, prompt_len: int | None = None) -> floa
     if sampling_modes is not None:
         extra = {**extra, "warmup": sorted({tuple(sp.mode) for sp in sampling_modes}), "prompt_len": prompt_len,
                  "cache_len": gen.cache_len}
-    entry = CompileCache(key_for(lm.args, gen.options, extra), gen.options.cache_dir).open()
+    entry = CompileCache(key_for(lm.args, gen.options, extra), gen.options.cache_dir)
+    aot = _aot_functions(gen)
+    if aot:  # everything compiled is AOT-saved: torch's artifacts are loaded only if one must compile
+        use_inductor_dir(entry.root)
+
+        def open_once():
+            if entry.status == "unopened":
+                entry.open()
+
+        for fn in aot:
+            fn.before_compile = open_once
+    else:
+        entry.open()
     REPORT.mark("cache load")
     secs = gen.warmup(sampling_modes, prompt_len=prompt_len)
     REPORT.mark("compile + warm-up")
@@ -440,5 +452,18 @@ def warm_up(lm, gen, sampling_modes=None, prompt_len: int | None = None) -> floa
         if status:
             print(f"blitzgen: AOT {what} {status}", file=sys.stderr, flush=True)
     REPORT.add_compile_breakdown()
-    entry.save()
+    if entry.status != "unopened":  # (a lazy entry nothing compiled into: nothing new to save)
+        entry.save()
     return secs
+
+
+def _aot_functions(gen) -> list:
+    """The Generator's AOT-saved step and sampler (BLITZGEN_AOT_DECODE) when they are all it
+    compiles (no compiled prefill), else []. Their files hold the compiled code whole, so a warm
+    start needs torch's cache artifacts (~1-2 s to load) only when one of them must compile."""
+    if not getattr(gen.options, "aot_decode", False) or gen.prefill_compiled:
+        return []
+    from .aot_decode import AOTFunction
+
+    fns = [gen._step, gen._sample]
+    return fns if all(isinstance(f, AOTFunction) for f in fns) else []
