@@ -59,7 +59,7 @@ def _package_version(name: str) -> str | None:
 
 def device_kind(device: str) -> dict:
     """What the compiled code depends on about the machine: the GPU model and compute capability,
-    or the CPU model and the vector ISA Inductor generates C++ for."""
+    or the CPU model, its vector-ISA flags and ATen's CPU capability."""
     import torch
 
     if device.startswith("cuda"):
@@ -79,10 +79,8 @@ def device_kind(device: str) -> dict:
     except OSError:
         pass
     isa = None
-    try:
-        from torch._inductor.cpu_vec_isa import pick_vec_isa
-
-        isa = str(pick_vec_isa())
+    try:  # ATen's dispatch level (instant; Inductor's pick_vec_isa builds probe programs: ~1.8 s)
+        isa = torch.backends.cpu.get_cpu_capability()
     except Exception:  # an old or odd torch: the flags below still separate machines
         pass
     wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16", "amx_tile",

@@ -145,7 +145,9 @@ def _(x: Tensor, packed_weight: Tensor, group_size: int, scales_and_zeros: Tenso
 
 def _int4_mm_cpu(x: Tensor, packed_weight: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
     shape = x.shape
-    y = int4_mm_cpu_op(x.reshape(-1, shape[-1]), packed_weight, group_size, scales_and_zeros)
+    # eager calls aten directly: a custom op's first call imports torch.distributed & co (~1.9 s)
+    op = int4_mm_cpu_op if torch.compiler.is_compiling() else torch.ops.aten._weight_int4pack_mm_for_cpu
+    y = op(x.reshape(-1, shape[-1]), packed_weight, group_size, scales_and_zeros)
     return y.reshape(*shape[:-1], y.shape[-1])
 
 
