@@ -94,7 +94,7 @@ class RuntimeOptions:
     autotune: bool = False  # Inductor's coordinate-descent tuning (slow to compile, ~+3% decode)
     compile_regions: bool | None = None  # one block traced for all layers; None: regions_for(device)
     fused_decode: bool | None = None  # one-token blocks through kernels/fused_decode.py; None: fused_for()
-    aot_decode: bool = False  # decode step + samplers saved/loaded by torch's AOT precompile (BLITZGEN_AOT_DECODE)
+    aot_decode: bool = False  # decode step + samplers saved/loaded by torch's AOT precompile (BLITZGEN_AOT_DECODE; on in from_env)
 
     @classmethod
     def from_env(cls, **overrides) -> "RuntimeOptions":
@@ -105,7 +105,7 @@ class RuntimeOptions:
             gemv_configs=env("BLITZGEN_GEMV_CONFIGS"),
             gemv_autotune=env_flag("BLITZGEN_GEMV_AUTOTUNE", False),
             fused_decode=env_flag("BLITZGEN_FUSED", True) if env("BLITZGEN_FUSED") else None,
-            aot_decode=env_flag("BLITZGEN_AOT_DECODE", False),
+            aot_decode=env_flag("BLITZGEN_AOT_DECODE", True),
             cache_dir=cache_root(),
             weight_cache=env_flag("BLITZGEN_WEIGHT_CACHE", True),
             staged_load=env_flag("BLITZGEN_STAGED_LOAD", True),

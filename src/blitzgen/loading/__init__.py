@@ -217,9 +217,9 @@ def load(spec: str | os.PathLike | None = None, options: RuntimeOptions | None =
 
 def _regions(options: RuntimeOptions | None, device: str, shard, quant_meta: dict | None) -> bool:
     """Whether the compiled model traces one block for all layers (RuntimeOptions.regions_for), but
-    never under tensor parallelism (unmeasured) nor with int4 weights on CUDA (no GPU test yet; on
-    the CPU int4 runs through an opaque op that regions take, quant/int4.int4_mm_cpu_op)."""
-    if shard is not None or ((quant_meta or {}).get("scheme") == "int4" and str(device).startswith("cuda")):
+    never under tensor parallelism (unmeasured). int4 takes regions too: on the CPU through an
+    opaque op (quant/int4.int4_mm_cpu_op); on CUDA tests/gpu/test_defaults_gpu.py passed it."""
+    if shard is not None:
         return False
     return (options or RuntimeOptions()).regions_for(device)
 
