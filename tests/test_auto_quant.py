@@ -85,3 +85,43 @@ def test_cli_load_line_says_the_blocks_stayed_4bit(capsys):
     args.speculate = ["self-int4"]  # its draft is the int4 copy: the target stays wider
     lm2, _ = load_engine(args)
     assert lm2.quant is None
+
+
+def test_hf_directory_holding_a_gguf_is_not_auto_quantized(smol_path, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / smol_path.name).symlink_to(smol_path)
+    assert auto_quantization(tmp_path, _cpu()) == _cpu()  # load() reads it as an HF model
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / smol_path.name).symlink_to(smol_path)
+    assert auto_quantization(only, _cpu()).quantize == "int4"  # a directory holding one GGUF
+
+
+def test_head_float_checkpoint_round_trip(smol_path, tmp_path):
+    from blitzgen.loading.checkpoint import save_quantized
+    from blitzgen.quant.quality import teacher_forced_logits
+
+    lm = load(smol_path, auto_quantization(smol_path, _cpu()), progress=False)
+    save_quantized(lm, tmp_path / "ck", lm.quant)
+    back = load(tmp_path / "ck", _cpu(), progress=False)
+    assert back.quant["head"] is False and not isinstance(back.model.output, Int4Linear)
+    assert back.model.output.weight is back.model.tok_embeddings.weight
+    ids = lm.tokenizer.encode("The quick brown fox")
+    assert torch.equal(teacher_forced_logits(lm.model, ids), teacher_forced_logits(back.model, ids))
+
+
+def test_unusable_quantized_cache_entry_is_rebuilt(smol_path, tmp_path, monkeypatch):
+    import blitzgen.loading as loading
+
+    opts = auto_quantization(smol_path, _cpu(cache_dir=str(tmp_path)))
+    assert load(smol_path, opts, progress=False).weight_cache == "saved"
+    real = loading.assemble
+
+    def broken(*a, **kw):
+        if kw.get("prequantized") is not None:
+            raise RuntimeError("a layout this code does not read")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(loading, "assemble", broken)
+    again = load(smol_path, opts, progress=False)
+    assert again.weight_cache == "saved" and again.quant["scheme"] == "int4"  # rebuilt from the float entry

@@ -205,6 +205,8 @@ class AOTFunction:
             return fn(*args)
         if not fn.guard_check(*args):  # ~8 us; another grad mode, a changed attribute
             self.guard_misses += 1
+            if self.guard_misses == 1 and self.before_compile is not None:
+                self.before_compile()  # the ordinary function compiles on its first call
             return (self.fallback or self.fn)(*args)
         fn.disable_guard_check()  # checked just above
         if key not in self._unproven:

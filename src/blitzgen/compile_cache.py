@@ -104,6 +104,7 @@ def key_for(model_args, options=None, extra: dict | None = None) -> dict:
     opts.pop("cache_dir", None)  # where the cache lives does not change what is in it
     opts.pop("weight_cache", None)  # nor does how the weights were read
     opts.pop("staged_load", None)
+    opts.pop("auto_quantize", None)  # what it decided is in quantize/group_size/quantize_head
     if opts.get("gemv_configs"):  # a file of launch configs: its contents count, not its name
         try:
             with open(opts["gemv_configs"], "rb") as f:

@@ -85,7 +85,7 @@ def options_from_args(args):
     from ..bench import BenchOptions
 
     return BenchOptions(
-        shape=args.shape, model=args.model, mode=args.quantize or "bf16", group_size=args.group_size,
+        shape=args.shape, model=args.model, mode=args.quantize if args.quantize not in (None, "none") else "bf16", group_size=args.group_size,
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup,
         device=args.device, dtype=args.dtype, compile=args.compile, temperature=args.temperature,
         compile_prefill=args.compile_prefill, autotune=args.autotune,

@@ -75,8 +75,8 @@ RUNTIME = {
     "quantize": (("--quantize",), dict(choices=QUANT_SCHEMES + ("none",),
                                        help="weight-only quantization, applied layer by layer at load time "
                                             "(default: none, except that on the CPU in bfloat16 a GGUF's 4-bit "
-                                            "blocks (Q4_0, Q4_1, Q4_K) stay 4-bit as int4 g32 with the head as "
-                                            "stored: 2.3x the speed of widening them; 'none' widens them; a "
+                                            "Q4_1 blocks stay 4-bit as int4 g32 with the head as "
+                                            "stored: 1.7x the speed of widening them; 'none' widens them; a "
                                             "quantized checkpoint needs no flag)")),
     "group_size": (("--group-size",), dict(type=int, metavar="N",
                                            help="int4 group size, 32, 64 or 128 (default: 32; needs --quantize int4)")),

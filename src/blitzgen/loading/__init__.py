@@ -143,8 +143,7 @@ def resolve_options(options: RuntimeOptions | None = None, *, device: str | None
 def auto_quantization(spec: str | os.PathLike | None, options: RuntimeOptions) -> RuntimeOptions:
     """``options`` with the quantization the model file implies when none was asked for (and
     ``options.auto_quantize``): on the CPU in bfloat16, a GGUF whose block projections are all
-    4-bit with 32-weight groups (Q4_0, Q4_1, Q4_K; the embedded default is Q4_1) keeps them at 4
-    bits, as int4 g32, instead of widening them to bf16; the output head keeps the file's wider
+    of a type in gguf.FOUR_BIT_G32 (Q4_1; the embedded default is one) keeps them at 4 bits, as int4 g32, instead of widening them to bf16; the output head keeps the file's wider
     weights. int4 g32 holds such blocks exactly but for the scales' rounding to bf16 (default
     model, teacher-forced against the file's float32 weights: greedy agreement 95.4%, bf16 96.2%;
     1.7x bf16's speed on a 2-core CPU, BENCHMARKS.md). ``options`` must be resolved."""
@@ -157,9 +156,15 @@ def auto_quantization(spec: str | os.PathLike | None, options: RuntimeOptions) -
         path = resolve(spec)
     except ModelLoadError:  # load() reports it
         return options
-    if path.is_dir():
-        path = next((p for p in sorted(path.glob("*.gguf")) if gguf_src.is_gguf_file(p)), path)
-    if not (path.is_file() and gguf_src.is_gguf_file(path) and gguf_src.four_bit_blocks(path)):
+    try:
+        kind = detect_kind(path)
+    except ModelLoadError:
+        return options
+    if kind == "gguf-dir":
+        path = next(p for p in sorted(path.glob("*.gguf")) if gguf_src.is_gguf_file(p))
+    elif kind != "gguf":  # an HF directory (even one that also holds a GGUF) or a checkpoint
+        return options
+    if not gguf_src.four_bit_blocks(path):
         return options
     return options.replace(quantize="int4", group_size=32, quantize_head=False)
 
@@ -243,10 +248,14 @@ def _load_gguf_cached(path: Path, options: RuntimeOptions | None, *, device, dty
         qentry = WeightCache(path, dtype, root=root, quant={**config_meta(quantize), "dtype": str(dtype)})
         hit = qentry.open(_read_device(device), staged=staged)
         if hit is not None:
-            model, args, _ = assemble(hit.args, hit.source, device=device, dtype=dtype, prequantized=quantize,
-                                      progress=progress, where=f"{qentry.dir} (cached {path.name})")
-            n = sum(isinstance(m, quantized_module_types()) for m in model.modules())
-            return model, args, hit.tokenizer, quant_metadata(quantize, dtype, n), qentry.status
+            try:
+                model, args, _ = assemble(hit.args, hit.source, device=device, dtype=dtype, prequantized=quantize,
+                                          progress=progress, where=f"{qentry.dir} (cached {path.name})")
+            except Exception as e:  # noqa: BLE001 - a cache must never stop a load: rebuild it
+                qentry.discard(f"{type(e).__name__}: {e}")
+            else:
+                n = sum(isinstance(m, quantized_module_types()) for m in model.modules())
+                return model, args, hit.tokenizer, quant_metadata(quantize, dtype, n), qentry.status
     cache = WeightCache(path, dtype, root=root)
     hit = cache.open(_read_device(device), staged=staged)
     if hit is not None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BlitzgenError, ModelLoadError
-from ..quant.core import is_quantized, make_config
+from ..quant.core import is_quantized, make_config, quantized_module_types
 from . import hf as hf_src
 from .assemble import assemble
 
@@ -87,6 +87,7 @@ def build_metadata(lm, meta: dict) -> dict:
         "format_version": FORMAT_VERSION,
         "scheme": meta["scheme"],
         "group_size": meta.get("group_size"),
+        "head": meta.get("head", True),  # False: the output head was left float
         "dtype": meta.get("dtype"),
         "method": meta.get("method", "rtn"),
         "calibration_tokens": meta.get("calibration_tokens"),
@@ -120,8 +121,10 @@ def save_quantized(lm, out_dir: Path, meta: dict, *, dtype: torch.dtype | None =
     full = build_metadata(lm, meta)
     (out_dir / META_FILE).unlink(missing_ok=True)
 
+    shared = lm.args.tie_word_embeddings and isinstance(model.output, torch.nn.Linear) \
+        and not isinstance(model.output, quantized_module_types())  # a float tied head is the embedding
     state = {k: v.detach().to(device="cpu", dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
-             .contiguous() for k, v in model.state_dict().items()}
+             .contiguous() for k, v in model.state_dict().items() if not (shared and k == "output.weight")}
     header = {METADATA_KEY: json.dumps(full)}
     header.update({f"blitzgen.{k}": str(v) for k, v in full.items() if v is not None})
     tmp = out_dir / (WEIGHTS_FILE + ".tmp")
@@ -184,7 +187,7 @@ def read_metadata(path: Path) -> dict:
 def config_from_metadata(meta: dict, where: str = "checkpoint"):
     scheme = meta.get("scheme")
     try:
-        return make_config(str(scheme), meta.get("group_size"))
+        return make_config(str(scheme), meta.get("group_size"), head=meta.get("head", True) is not False)
     except BlitzgenError as e:
         raise ModelLoadError(f"{where}: unsupported quantization (scheme {scheme!r}, group size "
                              f"{meta.get('group_size')!r}): {e}") from None

@@ -79,9 +79,20 @@ def key_for(path: Path, dtype: torch.dtype, quant: dict | None = None) -> dict:
 
     parts = {"format": FORMAT, "blitzgen": __version__, "gguf": _package_version("gguf"),
              "source": source_identity(path), "dtype": str(dtype).replace("torch.", "")}
-    if quant is not None:  # an entry of quantized weights (their config and scales' dtype)
-        parts["quant"] = quant
+    if quant is not None:  # an entry of quantized weights (their config, scales' dtype, and code)
+        parts["quant"] = {**quant, "code": _quant_code_digest()}
     return parts
+
+
+def _quant_code_digest() -> str:
+    """sha256 of the quant package's sources: the buffers a quantized entry holds are what that
+    code made, in its layout."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1] / "quant"
+    for path in sorted(root.glob("*.py")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _crc_file(path: str) -> tuple[int, int]:
@@ -253,13 +264,17 @@ class WeightCache:
         source = Unpadded([Path(self.dir, WEIGHTS)], column="ours", device=device, staged=staged)
         return Hit(args, tokenizer, source)
 
-    def _discard(self, reason: str) -> None:
+    def discard(self, reason: str) -> None:
+        """Remove an entry that opened soundly but could not be used (logged; the next save rebuilds it)."""
+        self._discard(reason, recheck=False)
+
+    def _discard(self, reason: str, recheck: bool = True) -> None:
         log.warning("blitzgen: converted-weights cache entry %s is unusable (%s); rebuilding it", self.key, reason)
         self.status = f"rebuilt: {reason}"
         try:
             with layout.locked(self.dir):
                 with contextlib.suppress(Exception):  # a concurrent start may have rewritten it meanwhile
-                    if self._read("cpu") is not None:
+                    if recheck and self._read("cpu") is not None:
                         return
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.dir, MANIFEST))

@@ -55,17 +55,19 @@ def tensor_types(path: Path) -> dict[str, str]:
     return {} if scan is None else dict(scan[1])
 
 
-# llama.cpp types whose blocks are 32 weights sharing one scale (and a minimum): int4 with group
-# size 32 holds them exactly but for the scales' rounding to the compute dtype.
-FOUR_BIT_G32 = frozenset({"Q4_0", "Q4_1", "Q4_K"})
+# llama.cpp types that int4 g32, re-quantized from the dequantized weights, holds exactly but for
+# the scales' rounding: Q4_1 (32 weights, a scale and a minimum, codes spanning 0..15). Q4_0
+# (symmetric: a group need not reach both ends) and Q4_K (searched sub-block scales) would be
+# rounded a second time that way; they need their blocks imported as they are (not done yet).
+FOUR_BIT_G32 = frozenset({"Q4_1"})
 BLOCK_WEIGHTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
 def four_bit_blocks(path: Path) -> bool:
-    """Whether every transformer-block projection of the file is stored in 4 bits with 32-weight
-    groups (Q4_0, Q4_1, Q4_K), i.e. what int4 g32 keeps without further loss."""
-    types = [t for name, t in tensor_types(path).items() if name.split(".")[-2:-1] and
-             name.split(".")[-2] in BLOCK_WEIGHTS and name.startswith("blk.")]
+    """Whether every transformer-block projection weight of the file is a type in FOUR_BIT_G32,
+    i.e. what int4 g32 keeps without further loss (biases, e.g. Qwen2's, do not count)."""
+    types = [t for name, t in tensor_types(path).items()
+             if name.startswith("blk.") and name.endswith(".weight") and name.split(".")[-2] in BLOCK_WEIGHTS]
     return bool(types) and all(t in FOUR_BIT_G32 for t in types)
 
 

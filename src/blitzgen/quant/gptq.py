@@ -139,11 +139,12 @@ def gptq_quantize_model(model, config: Int4Config, samples: Sequence[Sequence[in
         xs = [layer(x, rope, mask, pos) for x, (pos, rope, mask) in zip(xs, ctx)]
         if log:
             log(f"GPTQ: block {li + 1}/{len(model.layers)} ({time.perf_counter() - t0:.0f} s)")
-    hook = _HessianHook(model.output.in_features, device)
-    for x in xs:
-        hook(None, (model.norm(x),))
-    # a tied head gets its own quantized copy; the embedding stays float
-    model.output = _quantized_linear(model.output, hook.H, config, dtype, damp)
+    if getattr(config, "head", True):
+        hook = _HessianHook(model.output.in_features, device)
+        for x in xs:
+            hook(None, (model.norm(x),))
+        # a tied head gets its own quantized copy; the embedding stays float
+        model.output = _quantized_linear(model.output, hook.H, config, dtype, damp)
     return {**quant_metadata(config, dtype, len(names)), "method": "gptq",
             "calibration_tokens": sum(len(s) for s in samples), "damp": damp}
 
