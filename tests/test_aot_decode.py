@@ -65,13 +65,14 @@ def test_aot_decode_saved_then_loaded_without_dynamo(tmp_path, regions):
     assert second["frames"] == 0, (first, second)
 
 
-def test_aot_decode_off_by_default(monkeypatch):
+def test_aot_decode_on_for_the_verbs_by_default(monkeypatch):
+    """On in the options the verbs build (from_env); a bare RuntimeOptions (library use) stays off."""
     from blitzgen.runtime import RuntimeOptions
 
     monkeypatch.delenv("BLITZGEN_AOT_DECODE", raising=False)
-    assert RuntimeOptions().aot_decode is False and RuntimeOptions.from_env().aot_decode is False
-    monkeypatch.setenv("BLITZGEN_AOT_DECODE", "1")
-    assert RuntimeOptions.from_env().aot_decode is True
+    assert RuntimeOptions().aot_decode is False and RuntimeOptions.from_env().aot_decode is True
+    monkeypatch.setenv("BLITZGEN_AOT_DECODE", "0")
+    assert RuntimeOptions.from_env().aot_decode is False
 
 
 class _FakeStep:
