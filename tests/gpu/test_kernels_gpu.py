@@ -109,6 +109,39 @@ def test_row_matmul_matches_reference(kind, g, seed, summary):
     summary(f"{n} (shape, rows) cases, worst relative error {worst:.1e}")
 
 
+@pytest.mark.parametrize("kernel", ["h2", "h2p"])
+def test_int4_packed_kernel_matches_reference(kernel, seed, summary):
+    """gemv_int4_h2 (fp16x2 dequantize and products) against the fp32 reference: every shape and
+    group, bf16 and fp16 activations, every candidate config at two shapes (split-K and K tails
+    included), large activations (no fp16 overflow below 32768), and its own CPU emulation."""
+    from blitzgen.kernels import gemv, gemv_int4_h2
+
+    worst, n = 0.0, 0
+    for g in (32, 64, 128):
+        for N, K in BIG + ODD:
+            for dtype in (torch.bfloat16,) if (N, K) in BIG[1:] else (torch.bfloat16, torch.float16):
+                x, args, r = _inputs("int4", N, K, g, dtype)
+                cfgs = [gemv.choose_config("int4", N, K, g, gemv._device_sms(x))]
+                if (N, K) in [(4096, 4096), (40, 1536)] and dtype == torch.bfloat16:
+                    cfgs = gemv.candidate_configs("int4", N, K, g, gemv._device_sms(x))
+                for cfg in cfgs:
+                    poison = torch.full((N,), float("nan"), dtype=dtype, device="cuda")
+                    y = gemv.int4_gemv_raw(x, *args, cfg=cfg, out=poison if cfg.split_k == 1 else None,
+                                           kernel=kernel)
+                    worst = max(worst, _check(y, r, TOL[dtype], f"{kernel} g={g} N={N} K={K} {dtype} {cfg} seed={seed}"))
+                    n += 1
+    x, (qw, sc, z, g), _ = _inputs("int4", 4096, 4096, 32, torch.bfloat16)
+    big = (x.float() * 3000).to(torch.bfloat16)  # |x| up to ~15000
+    r = int4_gemv_ref(big, qw, sc, z, g)
+    _check(gemv.int4_gemv_raw(big, qw, sc, z, g, kernel=kernel), r, TOL[torch.bfloat16], f"{kernel} large x")
+    cfg = gemv.GemvConfig(8, 2, 4, 1, 1)
+    y = gemv.int4_gemv_raw(x, qw, sc, z, g, cfg=cfg, kernel=kernel).float().flatten()
+    em = gemv_int4_h2.emulate(x.flatten().cpu(), qw.cpu(), sc.cpu(), z.cpu(), g).to(y.device)
+    emu = float((y - em).norm() / em.norm())
+    assert emu < 2e-3, f"{kernel}: {emu:.1e} from its CPU emulation"  # bf16 output rounding ~1e-3
+    summary(f"{n} launches, worst relative error {worst:.1e}; {emu:.1e} from the CPU emulation")
+
+
 @pytest.mark.parametrize("kind,g", [("int8", None), ("int4", 32)], ids=["int8", "int4g32"])
 def test_gemv_candidate_configs(kind, g, seed, summary):
     """Every config the autotuner or the benchmark may pick, at two shapes (incl. split-K)."""

@@ -582,8 +582,30 @@ def _launch_int8(x1, weight, scales, cfg: GemvConfig, launch=_identity, out=None
     return y if split_k == 1 else y.to(x1.dtype)
 
 
+INT4_KERNELS = ("fp32", "h2", "h2p")  # gemv.py's fp32 products; gemv_int4_h2 (p: with prefetch)
+
+
+@functools.lru_cache(maxsize=1)
+def int4_kernel_choice() -> str:
+    """Which int4 GEMV kernel runs: ``BLITZGEN_INT4_GEMV`` (fp32, h2, h2p), else the default
+    (read once per process)."""
+    v = (runtime.env("BLITZGEN_INT4_GEMV") or "fp32").lower()
+    if v not in INT4_KERNELS:
+        raise ValueError(f"BLITZGEN_INT4_GEMV={v!r}: expected one of {', '.join(INT4_KERNELS)}")
+    return v
+
+
+def _int4_kernel_and_extra(choice: str | None):
+    choice = choice or int4_kernel_choice()
+    if choice == "fp32":
+        return _int4_gemv_kernel, {}
+    from .gemv_int4_h2 import int4_h2_gemv_kernel
+
+    return int4_h2_gemv_kernel, {"PREFETCH": choice == "h2p"}
+
+
 def _launch_int4(x1, qweight, scales, zeros, group_size: int, cfg: GemvConfig,
-                 launch=_identity, out=None) -> torch.Tensor:
+                 launch=_identity, out=None, kernel: str | None = None) -> torch.Tensor:
     N = qweight.shape[0]
     K = qweight.shape[1] * 2
     w32 = qweight.view(torch.int32)
@@ -592,10 +614,11 @@ def _launch_int4(x1, qweight, scales, zeros, group_size: int, cfg: GemvConfig,
         y = out if out is not None else torch.empty(N, dtype=x1.dtype, device=x1.device)
     else:
         y = torch.zeros(N, dtype=torch.float32, device=x1.device)
-    launch(_int4_gemv_kernel)[grid](
+    fn, extra = _int4_kernel_and_extra(kernel)
+    launch(fn)[grid](
         x1, w32, scales, zeros, y, N, K, w32.stride(0), scales.stride(0), tps, INT4_MAGIC,
         BN=cfg.block_n, L=32 * cfg.num_warps, WPT=cfg.wpt, GS=group_size, SPLIT_K=split_k,
-        NUM_STAGES=cfg.num_stages, HAS_TAIL=has_tail, num_warps=cfg.num_warps)
+        NUM_STAGES=cfg.num_stages, HAS_TAIL=has_tail, num_warps=cfg.num_warps, **extra)
     return y if split_k == 1 else y.to(x1.dtype)
 
 
@@ -629,7 +652,7 @@ def _int8_impl(x, weight, scales, launch, cfg: GemvConfig | None = None, out=Non
 
 
 def _int4_impl(x, qweight, scales, zeros, group_size: int, launch, cfg: GemvConfig | None = None,
-               out=None):
+               out=None, kernel: str | None = None):
     N = qweight.shape[0]
     K = qweight.shape[1] * 2
     _check_x(x, K)
@@ -647,7 +670,8 @@ def _int4_impl(x, qweight, scales, zeros, group_size: int, launch, cfg: GemvConf
         from .reference import int4_gemv_ref
 
         return int4_gemv_ref(x, qweight, scales, zeros, group_size)
-    return _launch_int4(x1, qweight, scales, zeros, group_size, cfg, launch, out).reshape(out_shape)
+    return _launch_int4(x1, qweight, scales, zeros, group_size, cfg, launch, out,
+                        kernel).reshape(out_shape)
 
 
 def int8_gemv_raw(x, weight, scales, cfg: GemvConfig | None = None, out=None) -> torch.Tensor:
@@ -659,9 +683,10 @@ def int8_gemv_raw(x, weight, scales, cfg: GemvConfig | None = None, out=None) ->
 
 
 def int4_gemv_raw(x, qweight, scales, zeros, group_size: int, cfg: GemvConfig | None = None,
-                  out=None) -> torch.Tensor:
-    """Launch the int4 kernel directly (no torch.library; works under TRITON_INTERPRET=1)."""
-    return _int4_impl(x, qweight, scales, zeros, group_size, _identity, cfg, out)
+                  out=None, kernel: str | None = None) -> torch.Tensor:
+    """Launch the int4 kernel directly (no torch.library; the fp32 kernel also runs under
+    TRITON_INTERPRET=1). ``kernel``: one of INT4_KERNELS (default: ``int4_kernel_choice()``)."""
+    return _int4_impl(x, qweight, scales, zeros, group_size, _identity, cfg, out, kernel)
 
 
 # ---------------------------------------------------------------------------------------------
