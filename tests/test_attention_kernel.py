@@ -39,7 +39,16 @@ for case in json.loads(sys.argv[1]):
         mask[a:b] = True
     k[:, :, ~mask] = 1e4          # hidden positions must not matter
     v[:, :, ~mask] = float("nan")
-    y = decode_attention_raw(q, k, v, mask.view(1, 1, 1, S))
+    pos = None
+    if "pos" in case:  # the query's position: keys past it are never visited, even where the
+        pos = torch.tensor([case["pos"]])  # mask (wrongly) lets them through
+        late = torch.zeros(S, dtype=torch.bool)
+        late[case["pos"] + 1:] = True
+        k[:, :, late] = 1e4
+        v[:, :, late] = float("nan")
+        y = decode_attention_raw(q, k, v, (mask | late).view(1, 1, 1, S), pos)
+    else:
+        y = decode_attention_raw(q, k, v, mask.view(1, 1, 1, S))
     r = reference(q, k.masked_fill(~mask.view(1, 1, S, 1), 0), v.masked_fill(~mask.view(1, 1, S, 1), 0), mask)
     rel = ((y.double() - r).norm() / r.norm()).item()
     out.append({"case": case, "rel": rel, "finite": bool(torch.isfinite(y).all()), "shape": list(y.shape),
@@ -53,6 +62,9 @@ CASES = [  # GQA groups 1, 3, 4, 8; caches that are and are not multiples of the
     dict(hkv=1, g=3, S=64, D=32, dtype="bfloat16", ranges=[[0, 1]], tol=1e-2, seed=2),
     dict(hkv=2, g=8, S=257, D=128, dtype="float16", ranges=[[0, 100]], tol=2e-3, seed=3),
     dict(hkv=1, g=4, S=512, D=64, dtype="float32", ranges=[[200, 260], [300, 301]], tol=1e-5, seed=4),
+    # a large static cache filled to its query's position (what a compiled server decodes)
+    dict(hkv=2, g=4, S=1024, D=64, dtype="bfloat16", ranges=[[0, 150]], pos=149, tol=1e-2, seed=5),
+    dict(hkv=4, g=1, S=700, D=32, dtype="float32", ranges=[[0, 64]], pos=63, tol=1e-5, seed=6),
 ]
 
 
@@ -137,7 +149,7 @@ def test_model_dispatches_to_the_kernel(monkeypatch):
 
     calls = []
 
-    def fake_kernel(qg, k, v, mask):
+    def fake_kernel(qg, k, v, mask, pos=None):
         calls.append((tuple(qg.shape), qg.is_contiguous(), tuple(k.shape), tuple(mask.shape)))
         return torch.nn.functional.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
 

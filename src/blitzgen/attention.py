@@ -27,7 +27,8 @@ PREFIX_ROUND = 256
 _TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, impl: str = "auto", chunks: int = 4) -> Tensor:
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, impl: str = "auto", chunks: int = 4,
+                     input_pos: Tensor | None = None) -> Tensor:
     """Attention for one query token with grouped KV heads, without repeating the cache.
 
     q: [B, H, 1, D]; k, v: [B, Hkv, S, D]; mask: [1, 1, 1, S]. The G = H / Hkv query heads that
@@ -44,7 +45,9 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, impl: str = 
     one block per head, and 32 heads fill the card well enough: 56% of the copy bandwidth at S=2000,
     matmul 49%), split in 4 when G > 1 (SDPA's 8 blocks for 8 KV heads reached 6% at S=4256, split:4
     27%, gpt-fast's repeat_interleave 9%). "triton" is the split-K kernel in kernels/attention.py
-    on CUDA tensors with a power-of-two head size in 16..256; elsewhere it means "auto".
+    on CUDA tensors with a power-of-two head size in 16..256; elsewhere it means "auto". Given
+    ``input_pos`` (the query's position, [1]) it stops at that position, so it reads and visits
+    only the filled part of a static cache.
     """
     B, H, _, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -52,7 +55,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, impl: str = 
     if impl == "triton" and _triton_attention_ok(q, D):
         from .kernels.attention import decode_attention as triton_decode_attention
 
-        return triton_decode_attention(qg.contiguous(), k, v, mask).reshape(B, H, 1, D)
+        return triton_decode_attention(qg.contiguous(), k, v, mask, input_pos).reshape(B, H, 1, D)
     if impl in ("auto", "triton"):
         impl = "sdpa" if H == Hkv else "split"
     if impl == "sdpa":
@@ -111,7 +114,7 @@ class AttentionOp:
         if not q.is_cuda and not torch.compiler.is_compiling():
             k, v, mask = _filled_prefix(k, v, mask, input_pos)
         if q.shape[2] == 1:
-            return decode_attention(q, k, v, mask, self.decode_impl, self.chunks)
+            return decode_attention(q, k, v, mask, self.decode_impl, self.chunks, input_pos)
         H, Hkv = q.shape[1], k.shape[1]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != Hkv)
 

@@ -190,11 +190,15 @@ ATTN = [(8, 4, 4096, 128, torch.bfloat16, 4000),  # Llama-3-8B at 4k
         (8, 4, 8192, 128, torch.bfloat16, 5001),
         (4, 4, 300, 64, torch.float16, 211),
         (2, 8, 64, 128, torch.bfloat16, 1),
-        (4, 2, 1000, 64, torch.float32, 999)]
+        (4, 2, 1000, 64, torch.float32, 999),
+        (8, 4, 8192, 128, torch.bfloat16, 200)]  # a server's static cache, short fill
 
 
+@pytest.mark.parametrize("with_pos", [False, True], ids=["mask", "pos"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_decode_attention_kernel(compiled, seed, summary):
+def test_decode_attention_kernel(compiled, with_pos, seed, summary):
+    """Against float64; with_pos: told the query's position, the kernel stops there (the mask
+    then lets later keys through, and they hold NaN: visiting one would show)."""
     from blitzgen.kernels.attention import decode_attention
 
     fn = torch.compile(decode_attention, fullgraph=True, dynamic=False) if compiled else decode_attention
@@ -206,7 +210,11 @@ def test_decode_attention_kernel(compiled, seed, summary):
         mask = torch.zeros(S, dtype=torch.bool, device="cuda")
         mask[:filled] = True
         k[:, :, filled:], v[:, :, filled:] = float("nan"), float("nan")  # never to be read
-        y = fn(q, k, v, mask.view(1, 1, 1, S))
+        if with_pos:
+            pos = torch.tensor([filled - 1], device="cuda")
+            y = fn(q, k, v, torch.ones_like(mask).view(1, 1, 1, S), pos)
+        else:
+            y = fn(q, k, v, mask.view(1, 1, 1, S))
         r = _attention_ref(q, k[:, :, :filled], v[:, :, :filled], mask[:filled])
         what = f"attention Hkv={hkv} G={g} S={S} D={D} filled={filled} {dtype} seed={seed}"
         assert y.shape == q.shape and y.dtype == dtype and torch.isfinite(y).all(), what

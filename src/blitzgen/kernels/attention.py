@@ -22,6 +22,7 @@ slice length changes (about every thousand tokens).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -33,13 +34,13 @@ BLOCK_N = 64
 
 
 @triton.jit
-def _split_kernel(Q, K, V, MASK, OUT, MAX, SUM,
+def _split_kernel(Q, K, V, MASK, POS, OUT, MAX, SUM,
                   stride_qb, stride_qh, stride_qg,
                   stride_kb, stride_kh, stride_ks,
                   stride_vb, stride_vh, stride_vs,
                   G, S, HKV, scale,
                   SPLIT_LEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  PRECISION: tl.constexpr, HAS_POS: tl.constexpr):
     bh = tl.program_id(0)  # b * HKV + h
     sp = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -55,9 +56,14 @@ def _split_kernel(Q, K, V, MASK, OUT, MAX, SUM,
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     start = sp * SPLIT_LEN
-    for off in range(0, SPLIT_LEN, BLOCK_N):
+    end = SPLIT_LEN
+    n_keys = S
+    if HAS_POS:  # causal decode: no key past the query's position is valid; stop there
+        n_keys = tl.minimum(tl.load(POS).to(tl.int32) + 1, S)
+        end = tl.minimum(n_keys - start, SPLIT_LEN)
+    for off in range(0, end, BLOCK_N):
         offs_n = start + off + tl.arange(0, BLOCK_N)
-        valid = tl.load(MASK + offs_n, mask=offs_n < S, other=0) != 0
+        valid = tl.load(MASK + offs_n, mask=offs_n < n_keys, other=0) != 0
         k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=valid[:, None], other=0.0)
         # float32 operands: the kernel is bound by reading the cache, not by the dots, and Triton's
         # CPU interpreter gets bf16 dots wrong. PRECISION is "tf32" for 16-bit caches (q.k exact:
@@ -80,15 +86,23 @@ def _split_kernel(Q, K, V, MASK, OUT, MAX, SUM,
     tl.store(SUM + row, l_i)
 
 
-def plan(batch_heads: int, S: int, device: torch.device) -> tuple[int, int]:
-    """(slice length, number of slices): about 4 programs per SM, slices a multiple of BLOCK_N."""
-    want = max(1, math.ceil(4 * _num_sms(device.index if device.type == "cuda" else None) / batch_heads))
-    splits = max(1, min(want, math.ceil(S / BLOCK_N)))
-    split_len = math.ceil(math.ceil(S / splits) / BLOCK_N) * BLOCK_N
+PROGRAMS_PER_SM = 4
+NUM_WARPS = 4
+
+
+def plan(batch_heads: int, S: int, device: torch.device, programs_per_sm: int = PROGRAMS_PER_SM,
+         block_n: int = BLOCK_N) -> tuple[int, int]:
+    """(slice length, number of slices): about programs_per_sm programs per SM, slices a multiple
+    of block_n."""
+    want = max(1, math.ceil(programs_per_sm * _num_sms(device.index if device.type == "cuda" else None)
+                            / batch_heads))
+    splits = max(1, min(want, math.ceil(S / block_n)))
+    split_len = math.ceil(math.ceil(S / splits) / block_n) * block_n
     return split_len, math.ceil(S / split_len)
 
 
-def _impl(q, k, v, mask, launch) -> torch.Tensor:
+def _impl(q, k, v, mask, launch, pos=None, programs_per_sm: int = PROGRAMS_PER_SM,
+          block_n: int = BLOCK_N, num_warps: int = NUM_WARPS) -> torch.Tensor:
     B, Hkv, G, D = q.shape
     S = k.shape[2]
     if k.stride(-1) != 1 or v.stride(-1) != 1 or q.stride(-1) != 1 or D not in (16, 32, 64, 128, 256):
@@ -97,16 +111,17 @@ def _impl(q, k, v, mask, launch) -> torch.Tensor:
     if flat_mask.numel() != S:
         raise ValueError(f"decode_attention: the mask must hold one flag per cache position ({S})")
     block_g = max(16, triton.next_power_of_2(G))
-    split_len, splits = plan(B * Hkv, S, q.device)
+    split_len, splits = plan(B * Hkv, S, q.device, programs_per_sm, block_n)
     out = torch.empty(B * Hkv, splits, block_g, D, device=q.device, dtype=torch.float32)
     mx = torch.empty(B * Hkv, splits, block_g, device=q.device, dtype=torch.float32)
     sm = torch.empty_like(mx)
     launch(_split_kernel)[(B * Hkv, splits)](
-        q, k, v, flat_mask, out, mx, sm,
+        q, k, v, flat_mask, flat_mask if pos is None else pos, out, mx, sm,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), G, S, Hkv, 1.0 / math.sqrt(D),
-        SPLIT_LEN=split_len, BLOCK_N=BLOCK_N, BLOCK_G=block_g, D=D,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+        SPLIT_LEN=split_len, BLOCK_N=block_n, BLOCK_G=block_g, D=D,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_POS=pos is not None,
+        num_warps=num_warps)
     # merge the slices: weights exp(m_s - max_s m_s); a slice that saw no unmasked key has m = -inf
     m_all = mx.amax(1, keepdim=True)
     w = torch.exp(mx - m_all.clamp(min=torch.finfo(torch.float32).min))
@@ -121,9 +136,10 @@ def _identity(fn):
     return fn
 
 
-def decode_attention_raw(q, k, v, mask) -> torch.Tensor:
-    """Launch directly (no torch.library; works on CPU tensors under TRITON_INTERPRET=1)."""
-    return _impl(q, k, v, mask, _identity)
+def decode_attention_raw(q, k, v, mask, pos=None, **plan_kw) -> torch.Tensor:
+    """Launch directly (no torch.library; works on CPU tensors under TRITON_INTERPRET=1).
+    plan_kw: programs_per_sm, block_n, num_warps (benchmarks/attention_gpu.py sweeps them)."""
+    return _impl(q, k, v, mask, _identity, pos, **plan_kw)
 
 
 def _register_op():
@@ -132,8 +148,9 @@ def _register_op():
     from torch.library import triton_op, wrap_triton
 
     @triton_op("blitzgen::decode_attention", mutates_args=())
-    def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return _impl(q, k, v, mask, wrap_triton)
+    def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                            pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _impl(q, k, v, mask, wrap_triton, pos)
 
     return decode_attention_op
 
@@ -141,9 +158,14 @@ def _register_op():
 _op = _register_op()
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     pos: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D) masked) v for q [B, Hkv, G, D] against k, v [B, Hkv, S, D]; mask
-    [..., S] bool, the same for every query row. Output [B, Hkv, G, D] in q's dtype."""
+    [..., S] bool, the same for every query row. Output [B, Hkv, G, D] in q's dtype.
+
+    pos (optional, a one-element integer tensor on the device): the query's position. No key past
+    it is read or even visited, so a large static cache costs what its filled part costs (the
+    mask must already hide those keys: causal decoding)."""
     if _op is None or not q.is_cuda:
-        return decode_attention_raw(q, k, v, mask)
-    return torch.ops.blitzgen.decode_attention(q, k, v, mask)
+        return decode_attention_raw(q, k, v, mask, pos)
+    return torch.ops.blitzgen.decode_attention(q, k, v, mask, pos)
