@@ -52,3 +52,21 @@ def test_compiled_as_shipped_matches_eager_plain(quantize, regions, aot, tmp_pat
     summary(f"{quantize or 'bf16'} regions={model.compile_regions} aot={aot} fused={fused}: {msg}")
     del gen
     torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"], ids=["bf16", "int4"])
+def test_triton_decode_attention_in_the_model(quantize, tmp_path, summary):
+    """The compiled decode with the Triton decode attention told the position (a 1024-position
+    static cache filled to ~50): against the eager plain model."""
+    torch._dynamo.reset()
+    oracle = random_model(quantize=quantize, cache=1024)
+    eager = _ids(Generator(oracle))
+    opts = RuntimeOptions(device="cuda", compile=True, decode_attention="triton", cache_dir=str(tmp_path))
+    model = random_model(quantize=quantize, cache=1024)
+    model.compile_regions = opts.regions_for("cuda")
+    gen = Generator(model, options=opts)
+    assert model.attention_op.decode_impl == "triton"
+    got = _ids(gen)
+    summary(f"{quantize or 'bf16'} triton attention: " + check_greedy(oracle, PROMPT, got, TOL, eager))
+    del gen
+    torch.cuda.empty_cache()
