@@ -102,6 +102,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--skip", default="", help="comma-separated variant names to leave out (e.g. flex,repeat)")
     ap.add_argument("--pick", default="llama-3-8b/p4000", help="shape whose fastest blitzgen variant is printed")
     a = ap.parse_args()
     from triton.testing import do_bench, do_bench_cudagraph
@@ -124,7 +125,10 @@ def main() -> int:
         ref = reference(q, ks[0], vs[0], mask)
         nbytes = 2 * LAYERS * Hkv * filled * D * 2  # what must move: the filled part of K and V
         rows = {}
+        skip = set(filter(None, a.skip.split(",")))
         for vname, fn in variants(S).items():
+            if vname in skip:
+                continue
             try:
                 cf = torch.compile(fn, fullgraph=True, dynamic=False)
                 out = cf(q, ks[0], vs[0], mask, pos)
