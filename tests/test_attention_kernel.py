@@ -161,3 +161,35 @@ def test_model_dispatches_to_the_kernel(monkeypatch):
     y = M.decode_attention(q, k, v, mask, "triton")
     assert calls == [((1, 2, 4, 64), True, (1, 2, 40, 64), (1, 1, 1, 40))]
     torch.testing.assert_close(y, M.decode_attention(q, k, v, mask, "sdpa"))
+
+
+def test_auto_takes_the_kernel_for_grouped_heads_with_a_position(monkeypatch):
+    """"auto" hands grouped heads to the kernel, with the query's position, where the kernels are
+    available; ungrouped heads, no position, or no kernels keep the plain paths."""
+    import torch
+
+    import blitzgen.attention as M
+    import blitzgen.kernels as kernels_pkg
+    import blitzgen.kernels.attention as A
+
+    calls = []
+
+    def fake_kernel(qg, k, v, mask, pos=None):
+        calls.append(None if pos is None else int(pos[0]))
+        return torch.nn.functional.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
+
+    monkeypatch.setattr(A, "decode_attention", fake_kernel)
+    monkeypatch.setattr(M, "_triton_attention_ok", lambda q, d: True)
+    monkeypatch.setattr(kernels_pkg, "available", lambda: True)
+    mask = (torch.arange(40) < 30).view(1, 1, 1, 40)
+    pos = torch.tensor([29])
+    grouped = torch.randn(1, 8, 1, 64), torch.randn(1, 2, 40, 64), torch.randn(1, 2, 40, 64)
+    plain = torch.randn(1, 2, 1, 64), torch.randn(1, 2, 40, 64), torch.randn(1, 2, 40, 64)
+    y = M.decode_attention(*grouped, mask, "auto", input_pos=pos)
+    assert calls == [29]
+    torch.testing.assert_close(y, M.decode_attention(*grouped, mask, "split"))
+    M.decode_attention(*plain, mask, "auto", input_pos=pos)  # G == 1: SDPA
+    M.decode_attention(*grouped, mask, "auto")  # no position: split
+    monkeypatch.setattr(kernels_pkg, "available", lambda: False)
+    M.decode_attention(*grouped, mask, "auto", input_pos=pos)  # kernels off: split
+    assert calls == [29]

@@ -40,18 +40,23 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, impl: str = 
     softmax over the cache, one matmul with V. "split": as matmul, but probabilities times V in
     `chunks` slices of the cache as a batch of matmuls, summed after (flash-decoding's split-K in
     plain ops: the sum over S gets chunks times more parallel work). All give the same result up
-    to rounding; which is fastest depends on Hkv, G and S. "auto" takes what measured fastest
-    (benchmarks/attention_gpu.py, H100, torch 2.11, BENCHMARKS.md): SDPA when G == 1 (it launches
-    one block per head, and 32 heads fill the card well enough: 56% of the copy bandwidth at S=2000,
-    matmul 49%), split in 4 when G > 1 (SDPA's 8 blocks for 8 KV heads reached 6% at S=4256, split:4
-    27%, gpt-fast's repeat_interleave 9%). "triton" is the split-K kernel in kernels/attention.py
-    on CUDA tensors with a power-of-two head size in 16..256; elsewhere it means "auto". Given
-    ``input_pos`` (the query's position, [1]) it stops at that position, so it reads and visits
-    only the filled part of a static cache.
+    to rounding; which is fastest depends on Hkv, G and S. "triton" is the split-K kernel in
+    kernels/attention.py on CUDA tensors with a power-of-two head size in 16..256 (elsewhere it
+    means "auto"); given ``input_pos`` (the query's position, [1]) it stops there, so it reads and
+    visits only the filled part of a static cache. "auto" takes what measured fastest
+    (benchmarks/attention_gpu.py, H200, torch 2.11, BENCHMARKS.md): when G > 1 on CUDA with the
+    kernels available, "triton" with the position (1.6x split:4 at a 205-position cache and at an
+    8192-position server cache filled to 200; 8% slower at 4250 of 4256); else SDPA when G == 1
+    (one block per head; 32 heads fill the card: 56% of copy at S=2000), split in 4 when G > 1.
     """
     B, H, _, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     qg = q.reshape(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D]
+    if impl == "auto" and H != Hkv and input_pos is not None and _triton_attention_ok(q, D):
+        from . import kernels
+
+        if kernels.available():
+            impl = "triton"
     if impl == "triton" and _triton_attention_ok(q, D):
         from .kernels.attention import decode_attention as triton_decode_attention
 

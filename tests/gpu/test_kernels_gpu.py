@@ -129,7 +129,7 @@ def test_int4_packed_kernel_matches_reference(kernel, seed, summary):
                     y = gemv.int4_gemv_raw(x, *args, cfg=cfg, out=poison if cfg.split_k == 1 else None,
                                            kernel=kernel)
                     # fp16 activations: fp16 sums over a tile (~1e-3) exceed fp16's own output rounding
-                    tol = max(TOL[dtype], 5e-3)
+                    tol = max(TOL[dtype], 1e-2)
                     worst = max(worst, _check(y, r, tol, f"{kernel} g={g} N={N} K={K} {dtype} {cfg} seed={seed}"))
                     n += 1
     x, (qw, sc, z, g), _ = _inputs("int4", 4096, 4096, 32, torch.bfloat16)
