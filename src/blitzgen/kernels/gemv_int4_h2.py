@@ -34,14 +34,6 @@ import triton.language as tl
 
 W_SCALE = 64.0  # the fp16 weights are (q - 8) / 64
 
-# Best (block_n, num_warps, wpt, split_k, num_stages) per int4 shape "N:K" on a 132-SM H200
-# (torch 2.11 / Triton 3.6, benchmarks/int4_gemv_gpu.py, group 32, 2026-12-03; used for every group
-# size). Where it differs from gemv.py's table it won by 4-20%.
-MEASURED_H200 = {
-    "12288:4096": (8, 2, 4, 1, 1), "4096:4096": (16, 4, 4, 1, 1), "22016:4096": (8, 2, 4, 1, 1),
-    "4096:11008": (8, 4, 4, 1, 1), "32000:4096": (8, 2, 4, 1, 1), "6144:4096": (4, 2, 4, 1, 1),
-    "28672:4096": (8, 2, 4, 1, 1), "4096:14336": (8, 4, 4, 1, 1),
-}
 
 # pairs (16 + q[p] / 64, 16 + q[p + 4] / 64) of one word, minus 16.125 -> acc += (q - 8) / 64 * x
 _WORD_ASM = tl.constexpr("""
