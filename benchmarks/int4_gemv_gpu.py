@@ -64,11 +64,11 @@ def main():
             ws = [make_int4(N, K, g, dev) for _ in range(copies)]
             x = torch.randn(K, device=dev, dtype=torch.bfloat16)
             ref = int4_gemv_ref(x.float(), *ws[0], g).float()
-            base = gemv.choose_config("int4", N, K, g, gemv._num_sms(torch.cuda.current_device()))
+            sms = gemv._num_sms(torch.cuda.current_device())
             for kern in a.kernels.split(","):
-                cfgs = [base] if kern == "fp32" else [base] + [
-                    gemv.GemvConfig(bn, nw, wpt, 1, 1) for bn, nw, wpt in CONFIGS
-                    if (bn, nw, wpt, 1, 1) != tuple(base)]
+                base = gemv.choose_config("int4", N, K, g, sms, kernel=kern)
+                cfgs = [base] + [gemv.GemvConfig(bn, nw, wpt, 1, 1) for bn, nw, wpt in CONFIGS
+                                 if (bn, nw, wpt, 1, 1) != tuple(base)]
                 for cfg in cfgs:
                     try:
                         y = gemv.int4_gemv_raw(x, *ws[0], g, cfg=cfg, kernel=kern).float()

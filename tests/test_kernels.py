@@ -469,11 +469,12 @@ def test_int4_packed_emulation_matches_reference(N, K, g, scale):
     sc = (torch.rand(N, K // g, generator=gen) * 0.02 + 1e-3).to(torch.bfloat16)
     z = (torch.randn(N, K // g, generator=gen) * 0.02).to(torch.bfloat16)
     x = (torch.randn(K, generator=gen) * scale).to(torch.bfloat16)
-    ref = int4_gemv_ref(x.float(), qw, sc, z, g).float()
-    em = gemv_int4_h2.emulate(x, qw, sc, z, g)
-    assert float((em - ref).norm() / ref.norm()) < 1e-3
-    # and the emulation is not vacuous: fp16 products are coarser than the exact fp32 path
-    assert not torch.equal(em, ref)
+    ref = int4_gemv_ref(x.double(), qw, sc.double(), z.double(), g).double()  # exact
+    em = gemv_int4_h2.emulate(x, qw, sc, z, g).double()
+    rel = float((em - ref).norm() / ref.norm())
+    # within the bf16 output's own rounding, yet well above fp32 rounding: the fp16 arithmetic is
+    # really emulated (an emulation in fp32 would land near 1e-7)
+    assert 2e-5 < rel < 1e-3, rel
 
 
 def test_int4_kernel_choice_is_validated(monkeypatch):

@@ -45,8 +45,9 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, impl: str = 
     means "auto"); given ``input_pos`` (the query's position, [1]) it stops there, so it reads and
     visits only the filled part of a static cache. "auto" takes what measured fastest
     (benchmarks/attention_gpu.py, H200, torch 2.11, BENCHMARKS.md): when G > 1 on CUDA with the
-    kernels available, "triton" with the position (1.6x split:4 at a 205-position cache and at an
-    8192-position server cache filled to 200; 8% slower at 4250 of 4256); else SDPA when G == 1
+    kernels available, "triton" with the position (1.6x split:4 at an 8192-position server cache
+    filled to 200; 1.5x at a 205-position cache, where split:4 does not divide the cache and the
+    previous choice fell back to matmul; 8% slower than split:4 at 4250 of 4256); else SDPA when G == 1
     (one block per head; 32 heads fill the card: 56% of copy at S=2000), split in 4 when G > 1.
     """
     B, H, _, D = q.shape

@@ -1,5 +1,6 @@
 """Custom Triton kernels for batch-1 decode: weight-only int8 / int4 GEMV (see gemv.py), and a
-split-K attention for one query token over the KV cache (attention.py: opt-in, imported on use).
+split-K attention for one query token over the KV cache (attention.py: the default for grouped
+heads, imported on use).
 Fused decode GEMVs (fused_gemv.py: RMSNorm prologue, SwiGLU or residual-add epilogue, for int8,
 int4 and float weights) and the one-token block built on them (fused_decode.py) are opt-in too
 (``RuntimeOptions.fused_decode``, BLITZGEN_FUSED=1): ``fused_int8_gemv`` / ``fused_int4_gemv`` /

@@ -8,12 +8,16 @@ share its KV head to its slice, with an online softmax, and writes a partial out
 running max and sum. A few torch ops then merge the slices (the log-sum-exp trick). Every cache
 entry is read once, and only where the mask is set: masked loads fetch nothing.
 
-    out = decode_attention(q, k, v, mask)   # q [B, Hkv, G, D], k/v [B, Hkv, S, D], mask [1, 1, 1, S] bool
+    out = decode_attention(q, k, v, mask, pos)   # q [B, Hkv, G, D], k/v [B, Hkv, S, D], mask [1, 1, 1, S] bool
 
-**Status: opt-in and unmeasured.** It is selected with
-``model.Attention.decode_impl = "triton"`` (``gpu_side_by_side.py --decode-attention triton``)
-and is not the default. It is correct against a float64 reference under Triton's interpreter
-(tests/test_attention_kernel.py), but has not been timed on a GPU yet. The slice length is a
+Given the query's position ``pos`` (a device tensor, read at run time, so CUDA graphs keep
+working), no slice visits a key past it: the keys read are the filled ones, though the number of
+slices and their merge still follow the static cache length (BENCHMARKS.md: a Llama-3-8B layer
+stack at 200 filled of 8192 took 427 us against 241 us at a 205-position cache).
+
+**Status:** the default one-token attention for grouped heads on CUDA (attention.decode_attention,
+"auto"; measured with benchmarks/attention_gpu.py). Tested against float64 under Triton's
+interpreter (tests/test_attention_kernel.py) and on the GPU (tests/gpu). The slice length is a
 compile-time constant that follows the cache length: the compiled decode graph sees one static
 cache length, but eager decode over a growing ``kv_len`` compiles a new variant each time the
 slice length changes (about every thousand tokens).
@@ -164,8 +168,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     [..., S] bool, the same for every query row. Output [B, Hkv, G, D] in q's dtype.
 
     pos (optional, a one-element integer tensor on the device): the query's position. No key past
-    it is read or even visited, so a large static cache costs what its filled part costs (the
-    mask must already hide those keys: causal decoding)."""
+    it is read or even visited (the mask must already hide those keys: causal decoding)."""
     if _op is None or not q.is_cuda:
         return decode_attention_raw(q, k, v, mask, pos)
     return torch.ops.blitzgen.decode_attention(q, k, v, mask, pos)

@@ -357,7 +357,8 @@ def _config(kind, N, K, g, x1, swiglu):
     key = (kind, N, K, g, sms, swiglu)
     cfg = _CONFIGS.get(key)
     if cfg is None:
-        cfg = _float_config(N, K, sms) if kind == "float" else _g.choose_config(kind, N, K, g, sms)
+        cfg = (_float_config(N, K, sms) if kind == "float"  # the fused int4 kernel is gemv.py's fp32 one
+               else _g.choose_config(kind, N, K, g, sms, kernel="fp32" if kind == "int4" else None))
         _CONFIGS[key] = cfg = _even(cfg) if swiglu else cfg
     return cfg
 

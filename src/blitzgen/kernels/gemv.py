@@ -437,10 +437,11 @@ def _int4_impl(x, qweight, scales, zeros, group_size: int, launch, cfg: GemvConf
     qweight = qweight.contiguous()
     scales = scales.contiguous()
     zeros = zeros.contiguous()
+    kernel = kernel or int4_kernel_choice()
     if cfg is None and supported("int4", K, group_size):
         cfg = _pick_config("int4", N, K, group_size, x1,
-                           lambda c: _launch_int4(x1, qweight, scales, zeros, group_size, c),
-                           (x1, qweight, scales, zeros))
+                           lambda c: _launch_int4(x1, qweight, scales, zeros, group_size, c, kernel=kernel),
+                           (x1, qweight, scales, zeros), kernel)
     if cfg is None or not supported("int4", K, group_size, cfg):
         _report_unsupported("int4", N, K, group_size)
         from .reference import int4_gemv_ref

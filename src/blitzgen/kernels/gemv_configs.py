@@ -89,8 +89,9 @@ _MEASURED_SMS = 132  # the table is used only with this SM count (H200; also H10
 
 
 def choose_config(kind: str, N: int, K: int, group_size: int | None = None,
-                  num_sms: int = _DEFAULT_SMS) -> GemvConfig:
-    """Deterministic config for one GEMV shape (no timing).
+                  num_sms: int = _DEFAULT_SMS, kernel: str | None = None) -> GemvConfig:
+    """Deterministic config for one GEMV shape (no timing). ``kernel``: for int4, the kernel the
+    config is for (INT4_KERNELS; default ``int4_kernel_choice()``).
 
     Precedence: the ``BLITZGEN_GEMV_CONFIGS`` file, then ``_MEASURED_H200`` (the measured table,
     only when ``num_sms == 132``), then these rules, fitted to that H200 sweep:
@@ -116,7 +117,7 @@ def choose_config(kind: str, N: int, K: int, group_size: int | None = None,
     over = _overrides().get(key)
     if over is not None:
         return over
-    if num_sms == _MEASURED_SMS and kind == "int4" and int4_kernel_choice() != "fp32":
+    if num_sms == _MEASURED_SMS and kind == "int4" and (kernel or int4_kernel_choice()) != "fp32":
         cfg = _MEASURED_H200_H2.get(f"{N}:{K}")
         if cfg is not None and supported(kind, K, group_size, GemvConfig(*cfg)):
             return GemvConfig(*cfg)
@@ -146,10 +147,10 @@ def choose_config(kind: str, N: int, K: int, group_size: int | None = None,
 
 
 def candidate_configs(kind: str, N: int, K: int, group_size: int | None = None,
-                      num_sms: int = _DEFAULT_SMS) -> list[GemvConfig]:
+                      num_sms: int = _DEFAULT_SMS, kernel: str | None = None) -> list[GemvConfig]:
     """The heuristic config plus one-axis variations of it (~10; for autotuning and the GPU
     benchmark's sweep)."""
-    base = choose_config(kind, N, K, group_size, num_sms)
+    base = choose_config(kind, N, K, group_size, num_sms, kernel)
     out = [base]
 
     def add(c: GemvConfig) -> None:
@@ -192,7 +193,7 @@ def _overrides() -> dict[str, GemvConfig]:
     return {k: GemvConfig(**v) for k, v in data.items()}
 
 
-_TUNED: dict[str, GemvConfig] = {}
+_TUNED: dict[tuple, GemvConfig] = {}
 _CHOSEN: dict[tuple, GemvConfig] = {}  # heuristic picks per (shape key, device): eager decode asks every call
 
 
@@ -207,22 +208,24 @@ def _autotune_enabled(*tensors: torch.Tensor) -> bool:
 
 
 def _pick_config(kind: str, N: int, K: int, group_size: int | None, ref: torch.Tensor,
-                 run: Callable[[GemvConfig], torch.Tensor], tensors: tuple) -> GemvConfig:
+                 run: Callable[[GemvConfig], torch.Tensor], tensors: tuple,
+                 kernel: str | None = None) -> GemvConfig:
     key = _config_key(kind, N, K, group_size)
-    if key in _TUNED:
-        return _TUNED[key]
+    tuned = (key, kernel)
+    if tuned in _TUNED:
+        return _TUNED[tuned]
     if not _autotune_enabled(*tensors):
-        chosen = (key, ref.device)
+        chosen = (key, kernel, ref.device)
         if chosen not in _CHOSEN:
-            _CHOSEN[chosen] = choose_config(kind, N, K, group_size, _device_sms(ref))
+            _CHOSEN[chosen] = choose_config(kind, N, K, group_size, _device_sms(ref), kernel)
         return _CHOSEN[chosen]
     sms = _device_sms(ref)
-    cfg = choose_config(kind, N, K, group_size, sms)
+    cfg = choose_config(kind, N, K, group_size, sms, kernel)
     if key not in _overrides():
         from triton.testing import do_bench
 
         best = None
-        for c in candidate_configs(kind, N, K, group_size, sms):
+        for c in candidate_configs(kind, N, K, group_size, sms, kernel):
             if not supported(kind, K, group_size, c):
                 continue
             try:
@@ -235,7 +238,7 @@ def _pick_config(kind: str, N: int, K: int, group_size: int | None, ref: torch.T
                 best = (ms, c)
         if best is not None:
             cfg = best[1]
-        _TUNED[key] = cfg
+        _TUNED[tuned] = cfg
     return cfg
 
 
@@ -243,11 +246,19 @@ INT4_KERNELS = ("fp32", "h2", "h2p")  # gemv.py's fp32 products; gemv_int4_h2 (p
 INT4_DEFAULT = "h2"  # 12% less GEMV time per Llama-2-7B token on the H200 (BENCHMARKS.md)
 
 
+def _packed_int4_runs_here() -> bool:
+    if runtime.triton_interpret() or torch.version.hip is not None or not torch.cuda.is_available():
+        return False
+    return all(torch.cuda.get_device_capability(i) >= (8, 0) for i in range(torch.cuda.device_count()))
+
+
 @functools.lru_cache(maxsize=1)
 def int4_kernel_choice() -> str:
-    """Which int4 GEMV kernel runs: ``BLITZGEN_INT4_GEMV`` (fp32, h2, h2p), else the default
-    (fp32 under Triton's interpreter; read once per process)."""
-    default = "fp32" if runtime.triton_interpret() else INT4_DEFAULT  # no inline PTX there
+    """Which int4 GEMV kernel runs: ``BLITZGEN_INT4_GEMV`` (fp32, h2, h2p), else the default:
+    h2 on NVIDIA GPUs of compute capability 8.0 or later, else fp32 (the packed kernel's inline
+    PTX needs sm_80 and does not run under Triton's interpreter or on ROCm). Read once per
+    process."""
+    default = INT4_DEFAULT if _packed_int4_runs_here() else "fp32"
     v = (runtime.env("BLITZGEN_INT4_GEMV") or default).lower()
     if v not in INT4_KERNELS:
         raise ValueError(f"BLITZGEN_INT4_GEMV={v!r}: expected one of {', '.join(INT4_KERNELS)}")

@@ -1,7 +1,7 @@
 """int4 GEMV with a packed fp16x2 dequantize: two weights per instruction (CUDA, sm_80+).
 
 gemv.py's int4 kernel spends ~3.6 instructions per weight in its K loop (shift, LOP3 into a
-fp32 magic number, FFMA: one weight at a time), which leaves the H200 issue-bound at ~53% of the
+fp32 magic number, FFMA: one weight at a time), and runs at ~53% of the H200's
 copy bandwidth (BENCHMARKS.md, session 8 profile). This kernel keeps gemv.py's tiling (one program
 = BN rows x a K range, every lane along K, 16-byte weight loads, the same configs) and changes the
 inner product, in inline PTX on 32-bit registers that hold two fp16 values:
@@ -12,12 +12,14 @@ inner product, in inline PTX on 32-bit registers that hold two fp16 values:
   paired the same way, (x[p], x[p + 4]) in fp16, and accumulates: 15 instructions per 8 weights
   instead of ~23. The activation pairs are built once per tile and lane for all BN rows.
 * The 1/64 keeps a tile's 16 products per half-register (each at most |x| / 8) below fp16's
-  65504 for |x| < 32768; activations convert to fp16 without overflow below 65504.
+  65504 for |x| below ~32760; activations convert to fp16 without overflow below 65504. Past
+  that, a program whose rows come out inf or NaN redoes them with gemv.py's fp32 tiles (a branch
+  taken only then), so large activations cost speed, never correctness.
 * Per tile the fp16 partial sums are widened to fp32 and the group's scale (times 64) and zero
   are applied as in gemv.py: ``acc += s * sum(x * (q - 8)) + z * sum(x)``.
 
-Precision: each product is rounded to fp16 (2^-12 relative) and summed in fp16 over one tile (16
-products), then in fp32. That is finer than tinygemm's dequantize-to-bf16 (2^-9 per weight) and
+Precision: each product is rounded to fp16 (2^-12 relative; coarser for |x| < 6e-5, where fp16
+is subnormal) and each fp16 accumulator sums 16 products (one tile), then fp32 takes over. That is finer than tinygemm's dequantize-to-bf16 (2^-9 per weight) and
 coarser than gemv.py's exact fp32 products; tests/gpu compare both against the fp32 reference.
 
 Reference: FasterTransformer / Marlin's LOP3 int4 -> fp16x2 conversion (0x64006400 magic).
@@ -32,13 +34,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .gemv import _int4_word
+
 W_SCALE = 64.0  # the fp16 weights are (q - 8) / 64
 
 
 # pairs (16 + q[p] / 64, 16 + q[p + 4] / 64) of one word, minus 16.125 -> acc += (q - 8) / 64 * x
 _WORD_ASM = tl.constexpr("""
 {
-.reg .b32 m, mag, off, t0, t1, t2, t3;
+.reg .b32 m, mag, off, t0, t1, t2, t3, a;
 mov.b32 m, 0x000F000F;
 mov.b32 mag, 0x4C004C00;
 mov.b32 off, 0x4C084C08;
@@ -53,10 +57,11 @@ sub.rn.f16x2 t0, t0, off;
 sub.rn.f16x2 t1, t1, off;
 sub.rn.f16x2 t2, t2, off;
 sub.rn.f16x2 t3, t3, off;
-fma.rn.f16x2 $0, t0, $2, $6;
-fma.rn.f16x2 $0, t1, $3, $0;
-fma.rn.f16x2 $0, t2, $4, $0;
-fma.rn.f16x2 $0, t3, $5, $0;
+fma.rn.f16x2 a, t0, $2, $6;
+fma.rn.f16x2 a, t1, $3, a;
+fma.rn.f16x2 a, t2, $4, a;
+fma.rn.f16x2 a, t3, $5, a;
+mov.b32 $0, a;
 }
 """)
 
@@ -144,13 +149,40 @@ def _tile(acc, w, s, z, xv, L: tl.constexpr, BN: tl.constexpr, WPT: tl.constexpr
 
 
 @triton.jit
+def _fp32_rows(w_ptr, x_ptr, s_ptrs, z_ptrs, rnc, stride_wn, rl, t0, t1, K, magic,
+               L: tl.constexpr, BN: tl.constexpr, WPT: tl.constexpr, GS: tl.constexpr):
+    """The rows' sums over tiles t0..t1 with gemv.py's exact fp32 products, one word at a time (few
+    registers, so the fallback does not lower the main loop's occupancy)."""
+    BK: tl.constexpr = 8 * WPT * L
+    ri = tl.arange(0, 8)
+    acc = tl.zeros([L, BN], dtype=tl.float32)
+    for t in range(t0, t1):
+        k0 = t * BK
+        ok = (k0 + rl * (8 * WPT)) < K
+        xs = tl.zeros([L], dtype=tl.float32)
+        p = tl.zeros([L, BN], dtype=tl.float32)
+        for j in tl.static_range(WPT):
+            w = tl.load(w_ptr + rnc[None, :] * stride_wn + (k0 // 8 + WPT * rl + j)[:, None],
+                        mask=ok[:, None], other=0)
+            xv = tl.load(x_ptr + (k0 + 8 * WPT * rl + 8 * j)[:, None] + ri[None, :],
+                         mask=ok[:, None], other=0.0).to(tl.float32)  # [L, 8]
+            xs += tl.sum(xv, axis=1)
+            p = _int4_word(p, w, xv, magic, L)  # sum (128 + q) * x
+        s = tl.load(s_ptrs + k0 // GS, mask=ok[:, None], other=0.0).to(tl.float32)
+        z = tl.load(z_ptrs + k0 // GS, mask=ok[:, None], other=0.0).to(tl.float32)
+        acc += s * (p - 136.0 * xs[:, None]) + z * xs[:, None]
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
 def int4_h2_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_wn, stride_sn,
                         tiles_per_split, magic,
                         BN: tl.constexpr, L: tl.constexpr, WPT: tl.constexpr, GS: tl.constexpr,
                         SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_TAIL: tl.constexpr,
                         PREFETCH: tl.constexpr = False):
-    """As gemv._int4_gemv_kernel (same arguments; ``magic`` is unused). PREFETCH: load tile t + 1
-    into registers before the arithmetic of tile t."""
+    """As gemv._int4_gemv_kernel (same arguments; ``magic`` is for the fp32 fallback). PREFETCH:
+    load tile t + 1 into registers before the arithmetic of tile t. A program whose rows come out
+    non-finite (fp16 overflow) recomputes them with gemv.py's exact fp32 tiles."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     BK: tl.constexpr = 8 * WPT * L
@@ -188,6 +220,10 @@ def int4_h2_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_wn, stri
             w, s, z, xv = _load(w_ptrs, x_ptrs, s_ptrs, z_ptrs, n_full * BK, K, rl, WPT, GS, True)
             acc = _tile(acc, w, s, z, xv, L, BN, WPT)
     y = tl.sum(acc, axis=0)
+    if tl.sum(((y != y) | (tl.abs(y) == float("inf"))).to(tl.int32)) > 0:
+        # an fp16 overflow (|x| past ~32760) or a non-finite input: redo this program's rows in fp32
+        y = _fp32_rows(w_ptr, x_ptr, s_ptrs, z_ptrs, rnc, stride_wn, rl, t0,
+                       tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BK)), K, magic, L, BN, WPT, GS)
     if SPLIT_K == 1:
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
     else:
