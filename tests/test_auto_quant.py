@@ -125,3 +125,44 @@ def test_unusable_quantized_cache_entry_is_rebuilt(smol_path, tmp_path, monkeypa
     monkeypatch.setattr(loading, "assemble", broken)
     again = load(smol_path, opts, progress=False)
     assert again.weight_cache == "saved" and again.quant["scheme"] == "int4"  # rebuilt from the float entry
+
+
+@pytest.mark.parametrize("qtype,grid", [("Q4_0", "symmetric"), ("Q4_1", "minmax"), ("Q8_0", None)])
+def test_q4_gguf_blocks_keep_their_codes(qtype, grid, tmp_path, monkeypatch):
+    """A GGUF whose blocks are Q4_0 or Q4_1 loads on the CPU as int4 g32 on the grid that recovers
+    each block: the dequantized weights differ from the file's only by the scales' rounding to bf16
+    (2^-9 relative). For Q4_0 the min/max grid would not (checked, so the test can fail)."""
+    from blitzgen.quant.int4 import dequantize_int4, quantize_int4
+
+    from .test_weight_cache import write_tiny_gguf
+
+    monkeypatch.setenv("BLITZGEN_CACHE", str(tmp_path / "cache"))
+    path = write_tiny_gguf(tmp_path / f"tiny-{qtype}.gguf", seed=3, matrix_type=qtype)
+    assert gguf_src.four_bit_grid(path) == grid
+    opts = auto_quantization(path, _cpu())
+    if grid is None:
+        assert opts == _cpu()
+        return
+    assert (opts.quantize, opts.quantize_head, opts.quantize_symmetric) == ("int4", False, grid == "symmetric")
+    exact = load(path, _cpu(dtype="float32", auto_quantize=False), device="cpu", dtype=torch.float32, progress=False)
+    lm = load(path, opts, device="cpu", dtype=torch.bfloat16, progress=False)
+    assert lm.quant["scheme"] == "int4" and lm.quant.get("symmetric", False) == (grid == "symmetric")
+    for name in ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2"):
+        ours = lm.model.layers[1].get_submodule(name)
+        assert isinstance(ours, Int4Linear), name
+        w = exact.model.layers[1].get_submodule(name).weight.float()
+        got = ours.dequantize(torch.float32)
+        assert _within_scale_rounding(got, w), name
+    if grid == "symmetric":  # min/max re-quantization rounds Q4_0 blocks a second time
+        w = exact.model.layers[1].attention.wqkv.weight.float()
+        again = dequantize_int4(*quantize_int4(w, 32, torch.bfloat16), 32, torch.float32)
+        assert not _within_scale_rounding(again, w)
+
+
+def _within_scale_rounding(got: torch.Tensor, w: torch.Tensor) -> bool:
+    """Every weight within 2^-6 of its group's largest magnitude: bf16 scales and zeros (2^-9
+    relative each, the zero built from the rounded scale) reach ~2^-6.9; a re-rounded code is off
+    by up to half a step, ~2^-4 of it."""
+    n, k = w.shape
+    bound = w.abs().reshape(n, k // 32, 32).amax(-1, keepdim=True) * 2.0 ** -6
+    return bool(((got - w).abs().reshape(n, k // 32, 32) <= bound).all())

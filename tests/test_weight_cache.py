@@ -24,10 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PIECES = ["▁", "h", "e", "l", "o", "he", "ll", "llo", "hello", "▁hello"]
 
 
-def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
-    """A complete 2-layer llama GGUF (GQA, untied head, Q8_0 matrices, F32 norms) with a
-    SentencePiece tokenizer."""
+def write_tiny_gguf(path: Path, seed: int = 0, matrix_type: str = "Q8_0") -> Path:
+    """A complete 2-layer llama GGUF (GQA, untied head, Q8_0 matrices unless ``matrix_type`` says
+    another type the gguf package can quantize, F32 norms) with a SentencePiece tokenizer."""
     import gguf
+
+    qtype = getattr(gguf.GGMLQuantizationType, matrix_type)
 
     rng = np.random.default_rng(seed)
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + PIECES
@@ -47,8 +49,8 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
 
     def matrix(name, out, inp):
         a = rng.standard_normal((out, inp), dtype=np.float32) * 0.1
-        q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
-        w.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        q = gguf.quants.quantize(a, qtype)
+        w.add_tensor(name, q, raw_dtype=qtype)
 
     def vector(name, n):
         w.add_tensor(name, (1 + 0.1 * rng.standard_normal(n)).astype(np.float32))

@@ -278,7 +278,8 @@ def load_engine(args, *, log=None):
     if opts.quantize:
         from ..quant import make_config
 
-        quant = make_config(opts.quantize, group_size=opts.group_size, head=opts.quantize_head)
+        quant = make_config(opts.quantize, group_size=opts.group_size, head=opts.quantize_head,
+                            symmetric=opts.quantize_symmetric)
     REPORT.mark("imports")
     lm = load(args.model, opts, device=opts.device, dtype=opts.torch_dtype, quantize=quant,
               progress=sys.stderr.isatty())

@@ -103,7 +103,8 @@ class Service:
         if opts.quantize:
             from ..quant import make_config
 
-            quant = make_config(opts.quantize, group_size=opts.group_size, head=opts.quantize_head)
+            quant = make_config(opts.quantize, group_size=opts.group_size, head=opts.quantize_head,
+                                symmetric=opts.quantize_symmetric)
         if self.load_fn is not None:
             self.lm = self.load_fn(device or opts.device, opts)
         else:

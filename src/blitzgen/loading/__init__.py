@@ -134,7 +134,8 @@ def resolve_options(options: RuntimeOptions | None = None, *, device: str | None
             raise ModelLoadError(f"unknown dtype {dtype!r} (one of {', '.join(sorted(DTYPES))})")
         dtype = getattr(torch, DTYPES[dtype])
     if quantize is None and options.quantize is not None:
-        quantize = make_config(options.quantize, options.group_size, head=options.quantize_head)
+        quantize = make_config(options.quantize, options.group_size, head=options.quantize_head,
+                               symmetric=options.quantize_symmetric)
     elif isinstance(quantize, str):
         quantize = make_config(quantize, options.group_size if quantize.lower() == "int4" else None)
     return device, dtype, quantize
@@ -143,8 +144,9 @@ def resolve_options(options: RuntimeOptions | None = None, *, device: str | None
 def auto_quantization(spec: str | os.PathLike | None, options: RuntimeOptions) -> RuntimeOptions:
     """``options`` with the quantization the model file implies when none was asked for (and
     ``options.auto_quantize``): on the CPU in bfloat16, a GGUF whose block projections are all
-    of a type in gguf.FOUR_BIT_G32 (Q4_1; the embedded default is one) keeps them at 4 bits, as int4 g32, instead of widening them to bf16; the output head keeps the file's wider
-    weights. int4 g32 holds such blocks exactly but for the scales' rounding to bf16 (default
+    of one type in gguf.FOUR_BIT_G32 (Q4_1, the embedded default's, on the min/max grid; Q4_0 on
+    the symmetric grid) keeps them at 4 bits, as int4 g32, instead of widening them to bf16; the
+    output head keeps the file's wider weights. int4 g32 holds such blocks exactly but for the scales' rounding to bf16 (default
     model, teacher-forced against the file's float32 weights: greedy agreement 95.4%, bf16 96.2%;
     1.7x bf16's speed on a 2-core CPU, BENCHMARKS.md). ``options`` must be resolved."""
     if (options.quantize is not None or not options.auto_quantize or options.device != "cpu"
@@ -164,9 +166,11 @@ def auto_quantization(spec: str | os.PathLike | None, options: RuntimeOptions) -
         path = next(p for p in sorted(path.glob("*.gguf")) if gguf_src.is_gguf_file(p))
     elif kind != "gguf":  # an HF directory (even one that also holds a GGUF) or a checkpoint
         return options
-    if not gguf_src.four_bit_blocks(path):
+    grid = gguf_src.four_bit_grid(path)
+    if grid is None:
         return options
-    return options.replace(quantize="int4", group_size=32, quantize_head=False)
+    return options.replace(quantize="int4", group_size=32, quantize_head=False,
+                           quantize_symmetric=grid == "symmetric")
 
 
 def load(spec: str | os.PathLike | None = None, options: RuntimeOptions | None = None, *,

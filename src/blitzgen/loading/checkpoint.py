@@ -187,7 +187,8 @@ def read_metadata(path: Path) -> dict:
 def config_from_metadata(meta: dict, where: str = "checkpoint"):
     scheme = meta.get("scheme")
     try:
-        return make_config(str(scheme), meta.get("group_size"), head=meta.get("head", True) is not False)
+        return make_config(str(scheme), meta.get("group_size"), head=meta.get("head", True) is not False,
+                           symmetric=meta.get("symmetric", False) is True)
     except BlitzgenError as e:
         raise ModelLoadError(f"{where}: unsupported quantization (scheme {scheme!r}, group size "
                              f"{meta.get('group_size')!r}): {e}") from None

@@ -56,19 +56,27 @@ def tensor_types(path: Path) -> dict[str, str]:
 
 
 # llama.cpp types that int4 g32, re-quantized from the dequantized weights, holds exactly but for
-# the scales' rounding: Q4_1 (32 weights, a scale and a minimum, codes spanning 0..15). Q4_0
-# (symmetric: a group need not reach both ends) and Q4_K (searched sub-block scales) would be
-# rounded a second time that way; they need their blocks imported as they are (not done yet).
-FOUR_BIT_G32 = frozenset({"Q4_1"})
+# the scales' rounding, with the grid that recovers each block: Q4_1 (a scale and a minimum; its
+# codes span 0..15, so min/max finds them) and Q4_0 (symmetric: the largest-magnitude weight is
+# code 0, so scale = it / -8). Q4_K (searched 6-bit sub-block scales) is not imported this way.
+FOUR_BIT_G32 = {"Q4_1": "minmax", "Q4_0": "symmetric"}
 BLOCK_WEIGHTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
+def four_bit_grid(path: Path) -> str | None:
+    """The int4 g32 grid ("minmax" or "symmetric") that keeps every transformer-block projection
+    weight of the file without further loss, when they are all of one type in FOUR_BIT_G32; else
+    None (biases, e.g. Qwen2's, do not count)."""
+    types = {t for name, t in tensor_types(path).items()
+             if name.startswith("blk.") and name.endswith(".weight") and name.split(".")[-2] in BLOCK_WEIGHTS}
+    if len(types) != 1:
+        return None
+    return FOUR_BIT_G32.get(types.pop())
+
+
 def four_bit_blocks(path: Path) -> bool:
-    """Whether every transformer-block projection weight of the file is a type in FOUR_BIT_G32,
-    i.e. what int4 g32 keeps without further loss (biases, e.g. Qwen2's, do not count)."""
-    types = [t for name, t in tensor_types(path).items()
-             if name.startswith("blk.") and name.endswith(".weight") and name.split(".")[-2] in BLOCK_WEIGHTS]
-    return bool(types) and all(t in FOUR_BIT_G32 for t in types)
+    """Whether ``four_bit_grid`` finds a grid for the file."""
+    return four_bit_grid(path) is not None
 
 
 def scan_header(path: Path) -> tuple[int, dict[str, str]] | None:

@@ -34,6 +34,9 @@ class Int4Config:
 
     group_size: int = 32
     head: bool = True  # quantize the output head too (False: it keeps its float weights)
+    # scale = the group's largest-magnitude weight / -8, zero 0: the grid of a GGUF's Q4_0 blocks,
+    # which min/max would round a second time (set by loading.auto_quantization, never by a flag)
+    symmetric: bool = False
     scheme: ClassVar[str] = "int4"
 
     def __post_init__(self) -> None:
@@ -47,16 +50,17 @@ class Int4Config:
 QuantConfig = Int8Config | Int4Config
 
 
-def make_config(scheme: str, group_size: int | None = None, head: bool = True) -> QuantConfig:
+def make_config(scheme: str, group_size: int | None = None, head: bool = True,
+                symmetric: bool = False) -> QuantConfig:
     """The config for a scheme name ("int8" | "int4"); group_size applies to int4 only (default 32);
-    ``head=False`` leaves the output head unquantized."""
+    ``head=False`` leaves the output head unquantized; ``symmetric``: int4's Q4_0 grid."""
     key = str(scheme).lower().strip()
     if key == "int8":
         if group_size is not None:
             raise BlitzgenError("int8 quantization is per output channel; --group-size applies to int4 only")
         return Int8Config(head=head)
     if key == "int4":
-        return Int4Config(head=head) if group_size is None else Int4Config(group_size=group_size, head=head)
+        return Int4Config(group_size=32 if group_size is None else group_size, head=head, symmetric=symmetric)
     raise BlitzgenError(f"unknown quantization scheme {scheme!r} (known: {', '.join(SCHEMES)})")
 
 
@@ -123,7 +127,8 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def config_meta(config) -> dict:
     head = {} if getattr(config, "head", True) else {"head": False}
-    return {"scheme": config.scheme, "group_size": config.group_size, **head}
+    sym = {"symmetric": True} if getattr(config, "symmetric", False) else {}
+    return {"scheme": config.scheme, "group_size": config.group_size, **head, **sym}
 
 
 def quant_metadata(config, dtype: torch.dtype, n_modules: int) -> dict:

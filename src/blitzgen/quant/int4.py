@@ -63,15 +63,17 @@ def unpack_int4(qweight: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def quantize_int4(w: Tensor, group_size: int, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(qweight, scales, zeros) for a float weight [N, K]: min/max per group, round-to-nearest, in
-    float32 on w's device. Values are quantized against scales/zeros as rounded to dtype."""
+def quantize_int4(w: Tensor, group_size: int, dtype: torch.dtype | None = None,
+                  symmetric: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(qweight, scales, zeros) for a float weight [N, K]: min/max per group (``symmetric``: the
+    largest-magnitude weight / -8, zero 0), round-to-nearest, in float32 on w's device. Values are
+    quantized against scales/zeros as rounded to dtype."""
     dtype = dtype or w.dtype
     n, k = w.shape
     if k % group_size:
         raise BlitzgenError(f"group size {group_size} does not divide in_features {k}")
     wf = w.detach().float().reshape(n, k // group_size, group_size)
-    scales, zeros = group_params(wf, dtype)
+    scales, zeros = symmetric_params(wf, dtype) if symmetric else group_params(wf, dtype)
     s, z = scales.float()[..., None], zeros.float()[..., None]
     q = torch.sub(wf, z).div_(s).round_().add_(8.0).clamp_(0, 15).to(torch.uint8).reshape(n, k)
     return pack_int4(q), scales, zeros
@@ -82,6 +84,17 @@ def group_params(wf: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     lo, hi = torch.aminmax(wf, dim=-1)
     scales = ((hi - lo).clamp(min=1e-6) / 15.0).clamp(min=scale_eps(dtype)).to(dtype)
     return scales, (lo + 8.0 * scales.float()).to(dtype)
+
+
+def symmetric_params(wf: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(scales, zeros) in dtype, llama.cpp's Q4_0 grid: the largest-magnitude weight m of a group
+    is code 0, so scale = m / -8 (negative when m > 0) and zero 0. For weights that came from Q4_0
+    blocks this recovers each block's scale exactly (m = -8 d), and rounding recovers its codes."""
+    idx = wf.abs().argmax(dim=-1, keepdim=True)
+    scales = wf.gather(-1, idx).squeeze(-1) / -8.0
+    eps = scale_eps(dtype)
+    scales = torch.where(scales.abs() < eps, torch.full_like(scales, eps), scales).to(dtype)
+    return scales, torch.zeros_like(scales)
 
 
 def dequantize_int4(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
@@ -208,11 +221,12 @@ class Int4Linear(QuantizedLinear):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, lin: nn.Linear, group_size: int, dtype: torch.dtype | None = None) -> "Int4Linear":
+    def from_linear(cls, lin: nn.Linear, group_size: int, dtype: torch.dtype | None = None,
+                    symmetric: bool = False) -> "Int4Linear":
         dtype = dtype or lin.weight.dtype
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, group_size=group_size, dtype=dtype,
                 device="meta")
-        m.qweight, m.scales, m.zeros = quantize_int4(lin.weight, group_size, dtype)
+        m.qweight, m.scales, m.zeros = quantize_int4(lin.weight, group_size, dtype, symmetric)
         m._copy_bias(lin, dtype)
         m.prepare()
         return m
@@ -284,7 +298,7 @@ def _empty(in_features: int, out_features: int, bias: bool, config: Int4Config, 
 
 
 def _quantize(lin: nn.Linear, config: Int4Config, dtype: torch.dtype) -> Int4Linear:
-    return Int4Linear.from_linear(lin, config.group_size, dtype)
+    return Int4Linear.from_linear(lin, config.group_size, dtype, config.symmetric)
 
 
 register_handler(Int4Config, Handler(Int4Linear, _check, _quantize, _empty))
