@@ -120,11 +120,12 @@ def test_sm90_codegen():
         from triton.compiler import ASTSource
     except ImportError as e:
         pytest.skip(f"cannot drive triton.compile here: {e}")
-    sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "MASK": "*i1", "OUT": "*fp32", "MAX": "*fp32", "SUM": "*fp32"}
+    sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "MASK": "*i1", "POS": "*i64", "OUT": "*fp32",
+           "MAX": "*fp32", "SUM": "*fp32"}
     sig.update({f"stride_{t}{d}": "i32" for t in "qkv" for d in ("b", "h", "gs"[t != "q"])})
     sig.update({"G": "i32", "S": "i32", "HKV": "i32", "scale": "fp32"})
-    ce = {"SPLIT_LEN": 320, "BLOCK_N": A.BLOCK_N, "BLOCK_G": 16, "D": 128, "PRECISION": "tf32"}
-    n_ptr_and_strides = 16  # what a real launch marks divisible by 16 (pointers, strides of D=128 rows)
+    ce = {"SPLIT_LEN": 320, "BLOCK_N": A.BLOCK_N, "BLOCK_G": 16, "D": 128, "PRECISION": "tf32", "HAS_POS": True}
+    n_ptr_and_strides = 17  # what a real launch marks divisible by 16 (pointers, strides of D=128 rows)
     sig.update({k: "constexpr" for k in ce})
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(n_ptr_and_strides)}
     try:

@@ -84,10 +84,11 @@ def _split_kernel(Q, K, V, MASK, POS, OUT, MAX, SUM,
         v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
         m_i = m_new
-    row = (bh * n_splits + sp) * BLOCK_G + offs_g  # partials: [B * HKV, n_splits, BLOCK_G, (D)]
-    tl.store(OUT + row[:, None] * D + offs_d[None, :], acc)
-    tl.store(MAX + row, m_i)
-    tl.store(SUM + row, l_i)
+    row = (bh * n_splits + sp) * G + offs_g  # partials: [B * HKV, n_splits, G, (D)]: the real rows only
+    real = offs_g < G
+    tl.store(OUT + row[:, None] * D + offs_d[None, :], acc, mask=real[:, None])
+    tl.store(MAX + row, m_i, mask=real)
+    tl.store(SUM + row, l_i, mask=real)
 
 
 PROGRAMS_PER_SM = 4
@@ -116,8 +117,8 @@ def _impl(q, k, v, mask, launch, pos=None, programs_per_sm: int = PROGRAMS_PER_S
         raise ValueError(f"decode_attention: the mask must hold one flag per cache position ({S})")
     block_g = max(16, triton.next_power_of_2(G))
     split_len, splits = plan(B * Hkv, S, q.device, programs_per_sm, block_n)
-    out = torch.empty(B * Hkv, splits, block_g, D, device=q.device, dtype=torch.float32)
-    mx = torch.empty(B * Hkv, splits, block_g, device=q.device, dtype=torch.float32)
+    out = torch.empty(B * Hkv, splits, G, D, device=q.device, dtype=torch.float32)
+    mx = torch.empty(B * Hkv, splits, G, device=q.device, dtype=torch.float32)
     sm = torch.empty_like(mx)
     launch(_split_kernel)[(B * Hkv, splits)](
         q, k, v, flat_mask, flat_mask if pos is None else pos, out, mx, sm,
@@ -130,9 +131,9 @@ def _impl(q, k, v, mask, launch, pos=None, programs_per_sm: int = PROGRAMS_PER_S
     m_all = mx.amax(1, keepdim=True)
     w = torch.exp(mx - m_all.clamp(min=torch.finfo(torch.float32).min))
     w = torch.where(mx == float("-inf"), torch.zeros_like(w), w)
-    num = (out * w[..., None]).sum(1)  # [B * Hkv, block_g, D]
-    den = (sm * w).sum(1)  # [B * Hkv, block_g]
-    y = num[:, :G] / den[:, :G, None]
+    num = (out * w[..., None]).sum(1)  # [B * Hkv, G, D]
+    den = (sm * w).sum(1)  # [B * Hkv, G]
+    y = num / den[..., None]
     return y.reshape(B, Hkv, G, D).to(q.dtype)
 
 
