@@ -515,3 +515,23 @@ def test_float_gemv_sm90_codegen():
     ptx = c.asm["ptx"]
     assert "ld.global.v4" in ptx and "ld.local" not in ptx and "st.local" not in ptx
 
+
+
+def test_configs_follow_the_int4_kernel_that_runs(monkeypatch):
+    """Each int4 kernel has its own measured table; the packed one is the default only where its
+    inline PTX runs (never on a CPU-only host or under the interpreter)."""
+    from blitzgen.kernels import gemv_configs as C
+
+    h2 = C.choose_config("int4", 4096, 11008, 32, 132, kernel="h2")
+    fp32 = C.choose_config("int4", 4096, 11008, 32, 132, kernel="fp32")
+    assert tuple(h2) == C._MEASURED_H200_H2["4096:11008"]
+    assert tuple(fp32) == C._MEASURED_H200["int4:4096:11008:32"] and fp32 != h2
+    assert C.choose_config("int4", 4096, 11008, 32, 100, kernel="h2") == \
+        C.choose_config("int4", 4096, 11008, 32, 100, kernel="fp32")  # another card: the heuristic
+    monkeypatch.delenv("BLITZGEN_INT4_GEMV", raising=False)
+    C.int4_kernel_choice.cache_clear()
+    try:
+        if not torch.cuda.is_available():
+            assert not C._packed_int4_runs_here() and C.int4_kernel_choice() == "fp32"
+    finally:
+        C.int4_kernel_choice.cache_clear()
