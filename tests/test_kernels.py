@@ -485,6 +485,11 @@ def test_int4_kernel_choice_is_validated(monkeypatch):
         monkeypatch.setenv("BLITZGEN_INT4_GEMV", "fast")
         with pytest.raises(ValueError, match="BLITZGEN_INT4_GEMV"):
             gemv.int4_kernel_choice()
+        from blitzgen.errors import BlitzgenError
+        from blitzgen.runtime import RuntimeOptions
+
+        with pytest.raises(BlitzgenError, match="BLITZGEN_INT4_GEMV"):  # a one-line error before loading
+            RuntimeOptions.from_env()
         gemv.int4_kernel_choice.cache_clear()
         monkeypatch.setenv("BLITZGEN_INT4_GEMV", "H2P")
         assert gemv.int4_kernel_choice() == "h2p"

@@ -10,7 +10,8 @@ Eager CPU runs attend only to the filled prefix of the cache, rounded up to ``PR
 positions (the mask hides the rest, so the result is the same): a short request then does not read
 the whole cache, and the number of distinct shapes stays small (oneDNN keeps one cached primitive
 per shape). Compiled runs and CUDA tensors use the whole cache: reading the filled length would be
-a host sync.
+a host sync; the Triton decode kernel ("triton", and "auto" for grouped heads on CUDA) instead
+reads the query's position on the device and stops there.
 """
 
 from __future__ import annotations

@@ -207,9 +207,9 @@ def _int8_word(p, w, xw, magic, L: tl.constexpr):
 
 
 @triton.jit
-def _int4_tile(acc, w_ptrs, x_ptrs, s_ptrs, z_ptrs, k0, K, rl, magic,
-               L: tl.constexpr, BN: tl.constexpr, WPT: tl.constexpr, GS: tl.constexpr,
+def _int4_load(w_ptrs, x_ptrs, s_ptrs, z_ptrs, k0, K, rl, WPT: tl.constexpr, GS: tl.constexpr,
                MASKED: tl.constexpr):
+    """One int4 tile's weights, scales, zeros and activations (also gemv_int4_h2's)."""
     if MASKED:
         ok = (k0 + rl * (8 * WPT)) < K  # whole lanes: K % (8 * WPT) == 0
         w = tl.load(w_ptrs + k0 // 8, mask=ok[:, None, None], other=0)
@@ -221,6 +221,14 @@ def _int4_tile(acc, w_ptrs, x_ptrs, s_ptrs, z_ptrs, k0, K, rl, magic,
         s = tl.load(s_ptrs + k0 // GS)
         z = tl.load(z_ptrs + k0 // GS)
         xv = tl.load(x_ptrs + k0)
+    return w, s, z, xv
+
+
+@triton.jit
+def _int4_tile(acc, w_ptrs, x_ptrs, s_ptrs, z_ptrs, k0, K, rl, magic,
+               L: tl.constexpr, BN: tl.constexpr, WPT: tl.constexpr, GS: tl.constexpr,
+               MASKED: tl.constexpr):
+    w, s, z, xv = _int4_load(w_ptrs, x_ptrs, s_ptrs, z_ptrs, k0, K, rl, WPT, GS, MASKED)
     xv = xv.to(tl.float32)  # [L, WPT, 8]
     xs = tl.sum(tl.sum(xv, axis=2), axis=1)  # [L]: sum of this lane's activations
     p = tl.broadcast_to((-136.0 * xs)[:, None], [L, BN])

@@ -242,7 +242,7 @@ def _pick_config(kind: str, N: int, K: int, group_size: int | None, ref: torch.T
     return cfg
 
 
-INT4_KERNELS = ("fp32", "h2", "h2p")  # gemv.py's fp32 products; gemv_int4_h2 (p: with prefetch)
+INT4_KERNELS = runtime.INT4_GEMV_KERNELS  # gemv.py's fp32 products; gemv_int4_h2 (p: with prefetch)
 INT4_DEFAULT = "h2"  # 12% less GEMV time per Llama-2-7B token on the H200 (BENCHMARKS.md)
 
 
@@ -260,6 +260,6 @@ def int4_kernel_choice() -> str:
     process."""
     default = INT4_DEFAULT if _packed_int4_runs_here() else "fp32"
     v = (runtime.env("BLITZGEN_INT4_GEMV") or default).lower()
-    if v not in INT4_KERNELS:
+    if v not in INT4_KERNELS:  # RuntimeOptions.validate reports it first, in one line
         raise ValueError(f"BLITZGEN_INT4_GEMV={v!r}: expected one of {', '.join(INT4_KERNELS)}")
     return v

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import _int4_word
+from .gemv import _int4_load as _load, _int4_word, _split_words
 
 W_SCALE = 64.0  # the fp16 weights are (q - 8) / 64
 
@@ -100,23 +100,6 @@ def _split4(t, L: tl.constexpr):
 
 
 @triton.jit
-def _load(w_ptrs, x_ptrs, s_ptrs, z_ptrs, k0, K, rl, WPT: tl.constexpr, GS: tl.constexpr,
-          MASKED: tl.constexpr):
-    if MASKED:
-        ok = (k0 + rl * (8 * WPT)) < K
-        w = tl.load(w_ptrs + k0 // 8, mask=ok[:, None, None], other=0)
-        s = tl.load(s_ptrs + k0 // GS, mask=ok[:, None], other=0.0)
-        z = tl.load(z_ptrs + k0 // GS, mask=ok[:, None], other=0.0)
-        xv = tl.load(x_ptrs + k0, mask=ok[:, None, None], other=0.0)
-    else:
-        w = tl.load(w_ptrs + k0 // 8)
-        s = tl.load(s_ptrs + k0 // GS)
-        z = tl.load(z_ptrs + k0 // GS)
-        xv = tl.load(x_ptrs + k0)
-    return w, s, z, xv
-
-
-@triton.jit
 def _tile(acc, w, s, z, xv, L: tl.constexpr, BN: tl.constexpr, WPT: tl.constexpr):
     xv = xv.to(tl.float32)  # [L, WPT, 8]
     xs = tl.sum(tl.sum(xv, axis=2), axis=1)  # [L]
@@ -127,12 +110,9 @@ def _tile(acc, w, s, z, xv, L: tl.constexpr, BN: tl.constexpr, WPT: tl.constexpr
         xa, xb = tl.split(tl.reshape(xp, [L, 4, 2, 2]))  # word = 2u + v
         xw0, xw2 = tl.split(xa)
         xw1, xw3 = tl.split(xb)
-        wa, wb = tl.split(tl.reshape(w, [L, BN, 2, 2]))
-        w0, w2 = tl.split(wa)
-        w1, w3 = tl.split(wb)
     else:
         xw0, xw1 = tl.split(xp)
-        w0, w1 = tl.split(w)
+    w0, w1, w2, w3 = _split_words(w, L, BN, WPT)
     acc2 = tl.zeros([L, BN], dtype=tl.int32)  # fp16 pair (0, 0)
     a0, a1, a2, a3 = _split4(xw0, L)
     acc2 = _word(acc2, w0, a0, a1, a2, a3)
