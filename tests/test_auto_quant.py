@@ -23,7 +23,7 @@ def _cpu(**kw) -> RuntimeOptions:
 def test_header_scan_names_the_default_models_types(smol_path):
     types = gguf_src.tensor_types(smol_path)
     assert types["blk.0.attn_q.weight"] == "Q4_1" and types["token_embd.weight"] == "Q8_0"
-    assert gguf_src.four_bit_blocks(smol_path)
+    assert gguf_src.four_bit_grid(smol_path) == "minmax"
     assert gguf_src.expected_size(smol_path) == smol_path.stat().st_size
 
 

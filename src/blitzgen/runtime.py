@@ -140,6 +140,16 @@ class RuntimeOptions:
             raise BlitzgenError(f"warm cache size must be positive, got {self.warm_cache_tokens}")
         return self
 
+    def quant_config(self):
+        """The quant config these options ask for (quantize, group_size, quantize_head,
+        quantize_symmetric), or None."""
+        if self.quantize is None:
+            return None
+        from .quant import make_config
+
+        return make_config(self.quantize, self.group_size, head=self.quantize_head,
+                           symmetric=self.quantize_symmetric)
+
     def resolved(self) -> "RuntimeOptions":
         """A copy with device and compile decided (imports torch)."""
         import torch

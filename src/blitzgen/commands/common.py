@@ -274,12 +274,7 @@ def load_engine(args, *, log=None):
     if auto:  # (self-int4 drafting needs a wider target than its int4 draft)
         opts = auto_quantization(args.model, opts)
     auto = auto and opts.quantize is not None
-    quant = None
-    if opts.quantize:
-        from ..quant import make_config
-
-        quant = make_config(opts.quantize, group_size=opts.group_size, head=opts.quantize_head,
-                            symmetric=opts.quantize_symmetric)
+    quant = opts.quant_config()
     REPORT.mark("imports")
     lm = load(args.model, opts, device=opts.device, dtype=opts.torch_dtype, quantize=quant,
               progress=sys.stderr.isatty())

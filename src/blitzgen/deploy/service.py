@@ -99,12 +99,7 @@ class Service:
 
         opts = self.options()
         self.report.mark("imports")
-        quant = None
-        if opts.quantize:
-            from ..quant import make_config
-
-            quant = make_config(opts.quantize, group_size=opts.group_size, head=opts.quantize_head,
-                                symmetric=opts.quantize_symmetric)
+        quant = opts.quant_config()
         if self.load_fn is not None:
             self.lm = self.load_fn(device or opts.device, opts)
         else:

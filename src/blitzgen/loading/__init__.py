@@ -134,8 +134,7 @@ def resolve_options(options: RuntimeOptions | None = None, *, device: str | None
             raise ModelLoadError(f"unknown dtype {dtype!r} (one of {', '.join(sorted(DTYPES))})")
         dtype = getattr(torch, DTYPES[dtype])
     if quantize is None and options.quantize is not None:
-        quantize = make_config(options.quantize, options.group_size, head=options.quantize_head,
-                               symmetric=options.quantize_symmetric)
+        quantize = options.quant_config()
     elif isinstance(quantize, str):
         quantize = make_config(quantize, options.group_size if quantize.lower() == "int4" else None)
     return device, dtype, quantize

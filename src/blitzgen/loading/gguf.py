@@ -74,11 +74,6 @@ def four_bit_grid(path: Path) -> str | None:
     return FOUR_BIT_G32.get(types.pop())
 
 
-def four_bit_blocks(path: Path) -> bool:
-    """Whether ``four_bit_grid`` finds a grid for the file."""
-    return four_bit_grid(path) is not None
-
-
 def scan_header(path: Path) -> tuple[int, dict[str, str]] | None:
     """(expected byte length, {tensor name: type name}) from the header alone, or None. Remembered
     per file version (the vocabulary's strings take ~0.1 s to skip in Python)."""
