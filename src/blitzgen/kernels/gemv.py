@@ -385,7 +385,8 @@ def _int4_kernel_and_extra(choice: str | None):
         return _int4_gemv_kernel, {}
     from .gemv_int4_h2 import int4_h2_gemv_kernel
 
-    return int4_h2_gemv_kernel, {"PREFETCH": choice == "h2p"}
+    # "h2-noguard" (benchmarks only): without the fp16-overflow fallback, to price it
+    return int4_h2_gemv_kernel, {"PREFETCH": choice == "h2p", "GUARD": choice != "h2-noguard"}
 
 
 def _launch_int4(x1, qweight, scales, zeros, group_size: int, cfg: GemvConfig,

@@ -243,7 +243,7 @@ def _pick_config(kind: str, N: int, K: int, group_size: int | None, ref: torch.T
 
 
 INT4_KERNELS = runtime.INT4_GEMV_KERNELS  # gemv.py's fp32 products; gemv_int4_h2 (p: with prefetch)
-INT4_DEFAULT = "h2"  # 12% less GEMV time per Llama-2-7B token on the H200 (BENCHMARKS.md)
+INT4_DEFAULT = "fp32"  # h2 with its fp16-overflow guard measured no faster (BENCHMARKS.md)
 
 
 def _packed_int4_runs_here() -> bool:

@@ -159,7 +159,7 @@ def int4_h2_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_wn, stri
                         tiles_per_split, magic,
                         BN: tl.constexpr, L: tl.constexpr, WPT: tl.constexpr, GS: tl.constexpr,
                         SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_TAIL: tl.constexpr,
-                        PREFETCH: tl.constexpr = False):
+                        PREFETCH: tl.constexpr = False, GUARD: tl.constexpr = True):
     """As gemv._int4_gemv_kernel (same arguments; ``magic`` is for the fp32 fallback). PREFETCH:
     load tile t + 1 into registers before the arithmetic of tile t. A program whose rows come out
     non-finite (fp16 overflow) recomputes them with gemv.py's exact fp32 tiles."""
@@ -200,7 +200,7 @@ def int4_h2_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_wn, stri
             w, s, z, xv = _load(w_ptrs, x_ptrs, s_ptrs, z_ptrs, n_full * BK, K, rl, WPT, GS, True)
             acc = _tile(acc, w, s, z, xv, L, BN, WPT)
     y = tl.sum(acc, axis=0)
-    if tl.sum(((y != y) | (tl.abs(y) == float("inf"))).to(tl.int32)) > 0:
+    if GUARD and tl.sum(((y != y) | (tl.abs(y) == float("inf"))).to(tl.int32)) > 0:
         # an fp16 overflow (|x| past ~32760) or a non-finite input: redo this program's rows in fp32
         y = _fp32_rows(w_ptr, x_ptr, s_ptrs, z_ptrs, rnc, stride_wn, rl, t0,
                        tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BK)), K, magic, L, BN, WPT, GS)
