@@ -46,6 +46,11 @@ def configure_inductor(device: str, cache_dir: str | None = None, autotune: bool
     from .compile_cache import use_inductor_dir
 
     use_inductor_dir(cache_dir)  # Inductor's and Triton's caches under BLITZGEN_CACHE
+    if kind == "cpu":  # its vector-ISA probe, ~1.4 s a start, answered from the cache
+        from . import isa_probe
+        from .runtime import cache_root
+
+        isa_probe.install(cache_dir or cache_root())
     _configured.add(kind)
 
 

@@ -415,6 +415,10 @@ def clear(root: str | None = None, *, inductor: bool = True, weights: bool = Tru
         if path and os.path.isdir(path):
             freed += _dir_size(path)
             shutil.rmtree(path, ignore_errors=True)
+    isa = os.path.join(base, "cpu_isa.json")  # isa_probe's answers go with Inductor's cache
+    if inductor and os.path.isfile(isa):
+        freed += os.path.getsize(isa)
+        os.unlink(isa)
     return freed
 
 
