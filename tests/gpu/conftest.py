@@ -1,11 +1,14 @@
 """GPU suite (``pytest -m gpu tests/gpu``): every test here needs CUDA and is skipped without it.
 
 Each test adds one short summary line (``summary`` fixture); they are printed together at the end
-of the run, so ``-q`` output still shows what was measured.
+of the run, so ``-q`` output still shows what was measured. Each test's outcome is also written to
+the real stderr as soon as it is known (``[gpu] PASSED name 12.3s``), so a run cut by a time limit
+keeps what finished.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -40,3 +43,9 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("blitzgen GPU suite")
         for line in _LINES:
             terminalreporter.write_line(line)
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" or (report.when == "setup" and report.failed):
+        print(f"[gpu] {report.outcome.upper()} {report.nodeid} {report.duration:.1f}s", file=sys.__stderr__,
+              flush=True)
