@@ -254,8 +254,8 @@ def _packed_int4_runs_here() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def int4_kernel_choice() -> str:
-    """Which int4 GEMV kernel runs: ``BLITZGEN_INT4_GEMV`` (fp32, h2, h2p), else the default:
-    h2 on NVIDIA GPUs of compute capability 8.0 or later, else fp32 (the packed kernel's inline
+    """Which int4 GEMV kernel runs: ``BLITZGEN_INT4_GEMV`` (fp32, h2, h2p), else INT4_DEFAULT
+    where the packed kernel runs (NVIDIA GPUs of compute capability 8.0 or later), else fp32 (its inline
     PTX needs sm_80 and does not run under Triton's interpreter or on ROCm). Read once per
     process."""
     default = INT4_DEFAULT if _packed_int4_runs_here() else "fp32"
