@@ -1,6 +1,7 @@
 """isa_probe: Inductor's CPU vector-ISA check answered from blitzgen's cache after the first time."""
 
 import json
+import os
 
 import pytest
 
@@ -68,5 +69,6 @@ def test_cache_clear_removes_the_answers(tmp_path, probes):
     fresh_process(tmp_path)
     cpu_vec_isa.VecAVX2().check_build("code")
     assert (tmp_path / isa_probe.FILE).exists()
+    os.makedirs(tmp_path / "warm")  # warm_state's records go too
     compile_cache.clear(str(tmp_path))
-    assert not (tmp_path / isa_probe.FILE).exists()
+    assert not (tmp_path / isa_probe.FILE).exists() and not (tmp_path / "warm").exists()

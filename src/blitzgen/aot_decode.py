@@ -118,6 +118,7 @@ class AOTFunction:
         self._unproven: set[tuple] = set()  # loaded from a file, not yet called
         self.guard_misses = 0  # calls that failed the saved function's guards and ran the ordinary one
         self.before_compile: Callable | None = None  # called before any compile (compile_cache.warm_up's lazy entry)
+        self.files: set[str] = set()  # the files this process loaded or saved (warm_state records them)
 
     def path_for(self, *args) -> str:
         from . import compile_cache as cc
@@ -148,6 +149,7 @@ class AOTFunction:
                     raise ValueError("guards fail on these inputs")
                 self.status = "loaded"
                 self._unproven.add(key)
+                self.files.add(path)
             except Exception as e:  # noqa: BLE001 - a stale or foreign file: compile afresh
                 log.warning("blitzgen: AOT %s %s unusable (%s: %s); recompiling", self.what, path,
                             type(e).__name__, e)
@@ -180,6 +182,7 @@ class AOTFunction:
             data = type(fn).serialize(fn).serialized_data  # = save_compiled_function, atomic on 2.11 too
             with locked(os.path.dirname(path)):
                 write_atomic(path, data)
+            self.files.add(path)
         except Exception as e:  # noqa: BLE001
             log.warning("blitzgen: could not save the AOT %s to %s (%s: %s)", self.what, path, type(e).__name__, e)
 
@@ -190,6 +193,7 @@ class AOTFunction:
                     self.what, path, type(error).__name__, error)
         with contextlib.suppress(OSError):
             os.remove(path)
+        self.files.discard(path)
         self.status = f"fallback: {type(error).__name__}"
         if self.before_compile is not None:
             self.before_compile()

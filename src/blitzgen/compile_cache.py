@@ -404,14 +404,15 @@ def list_entries(root: str | None = None) -> list[EntryInfo]:
 
 
 def clear(root: str | None = None, *, inductor: bool = True, weights: bool = True) -> int:
-    """Remove every compile-cache entry, the AOT-saved decode steps, Inductor's local cache under
-    the same root and the converted weights (unless told to keep them); returns the bytes freed."""
+    """Remove every compile-cache entry, the AOT-saved decode steps and their warm records (warm_state),
+    Inductor's local cache under the same root and the converted weights (unless told to keep them);
+    returns the bytes freed."""
     from .runtime import cache_root
 
     base = root or cache_root()
     freed = 0
     for path in (compile_root(base), os.path.join(base, "inductor") if inductor else None,
-                 weights_root(base) if weights else None, aot_root(base)):
+                 weights_root(base) if weights else None, aot_root(base), os.path.join(base, "warm")):
         if path and os.path.isdir(path):
             freed += _dir_size(path)
             shutil.rmtree(path, ignore_errors=True)
@@ -457,6 +458,12 @@ def warm_up(lm, gen, sampling_modes=None, prompt_len: int | None = None) -> floa
     REPORT.add_compile_breakdown()
     if entry.status != "unopened":  # (a lazy entry nothing compiled into: nothing new to save)
         entry.save()
+    if aot and gen.device.type == "cpu" and all(fn.status in ("loaded", "compiled") for fn in aot):
+        from . import warm_state  # the CPU default compiles when this configuration is warm
+        from .sampling import sampler_modes
+
+        modes = [sp.mode for sp in (sampling_modes if sampling_modes is not None else sampler_modes())]
+        warm_state.record(lm.args, gen.options, gen.cache_len, modes, set().union(*(fn.files for fn in aot)))
     return secs
 
 

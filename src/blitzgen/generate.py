@@ -149,6 +149,12 @@ def _quantized(model) -> bool:
     return any(isinstance(m, QuantizedLinear) for m in model.modules())
 
 
+def compiled_capacity(n_tokens: int, max_model_len: int) -> int:
+    """The KV cache a compiled Generator allocates for n_tokens: powers of two (each size is a
+    recompile), at least CACHE_ROUND, at most max_model_len."""
+    return max(min(max(CACHE_ROUND, 1 << (n_tokens - 1).bit_length()), max_model_len), n_tokens)
+
+
 class Generator:
     """Runs requests on one model, one at a time, reusing its static KV cache.
 
@@ -253,10 +259,8 @@ class Generator:
     def _capacity_for(self, n_tokens: int) -> int:
         """The cache size ensure_capacity(n_tokens) allocates when it grows."""
         if self.compiled:
-            cap = max(CACHE_ROUND, 1 << (n_tokens - 1).bit_length())
-        else:
-            cap = -(-n_tokens // CACHE_ROUND) * CACHE_ROUND
-        return max(min(cap, self.max_model_len), n_tokens)
+            return compiled_capacity(n_tokens, self.max_model_len)
+        return max(min(-(-n_tokens // CACHE_ROUND) * CACHE_ROUND, self.max_model_len), n_tokens)
 
     def _bucket(self, n: int) -> int:
         """Prompts are padded to a bucket on every path: compiled prefill, one graph per bucket

@@ -71,7 +71,8 @@ RUNTIME = {
     "dtype": (("--dtype",), dict(choices=sorted(DTYPES), help="weight and activation dtype (default: bfloat16)")),
     "compile": (("--compile",), dict(action=argparse.BooleanOptionalAction,
                                      help="torch.compile the decode step and the samplers, with CUDA graphs on GPU "
-                                          "(default: on for CUDA, off on CPU)")),
+                                          "(default: on for CUDA; on the CPU only when a warm compile-cache entry "
+                                          "makes it pay: see README)")),
     "quantize": (("--quantize",), dict(choices=QUANT_SCHEMES + ("none",),
                                        help="weight-only quantization, applied layer by layer at load time "
                                             "(default: none, except that on the CPU in bfloat16 a GGUF's 4-bit "
@@ -256,13 +257,34 @@ def warn(message: str) -> None:
 
 
 # ---- loading -----------------------------------------------------------------------------------------
-def load_engine(args, *, log=None):
+# On the CPU a warm compiled start costs ~2.8 s more than eager to the first token and then decodes
+# ~1.5x faster (2-core AMD EPYC, SmolLM2, BENCHMARKS.md): a one-off run breaks even near 375 tokens.
+COMPILE_PAYS_TOKENS = 400
+
+
+def session_warm_for(args):
+    """``load_engine``'s warm_for for a long-running session (serve, chat): the full warm-up's
+    cache and every sampler mode; None with speculation (it decides its own compile)."""
+    def need(lm):
+        from ..sampling import sampler_modes
+
+        if getattr(args, "speculate", None):
+            return None
+        return runtime_options(args).warm_cache_tokens, [sp.mode for sp in sampler_modes()]
+
+    return need
+
+
+def load_engine(args, *, log=None, warm_for=None):
     """Load the model named by the flags and build a Generator from the same RuntimeOptions
     (compiled when asked; callers warm it up, e.g. with ``warm_up``). Marks the start-up report's
-    "imports" and "load" phases."""
+    "imports" and "load" phases. ``warm_for(lm)``: (tokens, sampler modes) the run needs, or None; on the
+    CPU with neither --compile nor --no-compile, the run compiles when that is warm in the cache
+    (warm_state.py)."""
     from ..startup import REPORT
 
     opts = runtime_options(args)
+    undecided = opts.compile is None
     import torch
 
     from ..generate import Generator
@@ -283,6 +305,15 @@ def load_engine(args, *, log=None):
     if opts.max_model_len is not None and opts.max_model_len > context:
         warn(f"--max-model-len {opts.max_model_len} is above {lm.name}'s context of {context} tokens; using {context}")
         opts = opts.replace(max_model_len=context)
+    if undecided and warm_for is not None and opts.device == "cpu" and opts.aot_decode:
+        from .. import warm_state
+        from ..generate import compiled_capacity
+
+        need = warm_for(lm)  # None: not a plain run
+        limit = min(opts.max_model_len or context, context)
+        if need and warm_state.is_warm(lm.args, opts, compiled_capacity(min(need[0], limit), limit), need[1]):
+            opts = opts.replace(compile=True)
+            log("Compiling: this configuration is warm in the compile cache (--no-compile runs eager)")
     gen = Generator(lm.model, lm.tokenizer, options=opts)
     cached = {"hit": ", converted weights from the cache", "saved": ", converted weights cached"}
     log(f"Loaded {lm.name} ({lm.kind}, {lm.args.n_layers} layers, {opts.dtype}{quant_label(lm.quant, auto)}{cached.get(lm.weight_cache, '')}) on {opts.device} "

@@ -51,7 +51,7 @@ def run(args) -> int:
         from .remote import generate_remote
 
         return generate_remote(args)
-    from .common import load_engine, sampling_params
+    from .common import COMPILE_PAYS_TOKENS, load_engine, sampling_params
 
     sampling = sampling_params(args)
     if getattr(args, "modal", None):
@@ -63,7 +63,13 @@ def run(args) -> int:
         from .common import tp_spec
 
         return run_tp(args.tp, tp_spec(args), lambda lm, gen: run_loaded(args, sampling, lm, gen))
-    lm, gen = load_engine(args)
+    def warm_for(lm):  # a plain run long enough to pay for a compiled start (speculation decides its own)
+        if getattr(args, "speculate", None) or args.max_new_tokens * args.num_samples < COMPILE_PAYS_TOKENS:
+            return None
+        n = len(build_prompt_ids(lm.tokenizer, args.prompt, args.raw, args.system))
+        return n + args.max_new_tokens, [sampling.mode]
+
+    lm, gen = load_engine(args, warm_for=warm_for)
     return run_loaded(args, sampling, lm, gen)
 
 

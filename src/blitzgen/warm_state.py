@@ -1,0 +1,81 @@
+"""Which compiled configurations are warm in the cache, so that the CPU default compiles only then.
+
+On a 2-core CPU a compiled start of the default model reaches its first token in ~5 s with a warm
+cache but ~20-35 s cold, against ~2 s eager, and then decodes ~1.6x faster (BENCHMARKS.md). So on
+the CPU, with neither ``--compile`` nor ``--no-compile``, a start compiles only when a compiled
+warm-up (``compile_cache.warm_up``: `generate --compile`, `serve --compile`, `blitzgen cache
+warm`) recorded the configuration it needs: ``<cache>/warm/<key>.json`` lists the sampler modes
+warmed and the AOT-saved files they loaded or saved; the key is the model, the runtime options
+(but for where things live and how much may be asked) and the KV-cache size. The check reads that
+record and looks for its files, without importing the compiler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+log = logging.getLogger("blitzgen")
+
+# options that do not change what is compiled (the KV-cache size is in the key itself)
+_NOT_IN_KEY = ("cache_dir", "weight_cache", "staged_load", "auto_quantize", "compile", "max_model_len",
+               "warm_cache_tokens")
+
+
+def _path(model_args, options, capacity: int) -> str:
+    import torch
+
+    from . import __version__
+    from .aot_decode import source_digest
+    from .compile_cache import _digest, key_hash
+    from .runtime import cache_root
+
+    opts = dataclasses.asdict(options)
+    root = opts.get("cache_dir") or cache_root()
+    for name in _NOT_IN_KEY:
+        opts.pop(name, None)
+    args = dataclasses.asdict(model_args) if dataclasses.is_dataclass(model_args) else dict(model_args)
+    parts = {"blitzgen": __version__, "torch": torch.__version__, "source": source_digest(),
+             "model": _digest(args), "options": opts, "capacity": int(capacity)}
+    return os.path.join(root, "warm", key_hash(parts) + ".json")
+
+
+def _mode(mode) -> str:
+    return json.dumps(list(mode))
+
+
+def _read(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    ok = isinstance(data, dict) and isinstance(data.get("modes"), list) and isinstance(data.get("files"), list)
+    return data if ok else {}
+
+
+def record(model_args, options, capacity: int, modes, files) -> None:
+    """After a compiled warm-up: ``modes`` (sampler modes) are warm at this cache size, from ``files``."""
+    from .compile_cache import locked, write_atomic
+
+    path = _path(model_args, options, capacity)
+    try:
+        with locked(os.path.dirname(path)):
+            old = _read(path)
+            data = {"modes": sorted(set(old.get("modes", [])) | {_mode(m) for m in modes}),
+                    "files": sorted(set(old.get("files", [])) | set(files))}
+            write_atomic(path, json.dumps(data, indent=1).encode())
+    except OSError as e:  # a read-only cache: the next start stays eager
+        log.warning("blitzgen: could not record the warm compile-cache entry %s: %s", path, e)
+
+
+def is_warm(model_args, options, capacity: int, modes) -> bool:
+    """Whether a compiled start at this cache size, with these sampler modes, loads all it needs."""
+    data = _read(_path(model_args, options, capacity))
+    if not data or not data["files"]:
+        return False
+    if not {_mode(m) for m in modes} <= set(data["modes"]):
+        return False
+    return all(os.path.isfile(f) for f in data["files"])
