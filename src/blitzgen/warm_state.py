@@ -1,13 +1,14 @@
 """Which compiled configurations are warm in the cache, so that the CPU default compiles only then.
 
 On a 2-core CPU a compiled start of the default model reaches its first token in ~5 s with a warm
-cache but ~20-35 s cold, against ~2 s eager, and then decodes ~1.6x faster (BENCHMARKS.md). So on
-the CPU, with neither ``--compile`` nor ``--no-compile``, a start compiles only when a compiled
-warm-up (``compile_cache.warm_up``: `generate --compile`, `serve --compile`, `blitzgen cache
-warm`) recorded the configuration it needs: ``<cache>/warm/<key>.json`` lists the sampler modes
-warmed and the AOT-saved files they loaded or saved; the key is the model, the runtime options
-(but for where things live and how much may be asked) and the KV-cache size. The check reads that
-record and looks for its files, without importing the compiler.
+cache but ~20-35 s cold, against ~2 s eager, and then decodes ~1.5x faster (BENCHMARKS.md). So on
+the CPU, with neither ``--compile`` nor ``--no-compile``, a long enough `generate` compiles only
+when a compiled warm-up (``compile_cache.warm_up``) recorded the configuration it needs:
+``<cache>/warm/<key>.json`` lists the sampler modes warmed and the AOT-saved files they loaded or
+saved; the key is the model, the runtime options (but for where things live and how much may be
+asked) and the KV-cache size. The check reads that record and looks for its files, without
+importing the compiler. (A server's 8192-position compiled cache made it no faster than eager on
+the CPU, so `serve` and `chat` do not ask.)
 """
 
 from __future__ import annotations

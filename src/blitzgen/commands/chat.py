@@ -38,9 +38,9 @@ class LocalChat:
 
     def __init__(self, args, loaded=None):
         from ..errors import InvalidRequestError
-        from .common import load_engine, session_warm_for
+        from .common import load_engine
 
-        self.lm, self.gen = loaded or load_engine(args, warm_for=session_warm_for(args))
+        self.lm, self.gen = loaded or load_engine(args)
         if not self.lm.tokenizer.chat_template:
             raise InvalidRequestError("this model has no chat template: use `blitzgen generate --raw` instead")
         if self.gen.compiled:  # before the first turn, through the compile cache

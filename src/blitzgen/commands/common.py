@@ -71,8 +71,8 @@ RUNTIME = {
     "dtype": (("--dtype",), dict(choices=sorted(DTYPES), help="weight and activation dtype (default: bfloat16)")),
     "compile": (("--compile",), dict(action=argparse.BooleanOptionalAction,
                                      help="torch.compile the decode step and the samplers, with CUDA graphs on GPU "
-                                          "(default: on for CUDA; on the CPU only when a warm compile-cache entry "
-                                          "makes it pay: see README)")),
+                                          "(default: on for CUDA; on the CPU, generate compiles a long run when "
+                                          "its compiled step is warm in the cache: see README)")),
     "quantize": (("--quantize",), dict(choices=QUANT_SCHEMES + ("none",),
                                        help="weight-only quantization, applied layer by layer at load time "
                                             "(default: none, except that on the CPU in bfloat16 a GGUF's 4-bit "
@@ -260,19 +260,6 @@ def warn(message: str) -> None:
 # On the CPU a warm compiled start costs ~2.8 s more than eager to the first token and then decodes
 # ~1.5x faster (2-core AMD EPYC, SmolLM2, BENCHMARKS.md): a one-off run breaks even near 375 tokens.
 COMPILE_PAYS_TOKENS = 400
-
-
-def session_warm_for(args):
-    """``load_engine``'s warm_for for a long-running session (serve, chat): the full warm-up's
-    cache and every sampler mode; None with speculation (it decides its own compile)."""
-    def need(lm):
-        from ..sampling import sampler_modes
-
-        if getattr(args, "speculate", None):
-            return None
-        return runtime_options(args).warm_cache_tokens, [sp.mode for sp in sampler_modes()]
-
-    return need
 
 
 def load_engine(args, *, log=None, warm_for=None):

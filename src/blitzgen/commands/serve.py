@@ -106,11 +106,11 @@ def run(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from ..server.guard import default_allowed_hosts
-    from .common import load_engine, session_warm_for
+    from .common import load_engine
 
     from .speculate import server_speculation
 
-    loader = tp.load if tp is not None else lambda: load_engine(args, log=log.info, warm_for=session_warm_for(args))
+    loader = tp.load if tp is not None else lambda: load_engine(args, log=log.info)
     engine = Engine(loader, max_queue=args.max_queue, speculation=server_speculation(args, log=log.info),
                     prompt_cache=prompt_cache)
     app = create_app(engine, api_key=args.api_key, served_model_name=args.served_model_name,
