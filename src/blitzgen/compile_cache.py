@@ -127,8 +127,17 @@ def key_for(model_args, options=None, extra: dict | None = None) -> dict:
         "compile": opts,
         "extra": extra or {},
         # Dynamo's experimental cache (TORCH_CACHING_PRECOMPILE=1) changes what is saved
-        "dynamo_precompile": bool(getattr(torch._dynamo.config, "caching_precompile", False)),
+        "dynamo_precompile": _caching_precompile(),
     }
+
+
+def _caching_precompile() -> bool:
+    """Dynamo's setting when Dynamo is imported, else the variable it is read from (so a key can be
+    computed without importing the compiler: warm_state)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        return bool(getattr(dynamo.config, "caching_precompile", False))
+    return os.environ.get("TORCH_CACHING_PRECOMPILE", "0") == "1"
 
 
 def key_hash(parts: dict) -> str:

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import sys
 
@@ -28,18 +27,14 @@ FILE = "cpu_isa.json"
 def _machine() -> str:
     import torch
 
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
+    from .compile_cache import device_kind
+
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++") or ""
     try:
         cxx += f"@{os.stat(cxx).st_mtime_ns}" if cxx else ""
     except OSError:
         pass
-    return "|".join([torch.__version__, sys.executable, platform.machine(), flags.strip(), cxx])
+    return json.dumps([torch.__version__, sys.executable, device_kind("cpu"), cxx], sort_keys=True)
 
 
 def _read(path: str) -> dict:

@@ -20,27 +20,17 @@ import os
 
 log = logging.getLogger("blitzgen")
 
-# options that do not change what is compiled (the KV-cache size is in the key itself)
-_NOT_IN_KEY = ("cache_dir", "weight_cache", "staged_load", "auto_quantize", "compile", "max_model_len",
-               "warm_cache_tokens")
-
 
 def _path(model_args, options, capacity: int) -> str:
-    import torch
-
-    from . import __version__
+    """compile_cache's key for this configuration at this KV-cache size; the compile flag and the
+    limits on what may be asked (max_model_len, warm_cache_tokens) are not part of it."""
     from .aot_decode import source_digest
-    from .compile_cache import _digest, key_hash
-    from .runtime import cache_root
+    from .compile_cache import key_for, key_hash
+    from .runtime import WARM_CACHE_TOKENS, cache_root
 
-    opts = dataclasses.asdict(options)
-    root = opts.get("cache_dir") or cache_root()
-    for name in _NOT_IN_KEY:
-        opts.pop(name, None)
-    args = dataclasses.asdict(model_args) if dataclasses.is_dataclass(model_args) else dict(model_args)
-    parts = {"blitzgen": __version__, "torch": torch.__version__, "source": source_digest(),
-             "model": _digest(args), "options": opts, "capacity": int(capacity)}
-    return os.path.join(root, "warm", key_hash(parts) + ".json")
+    opts = dataclasses.replace(options, compile=True, max_model_len=None, warm_cache_tokens=WARM_CACHE_TOKENS)
+    parts = key_for(model_args, opts, {"warm": int(capacity), "source": source_digest()})
+    return os.path.join(options.cache_dir or cache_root(), "warm", key_hash(parts) + ".json")
 
 
 def _mode(mode) -> str:
