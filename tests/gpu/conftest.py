@@ -35,7 +35,9 @@ def summary(request):
     t0 = time.perf_counter()
     yield parts.append
     dt = time.perf_counter() - t0
-    _LINES.append(f"{request.node.name} [{dt:.1f}s]: " + "; ".join(parts))
+    line = f"{request.node.name} [{dt:.1f}s]: " + "; ".join(parts)
+    _LINES.append(line)
+    print(f"[gpu] summary {line}", file=sys.__stderr__, flush=True)  # kept under xdist and cut runs
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -77,12 +77,14 @@ for _g in (32, 64, 128):  # int4: the same winners for every group size except 4
     })
 del _g
 
-# The packed int4 kernel's (gemv_int4_h2.py) best (block_n, num_warps, wpt, split_k, num_stages) per int4 shape "N:K" on a 132-SM H200
-# (torch 2.11 / Triton 3.6, benchmarks/int4_gemv_gpu.py, group 32, 2026-12-03; used for every group
-# size). Where it differs from the table above it won by 4-20%.
+# The packed int4 kernel's (gemv_int4_h2.py, with its overflow guard) best (block_n, num_warps, wpt,
+# split_k, num_stages) per int4 shape "N:K" on a 132-SM H200 (torch 2.11 / Triton 3.6,
+# benchmarks/int4_gemv_gpu.py, group 32; used for every group size). Llama-2-7B's shapes: re-swept
+# 2026-12-03 (session 13) with one-warp configs, where the guard costs one barrier instead of five;
+# the rest from session 11.
 _MEASURED_H200_H2 = {
-    "12288:4096": (8, 2, 4, 1, 1), "4096:4096": (16, 4, 4, 1, 1), "22016:4096": (8, 2, 4, 1, 1),
-    "4096:11008": (8, 4, 4, 1, 1), "32000:4096": (8, 2, 4, 1, 1), "6144:4096": (4, 2, 4, 1, 1),
+    "12288:4096": (8, 1, 4, 1, 1), "4096:4096": (8, 4, 4, 1, 1), "22016:4096": (16, 1, 4, 1, 1),
+    "4096:11008": (8, 4, 4, 1, 1), "32000:4096": (8, 1, 4, 1, 1), "6144:4096": (4, 2, 4, 1, 1),
     "28672:4096": (8, 2, 4, 1, 1), "4096:14336": (8, 4, 4, 1, 1),
 }
 _MEASURED_SMS = 132  # the table is used only with this SM count (H200; also H100 SXM, untested)
@@ -243,7 +245,7 @@ def _pick_config(kind: str, N: int, K: int, group_size: int | None, ref: torch.T
 
 
 INT4_KERNELS = runtime.INT4_GEMV_KERNELS  # gemv.py's fp32 products; gemv_int4_h2 (p: with prefetch)
-INT4_DEFAULT = "fp32"  # h2 with its fp16-overflow guard measured no faster (BENCHMARKS.md)
+INT4_DEFAULT = "h2"  # with one-warp configs, +3% end to end over fp32 on Llama-2-7B (BENCHMARKS.md)
 
 
 def _packed_int4_runs_here() -> bool:

@@ -23,9 +23,9 @@ is subnormal) and each fp16 accumulator sums 16 products (one tile), then fp32 t
 coarser than gemv.py's exact fp32 products; tests/gpu compare both against the fp32 reference.
 
 Reference: FasterTransformer / Marlin's LOP3 int4 -> fp16x2 conversion (0x64006400 magic).
-Opt-in (``BLITZGEN_INT4_GEMV=h2``): with the overflow branch it measured no faster than gemv.py's
-fp32 kernel on the H200, 1800 against 1835 us of GEMVs per Llama-2-7B token (1616 without the
-branch: its flag is reduced across the program's warps, BENCHMARKS.md). CPU: not run (inline PTX);
+The int4 default on sm_80+ (``BLITZGEN_INT4_GEMV=fp32`` takes gemv.py's kernel): with one-warp
+configs, where the overflow branch's flag needs one barrier instead of five, it runs Llama-2-7B at
+406 against 387 decode tok/s on the H200 (BENCHMARKS.md, session 13). CPU: not run (inline PTX);
 ``gemv.int4_gemv`` picks it only on CUDA. tests/test_kernels.py compiles it for sm_90 on the CPU and checks the
 emulated arithmetic (``emulate``) against the fp32 reference.
 """
