@@ -190,3 +190,20 @@ def test_warm_aot_start_skips_the_compile_cache_artifacts(tmp_path):
     assert (first["opened"], first["step"], first["sampler"]) == (1, "compiled", "compiled")
     assert (second["opened"], second["step"], second["sampler"]) == (0, "loaded", "loaded")
     assert second["ids"] == first["ids"]
+
+
+def test_the_fallback_is_compiled_only_when_used(tmp_path, monkeypatch):
+    """A start whose saved functions load never builds the plain torch.compile fallback (building it
+    imports Dynamo's backend modules, ~0.3 s)."""
+    from blitzgen import compile as bc
+    from blitzgen.runtime import RuntimeOptions
+
+    made = []
+    monkeypatch.setattr(bc.torch, "compile", lambda fn, **kw: made.append(kw) or (lambda *a: "compiled"))
+    opts = RuntimeOptions(device="cpu", compile=True, aot_decode=True, cache_dir=str(tmp_path))
+    step = bc.compile_decode(lambda *a: "eager", "cpu", str(tmp_path), options=opts)
+    sampler = bc.compile_sampler(lambda *a: "eager", "cpu", str(tmp_path), options=opts)
+    assert made == []
+    assert step.fallback("x") == "compiled" and step.fallback("y") == "compiled"
+    assert made == [dict(fullgraph=True, dynamic=False)]
+    assert sampler.fallback() == "compiled" and len(made) == 2

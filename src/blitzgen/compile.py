@@ -54,25 +54,47 @@ def configure_inductor(device: str, cache_dir: str | None = None, autotune: bool
     _configured.add(kind)
 
 
+class _LazyCompile:
+    """``torch.compile(fn, **kw)``, made on the first call. The AOT-saved functions keep the plain
+    compiled one as their fallback; creating it imports Dynamo's backend and debug modules (~0.3 s),
+    which a start whose saved functions load never needs."""
+
+    def __init__(self, fn: Callable, **kw):
+        self.fn, self.kw = fn, kw
+        self._compiled: Callable | None = None
+
+    def __call__(self, *args, **kwargs):
+        if self._compiled is None:
+            self._compiled = torch.compile(self.fn, **self.kw)
+        return self._compiled(*args, **kwargs)
+
+
+def _aot_wanted(options) -> bool:
+    if options is None or not options.aot_decode:
+        return False
+    from . import aot_decode
+
+    if aot_decode.supported():
+        return True
+    from .runtime import fallback
+
+    fallback("AOT decode step", f"torch {torch.__version__} has no load_compiled_function")
+    return False
+
+
 def compile_decode(fn: Callable, device: str, cache_dir: str | None = None, autotune: bool = False,
                    options=None) -> Callable:
     """The model's decode step: one CUDA-graph replay on CUDA (its output is overwritten by the
     next replay). ``options.aot_decode``: saved and loaded whole with torch's AOT precompile
     (aot_decode.py), the plain compiled step as its fallback."""
     configure_inductor(device, cache_dir, autotune)
-    if device.startswith("cuda"):
-        step = torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    else:
-        step = torch.compile(fn, fullgraph=True, dynamic=False)
-    if options is not None and options.aot_decode:
+    kw = dict(mode="reduce-overhead") if device.startswith("cuda") else {}
+    if _aot_wanted(options):
         from . import aot_decode
 
-        if aot_decode.supported():
-            return aot_decode.AOTDecodeStep(fn, device, options, cache_dir, fallback=step)
-        from .runtime import fallback
-
-        fallback("AOT decode step", f"torch {torch.__version__} has no load_compiled_function")
-    return step
+        return aot_decode.AOTDecodeStep(fn, device, options, cache_dir,
+                                        fallback=_LazyCompile(fn, fullgraph=True, dynamic=False, **kw))
+    return torch.compile(fn, fullgraph=True, dynamic=False, **kw)
 
 
 def compile_static(fn: Callable, device: str, cache_dir: str | None = None, autotune: bool = False) -> Callable:
@@ -86,10 +108,10 @@ def compile_sampler(fn: Callable, device: str, cache_dir: str | None = None, aut
                     options=None) -> Callable:
     """``sampling.sample`` as compile_static does it; with ``options.aot_decode`` each mode's graph
     is saved and loaded whole too (aot_decode.AOTSampler), so a warm start traces nothing."""
-    step = compile_static(fn, device, cache_dir, autotune)
-    if options is not None and options.aot_decode:
+    if _aot_wanted(options):
         from . import aot_decode
 
-        if aot_decode.supported():
-            return aot_decode.AOTSampler(fn, device, options, cache_dir, fallback=step)
-    return step
+        configure_inductor(device, cache_dir, autotune)
+        return aot_decode.AOTSampler(fn, device, options, cache_dir,
+                                     fallback=_LazyCompile(fn, fullgraph=True, dynamic=False))
+    return compile_static(fn, device, cache_dir, autotune)
