@@ -346,3 +346,27 @@ def test_over_long_prompt_is_refused_before_compiling(tiny_load, capsys, monkeyp
     monkeypatch.setattr(Generator, "warmup", no_warmup)
     rc = main(["generate", "--prompt", "word " * 80, "--raw", "--compile", "--max-new-tokens", "4"])
     assert_user_error(rc, capsys, "maximum context length is 64")
+
+
+def test_the_process_entry_runs_atexit_flushes_and_keeps_the_exit_code(tmp_path):
+    """cli.run ends with os._exit (no interpreter teardown): atexit handlers still run, buffered
+    stdout into a file is complete, and main's return code is the process's."""
+    code = (
+        "import atexit, sys\n"
+        "from blitzgen import cli\n"
+        f"atexit.register(lambda: open({str(tmp_path / 'atexit')!r}, 'w').write('ran'))\n"
+        "def fake(argv=None):\n"
+        "    sys.stdout.write('x' * 100000)\n"
+        "    return int(sys.argv[1])\n"
+        "cli.main = fake\n"
+        "cli.run()\n"
+        "raise SystemExit('not reached')\n"
+    )
+    for rc in (0, 2):
+        out = tmp_path / f"out{rc}"
+        with open(out, "w") as f:
+            p = subprocess.run([sys.executable, "-c", code, str(rc)], stdout=f, stderr=subprocess.PIPE, text=True,
+                               timeout=120)
+        assert p.returncode == rc, p.stderr
+        assert out.read_text() == "x" * 100000
+        assert (tmp_path / "atexit").read_text() == "ran"

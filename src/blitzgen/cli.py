@@ -50,9 +50,26 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def run() -> None:
+    """The process entry (the ``blitzgen`` script, ``python -m blitzgen``): ``main()``, the atexit
+    handlers (Inductor's workers, logging, temporary directories), then ``os._exit``. What that
+    skips is the interpreter's teardown of every module and tensor: ~1.1 s after a compiled CPU
+    run (BENCHMARKS.md). ``main()`` itself returns, for callers in-process."""
+    import atexit
+
+    rc = main()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (| head)
+            pass
+    os._exit(rc)
+
+
 def _has_cuda_hint() -> bool:
     return bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or os.path.exists("/dev/nvidia0")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
