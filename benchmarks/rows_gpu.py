@@ -1,5 +1,7 @@
 """Quantized linear layers for 1-16 tokens at Llama-7B/8B shapes: which kernel for a speculative
-verify (K + 1 tokens) or a short prefill chunk.
+verify (K + 1 tokens) or a short prefill chunk; with more rows (--rows 17,64,512,1800,4000), which
+kernel for a prefill: tinygemm's packed copy or mm_rows' kernel with more rows per program
+(``int4 mm``, BLITZGEN_INT4_PREFILL=triton, no second copy of the weights).
 
 For each (N, K) and row count M it times, in a CUDA graph (triton.testing.do_bench_cudagraph):
   bf16     F.linear (cuBLAS), the unquantized reference point;
@@ -29,25 +31,29 @@ SHAPES = [(4096, 4096), (12288, 4096), (22016, 4096), (4096, 11008), (28672, 409
 
 
 def sweep_fns(mm_rows, x, w8, s8, int4_args, N: int, K: int) -> dict:
-    """{label: (fn, weight bytes)} for the heuristic config and a grid around it, int8 and int4."""
+    """{label: (fn, weight bytes)} for the heuristic config and a grid around it, int8 and int4
+    (more than 16 rows: 32, 64 and 128 rows per program too)."""
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    m = x.numel() // K
+    bms = (16,) if m <= mm_rows.MAX_ROWS else (32, 64, 128)
     out = {}
     for kind, args, nbytes in (("int8", (w8, s8), N * K), ("int4", int4_args, N * K // 2)):
         g = args[3] if kind == "int4" else None
         raw = mm_rows.int8_mm_rows_raw if kind == "int8" else mm_rows.int4_mm_rows_raw
-        base = mm_rows.choose_config(N, K, sms, g)
+        base = mm_rows.choose_config(N, K, sms, g, rows=m)
         grid = {base}
         for bn, bk, nw, st in ((32, 128, 4, 3), (64, 256, 4, 3), (128, 128, 4, 3), (64, 128, 8, 3), (64, 128, 4, 4),
                                (64, 128, 4, 2), (32, 256, 4, 4), (128, 256, 8, 3)):
             bk = max(bk, g or 0)
-            c = mm_rows.MmConfig(bn, bk, nw, st)
-            blocks, tiles = -(-N // bn), -(-K // bk)
-            for split in (1, 2, 4, 8):
-                if split <= tiles and blocks * split <= 8 * sms:
-                    grid.add(c._replace(split_k=split))
+            for bm in bms:
+                c = mm_rows.MmConfig(bn, bk, nw, st, 1, bm)
+                blocks, tiles = -(-N // bn) * -(-m // bm), -(-K // bk)
+                for split in (1, 2, 4, 8):
+                    if split <= tiles and blocks * split <= 8 * sms:
+                        grid.add(c._replace(split_k=split))
         for c in sorted(grid):
             label = f"{kind} {'*' if c == base else ''}{tuple(c)}"
-            out[label] = ((lambda c=c, raw=raw, args=args: raw(x, *args, cfg=c)), nbytes)
+            out[label] = ((lambda c=c, raw=raw, args=args: raw(x, *args, cfg=c, max_rows=None)), nbytes)
     return out
 
 
@@ -82,10 +88,12 @@ def main(argv=None) -> int:
             x = torch.randn(1, m, K, device=dev, dtype=torch.bfloat16)
             fns = {"bf16 cublas": (lambda: F.linear(x, wf), 2 * N * K),
                    "int8 dequant+cublas": (lambda: int8_linear_op(x, w8, s8), N * K),
-                   "int8 mm_rows": (lambda: mm_rows.int8_mm_rows(x, w8, s8), N * K),
-                   "int4 mm_rows": (lambda: mm_rows.int4_mm_rows(x, q4, sc4, z4, g), N * K // 2),
+                   "int8 mm_rows": (lambda: mm_rows.int8_mm_rows_raw(x, w8, s8, max_rows=None), N * K),
+                   "int4 mm_rows": (lambda: mm_rows.int4_mm(x, q4, sc4, z4, g), N * K // 2),
                    "int4 tinygemm": (lambda: _int4_mm_cuda(x, lin4.packed_weight, lin4.packed_scales_zeros, g),
                                              N * K // 2)}
+            if m > mm_rows.MAX_ROWS:  # a prefill: the same kernels with more rows per program
+                fns["int8 mm"], fns["int4 mm"] = fns.pop("int8 mm_rows"), fns.pop("int4 mm_rows")
             if m == 1:
                 fns["int8 gemv"] = (lambda: gemv.int8_gemv(x, w8, s8), N * K)
                 fns["int4 gemv"] = (lambda: gemv.int4_gemv(x, q4, sc4, z4, g), N * K // 2)

@@ -250,7 +250,7 @@ for case in CASES:
     kind, N, K, g, dt, cfg, lead = case["kind"], case["N"], case["K"], case.get("g"), case["dtype"], case.get("cfg"), case["lead"]
     dtype = getattr(torch, dt)
     x = torch.randn(*lead, K).to(dtype)
-    cfg = C(*cfg) if cfg and kind != "float" else None
+    cfg = C(*cfg) if cfg and kind in ("int8", "int4") else None
     if kind == "float":
         w = torch.randn(N, K).to(dtype)
         r = float_gemv_ref(x, w)
@@ -258,20 +258,22 @@ for case in CASES:
         split = cfg is not None and cfg.split_k > 1
         poison = None if split else torch.full((N,), float("nan"), dtype=dtype)
         y = float_gemv_raw(x, w, cfg, out=poison)
-    elif kind == "int4rows":
+    elif kind in ("int4rows", "int4mm"):
         qw = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
         sc = (torch.rand(N, K // g) * 0.02 + 1e-3).to(dtype)
         z = (torch.randn(N, K // g) * 0.02).to(dtype)
         r = int4_gemv_ref(x, qw, sc, z, g)
-        y, poison = int4_mm_rows_raw(x, qw, sc, z, g, MmConfig(*case["cfg"]) if case.get("cfg") else None), None
-    elif kind in ("int8", "int8rows"):
+        rows = {"max_rows": None} if kind == "int4mm" else {}
+        y, poison = int4_mm_rows_raw(x, qw, sc, z, g, MmConfig(*case["cfg"]) if case.get("cfg") else None, **rows), None
+    elif kind in ("int8", "int8rows", "int8mm"):
         w = torch.randint(-128, 128, (N, K), dtype=torch.int8)
         w[0, :4] = torch.tensor([-128, 127, -1, 0], dtype=torch.int8)  # extremes
         s = (torch.rand(N) * 0.02 + 1e-3).to(dtype)
         r = int8_gemv_ref(x, w, s)
         poison = torch.full((N,), float("nan"), dtype=dtype)
-        if kind == "int8rows":  # rows are written by the kernel into its own output
-            y, poison = int8_mm_rows_raw(x, w, s, MmConfig(*case["cfg"]) if case.get("cfg") else None), None
+        if kind in ("int8rows", "int8mm"):  # rows are written by the kernel into its own output
+            rows = {"max_rows": None} if kind == "int8mm" else {}
+            y, poison = int8_mm_rows_raw(x, w, s, MmConfig(*case["cfg"]) if case.get("cfg") else None, **rows), None
         else:
             y = int8_gemv_raw(x, w, s, cfg, out=poison)
     else:
@@ -321,6 +323,13 @@ ROWS_CASES = [
     _case("int4rows", 24, 1280, 128, dtype="float16", lead=(1, 5)),  # K tail (1280 % 256)
     _case("int4rows", 16, 3072, 256, cfg=[16, 256, 4, 3, 3], dtype="float32", lead=(1, 7)),
     _case("int4rows", 33, 2560, 32, cfg=[64, 256, 4, 3, 4], dtype="float16", lead=(1, 2)),
+    # any number of rows (a prefill without tinygemm's copy): several row tiles, row tails
+    _case("int4mm", 37, 1024, 32, dtype="float16", lead=(1, 40)),  # heuristic: 64 rows per program
+    _case("int4mm", 40, 1536, 64, cfg=[32, 128, 4, 2, 1, 32], dtype="float32", lead=(2, 35)),  # 3 row tiles
+    _case("int4mm", 24, 1280, 128, cfg=[16, 256, 4, 2, 2, 16], dtype="float16", lead=(1, 21)),  # K tail, split
+    _case("int4mm", 16, 512, 32, dtype="float32", lead=(1, 130)),  # 128 rows per program, 2 row tiles
+    _case("int8mm", 37, 1024, dtype="float16", lead=(1, 40)),
+    _case("int8mm", 24, 1000, cfg=[16, 128, 4, 2, 1, 32], dtype="float32", lead=(1, 70)),  # K tail, 3 row tiles
 ]
 INT4_CASES = [
     _case("int4", 37, 1024, 32, cfg=[8, 2, 4, 1, 1]),
@@ -495,6 +504,20 @@ def test_int4_kernel_choice_is_validated(monkeypatch):
         assert gemv.int4_kernel_choice() == "h2p"
     finally:
         gemv.int4_kernel_choice.cache_clear()
+
+
+def test_int4_prefill_choice_is_validated(monkeypatch):
+    from blitzgen.errors import BlitzgenError
+    from blitzgen.quant.int4 import prefill_choice
+    from blitzgen.runtime import RuntimeOptions
+
+    monkeypatch.delenv("BLITZGEN_INT4_PREFILL", raising=False)
+    assert prefill_choice() == "tinygemm"
+    monkeypatch.setenv("BLITZGEN_INT4_PREFILL", "Triton")
+    assert prefill_choice() == "triton" and RuntimeOptions.from_env().int4_prefill == "Triton"
+    monkeypatch.setenv("BLITZGEN_INT4_PREFILL", "marlin")
+    with pytest.raises(BlitzgenError, match="BLITZGEN_INT4_PREFILL"):  # a one-line error before loading
+        RuntimeOptions.from_env()
 
 
 @needs_triton

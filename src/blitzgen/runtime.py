@@ -44,6 +44,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16"}
 DECODE_ATTENTION = ("auto", "sdpa", "matmul", "split", "triton")
 INT4_GEMV_KERNELS = ("fp32", "h2", "h2p")  # kernels/gemv_configs.int4_kernel_choice (BLITZGEN_INT4_GEMV)
+INT4_PREFILL = ("tinygemm", "triton")  # quant/int4.prefill_choice (BLITZGEN_INT4_PREFILL)
 DEFAULT_DTYPE = "bfloat16"  # on CUDA and CPU alike
 WARM_CACHE_TOKENS = 8192  # KV-cache positions a compiled server allocates up front
 _FALSE = ("0", "false", "no", "off")
@@ -89,6 +90,7 @@ class RuntimeOptions:
     gemv_configs: str | None = None
     gemv_autotune: bool = False
     int4_gemv: str | None = None  # BLITZGEN_INT4_GEMV (read by the kernels; validated here, before loading)
+    int4_prefill: str | None = None  # BLITZGEN_INT4_PREFILL (read by quant/int4.py; validated here)
     cache_dir: str | None = None
     weight_cache: bool = True  # keep a GGUF's converted weights under cache_dir (loading/converted.py)
     staged_load: bool = True  # safetensors to CUDA through pinned staging buffers (loading/hf.py)
@@ -108,6 +110,7 @@ class RuntimeOptions:
             gemv_configs=env("BLITZGEN_GEMV_CONFIGS"),
             gemv_autotune=env_flag("BLITZGEN_GEMV_AUTOTUNE", False),
             int4_gemv=env("BLITZGEN_INT4_GEMV"),
+            int4_prefill=env("BLITZGEN_INT4_PREFILL"),
             fused_decode=env_flag("BLITZGEN_FUSED", True) if env("BLITZGEN_FUSED") else None,
             aot_decode=env_flag("BLITZGEN_AOT_DECODE", True),
             cache_dir=cache_root(),
@@ -134,6 +137,9 @@ class RuntimeOptions:
         if self.int4_gemv is not None and self.int4_gemv.lower() not in INT4_GEMV_KERNELS:
             raise BlitzgenError(f"unknown int4 GEMV kernel {self.int4_gemv!r} "
                                 f"(one of {', '.join(INT4_GEMV_KERNELS)}; BLITZGEN_INT4_GEMV)")
+        if self.int4_prefill is not None and self.int4_prefill.lower() not in INT4_PREFILL:
+            raise BlitzgenError(f"unknown int4 prefill kernel {self.int4_prefill!r} "
+                                f"(one of {', '.join(INT4_PREFILL)}; BLITZGEN_INT4_PREFILL)")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise BlitzgenError(f"--max-model-len must be at least 2, got {self.max_model_len}")
         if self.warm_cache_tokens < 1:

@@ -29,7 +29,7 @@ from .. import runtime
 from .reference import (fused_float_gemv_ref, fused_int4_gemv_ref, fused_int8_gemv_ref, int4_gemv_ref,
                         int8_gemv_ref)
 
-__all__ = ["available", "unavailable_reason", "int8_gemv", "int8_rows", "int4_gemv", "int4_rows", "int8_gemv_ref", "int4_gemv_ref",
+__all__ = ["available", "unavailable_reason", "int8_gemv", "int8_rows", "int4_gemv", "int4_rows", "int4_matmul", "int8_gemv_ref", "int4_gemv_ref",
            "fused_int8_gemv", "fused_int4_gemv", "fused_float_gemv"]
 
 # Plain module globals (no lru_cache) so that torch.compile/dynamo can trace int8_gemv/int4_gemv
@@ -116,6 +116,15 @@ def int4_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     """As ``int4_gemv`` for x [..., K] holding 1..ROWS_MAX rows (mm_rows.py)."""
     if _use_kernels("int4 row matmul", x, qweight, scales, zeros):
         return _ROWS.int4_mm_rows(x, qweight, scales, zeros, group_size)
+    return int4_gemv_ref(x, qweight, scales, zeros, group_size)
+
+
+def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                group_size: int) -> torch.Tensor:
+    """As ``int4_rows`` for any number of rows: a prefill from the canonical layout, the weight tile
+    dequantized in registers (mm_rows.py), instead of tinygemm's packed copy."""
+    if _use_kernels("int4 matmul", x, qweight, scales, zeros):
+        return _ROWS.int4_mm(x, qweight, scales, zeros, group_size)
     return int4_gemv_ref(x, qweight, scales, zeros, group_size)
 
 

@@ -29,6 +29,7 @@ class MmConfig(NamedTuple):
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 1
+    block_m: int = 16  # rows per program: 16 up to MAX_ROWS, more for a long prefill (matmul)
 
 
 @triton.jit
@@ -39,6 +40,18 @@ def _store(y_ptr, acc, rm, rn, M, N, stride_ym, SPLIT_K: tl.constexpr):
         tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
     else:
         tl.atomic_add(ptrs, acc, mask=ok, sem="relaxed")
+
+
+@triton.jit
+def _tile(M, BM: tl.constexpr, BN: tl.constexpr):
+    """This program's rows, columns and K split. Axis 0 enumerates (row tile, column tile) with the
+    row tiles fastest, so the programs that share a weight tile run together (it is read from
+    DRAM once); axis 1 is the K split."""
+    num_m = tl.cdiv(M, BM)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
+    return pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), tl.program_id(1)
 
 
 @triton.jit
@@ -53,10 +66,7 @@ def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_ym, s
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
                     EVEN_K: tl.constexpr, IEEE: tl.constexpr, NUM_STAGES: tl.constexpr):
     """y[m, n] = s[n] * sum_k x[m, k] * w[n, k]; w int8 [N, K] row-major."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rm = tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
+    rm, rn, pid_k = _tile(M, BM, BN)
     rnc = tl.minimum(rn, N - 1).to(tl.int64)
     rk = tl.arange(0, BK)
     x_ptrs = x_ptr + tl.minimum(rm, M - 1)[:, None] * stride_xm + rk[None, :]
@@ -83,10 +93,7 @@ def _int4_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, strid
                     NUM_STAGES: tl.constexpr):
     """y[m, n] = sum_k x[m, k] * ((q[n, k] - 8) * s[n, k // GS] + z[n, k // GS]); q packed two per
     byte in w [N, K // 2] (even k in the low nibble). BK is a multiple of GS; K of GS."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rm = tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
+    rm, rn, pid_k = _tile(M, BM, BN)
     rnc = tl.minimum(rn, N - 1).to(tl.int64)
     rk = tl.arange(0, BK)
     rb = tl.arange(0, BK // 2)
@@ -116,24 +123,26 @@ def _int4_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, strid
     _store(y_ptr, acc, rm, rn, M, N, stride_ym, SPLIT_K)
 
 
-@functools.lru_cache(maxsize=None)
-def choose_config(N: int, K: int, num_sms: int, group_size: int | None = None) -> MmConfig:
+@functools.lru_cache(maxsize=1024)
+def choose_config(N: int, K: int, num_sms: int, group_size: int | None = None, rows: int = MAX_ROWS) -> MmConfig:
     """64 output columns x 128 of K per tile (int4: at least one group), split along K until the
-    grid has two programs per SM (a weight-streaming kernel needs several in flight per SM)."""
+    grid has two programs per SM (a weight-streaming kernel needs several in flight per SM). More
+    than MAX_ROWS rows (a prefill): 32, 64 or 128 rows per program (8 warps at 128)."""
     bk = max(128, group_size or 0)
-    cfg = MmConfig(block_n=64 if group_size else 128, block_k=bk)
-    blocks, tiles = -(-N // cfg.block_n), -(-K // bk)
+    bm = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 64 else 128
+    cfg = MmConfig(block_n=64 if group_size else 128, block_k=bk, block_m=bm, num_warps=8 if bm == 128 else 4)
+    blocks, tiles = -(-N // cfg.block_n) * -(-rows // bm), -(-K // bk)
     split = 1
     while blocks * split < 1.5 * num_sms and split * 2 <= tiles:
         split *= 2
     return cfg._replace(split_k=split)
 
 
-def _prepare(x: torch.Tensor, N: int, K: int):
+def _prepare(x: torch.Tensor, N: int, K: int, max_rows: int | None = MAX_ROWS):
     x2 = x.reshape(-1, K).contiguous()
     m = x2.shape[0]
-    if not 1 <= m <= MAX_ROWS or x.shape[-1] != K:
-        raise ValueError(f"the row matmul takes 1..{MAX_ROWS} rows of K={K}: got x of shape {tuple(x.shape)}")
+    if m < 1 or (max_rows is not None and m > max_rows) or x.shape[-1] != K:
+        raise ValueError(f"the row matmul takes 1..{max_rows} rows of K={K}: got x of shape {tuple(x.shape)}")
     return x2, m
 
 
@@ -149,39 +158,41 @@ def _sms(x: torch.Tensor) -> int:
     return _device_sms(x)
 
 
+def _grid(m: int, N: int, cfg: MmConfig) -> tuple[int, int]:
+    return (triton.cdiv(m, cfg.block_m) * triton.cdiv(N, cfg.block_n), cfg.split_k)
+
+
 def int8_mm_rows_raw(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
-                     cfg: MmConfig | None = None) -> torch.Tensor:
-    """y = (x @ weight.T) * scales for x [..., K] of 1..MAX_ROWS rows (launched directly: also under
-    TRITON_INTERPRET=1)."""
+                     cfg: MmConfig | None = None, max_rows: int | None = MAX_ROWS) -> torch.Tensor:
+    """y = (x @ weight.T) * scales for x [..., K] of 1..max_rows rows (None: any number; launched
+    directly: also under TRITON_INTERPRET=1)."""
     N, K = weight.shape
-    x2, m = _prepare(x, N, K)
-    cfg = cfg or choose_config(N, K, _sms(x))
+    x2, m = _prepare(x, N, K, max_rows)
+    cfg = cfg or choose_config(N, K, _sms(x), rows=m)
     y = _output(x2, m, N, cfg.split_k)
-    grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
-    _int8_mm_kernel[grid](
+    _int8_mm_kernel[_grid(m, N, cfg)](
         x2, weight.contiguous(), scales.reshape(N).contiguous(), y, m, N, K, x2.stride(0), y.stride(0),
-        weight.stride(0), BM=16, BN=cfg.block_n, BK=cfg.block_k, SPLIT_K=cfg.split_k,
+        weight.stride(0), BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, SPLIT_K=cfg.split_k,
         EVEN_K=K % cfg.block_k == 0, IEEE=x.dtype == torch.float32, NUM_STAGES=cfg.num_stages,
         num_warps=cfg.num_warps)
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
 def int4_mm_rows_raw(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                     group_size: int, cfg: MmConfig | None = None) -> torch.Tensor:
-    """y = x @ dequant(qweight, scales, zeros).T for x [..., K] of 1..MAX_ROWS rows (canonical int4
-    layout, see kernels.int4_gemv)."""
+                     group_size: int, cfg: MmConfig | None = None, max_rows: int | None = MAX_ROWS) -> torch.Tensor:
+    """y = x @ dequant(qweight, scales, zeros).T for x [..., K] of 1..max_rows rows (None: any
+    number; canonical int4 layout, see kernels.int4_gemv)."""
     N, K = qweight.shape[0], qweight.shape[1] * 2
-    x2, m = _prepare(x, N, K)
-    cfg = cfg or choose_config(N, K, _sms(x), group_size)
+    x2, m = _prepare(x, N, K, max_rows)
+    cfg = cfg or choose_config(N, K, _sms(x), group_size, rows=m)
     if cfg.block_k % group_size or K % group_size:
         raise ValueError(f"int4 row matmul: block_k {cfg.block_k} and K {K} must be multiples of the group "
                          f"size {group_size}")
     y = _output(x2, m, N, cfg.split_k)
     scales, zeros = scales.contiguous(), zeros.contiguous()
-    grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
-    _int4_mm_kernel[grid](
+    _int4_mm_kernel[_grid(m, N, cfg)](
         x2, qweight.contiguous(), scales, zeros, y, m, N, K, x2.stride(0), y.stride(0), qweight.stride(0),
-        scales.stride(0), GS=group_size, BM=16, BN=cfg.block_n, BK=cfg.block_k, SPLIT_K=cfg.split_k,
+        scales.stride(0), GS=group_size, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, SPLIT_K=cfg.split_k,
         EVEN_K=K % cfg.block_k == 0, IEEE=x.dtype == torch.float32, NUM_STAGES=cfg.num_stages,
         num_warps=cfg.num_warps)
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
@@ -189,7 +200,7 @@ def int4_mm_rows_raw(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 
 def _register_ops():
     if runtime.triton_interpret():
-        return None, None  # the interpreter runs the raw launchers
+        return None  # the interpreter runs the raw launchers
     from .ops import linear_fake, opaque_op
 
     def int8_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -199,11 +210,16 @@ def _register_ops():
                 group_size: int) -> torch.Tensor:
         return int4_mm_rows_raw(x, qweight, scales, zeros, group_size)
 
+    def int4_mm_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   group_size: int) -> torch.Tensor:
+        return int4_mm_rows_raw(x, qweight, scales, zeros, group_size, max_rows=None)
+
     return (opaque_op("blitzgen::int8_mm_rows", int8_op, linear_fake),
-            opaque_op("blitzgen::int4_mm_rows", int4_op, linear_fake))
+            opaque_op("blitzgen::int4_mm_rows", int4_op, linear_fake),
+            opaque_op("blitzgen::int4_mm", int4_mm_op, linear_fake))
 
 
-_int8_op, _int4_op = _register_ops()
+_int8_op, _int4_op, _int4_mm_op = _register_ops() or (None, None, None)
 
 
 def int8_mm_rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -217,3 +233,11 @@ def int4_mm_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     if _int4_op is None:
         return int4_mm_rows_raw(x, qweight, scales, zeros, group_size)
     return torch.ops.blitzgen.int4_mm_rows(x, qweight, scales, zeros, int(group_size))
+
+
+def int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+            group_size: int) -> torch.Tensor:
+    """As ``int4_mm_rows`` for any number of rows (a prefill without tinygemm's packed copy)."""
+    if _int4_mm_op is None:
+        return int4_mm_rows_raw(x, qweight, scales, zeros, group_size, max_rows=None)
+    return torch.ops.blitzgen.int4_mm(x, qweight, scales, zeros, int(group_size))

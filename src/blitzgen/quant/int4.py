@@ -17,7 +17,10 @@ Matmul paths, chosen per call (the choice is static per shape, so torch.compile 
    ``blitzgen.kernels.int4_rows`` exists: that kernel (tensor cores, kernels/mm_rows.py).
 3. CUDA otherwise: ``_int4_mm_cuda``, aten's tinygemm ``_weight_int4pack_mm`` (bf16 activations)
    on a packed copy built once by ``prepare()`` (non-persistent buffers ``packed_weight``,
-   ``packed_scales_zeros`` [in // g, out, 2]).
+   ``packed_scales_zeros`` [in // g, out, 2]): a second copy of the weights. With
+   ``BLITZGEN_INT4_PREFILL=triton`` there is no such copy: 2-4 rows take path 2's kernel, and more
+   than ``ROWS_MAX`` rows ``blitzgen.kernels.int4_matmul``, the same kernel with more rows per
+   program (opt-in until measured against tinygemm on a GPU).
 4. CPU, bf16: aten's ``_weight_int4pack_mm_for_cpu`` on its own packed copy for up to 128 rows,
    where it beats dequantizing by far; longer inputs, and float32, dequantize + F.linear.
 5. Anything else (shapes or dtypes the packed ops refuse, or a packed op that fails its one-time
@@ -194,6 +197,14 @@ def packed_op_works(device: str, dtype: torch.dtype, group_size: int, inner_k_ti
     return ok
 
 
+def prefill_choice() -> str:
+    """What takes more than a few rows on CUDA: ``BLITZGEN_INT4_PREFILL`` (tinygemm, the default,
+    or triton; RuntimeOptions.validate reports a bad value first)."""
+    from ..runtime import env
+
+    return (env("BLITZGEN_INT4_PREFILL") or "tinygemm").lower()
+
+
 # ------------------------------------------------------------------------------------------------
 # the module
 
@@ -217,6 +228,8 @@ class Int4Linear(QuantizedLinear):
         self._packed_for: tuple[str, torch.dtype] | None = None
         self._gemv = None
         self._rows = None  # blitzgen.kernels.int4_rows on CUDA when available
+        self._matmul = None  # blitzgen.kernels.int4_matmul on CUDA with BLITZGEN_INT4_PREFILL=triton
+        self._rows_min = INT4_ROWS_MIN  # fewer rows (but > 1) take tinygemm's packed copy
         self._cpu_rows = 0
 
     @classmethod
@@ -235,7 +248,8 @@ class Int4Linear(QuantizedLinear):
     def prepare(self) -> None:
         """(Re)build the packed copy for the current device and dtype, and look up the GEMV hook."""
         self.packed_weight = self.packed_scales_zeros = None
-        self._packed_for, self._gemv, self._rows = None, None, None
+        self._packed_for, self._gemv, self._rows, self._matmul = None, None, None, None
+        self._rows_min = INT4_ROWS_MIN
         self._cpu_rows = 0  # rows the CPU packed op takes (an int: no dict lookup for Dynamo to guard)
         dev, dtype = self.qweight.device.type, self.scales.dtype
         if dev not in _PACKERS:
@@ -243,6 +257,10 @@ class Int4Linear(QuantizedLinear):
         if dev == "cuda":
             self._gemv = get_kernel("int4_gemv")
             self._rows = get_kernel("int4_rows")
+            if self._rows is not None and prefill_choice() == "triton":
+                self._matmul = get_kernel("int4_matmul")
+                self._rows_min = 2
+                return  # one copy of the weights
             shape_ok = self.out_features % 8 == 0 and dtype == torch.bfloat16
         else:  # the CPU op only pays off in bf16 (float32: no faster than dequantizing, see above)
             shape_ok = self.out_features % 16 == 0 and dtype in CPU_PACKED_MAX_TOKENS
@@ -268,8 +286,10 @@ class Int4Linear(QuantizedLinear):
         if x.is_cuda and self._gemv is not None and is_single_token(x):
             y = self._gemv(x, self.qweight, self.scales, self.zeros, g)
         elif (x.is_cuda and self._rows is not None
-              and INT4_ROWS_MIN * x.shape[-1] <= x.numel() <= ROWS_MAX * x.shape[-1]):
+              and self._rows_min * x.shape[-1] <= x.numel() <= ROWS_MAX * x.shape[-1]):
             y = self._rows(x, self.qweight, self.scales, self.zeros, g)
+        elif x.is_cuda and self._matmul is not None:
+            y = self._matmul(x, self.qweight, self.scales, self.zeros, g)
         elif packed and x.is_cuda:
             y = _int4_mm_cuda(x, self.packed_weight, self.packed_scales_zeros, g)
         elif packed and x.numel() <= self._cpu_rows * x.shape[-1]:
