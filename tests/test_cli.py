@@ -354,7 +354,7 @@ def test_the_process_entry_runs_atexit_flushes_and_keeps_the_exit_code(tmp_path)
     code = (
         "import atexit, sys\n"
         "from blitzgen import cli\n"
-        f"atexit.register(lambda: open({str(tmp_path / 'atexit')!r}, 'w').write('ran'))\n"
+        "atexit.register(lambda: open(sys.argv[2], 'w').write('ran'))\n"
         "def fake(argv=None):\n"
         "    sys.stdout.write('x' * 100000)\n"
         "    return int(sys.argv[1])\n"
@@ -363,10 +363,14 @@ def test_the_process_entry_runs_atexit_flushes_and_keeps_the_exit_code(tmp_path)
         "raise SystemExit('not reached')\n"
     )
     for rc in (0, 2):
-        out = tmp_path / f"out{rc}"
+        out, mark = tmp_path / f"out{rc}", tmp_path / f"atexit{rc}"
         with open(out, "w") as f:
-            p = subprocess.run([sys.executable, "-c", code, str(rc)], stdout=f, stderr=subprocess.PIPE, text=True,
-                               timeout=120)
+            p = subprocess.run([sys.executable, "-c", code, str(rc), str(mark)], stdout=f, stderr=subprocess.PIPE,
+                               text=True, timeout=120)
         assert p.returncode == rc, p.stderr
         assert out.read_text() == "x" * 100000
-        assert (tmp_path / "atexit").read_text() == "ran"
+        assert mark.read_text() == "ran"
+    env = dict(os.environ, BLITZGEN_CACHE=str(tmp_path / "cache"))
+    p = subprocess.run([sys.executable, "-m", "blitzgen", "cache", "ls"], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr

@@ -514,7 +514,7 @@ def test_int4_prefill_choice_is_validated(monkeypatch):
     monkeypatch.delenv("BLITZGEN_INT4_PREFILL", raising=False)
     assert prefill_choice() == "tinygemm"
     monkeypatch.setenv("BLITZGEN_INT4_PREFILL", "Triton")
-    assert prefill_choice() == "triton" and RuntimeOptions.from_env().int4_prefill == "Triton"
+    assert prefill_choice() == "triton" and RuntimeOptions.from_env().int4_prefill == "triton"
     monkeypatch.setenv("BLITZGEN_INT4_PREFILL", "marlin")
     with pytest.raises(BlitzgenError, match="BLITZGEN_INT4_PREFILL"):  # a one-line error before loading
         RuntimeOptions.from_env()

@@ -52,18 +52,28 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """The process entry (the ``blitzgen`` script, ``python -m blitzgen``): ``main()``, the atexit
-    handlers (Inductor's workers, logging, temporary directories), then ``os._exit``. What that
-    skips is the interpreter's teardown of every module and tensor: ~1.1 s after a compiled CPU
-    run (BENCHMARKS.md). ``main()`` itself returns, for callers in-process."""
+    handlers (Inductor's workers, logging, temporary directories), the Python and C stdio flushes,
+    then ``os._exit``. What that skips is the interpreter's teardown of every module and tensor:
+    ~1.1 s after a compiled CPU run (BENCHMARKS.md). Under a profiler or tracer (cProfile,
+    coverage), or with ``BLITZGEN_FAST_EXIT=0``, the process exits normally. ``main()`` itself
+    returns, for callers in-process."""
+    rc = main()
+    if sys.getprofile() is not None or sys.gettrace() is not None or os.environ.get("BLITZGEN_FAST_EXIT") == "0":
+        sys.exit(rc)
     import atexit
 
-    rc = main()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe (| head)
             pass
+    try:  # what C and C++ code wrote through stdio (NCCL_DEBUG, std::cout)
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
     os._exit(rc)
 
 

@@ -110,7 +110,7 @@ class RuntimeOptions:
             gemv_configs=env("BLITZGEN_GEMV_CONFIGS"),
             gemv_autotune=env_flag("BLITZGEN_GEMV_AUTOTUNE", False),
             int4_gemv=env("BLITZGEN_INT4_GEMV"),
-            int4_prefill=env("BLITZGEN_INT4_PREFILL"),
+            int4_prefill=(env("BLITZGEN_INT4_PREFILL") or "").lower() or None,
             fused_decode=env_flag("BLITZGEN_FUSED", True) if env("BLITZGEN_FUSED") else None,
             aot_decode=env_flag("BLITZGEN_AOT_DECODE", True),
             cache_dir=cache_root(),

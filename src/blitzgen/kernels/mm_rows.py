@@ -51,7 +51,8 @@ def _tile(M, BM: tl.constexpr, BN: tl.constexpr):
     pid = tl.program_id(0)
     pid_m = pid % num_m
     pid_n = pid // num_m
-    return pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), tl.program_id(1)
+    rm = pid_m.to(tl.int64) * BM + tl.arange(0, BM)  # 64-bit: rows x N passes 2**31 at long prompts
+    return rm, pid_n * BN + tl.arange(0, BN), tl.program_id(1)
 
 
 @triton.jit
@@ -142,7 +143,8 @@ def _prepare(x: torch.Tensor, N: int, K: int, max_rows: int | None = MAX_ROWS):
     x2 = x.reshape(-1, K).contiguous()
     m = x2.shape[0]
     if m < 1 or (max_rows is not None and m > max_rows) or x.shape[-1] != K:
-        raise ValueError(f"the row matmul takes 1..{max_rows} rows of K={K}: got x of shape {tuple(x.shape)}")
+        raise ValueError(f"the row matmul takes 1..{max_rows or 'any number of'} rows of K={K}: got x of shape "
+                         f"{tuple(x.shape)}")
     return x2, m
 
 
@@ -162,6 +164,11 @@ def _grid(m: int, N: int, cfg: MmConfig) -> tuple[int, int]:
     return (triton.cdiv(m, cfg.block_m) * triton.cdiv(N, cfg.block_n), cfg.split_k)
 
 
+def _stages(x: torch.Tensor, cfg: MmConfig) -> int:
+    """float32 activations at 128 rows per program: 64 KB a stage, so at most two fit in shared memory."""
+    return min(cfg.num_stages, 2) if x.dtype == torch.float32 and cfg.block_m > 64 else cfg.num_stages
+
+
 def int8_mm_rows_raw(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
                      cfg: MmConfig | None = None, max_rows: int | None = MAX_ROWS) -> torch.Tensor:
     """y = (x @ weight.T) * scales for x [..., K] of 1..max_rows rows (None: any number; launched
@@ -173,7 +180,7 @@ def int8_mm_rows_raw(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
     _int8_mm_kernel[_grid(m, N, cfg)](
         x2, weight.contiguous(), scales.reshape(N).contiguous(), y, m, N, K, x2.stride(0), y.stride(0),
         weight.stride(0), BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, SPLIT_K=cfg.split_k,
-        EVEN_K=K % cfg.block_k == 0, IEEE=x.dtype == torch.float32, NUM_STAGES=cfg.num_stages,
+        EVEN_K=K % cfg.block_k == 0, IEEE=x.dtype == torch.float32, NUM_STAGES=_stages(x, cfg),
         num_warps=cfg.num_warps)
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
@@ -193,7 +200,7 @@ def int4_mm_rows_raw(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     _int4_mm_kernel[_grid(m, N, cfg)](
         x2, qweight.contiguous(), scales, zeros, y, m, N, K, x2.stride(0), y.stride(0), qweight.stride(0),
         scales.stride(0), GS=group_size, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, SPLIT_K=cfg.split_k,
-        EVEN_K=K % cfg.block_k == 0, IEEE=x.dtype == torch.float32, NUM_STAGES=cfg.num_stages,
+        EVEN_K=K % cfg.block_k == 0, IEEE=x.dtype == torch.float32, NUM_STAGES=_stages(x, cfg),
         num_warps=cfg.num_warps)
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
