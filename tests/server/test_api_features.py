@@ -318,8 +318,8 @@ def test_default_model_json_schema_objects_validate_at_temperature_1(server):
     client = server.openai().with_options(timeout=1200)  # ~200 tokens: minutes on a loaded CPU
     r = client.chat.completions.create(
         model="", messages=[{"role": "user", "content": "Describe a pet as JSON."}], response_format=JSON_SCHEMA,
-        temperature=1.0, seed=42, n=10, max_tokens=60)
-    assert len(r.choices) == 10
+        temperature=1.0, seed=42, n=4, max_tokens=60)  # (n=10 took 40-127 s of CI; the library test samples 50)
+    assert len(r.choices) == 4
     for c in r.choices:
         assert c.finish_reason == "stop"
         jsonschema.validate(json.loads(c.message.content), SCHEMA)
