@@ -245,7 +245,7 @@ def _pick_config(kind: str, N: int, K: int, group_size: int | None, ref: torch.T
 
 
 INT4_KERNELS = runtime.INT4_GEMV_KERNELS  # gemv.py's fp32 products; gemv_int4_h2 (p: with prefetch)
-INT4_DEFAULT = "h2"  # with one-warp configs, +3% end to end over fp32 on Llama-2-7B (BENCHMARKS.md)
+INT4_DEFAULT = "h2"  # with one-warp configs, Llama-2-7B decode 406 vs 387 tok/s for fp32 (BENCHMARKS.md)
 
 
 def _packed_int4_runs_here() -> bool:

@@ -45,8 +45,8 @@ def _store(y_ptr, acc, rm, rn, M, N, stride_ym, SPLIT_K: tl.constexpr):
 @triton.jit
 def _tile(M, BM: tl.constexpr, BN: tl.constexpr):
     """This program's rows, columns and K split. Axis 0 enumerates (row tile, column tile) with the
-    row tiles fastest, so the programs that share a weight tile run together (it is read from
-    DRAM once); axis 1 is the K split."""
+    row tiles fastest, so the programs that share a weight tile run together and can find it in L2
+    (not yet measured against the other order); axis 1 is the K split."""
     num_m = tl.cdiv(M, BM)
     pid = tl.program_id(0)
     pid_m = pid % num_m
