@@ -7,7 +7,9 @@ For each (N, K) and row count M it times, in a CUDA graph (triton.testing.do_ben
   bf16     F.linear (cuBLAS), the unquantized reference point;
   int8:    the one-token GEMV (M = 1 only), the tensor-core row matmul (kernels/mm_rows.py),
            dequantize + cuBLAS (the old path);
-  int4:    the one-token GEMV (M = 1), the tensor-core row matmul, tinygemm (the old path).
+  int4:    the one-token GEMV (M = 1), the tensor-core row matmul, tinygemm (the old path);
+  more than 16 rows: the row kernels with more rows per program (``mm``) and a float copy of the
+  weight + cuBLAS (``deq+cublas``, kernels/dequant.py), whose crossover sets mm_rows.*_DEQUANT_ROWS.
 and prints microseconds and the weight bytes read per second. --sweep times instead a grid of
 mm_rows configs per shape and row count, against the heuristic's pick.
 
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     from triton.testing import do_bench_cudagraph
 
-    from blitzgen.kernels import gemv, mm_rows
+    from blitzgen.kernels import dequant, gemv, mm_rows
     from blitzgen.quant.int4 import Int4Linear, _int4_mm_cuda
     from blitzgen.quant.int8 import int8_linear_op
 
@@ -82,6 +84,7 @@ def main(argv=None) -> int:
         wf = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
         w8 = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=dev)
         s8 = torch.rand(N, device=dev, dtype=torch.bfloat16) * 1e-3
+        os.environ["BLITZGEN_INT4_PREFILL"] = "tinygemm"  # the packed copy, for the old path's figure
         lin4 = Int4Linear.from_linear(torch.nn.Linear(K, N, bias=False, device=dev, dtype=torch.bfloat16), g)
         q4, sc4, z4 = lin4.qweight, lin4.scales, lin4.zeros
         for m in rows:
@@ -92,8 +95,12 @@ def main(argv=None) -> int:
                    "int4 mm_rows": (lambda: mm_rows.int4_mm(x, q4, sc4, z4, g), N * K // 2),
                    "int4 tinygemm": (lambda: _int4_mm_cuda(x, lin4.packed_weight, lin4.packed_scales_zeros, g),
                                              N * K // 2)}
-            if m > mm_rows.MAX_ROWS:  # a prefill: the same kernels with more rows per program
-                fns["int8 mm"], fns["int4 mm"] = fns.pop("int8 mm_rows"), fns.pop("int4 mm_rows")
+            if m > mm_rows.MAX_ROWS:  # a prefill: the same kernels with more rows per program, and
+                fns.pop("int8 mm_rows"), fns.pop("int4 mm_rows")  # a float copy + cuBLAS (dequant.py)
+                fns["int8 mm"] = (lambda: mm_rows.int8_mm_rows_raw(x, w8, s8, max_rows=None), N * K)
+                fns["int8 deq+cublas"] = (lambda: dequant.int8_dequant_mm(x, w8, s8), N * K)
+                fns["int4 mm"] = (lambda: mm_rows.int4_mm_rows_raw(x, q4, sc4, z4, g, max_rows=None), N * K // 2)
+                fns["int4 deq+cublas"] = (lambda: dequant.int4_dequant_mm(x, q4, sc4, z4, g), N * K // 2)
             if m == 1:
                 fns["int8 gemv"] = (lambda: gemv.int8_gemv(x, w8, s8), N * K)
                 fns["int4 gemv"] = (lambda: gemv.int4_gemv(x, q4, sc4, z4, g), N * K // 2)

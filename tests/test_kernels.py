@@ -222,6 +222,9 @@ def test_custom_ops_have_fake_impls():
         xr = torch.empty(1, 8, 4096, dtype=torch.bfloat16, device="cuda")  # a verify of 8 tokens
         assert torch.ops.blitzgen.int8_mm_rows(xr, w, s).shape == (1, 8, 12288)
         assert torch.ops.blitzgen.int4_mm_rows(xr, qw, sc, sc, 128).shape == (1, 8, 4096)
+        xp = torch.empty(1, 300, 4096, dtype=torch.bfloat16, device="cuda")  # a prefill
+        assert torch.ops.blitzgen.int8_mm(xp, w, s).shape == (1, 300, 12288)
+        assert torch.ops.blitzgen.int4_mm(xp, qw, sc, sc, 128).shape == (1, 300, 4096)
 
 
 # ------------------------------------------------------------------ kernels under the interpreter
@@ -258,6 +261,26 @@ for case in CASES:
         split = cfg is not None and cfg.split_k > 1
         poison = None if split else torch.full((N,), float("nan"), dtype=dtype)
         y = float_gemv_raw(x, w, cfg, out=poison)
+    elif kind in ("int4deq", "int8deq"):  # a float copy of the weight, then F.linear (kernels/dequant.py)
+        from blitzgen.kernels import dequant
+        chunk = case.get("chunk") or dequant.CHUNK_ELEMS
+        if kind == "int4deq":
+            qw = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
+            qw[0, :2] = torch.tensor([0x0F, 0xF0], dtype=torch.uint8)
+            sc = (torch.rand(N, K // g) * 0.02 + 1e-3).to(dtype)
+            z = (torch.randn(N, K // g) * 0.02).to(dtype)
+            r = int4_gemv_ref(x, qw, sc, z, g)
+            y = dequant.int4_dequant_mm(x, qw, sc, z, g, chunk_elems=chunk)
+            from blitzgen.quant.int4 import dequantize_int4
+            wd = dequant.int4_dequant(qw, sc, z, g, torch.float32)
+            assert (wd - dequantize_int4(qw, sc, z, g, torch.float32)).abs().max() <= 1e-6 * sc.float().abs().max()
+        else:
+            w = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+            s = (torch.rand(N) * 0.02 + 1e-3).to(dtype)
+            r = int8_gemv_ref(x, w, s)
+            y = dequant.int8_dequant_mm(x, w, s, chunk_elems=chunk)
+            assert torch.equal(dequant.int8_dequant(w, s, torch.float32), w.float() * s.float()[:, None])
+        poison = None
     elif kind in ("int4rows", "int4mm"):
         qw = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
         sc = (torch.rand(N, K // g) * 0.02 + 1e-3).to(dtype)
@@ -294,10 +317,10 @@ for case in CASES:
 """
 
 
-def _case(kind, N, K, g=None, dtype="bfloat16", cfg=None, lead=(1,)):
+def _case(kind, N, K, g=None, dtype="bfloat16", cfg=None, lead=(1,), chunk=None):
     tol = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}[dtype]
     return {"kind": kind, "N": N, "K": K, "g": g, "dtype": dtype, "cfg": cfg, "lead": list(lead),
-            "tol": tol}
+            "tol": tol, "chunk": chunk}
 
 
 # (block_n, num_warps, wpt, split_k, num_stages)
@@ -330,6 +353,15 @@ ROWS_CASES = [
     _case("int4mm", 16, 512, 32, dtype="float32", lead=(1, 130)),  # 128 rows per program, 2 row tiles
     _case("int8mm", 37, 1024, dtype="float16", lead=(1, 40)),
     _case("int8mm", 24, 1000, cfg=[16, 128, 4, 2, 1, 32], dtype="float32", lead=(1, 70)),  # K tail, 3 row tiles
+]
+# a long prefill: dequantize to a float copy, then F.linear; N and K tails, and weights sliced into
+# chunks of output rows (chunk: elements of the largest float copy)
+DEQUANT_CASES = [
+    _case("int4deq", 37, 1024, 32, dtype="float32", lead=(1, 5)),
+    _case("int4deq", 70, 1280, 128, dtype="float32", lead=(2, 3), chunk=32 * 1280),  # 3 slices, K tail
+    _case("int4deq", 33, 512, 16, lead=(1, 4)),  # bf16
+    _case("int8deq", 37, 1000, dtype="float32", lead=(1, 6)),  # K tail
+    _case("int8deq", 100, 640, lead=(3,), chunk=64 * 640),  # bf16, 2 slices
 ]
 INT4_CASES = [
     _case("int4", 37, 1024, 32, cfg=[8, 2, 4, 1, 1]),
@@ -380,6 +412,11 @@ def test_int8_kernel_interpreter():
 @needs_triton
 def test_row_matmul_interpreter():
     _assert_results(_run_interpreter(ROWS_CASES))
+
+
+@needs_triton
+def test_dequantize_kernels_interpreter():
+    _assert_results(_run_interpreter(DEQUANT_CASES))
 
 
 @needs_triton
@@ -512,9 +549,9 @@ def test_int4_prefill_choice_is_validated(monkeypatch):
     from blitzgen.runtime import RuntimeOptions
 
     monkeypatch.delenv("BLITZGEN_INT4_PREFILL", raising=False)
-    assert prefill_choice() == "tinygemm"
-    monkeypatch.setenv("BLITZGEN_INT4_PREFILL", "Triton")
-    assert prefill_choice() == "triton" and RuntimeOptions.from_env().int4_prefill == "triton"
+    assert prefill_choice() == "triton"
+    monkeypatch.setenv("BLITZGEN_INT4_PREFILL", "TinyGEMM")
+    assert prefill_choice() == "tinygemm" and RuntimeOptions.from_env().int4_prefill == "tinygemm"
     monkeypatch.setenv("BLITZGEN_INT4_PREFILL", "marlin")
     with pytest.raises(BlitzgenError, match="BLITZGEN_INT4_PREFILL"):  # a one-line error before loading
         RuntimeOptions.from_env()

@@ -120,9 +120,10 @@ def test_row_matmul_matches_reference(kind, g, seed, summary):
 
 @pytest.mark.parametrize("g", [32, 128])
 def test_int4_matmul_any_rows_matches_reference(g, seed, summary):
-    """kernels.int4_matmul (mm_rows' kernel with 32-128 rows per program: a prefill without
-    tinygemm's packed copy) at every shape and several prefill lengths, with row tails."""
-    from blitzgen.kernels import mm_rows
+    """kernels.int4_matmul (mm_rows' kernel with 32-128 rows per program, or from 128 rows a float
+    copy and cuBLAS: a prefill without tinygemm's packed copy) at every shape and several prefill
+    lengths, with row tails; the float copy also in slices of output rows."""
+    from blitzgen.kernels import dequant, mm_rows
 
     worst, n = 0.0, 0
     for N, K in BIG + ODD:
@@ -137,26 +138,51 @@ def test_int4_matmul_any_rows_matches_reference(g, seed, summary):
             cfg = mm_rows.MmConfig(64, max(128, g), 4, 3, 2, 32)  # split-K with 32-row tiles
             worst = max(worst, _check(mm_rows.int4_mm_rows_raw(x, *args, cfg=cfg, max_rows=None), r, TOL[dtype],
                                       f"{what} {cfg}"))
+            y = dequant.int4_dequant_mm(x, *args, chunk_elems=N * K // 3)
+            worst = max(worst, _check(y, r, TOL[dtype], f"{what} dequantize + cuBLAS in slices"))
+            n += 1
+    summary(f"{n} (shape, rows) cases, worst relative error {worst:.1e}")
+
+
+def test_int8_matmul_any_rows_matches_reference(seed, summary):
+    """kernels.int8_matmul (the row kernel with more rows per program, or from 256 rows a float copy
+    and cuBLAS), and the float copy against the exact one."""
+    from blitzgen.kernels import dequant
+
+    worst, n = 0.0, 0
+    for N, K in BIG + ODD:
+        for rows in (17, 33, 100, 300) if (N, K) in ODD else (17, 300, 1800):
+            dtype = torch.float16 if (N, K) in ODD and rows % 2 else torch.bfloat16
+            _, args, _ = _inputs("int8", N, K, None, dtype)
+            x = torch.randn(1, rows, K, device="cuda").to(dtype)
+            r = int8_gemv_ref(x, *args)
+            what = f"int8 rows={rows} N={N} K={K} {dtype} seed={seed}"
+            worst = max(worst, _check(kernels.int8_matmul(x, *args), r, TOL[dtype], what + " (op)"))
+            y = dequant.int8_dequant_mm(x, *args, chunk_elems=N * K // 3)
+            worst = max(worst, _check(y, r, TOL[dtype], f"{what} dequantize + cuBLAS in slices"))
+            w, s = args
+            assert torch.equal(dequant.int8_dequant(w, s, torch.float32), w.float() * s.float()[:, None])
             n += 1
     summary(f"{n} (shape, rows) cases, worst relative error {worst:.1e}")
 
 
 def test_int4_prefill_without_tinygemm_copy(monkeypatch, summary):
-    """BLITZGEN_INT4_PREFILL=triton: no packed copy is built, and a 40-token prefill plus decode give
-    the logits of the default (tinygemm) model."""
+    """BLITZGEN_INT4_PREFILL=triton (the default): no packed copy is built, and a 40-token and a
+    300-token prefill (dequantize + cuBLAS) plus decode give the logits of the tinygemm model."""
     from blitzgen.quant import Int4Linear
 
-    ids = torch.randint(0, 32000, (1, 40), device="cuda")
-    pos = torch.arange(40, device="cuda")
+    ids = torch.randint(0, 32000, (1, 300), device="cuda")
+    pos = torch.arange(300, device="cuda")
     out = {}
     for choice in ("tinygemm", "triton"):
         monkeypatch.setenv("BLITZGEN_INT4_PREFILL", choice)
-        model = random_model(quantize="int4", group_size=32, n_layers=2)
+        model = random_model(quantize="int4", group_size=32, n_layers=2, cache=512)
         mods = [m for m in model.modules() if isinstance(m, Int4Linear)]
         copies = sum(m.packed_weight is not None for m in mods)
         assert copies == (len(mods) if choice == "tinygemm" else 0), (choice, copies)
         with torch.inference_mode():
-            out[choice] = (model(ids, pos).float(), model(ids[:, :1], pos[-1:] + 1).float())
+            out[choice] = (model(ids[:, :40], pos[:40]).float(), model(ids, pos).float(),
+                           model(ids[:, :1], pos[-1:] + 1).float())
         del model
     for a, b in zip(out["tinygemm"], out["triton"]):
         rel = float((a - b).norm() / b.norm())

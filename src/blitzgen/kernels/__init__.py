@@ -119,10 +119,19 @@ def int4_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     return int4_gemv_ref(x, qweight, scales, zeros, group_size)
 
 
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """As ``int8_rows`` for any number of rows (a prefill): the row kernel with more rows per
+    program, or from ``mm_rows.INT8_DEQUANT_ROWS`` rows a float copy and cuBLAS (dequant.py)."""
+    if _use_kernels("int8 matmul", x, weight, scales):
+        return _ROWS.int8_mm(x, weight, scales)
+    return torch.nn.functional.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
+
+
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 group_size: int) -> torch.Tensor:
-    """As ``int4_rows`` for any number of rows: a prefill from the canonical layout, the weight tile
-    dequantized in registers (mm_rows.py), instead of tinygemm's packed copy."""
+    """As ``int4_rows`` for any number of rows: a prefill from the canonical layout (the weight tile
+    dequantized in registers, or from ``mm_rows.INT4_DEQUANT_ROWS`` rows a float copy and cuBLAS),
+    instead of tinygemm's packed copy."""
     if _use_kernels("int4 matmul", x, qweight, scales, zeros):
         return _ROWS.int4_mm(x, qweight, scales, zeros, group_size)
     return int4_gemv_ref(x, qweight, scales, zeros, group_size)

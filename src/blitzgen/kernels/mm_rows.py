@@ -7,6 +7,8 @@ bf16). Here each program dequantizes a [BK, BN] weight tile in registers (int8: 
 int4: unpack, then (q - 8) * scale + zero per group) and feeds ``tl.dot`` with the activations
 padded to 16 rows: the weight is read once, and the multiply-adds go to the tensor cores.
 Split-K (fp32 atomics into a zeroed buffer, then a cast) keeps every SM busy on narrow shapes.
+``int8_mm`` / ``int4_mm`` take any number of rows (a prefill): more rows per program, and from
+``INT8_DEQUANT_ROWS`` / ``INT4_DEQUANT_ROWS`` rows dequantize + cuBLAS (dequant.py).
 """
 
 from __future__ import annotations
@@ -19,8 +21,13 @@ import triton
 import triton.language as tl
 
 from .. import runtime
+from . import dequant
 
 MAX_ROWS = 16  # one tensor-core tile of rows
+# From these many rows on, int8_mm / int4_mm dequantize to a float copy and call cuBLAS instead
+# (kernels/dequant.py; the crossover measured with benchmarks/rows_gpu.py on the H200).
+INT8_DEQUANT_ROWS = 256
+INT4_DEQUANT_ROWS = 128
 
 
 class MmConfig(NamedTuple):
@@ -205,6 +212,21 @@ def int4_mm_rows_raw(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
+def int8_mm_raw(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int8 x any number of rows: the row kernel, or dequantize + cuBLAS from INT8_DEQUANT_ROWS rows."""
+    if x.numel() >= INT8_DEQUANT_ROWS * x.shape[-1]:
+        return dequant.int8_dequant_mm(x, weight, scales)
+    return int8_mm_rows_raw(x, weight, scales, max_rows=None)
+
+
+def int4_mm_raw(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                group_size: int) -> torch.Tensor:
+    """int4 x any number of rows: the row kernel, or dequantize + cuBLAS from INT4_DEQUANT_ROWS rows."""
+    if x.numel() >= INT4_DEQUANT_ROWS * x.shape[-1]:
+        return dequant.int4_dequant_mm(x, qweight, scales, zeros, group_size)
+    return int4_mm_rows_raw(x, qweight, scales, zeros, group_size, max_rows=None)
+
+
 def _register_ops():
     if runtime.triton_interpret():
         return None  # the interpreter runs the raw launchers
@@ -217,16 +239,20 @@ def _register_ops():
                 group_size: int) -> torch.Tensor:
         return int4_mm_rows_raw(x, qweight, scales, zeros, group_size)
 
+    def int8_mm_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return int8_mm_raw(x, weight, scales)
+
     def int4_mm_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                    group_size: int) -> torch.Tensor:
-        return int4_mm_rows_raw(x, qweight, scales, zeros, group_size, max_rows=None)
+        return int4_mm_raw(x, qweight, scales, zeros, group_size)
 
     return (opaque_op("blitzgen::int8_mm_rows", int8_op, linear_fake),
             opaque_op("blitzgen::int4_mm_rows", int4_op, linear_fake),
+            opaque_op("blitzgen::int8_mm", int8_mm_op, linear_fake),
             opaque_op("blitzgen::int4_mm", int4_mm_op, linear_fake))
 
 
-_int8_op, _int4_op, _int4_mm_op = _register_ops() or (None, None, None)
+_int8_op, _int4_op, _int8_mm_op, _int4_mm_op = _register_ops() or (None, None, None, None)
 
 
 def int8_mm_rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -242,9 +268,16 @@ def int4_mm_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     return torch.ops.blitzgen.int4_mm_rows(x, qweight, scales, zeros, int(group_size))
 
 
+def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """As ``int8_mm_rows`` for any number of rows (a prefill)."""
+    if _int8_mm_op is None:
+        return int8_mm_raw(x, weight, scales)
+    return torch.ops.blitzgen.int8_mm(x, weight, scales)
+
+
 def int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
             group_size: int) -> torch.Tensor:
     """As ``int4_mm_rows`` for any number of rows (a prefill without tinygemm's packed copy)."""
     if _int4_mm_op is None:
-        return int4_mm_rows_raw(x, qweight, scales, zeros, group_size, max_rows=None)
+        return int4_mm_raw(x, qweight, scales, zeros, group_size)
     return torch.ops.blitzgen.int4_mm(x, qweight, scales, zeros, int(group_size))

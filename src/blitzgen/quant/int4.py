@@ -15,12 +15,13 @@ Matmul paths, chosen per call (the choice is static per shape, so torch.compile 
 2. CUDA, ``kernels.INT4_ROWS_MIN``..``kernels.ROWS_MAX`` tokens (speculative verify, short prefill
    chunks) and
    ``blitzgen.kernels.int4_rows`` exists: that kernel (tensor cores, kernels/mm_rows.py).
-3. CUDA otherwise: ``_int4_mm_cuda``, aten's tinygemm ``_weight_int4pack_mm`` (bf16 activations)
-   on a packed copy built once by ``prepare()`` (non-persistent buffers ``packed_weight``,
-   ``packed_scales_zeros`` [in // g, out, 2]): a second copy of the weights. With
-   ``BLITZGEN_INT4_PREFILL=triton`` there is no such copy: 2-4 rows take path 2's kernel, and more
-   than ``ROWS_MAX`` rows ``blitzgen.kernels.int4_matmul``, the same kernel with more rows per
-   program (opt-in until measured against tinygemm on a GPU).
+3. CUDA, more rows (a prefill): ``blitzgen.kernels.int4_matmul``, path 2's kernel with more rows
+   per program, or from ``mm_rows.INT4_DEQUANT_ROWS`` rows a float copy and cuBLAS; 2-4 rows take
+   path 2. One copy of the weights. With ``BLITZGEN_INT4_PREFILL=tinygemm`` (the default until
+   session 14; 6x slower to the first token of 1800, BENCHMARKS.md): aten's tinygemm
+   ``_weight_int4pack_mm`` (bf16 activations) on a packed copy built once by ``prepare()``
+   (non-persistent buffers ``packed_weight``, ``packed_scales_zeros`` [in // g, out, 2]), a second
+   copy of the weights, for 2-4 rows and more than ``ROWS_MAX``.
 4. CPU, bf16: aten's ``_weight_int4pack_mm_for_cpu`` on its own packed copy for up to 128 rows,
    where it beats dequantizing by far; longer inputs, and float32, dequantize + F.linear.
 5. Anything else (shapes or dtypes the packed ops refuse, or a packed op that fails its one-time
@@ -198,11 +199,11 @@ def packed_op_works(device: str, dtype: torch.dtype, group_size: int, inner_k_ti
 
 
 def prefill_choice() -> str:
-    """What takes more than a few rows on CUDA: ``BLITZGEN_INT4_PREFILL`` (tinygemm, the default,
-    or triton; RuntimeOptions.validate reports a bad value first)."""
+    """What takes more than a few rows on CUDA: ``BLITZGEN_INT4_PREFILL`` (triton, the default, or
+    tinygemm; RuntimeOptions.validate reports a bad value first)."""
     from ..runtime import env
 
-    return (env("BLITZGEN_INT4_PREFILL") or "tinygemm").lower()
+    return (env("BLITZGEN_INT4_PREFILL") or "triton").lower()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,7 +229,7 @@ class Int4Linear(QuantizedLinear):
         self._packed_for: tuple[str, torch.dtype] | None = None
         self._gemv = None
         self._rows = None  # blitzgen.kernels.int4_rows on CUDA when available
-        self._matmul = None  # blitzgen.kernels.int4_matmul on CUDA with BLITZGEN_INT4_PREFILL=triton
+        self._matmul = None  # blitzgen.kernels.int4_matmul on CUDA unless BLITZGEN_INT4_PREFILL=tinygemm
         self._rows_min = INT4_ROWS_MIN  # fewer rows (but > 1) take tinygemm's packed copy
         self._cpu_rows = 0
 

@@ -7,10 +7,12 @@ measured on an H200 with torch 2.11 (one 11008x4096 layer, bf16 dense = 26 us):
 - one token and ``blitzgen.kernels.int8_gemv`` exists: that kernel (decode);
 - 2..``kernels.ROWS_MAX`` tokens (speculative verify, short prefill chunks): ``kernels.int8_rows``,
   the weight tile dequantized in registers and multiplied on the tensor cores (kernels/mm_rows.py);
-- more tokens (prefill): the same formula behind a custom op, so inductor runs it as written
-  (dequantize + cuBLAS, 151 us at 16 tokens) instead of fusing the conversion into its own mixed
-  matmul (1834 us at 16 tokens). For one token inductor's fused kernel is kept (87 us with
-  coordinate-descent tuning, vs 150 us eager).
+- more tokens (prefill): ``kernels.int8_matmul``, the same kernel with more rows per program, or
+  from ``mm_rows.INT8_DEQUANT_ROWS`` rows a Triton dequantize into a float copy, then cuBLAS.
+  Without the kernels: the formula behind a custom op, so inductor runs it as written (dequantize +
+  cuBLAS, 151 us at 16 tokens) instead of fusing the conversion into its own mixed matmul (1834 us
+  at 16 tokens). For one token inductor's fused kernel is kept (87 us with coordinate-descent
+  tuning, vs 150 us eager).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
         self._gemv = None  # blitzgen.kernels.int8_gemv(x, weight, scales) when available, on CUDA
         self._rows = None  # blitzgen.kernels.int8_rows, likewise
+        self._matmul = None  # blitzgen.kernels.int8_matmul (more rows: a prefill), likewise
 
     @classmethod
     @torch.no_grad()
@@ -79,6 +82,7 @@ class Int8Linear(QuantizedLinear):
         cuda = self.weight.device.type == "cuda"
         self._gemv = get_kernel("int8_gemv") if cuda else None
         self._rows = get_kernel("int8_rows") if cuda else None
+        self._matmul = get_kernel("int8_matmul") if cuda else None
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         return dequantize_int8(self.weight, self.scales, dtype)
@@ -88,6 +92,8 @@ class Int8Linear(QuantizedLinear):
             y = self._gemv(x, self.weight, self.scales)
         elif x.is_cuda and self._rows is not None and x.numel() <= ROWS_MAX * x.shape[-1]:
             y = self._rows(x, self.weight, self.scales)
+        elif x.is_cuda and self._matmul is not None and not is_single_token(x):
+            y = self._matmul(x, self.weight, self.scales)
         elif x.is_cuda and not is_single_token(x):
             y = int8_linear_op(x, self.weight, self.scales)
         else:
