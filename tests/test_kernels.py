@@ -360,6 +360,7 @@ DEQUANT_CASES = [
     _case("int4deq", 37, 1024, 32, dtype="float32", lead=(1, 5)),
     _case("int4deq", 70, 1280, 128, dtype="float32", lead=(2, 3), chunk=32 * 1280),  # 3 slices, K tail
     _case("int4deq", 33, 512, 16, lead=(1, 4)),  # bf16
+    _case("int4deq", 20, 1040, 16, dtype="float32", lead=(1, 3)),  # a byte tail (520 = 4 * 128 + 8)
     _case("int8deq", 37, 1000, dtype="float32", lead=(1, 6)),  # K tail
     _case("int8deq", 100, 640, lead=(3,), chunk=64 * 640),  # bf16, 2 slices
 ]

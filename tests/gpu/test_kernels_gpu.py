@@ -145,9 +145,9 @@ def test_int4_matmul_any_rows_matches_reference(g, seed, summary):
 
 
 def test_int8_matmul_any_rows_matches_reference(seed, summary):
-    """kernels.int8_matmul (the row kernel with more rows per program, or from 256 rows a float copy
+    """kernels.int8_matmul (the row kernel with more rows per program, or from 192 rows a float copy
     and cuBLAS), and the float copy against the exact one."""
-    from blitzgen.kernels import dequant
+    from blitzgen.kernels import dequant, mm_rows
 
     worst, n = 0.0, 0
     for N, K in BIG + ODD:
@@ -155,12 +155,15 @@ def test_int8_matmul_any_rows_matches_reference(seed, summary):
             dtype = torch.float16 if (N, K) in ODD and rows % 2 else torch.bfloat16
             _, args, _ = _inputs("int8", N, K, None, dtype)
             x = torch.randn(1, rows, K, device="cuda").to(dtype)
-            r = int8_gemv_ref(x, *args)
-            what = f"int8 rows={rows} N={N} K={K} {dtype} seed={seed}"
-            worst = max(worst, _check(kernels.int8_matmul(x, *args), r, TOL[dtype], what + " (op)"))
-            y = dequant.int8_dequant_mm(x, *args, chunk_elems=N * K // 3)
-            worst = max(worst, _check(y, r, TOL[dtype], f"{what} dequantize + cuBLAS in slices"))
             w, s = args
+            r = int8_gemv_ref(x, *args)  # exact products, then the scale
+            wd = (w.float() * s.float()[:, None]).to(dtype).float()  # the float copy holds w * s in x's dtype
+            r_deq = (x.float() @ wd.t()).to(dtype)
+            what = f"int8 rows={rows} N={N} K={K} {dtype} seed={seed}"
+            r_op = r_deq if rows >= mm_rows.INT8_DEQUANT_ROWS else r
+            worst = max(worst, _check(kernels.int8_matmul(x, *args), r_op, TOL[dtype], what + " (op)"))
+            y = dequant.int8_dequant_mm(x, *args, chunk_elems=N * K // 3)
+            worst = max(worst, _check(y, r_deq, TOL[dtype], f"{what} dequantize + cuBLAS in slices"))
             assert torch.equal(dequant.int8_dequant(w, s, torch.float32), w.float() * s.float()[:, None])
             n += 1
     summary(f"{n} (shape, rows) cases, worst relative error {worst:.1e}")

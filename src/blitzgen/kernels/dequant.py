@@ -37,21 +37,31 @@ def _int8_dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_on, BN: 
 def _int4_dequant_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, KH, stride_qn, stride_sn, stride_on,
                          GS: tl.constexpr, BN: tl.constexpr, BKH: tl.constexpr):
     """out[n, k] = (q[n, k] - 8) * s[n, k // GS] + z[n, k // GS] in float32 (as
-    quant.int4.dequantize_int4); byte j of a row holds k = 2j (low nibble) and 2j + 1 (high)."""
+    quant.int4.dequantize_int4); byte j of a row holds k = 2j (low nibble) and 2j + 1 (high). The
+    bytes are loaded as [BN, groups, GS // 2] so that each group's scale and zero is one load."""
+    HG: tl.constexpr = GS // 2  # bytes per group
+    NG: tl.constexpr = BKH // HG  # groups per tile
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
-    rj = tl.program_id(1) * BKH + tl.arange(0, BKH)
-    ok = (rn < N)[:, None] & (rj < KH)[None, :]
-    rn64 = rn.to(tl.int64)[:, None]
-    b = tl.load(q_ptr + rn64 * stride_qn + rj[None, :], mask=ok, other=0).to(tl.int32)
-    grp = rn64 * stride_sn + (rj // (GS // 2))[None, :]  # both nibbles of a byte share a group
-    s = tl.load(s_ptr + grp, mask=ok, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + grp, mask=ok, other=0.0).to(tl.float32)
+    rg = tl.program_id(1) * NG + tl.arange(0, NG)
+    rn64 = rn.to(tl.int64)
+    j = rg[None, :, None] * HG + tl.arange(0, HG)[None, None, :]  # byte index [1, NG, HG]
+    ok = (rn < N)[:, None, None] & (j < KH)
+    b = tl.load(q_ptr + rn64[:, None, None] * stride_qn + j, mask=ok, other=0).to(tl.int32)
+    g_ok = (rn < N)[:, None] & (rg < KH // HG)[None, :]
+    g_off = rn64[:, None] * stride_sn + rg[None, :]
+    s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
+    z = tl.load(z_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
     lo = ((b & 15) - 8).to(tl.float32) * s + z
     hi = ((b >> 4) - 8).to(tl.float32) * s + z
     w = tl.reshape(tl.join(lo, hi), (BN, 2 * BKH))  # interleave: k = 2j, 2j + 1
     rk = tl.program_id(1) * (2 * BKH) + tl.arange(0, 2 * BKH)
     out_ok = (rn < N)[:, None] & (rk < 2 * KH)[None, :]
-    tl.store(out_ptr + rn64 * stride_on + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=out_ok)
+    tl.store(out_ptr + rn64[:, None] * stride_on + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+def int4_supported(group_size: int) -> bool:
+    """The dequantize kernel's group sizes: powers of two (blitzgen quantizes with 32, 64, 128)."""
+    return group_size >= 2 and group_size & (group_size - 1) == 0
 
 
 def int8_dequant(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -68,13 +78,14 @@ def int4_dequant(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
                  dtype: torch.dtype) -> torch.Tensor:
     """The float weight [N, K] of an int4 weight in the canonical layout (see kernels.int4_gemv)."""
     N, KH = qweight.shape
-    if group_size % 2 or (2 * KH) % group_size:
-        raise ValueError(f"int4 dequantize: group size {group_size} must be even and divide K={2 * KH}")
+    if not int4_supported(group_size) or (2 * KH) % group_size:
+        raise ValueError(f"int4 dequantize: group size {group_size} must be a power of two dividing K={2 * KH}")
     out = torch.empty(N, 2 * KH, dtype=dtype, device=qweight.device)
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
-    _int4_dequant_kernel[(triton.cdiv(N, _BN), triton.cdiv(KH, _BK // 2))](
+    bkh = max(_BK // 2, group_size // 2)  # bytes per tile: whole groups
+    _int4_dequant_kernel[(triton.cdiv(N, _BN), triton.cdiv(KH, bkh))](
         qweight, scales, zeros, out, N, KH, qweight.stride(0), scales.stride(0), out.stride(0),
-        GS=group_size, BN=_BN, BKH=_BK // 2, num_warps=4)
+        GS=group_size, BN=_BN, BKH=bkh, num_warps=4)
     return out
 
 

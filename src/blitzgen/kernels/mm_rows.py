@@ -26,7 +26,7 @@ from . import dequant
 MAX_ROWS = 16  # one tensor-core tile of rows
 # From these many rows on, int8_mm / int4_mm dequantize to a float copy and call cuBLAS instead
 # (kernels/dequant.py; the crossover measured with benchmarks/rows_gpu.py on the H200).
-INT8_DEQUANT_ROWS = 256
+INT8_DEQUANT_ROWS = 192
 INT4_DEQUANT_ROWS = 128
 
 
@@ -222,7 +222,7 @@ def int8_mm_raw(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
 def int4_mm_raw(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 group_size: int) -> torch.Tensor:
     """int4 x any number of rows: the row kernel, or dequantize + cuBLAS from INT4_DEQUANT_ROWS rows."""
-    if x.numel() >= INT4_DEQUANT_ROWS * x.shape[-1]:
+    if x.numel() >= INT4_DEQUANT_ROWS * x.shape[-1] and dequant.int4_supported(group_size):
         return dequant.int4_dequant_mm(x, qweight, scales, zeros, group_size)
     return int4_mm_rows_raw(x, qweight, scales, zeros, group_size, max_rows=None)
 
