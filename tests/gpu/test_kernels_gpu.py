@@ -120,7 +120,7 @@ def test_row_matmul_matches_reference(kind, g, seed, summary):
 
 @pytest.mark.parametrize("g", [32, 128])
 def test_int4_matmul_any_rows_matches_reference(g, seed, summary):
-    """kernels.int4_matmul (mm_rows' kernel with 32-128 rows per program, or from 128 rows a float
+    """kernels.int4_matmul (mm_rows' kernel with 32-128 rows per program, or from 192 rows a float
     copy and cuBLAS: a prefill without tinygemm's packed copy) at every shape and several prefill
     lengths, with row tails; the float copy also in slices of output rows."""
     from blitzgen.kernels import dequant, mm_rows

@@ -27,7 +27,7 @@ MAX_ROWS = 16  # one tensor-core tile of rows
 # From these many rows on, int8_mm / int4_mm dequantize to a float copy and call cuBLAS instead
 # (kernels/dequant.py; the crossover measured with benchmarks/rows_gpu.py on the H200).
 INT8_DEQUANT_ROWS = 192
-INT4_DEQUANT_ROWS = 128
+INT4_DEQUANT_ROWS = 192
 
 
 class MmConfig(NamedTuple):
