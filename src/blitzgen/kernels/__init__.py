@@ -39,8 +39,8 @@ _ROWS = None  # the blitzgen.kernels.mm_rows module once imported
 _FUSED = None  # the blitzgen.kernels.fused_gemv module once imported
 _REASON: str | None = None  # why the kernels cannot run here (None: they can)
 _AVAILABLE: bool | None = None  # cached result of available()
-ROWS_MAX = 16  # int8_rows / int4_rows take up to this many tokens (more: dequantize + cuBLAS / tinygemm)
-INT4_ROWS_MIN = 5  # int4 below this: tinygemm was faster on the H200 (BENCHMARKS.md, rows_gpu.py)
+ROWS_MAX = 16  # int8_rows / int4_rows take up to this many tokens (more: int8_matmul / int4_matmul)
+INT4_ROWS_MIN = 5  # with BLITZGEN_INT4_PREFILL=tinygemm, fewer rows stay on tinygemm (faster there on the H200)
 
 
 def _probe() -> str | None:

@@ -18,7 +18,7 @@ Matmul paths, chosen per call (the choice is static per shape, so torch.compile 
 3. CUDA, more rows (a prefill): ``blitzgen.kernels.int4_matmul``, path 2's kernel with more rows
    per program, or from ``mm_rows.INT4_DEQUANT_ROWS`` rows a float copy and cuBLAS; 2-4 rows take
    path 2. One copy of the weights. With ``BLITZGEN_INT4_PREFILL=tinygemm`` (the default until
-   session 14; 6x slower to the first token of 1800, BENCHMARKS.md): aten's tinygemm
+   session 14; 13x slower to the first token of 1800, BENCHMARKS.md): aten's tinygemm
    ``_weight_int4pack_mm`` (bf16 activations) on a packed copy built once by ``prepare()``
    (non-persistent buffers ``packed_weight``, ``packed_scales_zeros`` [in // g, out, 2]), a second
    copy of the weights, for 2-4 rows and more than ``ROWS_MAX``.
