@@ -3,8 +3,8 @@
 Past a few hundred rows a prefill is compute-bound, and cuBLAS on the tensor cores beats any
 kernel that dequantizes its weight tile in the inner loop (mm_rows.py) or tinygemm (both several
 times slower at 1800 rows on the H200: BENCHMARKS.md, rows_gpu.py). Writing the float weight once
-costs tens of microseconds a layer, so from ``mm_rows.INT8_DEQUANT_ROWS`` /
-``INT4_DEQUANT_ROWS`` rows ``int8_dequant_mm`` / ``int4_dequant_mm`` pay for it. The scratch copy is transient (the
+costs tens of microseconds a layer, so from ``mm_rows.INT8_DEQUANT_ROWS`` / ``INT4_DEQUANT_ROWS``
+rows ``int8_dequant_mm`` / ``int4_dequant_mm`` pay for it. The scratch copy is transient (the
 caching allocator reuses it layer after layer); weights of more than ``CHUNK_ELEMS`` elements go
 through it in slices of output rows, so it never passes 256 MB in bf16.
 """
