@@ -601,3 +601,29 @@ def test_configs_follow_the_int4_kernel_that_runs(monkeypatch):
             assert not C._packed_int4_runs_here() and C.int4_kernel_choice() == "fp32"
     finally:
         C.int4_kernel_choice.cache_clear()
+
+
+def test_kernel_settings_given_in_python_take_effect(monkeypatch):
+    """RuntimeOptions built in Python (not from the environment) still reach the kernels, which read
+    process-wide settings from the environment: loading exports them."""
+    import blitzgen.kernels as kernels
+    from blitzgen.loading import load_random
+    from blitzgen.quant import Int4Linear
+    from blitzgen.quant.int4 import prefill_choice
+    from blitzgen.runtime import RuntimeOptions
+
+    for var in ("BLITZGEN_INT4_PREFILL", "BLITZGEN_INT4_GEMV", "BLITZGEN_KERNELS", "BLITZGEN_GEMV_CONFIGS"):
+        monkeypatch.setenv(var, "")  # empty reads as unset; monkeypatch removes what loading exports
+    saved = (kernels._AVAILABLE, kernels._REASON)
+    try:
+        opts = RuntimeOptions(device="cpu", dtype="float32", quantize="int4", group_size=32,
+                              int4_prefill="tinygemm", int4_gemv="fp32", kernels=False).validate()
+        m = load_random("tiny", opts).model
+        assert prefill_choice() == "tinygemm" and os.environ["BLITZGEN_INT4_GEMV"] == "fp32"
+        assert not kernels.available() and "RuntimeOptions.kernels=False" in kernels.unavailable_reason()
+        assert any(isinstance(x, Int4Linear) for x in m.modules())
+    finally:
+        kernels._AVAILABLE, kernels._REASON = saved
+        configs = sys.modules.get("blitzgen.kernels.gemv_configs")
+        if configs is not None:
+            configs.int4_kernel_choice.cache_clear()

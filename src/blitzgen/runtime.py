@@ -48,6 +48,9 @@ INT4_PREFILL = ("tinygemm", "triton")  # quant/int4.prefill_choice (BLITZGEN_INT
 DEFAULT_DTYPE = "bfloat16"  # on CUDA and CPU alike
 WARM_CACHE_TOKENS = 8192  # KV-cache positions a compiled server allocates up front
 _FALSE = ("0", "false", "no", "off")
+# RuntimeOptions fields that the kernels read from these variables (apply_kernel_settings)
+_KERNEL_ENV = (("int4_gemv", "BLITZGEN_INT4_GEMV"), ("int4_prefill", "BLITZGEN_INT4_PREFILL"),
+               ("gemv_configs", "BLITZGEN_GEMV_CONFIGS"))
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -89,8 +92,8 @@ class RuntimeOptions:
     kernels: bool = True
     gemv_configs: str | None = None
     gemv_autotune: bool = False
-    int4_gemv: str | None = None  # BLITZGEN_INT4_GEMV (read by the kernels; validated here, before loading)
-    int4_prefill: str | None = None  # BLITZGEN_INT4_PREFILL (read by quant/int4.py; validated here)
+    int4_gemv: str | None = None  # BLITZGEN_INT4_GEMV (read by the kernels; validated here; apply_kernel_settings)
+    int4_prefill: str | None = None  # BLITZGEN_INT4_PREFILL (read by quant/int4.py; likewise)
     cache_dir: str | None = None
     weight_cache: bool = True  # keep a GGUF's converted weights under cache_dir (loading/converted.py)
     staged_load: bool = True  # safetensors to CUDA through pinned staging buffers (loading/hf.py)
@@ -163,6 +166,29 @@ class RuntimeOptions:
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         compile_ = self.compile if self.compile is not None else device.startswith("cuda")
         return dataclasses.replace(self, device=device, compile=compile_)
+
+    def apply_kernel_settings(self) -> None:
+        """Make this object's kernel settings take effect. They are process-wide and read from the
+        environment where they are used (blitzgen.kernels, quant/int4.py), so one given here in
+        Python, not through the environment, is exported to it; ``loading.load`` calls this before
+        building a model. ``kernels=False`` also switches off kernels already imported."""
+        import sys
+
+        for field, var in _KERNEL_ENV:
+            value = getattr(self, field)
+            if value is not None and env(var) != str(value):
+                os.environ[var] = str(value)
+                configs = sys.modules.get("blitzgen.kernels.gemv_configs")
+                if configs is not None:  # read once per process: read again
+                    configs.int4_kernel_choice.cache_clear()
+                    configs._overrides.cache_clear()
+        if self.gemv_autotune and not env_flag("BLITZGEN_GEMV_AUTOTUNE", False):
+            os.environ["BLITZGEN_GEMV_AUTOTUNE"] = "1"
+        if not self.kernels and env_flag("BLITZGEN_KERNELS", True):
+            os.environ["BLITZGEN_KERNELS"] = "0"
+            kernels = sys.modules.get("blitzgen.kernels")
+            if kernels is not None:
+                kernels.disable("disabled by the user (RuntimeOptions.kernels=False)")
 
     def regions_for(self, device: str) -> bool:
         """Whether a compiled model traces one block as a region for all layers: the option when

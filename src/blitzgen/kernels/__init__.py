@@ -71,6 +71,13 @@ def available() -> bool:
     return _AVAILABLE
 
 
+def disable(reason: str) -> None:
+    """Switch the kernels off for the rest of the process (RuntimeOptions.kernels=False): layers
+    prepared after this take the plain-PyTorch paths."""
+    global _AVAILABLE, _REASON
+    _AVAILABLE, _REASON = False, reason
+
+
 def unavailable_reason() -> str | None:
     """Why ``available()`` is False (one line, with the import error's text), or None."""
     available()

@@ -187,6 +187,8 @@ def load(spec: str | os.PathLike | None = None, options: RuntimeOptions | None =
 
     t0 = time.perf_counter()
     device, dtype, quantize = resolve_options(options, device=device, dtype=dtype, quantize=quantize)
+    if options is not None:
+        options.apply_kernel_settings()
     path = resolve(spec)
     kind = detect_kind(path)
     quant_meta = cache_status = None
@@ -301,6 +303,8 @@ def load_random(shape: str | ModelArgs, options: RuntimeOptions | None = None, *
     shape needs the int4 bytes plus one float layer). No tokenizer."""
     t0 = time.perf_counter()
     device, dtype, quantize = resolve_options(options, device=device, dtype=dtype, quantize=quantize)
+    if options is not None:
+        options.apply_kernel_settings()
     args = ModelArgs.from_name(shape) if isinstance(shape, str) else shape
     source = RandomSource(args, device=device, dtype=dtype, seed=seed)
     model, args, meta = assemble(args, source, device=device, dtype=dtype, quantize=quantize, progress=progress,
