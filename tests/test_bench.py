@@ -40,8 +40,12 @@ def test_bench_tiny_json_file(tmp_path, capsys):
     # the bandwidth figure is weight bytes x tokens/s, the roofline the copy rate over those bytes
     assert r["bandwidth_gbs"] == pytest.approx(r["model_bytes"] * r["tok_s"] / 1e9)
     assert r["pct_roofline"] == pytest.approx(100 * r["bandwidth_gbs"] / r["copy_bandwidth_gbs"])
+    # the first token against the matmul roofline: the prefill's FLOPs over the measured matmul rate
+    assert r["prefill_flops"] == ModelArgs.from_name("tiny").prefill_flops(4) and _positive(r["matmul_tflops"])
+    assert r["pct_matmul_roofline_ttft"] == pytest.approx(
+        100 * r["prefill_flops"] / (r["matmul_tflops"] * 1e12) / (r["ttft_ms"] / 1e3))
     table = capsys.readouterr().out
-    assert "tokens/s (median)" in table and "% of copy roofline" in table
+    assert "tokens/s (median)" in table and "% of copy roofline" in table and "% of matmul roofline" in table
 
 
 def test_bench_json_stdout_fp32_greedy(capsys):
@@ -194,9 +198,25 @@ def test_format_table_with_peer():
              ratio={"gpt-fast": 1.25})
     t = bench.format_table(r)
     assert "gpt-fast" in t and "1.250x" in t and "llama-2-7b, int4 g32" in t and "24.0%" in t
+    r.update(prefill_flops=2e12, matmul_tflops=800.0, prefill_roofline_ms=2.5, pct_matmul_roofline_ttft=27.8)
+    r["peers"]["gpt-fast"]["ttft_ms"] = 10.0
+    t = bench.format_table(r)
+    assert "% of matmul roofline, first token" in t and "27.8%" in t and "25.0%" in t and "2.50 ms" in t
     r["peers"]["gpt-fast"] = dict(error="timed out after 900 s")
     r["ratio"] = {}
     assert "gpt-fast: failed: timed out" in bench.format_table(r)
+
+
+def test_prefill_flops_count():
+    """Llama-2-7B, 1800 tokens: 2 x 6.48e9 linear weights x 1800, the causal attention, one head row."""
+    a = ModelArgs.from_name("llama-2-7b")
+    linear = a.n_layers * (4 * a.dim * a.dim + 3 * a.dim * a.intermediate_size)
+    assert a.prefill_flops(1800) == 2 * linear * 1800 + a.n_layers * 2 * a.dim * 1800 * 1801 + 2 * a.dim * a.vocab_size
+    assert 24e12 < a.prefill_flops(1800) < 25e12
+
+
+def test_matmul_rate_cpu():
+    assert bench.measure_matmul_flops(torch.device("cpu"), torch.float32, n=128) > 1e6
 
 
 def test_copy_bandwidth_cpu():

@@ -1,4 +1,5 @@
-"""``blitzgen bench``: batch-1 tokens/s, time to first token and % of the card's copy roofline.
+"""``blitzgen bench``: batch-1 tokens/s, time to first token and % of the card's copy roofline
+(decode) and matmul roofline (the first token: ModelArgs.prefill_flops over a measured matmul).
 
 The numbers follow gpt-fast's definitions so they can be put side by side: tokens/s is generated
 tokens over the whole ``generate`` time (prefill included), median over ``runs`` timed runs after
@@ -88,6 +89,26 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 10) -> float:
+    """The card's dense matmul rate in FLOP/s: an n x n x n matmul in ``dtype`` (median), the
+    ceiling of a long, compute-bound prefill."""
+    n = n or (8192 if device.type == "cuda" else 512)
+    dtype = dtype if dtype.is_floating_point else torch.bfloat16
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(3):
+        c = a @ b
+    ts = []
+    for _ in range(reps if device.type == "cuda" else 3):
+        _sync(device)
+        t = time.perf_counter()
+        c = a @ b
+        _sync(device)
+        ts.append(time.perf_counter() - t)
+    del a, b, c
+    return 2 * n**3 / _median(ts)
 
 
 def measure_copy_bandwidth(device: torch.device, nbytes: int | None = None, reps: int | None = None) -> float:
@@ -275,6 +296,7 @@ def _measure(opts: BenchOptions, gen, model, args, device: torch.device, compile
     from .sampling import SamplingParams, choice_sampling
 
     P, N, nbytes = opts.prompt_len, opts.new_tokens, res["model_bytes"]
+    res["prefill_flops"] = args.prefill_flops(P)
     gen.check_request(P, N)  # ContextLengthError names the model's context
     g = torch.Generator().manual_seed(opts.seed)
     prompt = torch.randint(1, max(2, min(args.vocab_size, 30000)), (P,), generator=g).tolist()
@@ -453,6 +475,8 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> d
         bw = measure_copy_bandwidth(device)
         result["copy_bandwidth_gbs"] = bw / 1e9
         log(f"copy bandwidth on {result['gpu']}: {bw / 1e9:.0f} GB/s (read + written)")
+        result["matmul_tflops"] = measure_matmul_flops(device, dtype) / 1e12
+        log(f"matmul on {result['gpu']}: {result['matmul_tflops']:.3g} TFLOP/s ({result['dtype']})")
     try:
         result.update((tp_bench.run if opts.tp is not None else _run_ours)(opts, device, dtype, compile_, log))
     finally:
@@ -462,6 +486,9 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> d
         result["roofline_tok_s"] = bw * 1e9 / result["model_bytes"]
         result["pct_roofline"] = 100 * result["bandwidth_gbs"] / bw
         result["pct_roofline_decode"] = 100 * result["decode_bandwidth_gbs"] / bw
+        if result.get("prefill_flops") and result.get("ttft_ms"):
+            result["prefill_roofline_ms"] = result["prefill_flops"] / (result["matmul_tflops"] * 1e12) * 1e3
+            result["pct_matmul_roofline_ttft"] = 100 * result["prefill_roofline_ms"] / result["ttft_ms"]
     peers, ratios = {}, {}
     for name, where in opts.peers.items():
         log(f"running {name}'s own generate() in a subprocess ...")
@@ -512,12 +539,16 @@ def format_table(r: dict) -> str:
     bw = r.get("copy_bandwidth_gbs")
     row("tokens/s (median)", r["tok_s"], "tok_s")
     row("decode tokens/s", r.get("decode_tok_s"))
-    row("time to first token (ms)", r.get("ttft_ms"), None, ".1f")
+    row("time to first token (ms)", r.get("ttft_ms"), "ttft_ms", ".1f")
     row("bandwidth achieved (GB/s)", r.get("bandwidth_gbs"), "bw_gbs", ".0f")
     if bw:
         rows.append(("% of copy roofline", [_f(r.get("pct_roofline"), ".1f", "%")] +
                      [_f(p["bw_gbs"] / bw * 100 if p.get("bw_gbs") else None, ".1f", "%") for p in peers.values()]))
         row("% roofline, decode only", r.get("pct_roofline_decode"), None, ".1f", unit="%")
+    if r.get("prefill_roofline_ms"):
+        rows.append(("% of matmul roofline, first token", [_f(r.get("pct_matmul_roofline_ttft"), ".1f", "%")] +
+                     [_f(r["prefill_roofline_ms"] / p["ttft_ms"] * 100 if p.get("ttft_ms") else None, ".1f", "%")
+                      for p in peers.values()]))
     row("compile / warm-up (s)", r.get("compile_s") if r["compile"] else (r.get("warmup_s") or [None])[0],
         "compile_s", ".1f")
     if r.get("peak_memory_bytes") is not None:
@@ -537,6 +568,9 @@ def format_table(r: dict) -> str:
     if bw:
         lines.append(f"roofline: copy {bw:.0f} GB/s / {r['model_bytes'] / 1e9:.3g} GB per token = "
                      f"{r['roofline_tok_s']:.1f} tokens/s")
+    if r.get("prefill_roofline_ms"):
+        lines.append(f"roofline: matmul {r['matmul_tflops']:.3g} TFLOP/s, a prefill of {r['prompt_len']} tokens "
+                     f"{r['prefill_flops'] / 1e12:.3g} TFLOP = {r['prefill_roofline_ms']:.2f} ms to the first token")
     if r.get("tp"):
         lines.append(f"tensor parallel: {r['tp']} rank(s) ({r.get('tp_backend')}); weights and memory are rank 0's")
     for kind, by_size in (r.get("all_reduce_us") or {}).items():

@@ -144,6 +144,13 @@ class ModelArgs:
         emb = self.vocab_size * self.dim
         return self.n_layers * per_layer + emb * (1 if self.tie_word_embeddings else 2) + self.dim
 
+    def prefill_flops(self, tokens: int) -> int:
+        """Multiply-add FLOPs (2 per MAC) of a causal prefill of ``tokens`` tokens: the layers'
+        linears for every token, attention over the causal triangle, the head for the last token."""
+        linear = self.dim * (self.q_size + 2 * self.kv_size) + self.q_size * self.dim + 3 * self.dim * self.intermediate_size
+        attention = 2 * self.q_size * tokens * (tokens + 1)  # QK^T and PV over T(T+1)/2 pairs, per layer
+        return self.n_layers * (2 * linear * tokens + attention) + 2 * self.dim * self.vocab_size
+
     def replace(self, **kw) -> "ModelArgs":
         return dataclasses.replace(self, **kw)
 

@@ -13,7 +13,8 @@ is the int4 packing for torch >= 2.5 (two 4-bit values per uint8 before
 ``_convert_weight_to_int4pack``), as in shared/peers/gptfast_baseline.py.
 
 Timing is gpt-fast's: generated tokens / wall time of one generate() call (prefill included),
-median of --runs after one untimed run (its compile). Prints exactly one JSON line on stdout,
+median of --runs after one untimed run (its compile). The time to the first token is taken from the
+generate() call to the end of its prefill (one added synchronization). Prints exactly one JSON line on stdout,
 starting with {"peer": "gpt-fast", ...}; on failure that line carries "error" and the exit code is 1.
 
 usage: python gptfast_generate.py --gpt-fast-dir DIR --shape Llama-2-7b-chat-hf --mode bf16 \
@@ -180,7 +181,16 @@ def run(a, base: dict, gdir: str) -> int:
     gen = torch.Generator().manual_seed(a.seed)
     prompt = torch.randint(1, min(vocab, 30000), (a.prompt_len,), generator=gen, dtype=torch.int64)
     prompt = prompt.to(dtype=torch.int, device=device)
-    rates, compile_s = [], None
+    rates, ttfts, compile_s = [], [], None
+    prefill, t = G.prefill, 0.0
+
+    def timed_prefill(*args, **kwargs):  # the first token: from the generate() call to prefill's result
+        out = prefill(*args, **kwargs)
+        sync()
+        ttfts.append(time.perf_counter() - t)
+        return out
+
+    G.prefill = timed_prefill
     for i in range(-1, a.runs):
         torch.manual_seed(a.seed + 1 + i)
         sync()
@@ -191,6 +201,7 @@ def run(a, base: dict, gdir: str) -> int:
         dt = time.perf_counter() - t
         if i == -1:
             compile_s = dt
+            ttfts.clear()
             print(f"warm-up (compile) run: {dt:.1f} s", file=sys.stderr, flush=True)
             continue
         n = y.size(-1) - a.prompt_len
@@ -203,6 +214,7 @@ def run(a, base: dict, gdir: str) -> int:
     emit(dict(base, preset=a.shape, block_size=block,
               cache_len=getattr(model, "max_seq_length", None), tok_s=tok_s, tok_s_runs=rates,
               bw_gbs=model_size * tok_s / 1e9, model_bytes=model_size, num_params=params,
+              ttft_ms=statistics.median(ttfts) * 1e3 if ttfts else None,
               compile_s=compile_s if a.compile else 0.0, warmup_s=compile_s, build_s=build_s,
               peak_memory_bytes=torch.cuda.max_memory_allocated() if is_cuda else None,
               gpu=gpu, torch=torch.__version__,
