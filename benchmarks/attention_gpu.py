@@ -51,7 +51,12 @@ SHAPES = {  # name: (n_heads, n_kv_heads, head_dim, cache length, filled positio
     "llama-3-8b/serve-p200": (32, 8, 128, 8192, 200),
 }
 SWEEP = {"p8": dict(programs_per_sm=8), "b32": dict(block_n=32), "w2": dict(num_warps=2),
-         "p8-b32": dict(programs_per_sm=8, block_n=32)}
+         "p8-b32": dict(programs_per_sm=8, block_n=32),
+         # loads bounded by the position only (no wait on the mask), and a one-launch Triton merge
+         "pl": dict(pos_loads=True), "mt": dict(merge="triton"), "pl-mt": dict(pos_loads=True, merge="triton"),
+         "pl-mt-b32": dict(pos_loads=True, merge="triton", block_n=32),
+         "pl-mt-b128": dict(pos_loads=True, merge="triton", block_n=128),
+         "pl-mt-p8": dict(pos_loads=True, merge="triton", programs_per_sm=8)}
 
 
 def variants(S: int):

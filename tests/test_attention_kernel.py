@@ -46,9 +46,9 @@ for case in json.loads(sys.argv[1]):
         late[case["pos"] + 1:] = True
         k[:, :, late] = 1e4
         v[:, :, late] = float("nan")
-        y = decode_attention_raw(q, k, v, (mask | late).view(1, 1, 1, S), pos)
+        y = decode_attention_raw(q, k, v, (mask | late).view(1, 1, 1, S), pos, **case.get("kw", {}))
     else:
-        y = decode_attention_raw(q, k, v, mask.view(1, 1, 1, S))
+        y = decode_attention_raw(q, k, v, mask.view(1, 1, 1, S), **case.get("kw", {}))
     r = reference(q, k.masked_fill(~mask.view(1, 1, S, 1), 0), v.masked_fill(~mask.view(1, 1, S, 1), 0), mask)
     rel = ((y.double() - r).norm() / r.norm()).item()
     out.append({"case": case, "rel": rel, "finite": bool(torch.isfinite(y).all()), "shape": list(y.shape),
@@ -65,6 +65,13 @@ CASES = [  # GQA groups 1, 3, 4, 8; caches that are and are not multiples of the
     # a large static cache filled to its query's position (what a compiled server decodes)
     dict(hkv=2, g=4, S=1024, D=64, dtype="bfloat16", ranges=[[0, 150]], pos=149, tol=1e-2, seed=5),
     dict(hkv=4, g=1, S=700, D=32, dtype="float32", ranges=[[0, 64]], pos=63, tol=1e-5, seed=6),
+    # the sweep's variants: loads bounded by the position only (masked rows inside it hold NaN V),
+    # and the slices merged by a Triton kernel
+    dict(hkv=2, g=4, S=1024, D=64, dtype="bfloat16", ranges=[[0, 90], [100, 150]], pos=149, tol=1e-2, seed=7,
+         kw=dict(pos_loads=True, merge="triton")),
+    dict(hkv=1, g=3, S=300, D=32, dtype="float32", ranges=[[5, 211]], pos=250, tol=1e-5, seed=8,
+         kw=dict(pos_loads=True)),
+    dict(hkv=2, g=8, S=257, D=128, dtype="float16", ranges=[[0, 100]], tol=2e-3, seed=9, kw=dict(merge="triton")),
 ]
 
 
@@ -110,9 +117,10 @@ def test_op_has_a_fake_impl():
         assert y.shape == (1, 8, 4, 128) and y.dtype == torch.bfloat16
 
 
-def test_sm90_codegen():
+@pytest.mark.parametrize("pos_loads", [False, True])
+def test_sm90_codegen(pos_loads):
     """For an H100: the K/V tiles load 16 bytes at a time, the dots run on tensor cores (tf32), and
-    nothing spills to local memory."""
+    nothing spills to local memory; likewise with loads bounded by the position only."""
     from blitzgen.kernels import attention as A
 
     try:
@@ -124,7 +132,8 @@ def test_sm90_codegen():
            "MAX": "*fp32", "SUM": "*fp32"}
     sig.update({f"stride_{t}{d}": "i32" for t in "qkv" for d in ("b", "h", "gs"[t != "q"])})
     sig.update({"G": "i32", "S": "i32", "HKV": "i32", "scale": "fp32"})
-    ce = {"SPLIT_LEN": 320, "BLOCK_N": A.BLOCK_N, "BLOCK_G": 16, "D": 128, "PRECISION": "tf32", "HAS_POS": True}
+    ce = {"SPLIT_LEN": 320, "BLOCK_N": A.BLOCK_N, "BLOCK_G": 16, "D": 128, "PRECISION": "tf32", "HAS_POS": True,
+          "POS_LOADS": pos_loads}
     n_ptr_and_strides = 17  # what a real launch marks divisible by 16 (pointers, strides of D=128 rows)
     sig.update({k: "constexpr" for k in ce})
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(n_ptr_and_strides)}
@@ -137,6 +146,23 @@ def test_sm90_codegen():
     assert ptx.count("ld.global.v4") >= 2  # K and V tiles
     assert "mma" in ptx and "tf32" in ptx
     assert "ld.local" not in ptx and "st.local" not in ptx
+
+
+def test_merge_kernel_sm90_codegen():
+    from blitzgen.kernels import attention as A
+
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as e:
+        pytest.skip(f"cannot drive triton.compile here: {e}")
+    sig = {"OUT": "*fp32", "MAX": "*fp32", "SUM": "*fp32", "Y": "*bf16", "n_splits": "i32", "G": "i32",
+           "D": "constexpr", "BLOCK_S": "constexpr"}
+    c = triton.compile(ASTSource(fn=A._merge_kernel, signature=sig, constexprs={"D": 128, "BLOCK_S": 64},
+                                 attrs={(i,): [["tt.divisibility", 16]] for i in range(4)}),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    ptx = c.asm["ptx"]
+    assert "ld.local" not in ptx and "st.local" not in ptx and "ex2" in ptx
 
 
 def test_model_dispatches_to_the_kernel(monkeypatch):

@@ -327,6 +327,36 @@ def test_decode_attention_kernel(compiled, with_pos, seed, summary):
     summary(f"{len(ATTN)} shapes, worst relative error {worst:.1e}")
 
 
+@pytest.mark.parametrize("kw", [dict(pos_loads=True), dict(merge="triton"), dict(pos_loads=True, merge="triton")],
+                         ids=["pos-loads", "triton-merge", "both"])
+def test_decode_attention_kernel_variants(kw, seed, summary):
+    """The split kernel's swept variants (benchmarks/attention_gpu.py): loads bounded by the position
+    only, with masked rows inside it holding NaN, and the one-launch merge."""
+    from blitzgen.kernels.attention import decode_attention_raw
+
+    worst = 0.0
+    for hkv, g, S, D, dtype, filled in ATTN:
+        q = torch.randn(1, hkv, g, D, device="cuda").to(dtype)
+        k = torch.randn(1, hkv, S, D, device="cuda").to(dtype)
+        v = torch.randn(1, hkv, S, D, device="cuda").to(dtype)
+        mask = torch.zeros(S, dtype=torch.bool, device="cuda")
+        mask[:filled] = True
+        hole = slice(filled // 3, filled // 3 + 5) if filled > 20 else slice(0, 0)
+        mask[hole] = False
+        k[:, :, filled:], v[:, :, filled:] = float("nan"), float("nan")
+        v[:, :, hole] = float("nan")
+        y = decode_attention_raw(q, k, v, mask.view(1, 1, 1, S), torch.tensor([filled - 1], device="cuda"), **kw)
+        kk, vv = k[:, :, :filled].clone(), v[:, :, :filled].clone()
+        kk[:, :, hole], vv[:, :, hole] = 0, 0
+        r = _attention_ref(q, kk, vv, mask[:filled])
+        what = f"attention {kw} Hkv={hkv} G={g} S={S} D={D} filled={filled} {dtype} seed={seed}"
+        assert y.shape == q.shape and y.dtype == dtype and torch.isfinite(y).all(), what
+        rel = float((y.double() - r).norm() / r.norm())
+        assert rel < {torch.float32: 1e-5}.get(dtype, 1e-2), f"{what}: relative error {rel:.2e}"
+        worst = max(worst, rel)
+    summary(f"{len(ATTN)} shapes, worst relative error {worst:.1e}")
+
+
 def _decode_kernel_launches(model, name: str) -> int:
     from torch.profiler import ProfilerActivity, profile
 

@@ -44,7 +44,7 @@ def _split_kernel(Q, K, V, MASK, POS, OUT, MAX, SUM,
                   stride_vb, stride_vh, stride_vs,
                   G, S, HKV, scale,
                   SPLIT_LEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                  PRECISION: tl.constexpr, HAS_POS: tl.constexpr):
+                  PRECISION: tl.constexpr, HAS_POS: tl.constexpr, POS_LOADS: tl.constexpr):
     bh = tl.program_id(0)  # b * HKV + h
     sp = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -67,8 +67,12 @@ def _split_kernel(Q, K, V, MASK, POS, OUT, MAX, SUM,
         end = tl.minimum(n_keys - start, SPLIT_LEN)
     for off in range(0, end, BLOCK_N):
         offs_n = start + off + tl.arange(0, BLOCK_N)
-        valid = tl.load(MASK + offs_n, mask=offs_n < n_keys, other=0) != 0
-        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=valid[:, None], other=0.0)
+        inb = offs_n < n_keys
+        valid = tl.load(MASK + offs_n, mask=inb, other=0) != 0
+        # POS_LOADS: K and V rows up to the position are read whatever the mask says, so the three
+        # loads do not wait on each other; masked rows are then ignored (scores) and zeroed (V).
+        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :],
+                    mask=(inb if POS_LOADS else valid)[:, None], other=0.0)
         # float32 operands: the kernel is bound by reading the cache, not by the dots, and Triton's
         # CPU interpreter gets bf16 dots wrong. PRECISION is "tf32" for 16-bit caches (q.k exact:
         # bf16/fp16 values fit tf32; p rounded to tf32, finer than the bf16 p of flash kernels) and
@@ -81,7 +85,11 @@ def _split_kernel(Q, K, V, MASK, POS, OUT, MAX, SUM,
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
+        if POS_LOADS:
+            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=inb[:, None], other=0.0)
+            v = tl.where(valid[:, None], v, 0.0)  # a masked row may hold anything, NaN included
+        else:
+            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
         m_i = m_new
     row = (bh * n_splits + sp) * G + offs_g  # partials: [B * HKV, n_splits, G, (D)]: the real rows only
@@ -91,8 +99,30 @@ def _split_kernel(Q, K, V, MASK, POS, OUT, MAX, SUM,
     tl.store(SUM + row, l_i, mask=real)
 
 
+@triton.jit
+def _merge_kernel(OUT, MAX, SUM, Y, n_splits, G, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """y[row] = sum_s w_s out[s] / sum_s w_s sum[s], w_s = exp(max_s - max over s): one program
+    per (b * HKV + h, g) row, all slices at once (the torch ops of ``_merge`` in one launch)."""
+    row = tl.program_id(0)
+    bh = row // G
+    g = row % G
+    offs_s = tl.arange(0, BLOCK_S)
+    ok = offs_s < n_splits
+    idx = (bh * n_splits + offs_s) * G + g
+    m = tl.load(MAX + idx, mask=ok, other=float("-inf"))
+    l_s = tl.load(SUM + idx, mask=ok, other=0.0)
+    m_all = tl.max(m, 0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - tl.where(m_all == float("-inf"), 0.0, m_all)))
+    offs_d = tl.arange(0, D)
+    o = tl.load(OUT + idx[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+    y = tl.sum(o * w[:, None], 0) / tl.sum(l_s * w, 0)
+    tl.store(Y + row * D + offs_d, y.to(Y.dtype.element_ty))
+
+
 PROGRAMS_PER_SM = 4
 NUM_WARPS = 4
+POS_LOADS = False  # the split kernel's loads (see _split_kernel); benchmarks/attention_gpu.py sweeps it
+MERGE = "torch"  # "torch" (ops Inductor fuses) or "triton" (_merge_kernel); swept likewise
 
 
 def plan(batch_heads: int, S: int, device: torch.device, programs_per_sm: int = PROGRAMS_PER_SM,
@@ -107,7 +137,8 @@ def plan(batch_heads: int, S: int, device: torch.device, programs_per_sm: int = 
 
 
 def _impl(q, k, v, mask, launch, pos=None, programs_per_sm: int = PROGRAMS_PER_SM,
-          block_n: int = BLOCK_N, num_warps: int = NUM_WARPS) -> torch.Tensor:
+          block_n: int = BLOCK_N, num_warps: int = NUM_WARPS, pos_loads: bool = POS_LOADS,
+          merge: str = MERGE) -> torch.Tensor:
     B, Hkv, G, D = q.shape
     S = k.shape[2]
     if k.stride(-1) != 1 or v.stride(-1) != 1 or q.stride(-1) != 1 or D not in (16, 32, 64, 128, 256):
@@ -126,7 +157,12 @@ def _impl(q, k, v, mask, launch, pos=None, programs_per_sm: int = PROGRAMS_PER_S
         v.stride(0), v.stride(1), v.stride(2), G, S, Hkv, 1.0 / math.sqrt(D),
         SPLIT_LEN=split_len, BLOCK_N=block_n, BLOCK_G=block_g, D=D,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_POS=pos is not None,
-        num_warps=num_warps)
+        POS_LOADS=pos_loads and pos is not None, num_warps=num_warps)
+    if merge == "triton":
+        y = torch.empty(B * Hkv, G, D, device=q.device, dtype=q.dtype)
+        launch(_merge_kernel)[(B * Hkv * G,)](out, mx, sm, y, splits, G, D=D,
+                                              BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
+        return y.reshape(B, Hkv, G, D)
     # merge the slices: weights exp(m_s - max_s m_s); a slice that saw no unmasked key has m = -inf
     m_all = mx.amax(1, keepdim=True)
     w = torch.exp(mx - m_all.clamp(min=torch.finfo(torch.float32).min))
@@ -143,7 +179,8 @@ def _identity(fn):
 
 def decode_attention_raw(q, k, v, mask, pos=None, **plan_kw) -> torch.Tensor:
     """Launch directly (no torch.library; works on CPU tensors under TRITON_INTERPRET=1).
-    plan_kw: programs_per_sm, block_n, num_warps (benchmarks/attention_gpu.py sweeps them)."""
+    plan_kw: programs_per_sm, block_n, num_warps, pos_loads, merge (benchmarks/attention_gpu.py
+    sweeps them)."""
     return _impl(q, k, v, mask, _identity, pos, **plan_kw)
 
 
