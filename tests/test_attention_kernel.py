@@ -72,6 +72,10 @@ CASES = [  # GQA groups 1, 3, 4, 8; caches that are and are not multiples of the
     dict(hkv=1, g=3, S=300, D=32, dtype="float32", ranges=[[5, 211]], pos=250, tol=1e-5, seed=8,
          kw=dict(pos_loads=True)),
     dict(hkv=2, g=8, S=257, D=128, dtype="float16", ranges=[[0, 100]], tol=2e-3, seed=9, kw=dict(merge="triton")),
+    dict(hkv=2, g=4, S=300, D=64, dtype="float32", ranges=[[0, 211]], pos=210, tol=1e-5, seed=10,
+         kw=dict(pos_loads=True, merge="triton", programs_per_sm=0)),  # one slice: no merge launch
+    dict(hkv=1, g=1, S=2048, D=32, dtype="float32", ranges=[[0, 700]], pos=699, tol=1e-5, seed=11,
+         kw=dict(merge="triton", programs_per_sm=64)),  # many slices, most past the position
 ]
 
 
@@ -120,7 +124,8 @@ def test_op_has_a_fake_impl():
 @pytest.mark.parametrize("pos_loads", [False, True])
 def test_sm90_codegen(pos_loads):
     """For an H100: the K/V tiles load 16 bytes at a time, the dots run on tensor cores (tf32), and
-    nothing spills to local memory; likewise with loads bounded by the position only."""
+    nothing spills to local memory; likewise with loads bounded by the position, one slice written
+    straight to the output."""
     from blitzgen.kernels import attention as A
 
     try:
@@ -129,12 +134,12 @@ def test_sm90_codegen(pos_loads):
     except ImportError as e:
         pytest.skip(f"cannot drive triton.compile here: {e}")
     sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "MASK": "*i1", "POS": "*i64", "OUT": "*fp32",
-           "MAX": "*fp32", "SUM": "*fp32"}
+           "MAX": "*fp32", "SUM": "*fp32", "Y": "*bf16"}
     sig.update({f"stride_{t}{d}": "i32" for t in "qkv" for d in ("b", "h", "gs"[t != "q"])})
     sig.update({"G": "i32", "S": "i32", "HKV": "i32", "scale": "fp32"})
     ce = {"SPLIT_LEN": 320, "BLOCK_N": A.BLOCK_N, "BLOCK_G": 16, "D": 128, "PRECISION": "tf32", "HAS_POS": True,
-          "POS_LOADS": pos_loads}
-    n_ptr_and_strides = 17  # what a real launch marks divisible by 16 (pointers, strides of D=128 rows)
+          "POS_LOADS": pos_loads, "ONE_SPLIT": pos_loads, "SKIP_DEAD": pos_loads}
+    n_ptr_and_strides = 18  # what a real launch marks divisible by 16 (pointers, strides of D=128 rows)
     sig.update({k: "constexpr" for k in ce})
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(n_ptr_and_strides)}
     try:
@@ -156,10 +161,11 @@ def test_merge_kernel_sm90_codegen():
         from triton.compiler import ASTSource
     except ImportError as e:
         pytest.skip(f"cannot drive triton.compile here: {e}")
-    sig = {"OUT": "*fp32", "MAX": "*fp32", "SUM": "*fp32", "Y": "*bf16", "n_splits": "i32", "G": "i32",
-           "D": "constexpr", "BLOCK_S": "constexpr"}
-    c = triton.compile(ASTSource(fn=A._merge_kernel, signature=sig, constexprs={"D": 128, "BLOCK_S": 64},
-                                 attrs={(i,): [["tt.divisibility", 16]] for i in range(4)}),
+    sig = {"OUT": "*fp32", "MAX": "*fp32", "SUM": "*fp32", "Y": "*bf16", "POS": "*i64", "n_splits": "i32",
+           "split_len": "i32", "S": "i32", "G": "i32", "D": "constexpr", "BLOCK_S": "constexpr", "HAS_POS": "constexpr"}
+    c = triton.compile(ASTSource(fn=A._merge_kernel, signature=sig,
+                                 constexprs={"D": 128, "BLOCK_S": 64, "HAS_POS": True},
+                                 attrs={(i,): [["tt.divisibility", 16]] for i in range(5)}),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     ptx = c.asm["ptx"]
     assert "ld.local" not in ptx and "st.local" not in ptx and "ex2" in ptx

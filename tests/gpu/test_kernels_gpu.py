@@ -327,11 +327,13 @@ def test_decode_attention_kernel(compiled, with_pos, seed, summary):
     summary(f"{len(ATTN)} shapes, worst relative error {worst:.1e}")
 
 
-@pytest.mark.parametrize("kw", [dict(pos_loads=True), dict(merge="triton"), dict(pos_loads=True, merge="triton")],
-                         ids=["pos-loads", "triton-merge", "both"])
+@pytest.mark.parametrize("kw", [dict(pos_loads=True), dict(merge="triton"), dict(pos_loads=True, merge="triton"),
+                                dict(pos_loads=True, merge="triton", programs_per_sm=0)],
+                         ids=["pos-loads", "triton-merge", "both", "one-slice"])
 def test_decode_attention_kernel_variants(kw, seed, summary):
     """The split kernel's swept variants (benchmarks/attention_gpu.py): loads bounded by the position
-    only, with masked rows inside it holding NaN, and the one-launch merge."""
+    only, with masked rows inside it holding NaN, the one-launch merge that reads only the slices
+    up to the position, and one slice (no merge)."""
     from blitzgen.kernels.attention import decode_attention_raw
 
     worst = 0.0

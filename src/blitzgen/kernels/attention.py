@@ -38,13 +38,14 @@ BLOCK_N = 64
 
 
 @triton.jit
-def _split_kernel(Q, K, V, MASK, POS, OUT, MAX, SUM,
+def _split_kernel(Q, K, V, MASK, POS, OUT, MAX, SUM, Y,
                   stride_qb, stride_qh, stride_qg,
                   stride_kb, stride_kh, stride_ks,
                   stride_vb, stride_vh, stride_vs,
                   G, S, HKV, scale,
                   SPLIT_LEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                  PRECISION: tl.constexpr, HAS_POS: tl.constexpr, POS_LOADS: tl.constexpr):
+                  PRECISION: tl.constexpr, HAS_POS: tl.constexpr, POS_LOADS: tl.constexpr,
+                  ONE_SPLIT: tl.constexpr, SKIP_DEAD: tl.constexpr):
     bh = tl.program_id(0)  # b * HKV + h
     sp = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -92,22 +93,33 @@ def _split_kernel(Q, K, V, MASK, POS, OUT, MAX, SUM,
             v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
         m_i = m_new
-    row = (bh * n_splits + sp) * G + offs_g  # partials: [B * HKV, n_splits, G, (D)]: the real rows only
     real = offs_g < G
+    if ONE_SPLIT:  # the whole cache in one slice: normalize and write the answer, no merge
+        y = acc / l_i[:, None]
+        tl.store(Y + (bh * G + offs_g)[:, None] * D + offs_d[None, :], y.to(Y.dtype.element_ty), mask=real[:, None])
+        return
+    if SKIP_DEAD:  # a slice past the position: the Triton merge never reads it
+        real = real & (start < n_keys)
+    row = (bh * n_splits + sp) * G + offs_g  # partials: [B * HKV, n_splits, G, (D)]: the real rows only
     tl.store(OUT + row[:, None] * D + offs_d[None, :], acc, mask=real[:, None])
     tl.store(MAX + row, m_i, mask=real)
     tl.store(SUM + row, l_i, mask=real)
 
 
 @triton.jit
-def _merge_kernel(OUT, MAX, SUM, Y, n_splits, G, D: tl.constexpr, BLOCK_S: tl.constexpr):
+def _merge_kernel(OUT, MAX, SUM, Y, POS, n_splits, split_len, S, G, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                  HAS_POS: tl.constexpr):
     """y[row] = sum_s w_s out[s] / sum_s w_s sum[s], w_s = exp(max_s - max over s): one program
-    per (b * HKV + h, g) row, all slices at once (the torch ops of ``_merge`` in one launch)."""
+    per (b * HKV + h, g) row, all slices at once (the torch merge in one launch). Given the position,
+    only the slices that start at or before it are read."""
     row = tl.program_id(0)
     bh = row // G
     g = row % G
     offs_s = tl.arange(0, BLOCK_S)
-    ok = offs_s < n_splits
+    n_live = n_splits
+    if HAS_POS:
+        n_live = tl.minimum(tl.minimum(tl.load(POS).to(tl.int32), S - 1) // split_len + 1, n_splits)
+    ok = offs_s < n_live
     idx = (bh * n_splits + offs_s) * G + g
     m = tl.load(MAX + idx, mask=ok, other=float("-inf"))
     l_s = tl.load(SUM + idx, mask=ok, other=0.0)
@@ -122,7 +134,7 @@ def _merge_kernel(OUT, MAX, SUM, Y, n_splits, G, D: tl.constexpr, BLOCK_S: tl.co
 PROGRAMS_PER_SM = 4
 NUM_WARPS = 4
 POS_LOADS = False  # the split kernel's loads (see _split_kernel); benchmarks/attention_gpu.py sweeps it
-MERGE = "torch"  # "torch" (ops Inductor fuses) or "triton" (_merge_kernel); swept likewise
+MERGE = "torch"  # "torch" (ops Inductor fuses) or "triton": _merge_kernel, or with one slice no merge; swept likewise
 
 
 def plan(batch_heads: int, S: int, device: torch.device, programs_per_sm: int = PROGRAMS_PER_SM,
@@ -148,20 +160,24 @@ def _impl(q, k, v, mask, launch, pos=None, programs_per_sm: int = PROGRAMS_PER_S
         raise ValueError(f"decode_attention: the mask must hold one flag per cache position ({S})")
     block_g = max(16, triton.next_power_of_2(G))
     split_len, splits = plan(B * Hkv, S, q.device, programs_per_sm, block_n)
-    out = torch.empty(B * Hkv, splits, G, D, device=q.device, dtype=torch.float32)
-    mx = torch.empty(B * Hkv, splits, G, device=q.device, dtype=torch.float32)
+    one = splits == 1 and merge == "triton"
+    out = torch.empty(B * Hkv, 1 if one else splits, G, D, device=q.device, dtype=torch.float32)
+    mx = torch.empty(B * Hkv, 1 if one else splits, G, device=q.device, dtype=torch.float32)
     sm = torch.empty_like(mx)
+    y = torch.empty(B * Hkv, G, D, device=q.device, dtype=q.dtype) if merge == "triton" else out
     launch(_split_kernel)[(B * Hkv, splits)](
-        q, k, v, flat_mask, flat_mask if pos is None else pos, out, mx, sm,
+        q, k, v, flat_mask, flat_mask if pos is None else pos, out, mx, sm, y,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), G, S, Hkv, 1.0 / math.sqrt(D),
         SPLIT_LEN=split_len, BLOCK_N=block_n, BLOCK_G=block_g, D=D,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_POS=pos is not None,
-        POS_LOADS=pos_loads and pos is not None, num_warps=num_warps)
+        POS_LOADS=pos_loads and pos is not None, ONE_SPLIT=one, SKIP_DEAD=merge == "triton" and pos is not None,
+        num_warps=num_warps)
     if merge == "triton":
-        y = torch.empty(B * Hkv, G, D, device=q.device, dtype=q.dtype)
-        launch(_merge_kernel)[(B * Hkv * G,)](out, mx, sm, y, splits, G, D=D,
-                                              BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
+        if not one:
+            launch(_merge_kernel)[(B * Hkv * G,)](
+                out, mx, sm, y, flat_mask if pos is None else pos, splits, split_len, S, G, D=D,
+                BLOCK_S=max(2, triton.next_power_of_2(splits)), HAS_POS=pos is not None, num_warps=4)
         return y.reshape(B, Hkv, G, D)
     # merge the slices: weights exp(m_s - max_s m_s); a slice that saw no unmasked key has m = -inf
     m_all = mx.amax(1, keepdim=True)
