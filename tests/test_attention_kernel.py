@@ -76,6 +76,9 @@ CASES = [  # GQA groups 1, 3, 4, 8; caches that are and are not multiples of the
          kw=dict(pos_loads=True, merge="triton", programs_per_sm=0)),  # one slice: no merge launch
     dict(hkv=1, g=1, S=2048, D=32, dtype="float32", ranges=[[0, 700]], pos=699, tol=1e-5, seed=11,
          kw=dict(merge="triton", programs_per_sm=64)),  # many slices, most past the position
+    dict(hkv=3, g=1, S=300, D=64, dtype="float32", ranges=[[0, 280]], pos=279, tol=1e-5, seed=12,
+         kw=dict(elementwise=True, pos_loads=True, merge="triton")),  # one query row on the CUDA cores
+    dict(hkv=2, g=2, S=130, D=32, dtype="bfloat16", ranges=[[3, 130]], tol=1e-2, seed=13, kw=dict(elementwise=True)),
 ]
 
 

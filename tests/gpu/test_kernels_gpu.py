@@ -328,8 +328,9 @@ def test_decode_attention_kernel(compiled, with_pos, seed, summary):
 
 
 @pytest.mark.parametrize("kw", [dict(pos_loads=True), dict(merge="triton"), dict(pos_loads=True, merge="triton"),
-                                dict(pos_loads=True, merge="triton", programs_per_sm=0)],
-                         ids=["pos-loads", "triton-merge", "both", "one-slice"])
+                                dict(pos_loads=True, merge="triton", programs_per_sm=0),
+                                dict(pos_loads=True, merge="triton", elementwise=True)],
+                         ids=["pos-loads", "triton-merge", "both", "one-slice", "elementwise"])
 def test_decode_attention_kernel_variants(kw, seed, summary):
     """The split kernel's swept variants (benchmarks/attention_gpu.py): loads bounded by the position
     only, with masked rows inside it holding NaN, the one-launch merge that reads only the slices

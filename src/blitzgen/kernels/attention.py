@@ -79,7 +79,10 @@ def _split_kernel(Q, K, V, MASK, POS, OUT, MAX, SUM, Y,
         # bf16/fp16 values fit tf32; p rounded to tf32, finer than the bf16 p of flash kernels) and
         # "ieee" for float32 caches.
         # [BLOCK_G, BLOCK_N]; cast back: under Inductor, scale arrives as fp64
-        s = (tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION) * scale).to(tl.float32)
+        if BLOCK_G < 16:  # one or two query rows: products on the CUDA cores, no 16-row padding
+            s = (tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2) * scale).to(tl.float32)
+        else:
+            s = (tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION) * scale).to(tl.float32)
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
@@ -91,7 +94,10 @@ def _split_kernel(Q, K, V, MASK, POS, OUT, MAX, SUM, Y,
             v = tl.where(valid[:, None], v, 0.0)  # a masked row may hold anything, NaN included
         else:
             v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
+        if BLOCK_G < 16:
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
         m_i = m_new
     real = offs_g < G
     if ONE_SPLIT:  # the whole cache in one slice: normalize and write the answer, no merge
@@ -150,7 +156,7 @@ def plan(batch_heads: int, S: int, device: torch.device, programs_per_sm: int = 
 
 def _impl(q, k, v, mask, launch, pos=None, programs_per_sm: int = PROGRAMS_PER_SM,
           block_n: int = BLOCK_N, num_warps: int = NUM_WARPS, pos_loads: bool = POS_LOADS,
-          merge: str = MERGE) -> torch.Tensor:
+          merge: str = MERGE, elementwise: bool = False) -> torch.Tensor:
     B, Hkv, G, D = q.shape
     S = k.shape[2]
     if k.stride(-1) != 1 or v.stride(-1) != 1 or q.stride(-1) != 1 or D not in (16, 32, 64, 128, 256):
@@ -158,7 +164,7 @@ def _impl(q, k, v, mask, launch, pos=None, programs_per_sm: int = PROGRAMS_PER_S
     flat_mask = mask.reshape(-1)
     if flat_mask.numel() != S:
         raise ValueError(f"decode_attention: the mask must hold one flag per cache position ({S})")
-    block_g = max(16, triton.next_power_of_2(G))
+    block_g = triton.next_power_of_2(G) if elementwise and G <= 2 else max(16, triton.next_power_of_2(G))
     split_len, splits = plan(B * Hkv, S, q.device, programs_per_sm, block_n)
     one = splits == 1 and merge == "triton"
     out = torch.empty(B * Hkv, 1 if one else splits, G, D, device=q.device, dtype=torch.float32)
@@ -195,8 +201,8 @@ def _identity(fn):
 
 def decode_attention_raw(q, k, v, mask, pos=None, **plan_kw) -> torch.Tensor:
     """Launch directly (no torch.library; works on CPU tensors under TRITON_INTERPRET=1).
-    plan_kw: programs_per_sm, block_n, num_warps, pos_loads, merge (benchmarks/attention_gpu.py
-    sweeps them)."""
+    plan_kw: programs_per_sm, block_n, num_warps, pos_loads, merge, elementwise (1-2 query rows
+    without tensor-core padding; benchmarks/attention_gpu.py sweeps them)."""
     return _impl(q, k, v, mask, _identity, pos, **plan_kw)
 
 
