@@ -52,7 +52,8 @@ for case in json.loads(sys.argv[1]):
     r = reference(q, k.masked_fill(~mask.view(1, 1, S, 1), 0), v.masked_fill(~mask.view(1, 1, S, 1), 0), mask)
     rel = ((y.double() - r).norm() / r.norm()).item()
     out.append({"case": case, "rel": rel, "finite": bool(torch.isfinite(y).all()), "shape": list(y.shape),
-                "dtype": str(y.dtype), "splits": plan(hkv, S, q.device)[1]})
+                "dtype": str(y.dtype), "splits": plan(hkv, S, q.device, **{k: v for k, v in case.get("kw", {}).items()
+                                                          if k in ("programs_per_sm", "block_n")})[1]})
 print("RESULTS " + json.dumps(out))
 """
 
@@ -79,6 +80,9 @@ CASES = [  # GQA groups 1, 3, 4, 8; caches that are and are not multiples of the
     dict(hkv=3, g=1, S=300, D=64, dtype="float32", ranges=[[0, 280]], pos=279, tol=1e-5, seed=12,
          kw=dict(elementwise=True, pos_loads=True, merge="triton")),  # one query row on the CUDA cores
     dict(hkv=2, g=2, S=130, D=32, dtype="bfloat16", ranges=[[3, 130]], tol=1e-2, seed=13, kw=dict(elementwise=True)),
+    # the position at the last key of a slice (64-key slices): the next slice is dead
+    dict(hkv=1, g=4, S=2048, D=32, dtype="float32", ranges=[[0, 256]], pos=255, tol=1e-5, seed=14,
+         kw=dict(merge="triton", programs_per_sm=32 * 132)),
 ]
 
 
@@ -124,8 +128,25 @@ def test_op_has_a_fake_impl():
         assert y.shape == (1, 8, 4, 128) and y.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("pos_loads", [False, True])
-def test_sm90_codegen(pos_loads):
+def _stack_bytes(cubin: bytes) -> int | None:
+    """Local-memory (spill) bytes per thread from the cubin (ptxas adds spills after the PTX), or
+    None when Triton's bundled cuobjdump is not there."""
+    import re
+    import tempfile
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.is_file():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"STACK:(\d+)", out)
+    return int(m.group(1)) if m else None
+
+
+@pytest.mark.parametrize("pos_loads,one_split", [(False, False), (True, False), (True, True)])
+def test_sm90_codegen(pos_loads, one_split):
     """For an H100: the K/V tiles load 16 bytes at a time, the dots run on tensor cores (tf32), and
     nothing spills to local memory; likewise with loads bounded by the position, one slice written
     straight to the output."""
@@ -141,7 +162,7 @@ def test_sm90_codegen(pos_loads):
     sig.update({f"stride_{t}{d}": "i32" for t in "qkv" for d in ("b", "h", "gs"[t != "q"])})
     sig.update({"G": "i32", "S": "i32", "HKV": "i32", "scale": "fp32"})
     ce = {"SPLIT_LEN": 320, "BLOCK_N": A.BLOCK_N, "BLOCK_G": 16, "D": 128, "PRECISION": "tf32", "HAS_POS": True,
-          "POS_LOADS": pos_loads, "ONE_SPLIT": pos_loads, "SKIP_DEAD": pos_loads}
+          "POS_LOADS": pos_loads, "ONE_SPLIT": one_split, "SKIP_DEAD": pos_loads}
     n_ptr_and_strides = 18  # what a real launch marks divisible by 16 (pointers, strides of D=128 rows)
     sig.update({k: "constexpr" for k in ce})
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(n_ptr_and_strides)}
@@ -153,7 +174,7 @@ def test_sm90_codegen(pos_loads):
     ptx = c.asm["ptx"]
     assert ptx.count("ld.global.v4") >= 2  # K and V tiles
     assert "mma" in ptx and "tf32" in ptx
-    assert "ld.local" not in ptx and "st.local" not in ptx
+    assert "ld.local" not in ptx and "st.local" not in ptx and _stack_bytes(c.asm["cubin"]) in (0, None)
 
 
 def test_merge_kernel_sm90_codegen():
@@ -167,11 +188,12 @@ def test_merge_kernel_sm90_codegen():
     sig = {"OUT": "*fp32", "MAX": "*fp32", "SUM": "*fp32", "Y": "*bf16", "POS": "*i64", "n_splits": "i32",
            "split_len": "i32", "S": "i32", "G": "i32", "D": "constexpr", "BLOCK_S": "constexpr", "HAS_POS": "constexpr"}
     c = triton.compile(ASTSource(fn=A._merge_kernel, signature=sig,
-                                 constexprs={"D": 128, "BLOCK_S": 64, "HAS_POS": True},
+                                 constexprs={"D": 128, "BLOCK_S": 32, "HAS_POS": True},
                                  attrs={(i,): [["tt.divisibility", 16]] for i in range(5)}),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     ptx = c.asm["ptx"]
     assert "ld.local" not in ptx and "st.local" not in ptx and "ex2" in ptx
+    assert _stack_bytes(c.asm["cubin"]) in (0, None)
 
 
 def test_model_dispatches_to_the_kernel(monkeypatch):

@@ -216,7 +216,7 @@ def test_prefill_flops_count():
 
 
 def test_matmul_rate_cpu():
-    assert bench.measure_matmul_flops(torch.device("cpu"), torch.float32, n=128) > 1e6
+    assert bench.measure_matmul_flops(torch.device("cpu"), torch.float32, n=128) > 1e8  # 0.1 GFLOP/s
 
 
 def test_copy_bandwidth_cpu():

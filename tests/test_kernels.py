@@ -358,7 +358,7 @@ ROWS_CASES = [
 # chunks of output rows (chunk: elements of the largest float copy)
 DEQUANT_CASES = [
     _case("int4deq", 37, 1024, 32, dtype="float32", lead=(1, 5)),
-    _case("int4deq", 70, 1280, 128, dtype="float32", lead=(2, 3), chunk=32 * 1280),  # 3 slices, K tail
+    _case("int4deq", 70, 1280, 128, dtype="float32", lead=(2, 3), chunk=32 * 1280),  # 3 slices of rows
     _case("int4deq", 33, 512, 16, lead=(1, 4)),  # bf16
     _case("int4deq", 20, 1040, 16, dtype="float32", lead=(1, 3)),  # a byte tail (520 = 4 * 128 + 8)
     _case("int8deq", 37, 1000, dtype="float32", lead=(1, 6)),  # K tail
@@ -607,6 +607,7 @@ def test_kernel_settings_given_in_python_take_effect(monkeypatch):
     """RuntimeOptions built in Python (not from the environment) still reach the kernels, which read
     process-wide settings from the environment: loading exports them."""
     import blitzgen.kernels as kernels
+    from blitzgen.errors import BlitzgenError
     from blitzgen.loading import load_random
     from blitzgen.quant import Int4Linear
     from blitzgen.quant.int4 import prefill_choice
@@ -616,12 +617,15 @@ def test_kernel_settings_given_in_python_take_effect(monkeypatch):
         monkeypatch.setenv(var, "")  # empty reads as unset; monkeypatch removes what loading exports
     saved = (kernels._AVAILABLE, kernels._REASON)
     try:
+        kernels._AVAILABLE, kernels._REASON = True, None  # as on a CUDA host, before the load
         opts = RuntimeOptions(device="cpu", dtype="float32", quantize="int4", group_size=32,
                               int4_prefill="tinygemm", int4_gemv="fp32", kernels=False).validate()
         m = load_random("tiny", opts).model
         assert prefill_choice() == "tinygemm" and os.environ["BLITZGEN_INT4_GEMV"] == "fp32"
         assert not kernels.available() and "RuntimeOptions.kernels=False" in kernels.unavailable_reason()
         assert any(isinstance(x, Int4Linear) for x in m.modules())
+        with pytest.raises(BlitzgenError, match="BLITZGEN_INT4_PREFILL"):  # validated before it is exported
+            RuntimeOptions(int4_prefill="marlin").apply_kernel_settings()
     finally:
         kernels._AVAILABLE, kernels._REASON = saved
         configs = sys.modules.get("blitzgen.kernels.gemv_configs")

@@ -171,9 +171,11 @@ class RuntimeOptions:
         """Make this object's kernel settings take effect. They are process-wide and read from the
         environment where they are used (blitzgen.kernels, quant/int4.py), so one given here in
         Python, not through the environment, is exported to it; ``loading.load`` calls this before
-        building a model. ``kernels=False`` also switches off kernels already imported."""
+        building a model. ``kernels=False`` also switches off kernels already imported. The settings
+        stay for the rest of the process (as the environment's would)."""
         import sys
 
+        self.validate()
         for field, var in _KERNEL_ENV:
             value = getattr(self, field)
             if value is not None and env(var) != str(value):
@@ -182,12 +184,13 @@ class RuntimeOptions:
                 if configs is not None:  # read once per process: read again
                     configs.int4_kernel_choice.cache_clear()
                     configs._overrides.cache_clear()
+                    configs._CHOSEN.clear()
         if self.gemv_autotune and not env_flag("BLITZGEN_GEMV_AUTOTUNE", False):
             os.environ["BLITZGEN_GEMV_AUTOTUNE"] = "1"
-        if not self.kernels and env_flag("BLITZGEN_KERNELS", True):
+        if not self.kernels:
             os.environ["BLITZGEN_KERNELS"] = "0"
             kernels = sys.modules.get("blitzgen.kernels")
-            if kernels is not None:
+            if kernels is not None and kernels.available():
                 kernels.disable("disabled by the user (RuntimeOptions.kernels=False)")
 
     def regions_for(self, device: str) -> bool:

@@ -29,7 +29,7 @@ from .. import runtime
 from .reference import (fused_float_gemv_ref, fused_int4_gemv_ref, fused_int8_gemv_ref, int4_gemv_ref,
                         int8_gemv_ref)
 
-__all__ = ["available", "unavailable_reason", "int8_gemv", "int8_rows", "int4_gemv", "int4_rows", "int4_matmul", "int8_gemv_ref", "int4_gemv_ref",
+__all__ = ["available", "unavailable_reason", "int8_gemv", "int8_rows", "int8_matmul", "int4_gemv", "int4_rows", "int4_matmul", "int8_gemv_ref", "int4_gemv_ref",
            "fused_int8_gemv", "fused_int4_gemv", "fused_float_gemv"]
 
 # Plain module globals (no lru_cache) so that torch.compile/dynamo can trace int8_gemv/int4_gemv
@@ -131,7 +131,9 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     program, or from ``mm_rows.INT8_DEQUANT_ROWS`` rows a float copy and cuBLAS (dequant.py)."""
     if _use_kernels("int8 matmul", x, weight, scales):
         return _ROWS.int8_mm(x, weight, scales)
-    return torch.nn.functional.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
+    from ..quant.int8 import int8_linear_op  # opaque: Inductor's fused mixed matmul is far slower here
+
+    return int8_linear_op(x, weight, scales)
 
 
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -5,8 +5,10 @@ KV heads puts 8 blocks on a 132-SM H100. benchmarks/attention_gpu.py measured 6%
 bandwidth at 4256 positions, and 27% for blitzgen's split-in-4 matmuls. This kernel cuts the
 cache into slices: one program per (KV head, slice). Each program attends the G query heads that
 share its KV head to its slice, with an online softmax, and writes a partial output with its
-running max and sum. A few torch ops then merge the slices (the log-sum-exp trick). Every cache
-entry is read once, and only where the mask is set: masked loads fetch nothing.
+running max and sum. A few torch ops then merge the slices (the log-sum-exp trick; with
+``merge="triton"`` one small kernel, or none for a single slice). Every cache entry is read once,
+and only where the mask is set (masked loads fetch nothing), except with ``pos_loads``, which reads
+every row up to the position so that the mask, K and V loads do not wait on each other.
 
     out = decode_attention(q, k, v, mask, pos)   # q [B, Hkv, G, D], k/v [B, Hkv, S, D], mask [1, 1, 1, S] bool
 
@@ -116,25 +118,33 @@ def _split_kernel(Q, K, V, MASK, POS, OUT, MAX, SUM, Y,
 def _merge_kernel(OUT, MAX, SUM, Y, POS, n_splits, split_len, S, G, D: tl.constexpr, BLOCK_S: tl.constexpr,
                   HAS_POS: tl.constexpr):
     """y[row] = sum_s w_s out[s] / sum_s w_s sum[s], w_s = exp(max_s - max over s): one program
-    per (b * HKV + h, g) row, all slices at once (the torch merge in one launch). Given the position,
-    only the slices that start at or before it are read."""
+    per (b * HKV + h, g) row (the torch merge in one launch), BLOCK_S slices at a time with a
+    running max. Given the position, only the slices that start at or before it are read."""
     row = tl.program_id(0)
     bh = row // G
     g = row % G
-    offs_s = tl.arange(0, BLOCK_S)
     n_live = n_splits
     if HAS_POS:
         n_live = tl.minimum(tl.minimum(tl.load(POS).to(tl.int32), S - 1) // split_len + 1, n_splits)
-    ok = offs_s < n_live
-    idx = (bh * n_splits + offs_s) * G + g
-    m = tl.load(MAX + idx, mask=ok, other=float("-inf"))
-    l_s = tl.load(SUM + idx, mask=ok, other=0.0)
-    m_all = tl.max(m, 0)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - tl.where(m_all == float("-inf"), 0.0, m_all)))
     offs_d = tl.arange(0, D)
-    o = tl.load(OUT + idx[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
-    y = tl.sum(o * w[:, None], 0) / tl.sum(l_s * w, 0)
-    tl.store(Y + row * D + offs_d, y.to(Y.dtype.element_ty))
+    m_run = tl.full([], float("-inf"), tl.float32)
+    den = tl.zeros([], tl.float32)
+    num = tl.zeros([D], tl.float32)
+    for c in range(0, n_live, BLOCK_S):
+        offs_s = c + tl.arange(0, BLOCK_S)
+        ok = offs_s < n_live
+        idx = (bh * n_splits + offs_s) * G + g
+        m = tl.load(MAX + idx, mask=ok, other=float("-inf"))
+        l_s = tl.load(SUM + idx, mask=ok, other=0.0)
+        o = tl.load(OUT + idx[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.where(m_run == float("-inf"), 0.0, tl.exp(m_run - m_safe))
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_safe))
+        num = num * alpha + tl.sum(o * w[:, None], 0)
+        den = den * alpha + tl.sum(l_s * w, 0)
+        m_run = m_new
+    tl.store(Y + row * D + offs_d, (num / den).to(Y.dtype.element_ty))
 
 
 PROGRAMS_PER_SM = 4
@@ -183,7 +193,7 @@ def _impl(q, k, v, mask, launch, pos=None, programs_per_sm: int = PROGRAMS_PER_S
         if not one:
             launch(_merge_kernel)[(B * Hkv * G,)](
                 out, mx, sm, y, flat_mask if pos is None else pos, splits, split_len, S, G, D=D,
-                BLOCK_S=max(2, triton.next_power_of_2(splits)), HAS_POS=pos is not None, num_warps=4)
+                BLOCK_S=min(32, max(2, triton.next_power_of_2(splits))), HAS_POS=pos is not None, num_warps=4)
         return y.reshape(B, Hkv, G, D)
     # merge the slices: weights exp(m_s - max_s m_s); a slice that saw no unmasked key has m = -inf
     m_all = mx.amax(1, keepdim=True)
