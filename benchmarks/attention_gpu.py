@@ -58,7 +58,8 @@ SWEEP = {"p8": dict(programs_per_sm=8), "b32": dict(block_n=32), "w2": dict(num_
          "pl-mt-b128": dict(pos_loads=True, merge="triton", block_n=128),
          "pl-mt-p8": dict(pos_loads=True, merge="triton", programs_per_sm=8),
          "pl-one": dict(pos_loads=True, merge="triton", programs_per_sm=0),  # one slice per head, no merge
-         "ew-pl-mt": dict(elementwise=True, pos_loads=True, merge="triton")}  # G <= 2: no tensor-core padding
+         "ew-pl-mt": dict(elementwise=True, pos_loads=True, merge="triton"),  # G <= 2: no tensor-core padding
+         "ew-pl-mt-b32": dict(elementwise=True, pos_loads=True, merge="triton", block_n=32)}  # fewer registers
 
 
 def variants(S: int):
