@@ -180,7 +180,9 @@ def _impl(q, k, v, mask, launch, pos=None, programs_per_sm: int = PROGRAMS_PER_S
     out = torch.empty(B * Hkv, 1 if one else splits, G, D, device=q.device, dtype=torch.float32)
     mx = torch.empty(B * Hkv, 1 if one else splits, G, device=q.device, dtype=torch.float32)
     sm = torch.empty_like(mx)
-    y = torch.empty(B * Hkv, G, D, device=q.device, dtype=q.dtype) if merge == "triton" else out
+    # Y is written only with the Triton merge; otherwise q stands in (never written, and no alias of
+    # a written argument, which would keep Inductor from reusing the partials' buffers in place)
+    y = torch.empty(B * Hkv, G, D, device=q.device, dtype=q.dtype) if merge == "triton" else q
     launch(_split_kernel)[(B * Hkv, splits)](
         q, k, v, flat_mask, flat_mask if pos is None else pos, out, mx, sm, y,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
