@@ -53,7 +53,7 @@ def run(model: str, quantize: str | None, regions: str, cache: str, timeout: flo
            "--max-new-tokens", "200", "--temperature", "0.8", "--seed", "1"]
     if quantize:
         cmd += ["--quantize", quantize]
-    env = {**os.environ, "BLITZGEN_CACHE": cache, "BLITZGEN_COMPILE_REGIONS": regions}
+    env = {**os.environ, "BLITZGEN_CACHE": cache, "BLITZGEN_COMPILE_REGIONS": regions, "BLITZGEN_EXIT_TRACE": "1"}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     env.pop("TRITON_CACHE_DIR", None)
     t0 = time.time()
@@ -61,7 +61,13 @@ def run(model: str, quantize: str | None, regions: str, cache: str, timeout: flo
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s", "wall_s": round(time.time() - t0, 1)}
-    res = {"rc": p.returncode, "wall_s": round(time.time() - t0, 1), **parse(p.stderr), "text": p.stdout[-2000:]}
+    t_end = time.time()
+    res = {"rc": p.returncode, "wall_s": round(t_end - t0, 1), **parse(p.stderr), "text": p.stdout[-2000:]}
+    m = re.search(r"^blitzgen: exit: main returned at ([\d.]+)$", p.stderr, re.M)
+    if m:  # from main's return to the process's end: atexit handlers, then the OS's teardown (CUDA context)
+        res["after_main_s"] = round(t_end - float(m.group(1)), 2)
+        m = re.search(r"^blitzgen: exit: atexit handlers ([\d.]+) s$", p.stderr, re.M)
+        res["atexit_s"] = float(m.group(1)) if m else None
     if p.returncode:
         res["stderr_tail"] = p.stderr[-3000:]
     return res

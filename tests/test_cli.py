@@ -8,6 +8,7 @@ import re
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -370,7 +371,11 @@ def test_the_process_entry_runs_atexit_flushes_and_keeps_the_exit_code(tmp_path)
         assert p.returncode == rc, p.stderr
         assert out.read_text() == "x" * 100000
         assert mark.read_text() == "ran"
-    env = dict(os.environ, BLITZGEN_CACHE=str(tmp_path / "cache"))
+    env = dict(os.environ, BLITZGEN_CACHE=str(tmp_path / "cache"), BLITZGEN_EXIT_TRACE="1")
+    t0 = time.time()
     p = subprocess.run([sys.executable, "-m", "blitzgen", "cache", "ls"], capture_output=True, text=True, env=env,
                        timeout=120)
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    # BLITZGEN_EXIT_TRACE: when main returned and what the atexit handlers took (startup_gpu.py)
+    returned = float(re.search(r"^blitzgen: exit: main returned at ([\d.]+)$", p.stderr, re.M).group(1))
+    assert t0 < returned <= time.time() and re.search(r"^blitzgen: exit: atexit handlers [\d.]+ s$", p.stderr, re.M)

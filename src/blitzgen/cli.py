@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import time
 
 COMMANDS = ["generate", "chat", "serve", "quantize", "bench", "cache"]
 
@@ -58,11 +59,17 @@ def run() -> None:
     coverage), or with ``BLITZGEN_FAST_EXIT=0``, the process exits normally. ``main()`` itself
     returns, for callers in-process."""
     rc = main()
+    trace = os.environ.get("BLITZGEN_EXIT_TRACE") == "1"  # benchmarks/startup_gpu.py: where the exit goes
+    if trace:
+        print(f"blitzgen: exit: main returned at {time.time():.3f}", file=sys.stderr, flush=True)
     if sys.getprofile() is not None or sys.gettrace() is not None or os.environ.get("BLITZGEN_FAST_EXIT") == "0":
         sys.exit(rc)
     import atexit
 
+    t = time.perf_counter()
     atexit._run_exitfuncs()
+    if trace:
+        print(f"blitzgen: exit: atexit handlers {time.perf_counter() - t:.3f} s", file=sys.stderr, flush=True)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
