@@ -78,3 +78,24 @@ def test_decode_attention_is_chosen_at_construction():
     with pytest.raises(ValueError, match="unknown decode attention"):
         AttentionOp("fast")
     assert AttentionOp("triton", head_dim=48).decode_impl == "auto"  # the kernel needs 16..256, a power of two
+
+
+def test_auto_on_cpu_takes_sdpa_for_short_caches_and_matmul_beyond(monkeypatch):
+    """Eager CPU decode with grouped heads: "auto" is SDPA up to CPU_SDPA_MAX positions (several
+    times faster there), the matmul form beyond; both give the float64 answer."""
+    import blitzgen.attention as A
+
+    calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", lambda *a, **k: calls.append("sdpa") or real_sdpa(*a, **k))
+    torch.manual_seed(0)
+    for S, want in ((256, ["sdpa"]), (A.CPU_SDPA_MAX + 256, [])):
+        q, k, v = torch.randn(1, 8, 1, 64), torch.randn(1, 2, S, 64), torch.randn(1, 2, S, 64)
+        mask = (torch.arange(S) < S - 9).view(1, 1, 1, S)
+        calls.clear()
+        y = A.decode_attention(q, k, v, mask, "auto")
+        assert calls == want, (S, calls)
+        qg = q.double().reshape(1, 2, 4, 64)
+        s = (qg @ k.double().transpose(-1, -2)) / 8.0
+        r = s.masked_fill(~mask, -float("inf")).softmax(-1) @ v.double()
+        torch.testing.assert_close(y.double(), r.reshape(1, 8, 1, 64), rtol=1e-5, atol=1e-5)

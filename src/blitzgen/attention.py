@@ -25,6 +25,10 @@ from torch import Tensor
 from .runtime import DECODE_ATTENTION
 
 PREFIX_ROUND = 256
+# Eager CPU decode: SDPA up to this many cache positions, then the matmul form. SmolLM2's shape in
+# bf16 on a 2-core AMD EPYC: SDPA 40 us at 256 positions against split 148 / matmul 121, and it
+# falls behind past ~1000 (BENCHMARKS.md, CPU decode attention).
+CPU_SDPA_MAX = 1024
 _TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
@@ -50,6 +54,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, impl: str = 
     filled to 200; 1.5x at a 205-position cache, where split:4 does not divide the cache and the
     previous choice fell back to matmul; 8% slower than split:4 at 4250 of 4256); else SDPA when G == 1
     (one block per head; 32 heads fill the card: 56% of copy at S=2000), split in 4 when G > 1.
+    Eager on the CPU, "auto" is SDPA up to ``CPU_SDPA_MAX`` positions, matmul beyond.
     """
     B, H, _, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -63,6 +68,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, impl: str = 
         from .kernels.attention import decode_attention as triton_decode_attention
 
         return triton_decode_attention(qg.contiguous(), k, v, mask, input_pos).reshape(B, H, 1, D)
+    if impl == "auto" and not q.is_cuda and not torch.compiler.is_compiling():
+        impl = "sdpa" if S <= CPU_SDPA_MAX else "matmul"
     if impl in ("auto", "triton"):
         impl = "sdpa" if H == Hkv else "split"
     if impl == "sdpa":
