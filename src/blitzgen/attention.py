@@ -68,7 +68,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, impl: str = 
         from .kernels.attention import decode_attention as triton_decode_attention
 
         return triton_decode_attention(qg.contiguous(), k, v, mask, input_pos).reshape(B, H, 1, D)
-    if impl == "auto" and not q.is_cuda and not torch.compiler.is_compiling():
+    if impl in ("auto", "triton") and not q.is_cuda and not torch.compiler.is_compiling():
         impl = "sdpa" if S <= CPU_SDPA_MAX else "matmul"
     if impl in ("auto", "triton"):
         impl = "sdpa" if H == Hkv else "split"
