@@ -285,6 +285,24 @@ def _attention_ref(q, k, v, mask):
     return s.masked_fill(~mask.view(1, 1, 1, -1), -float("inf")).softmax(-1) @ v.double()
 
 
+def _attention_inputs(hkv, g, S, D, dtype, filled):
+    """q, k, v and the mask of the first ``filled`` positions; the keys past them hold NaN (never to be read)."""
+    q = torch.randn(1, hkv, g, D, device="cuda").to(dtype)
+    k = torch.randn(1, hkv, S, D, device="cuda").to(dtype)
+    v = torch.randn(1, hkv, S, D, device="cuda").to(dtype)
+    mask = torch.zeros(S, dtype=torch.bool, device="cuda")
+    mask[:filled] = True
+    k[:, :, filled:], v[:, :, filled:] = float("nan"), float("nan")
+    return q, k, v, mask
+
+
+def _check_attention(y, q, r, what) -> float:
+    assert y.shape == q.shape and y.dtype == q.dtype and torch.isfinite(y).all(), what
+    rel = float((y.double() - r).norm() / r.norm())
+    assert rel < {torch.float32: 1e-5}.get(q.dtype, 1e-2), f"{what}: relative error {rel:.2e}"
+    return rel
+
+
 # (KV heads, group, cache length, head dim, dtype, filled positions)
 ATTN = [(8, 4, 4096, 128, torch.bfloat16, 4000),  # Llama-3-8B at 4k
         (32, 1, 2048, 128, torch.bfloat16, 1800),  # Llama-2-7B (no GQA)
@@ -307,12 +325,7 @@ def test_decode_attention_kernel(compiled, with_pos, seed, summary):
     fn = torch.compile(decode_attention, fullgraph=True, dynamic=False) if compiled else decode_attention
     worst = 0.0
     for hkv, g, S, D, dtype, filled in ATTN:
-        q = torch.randn(1, hkv, g, D, device="cuda").to(dtype)
-        k = torch.randn(1, hkv, S, D, device="cuda").to(dtype)
-        v = torch.randn(1, hkv, S, D, device="cuda").to(dtype)
-        mask = torch.zeros(S, dtype=torch.bool, device="cuda")
-        mask[:filled] = True
-        k[:, :, filled:], v[:, :, filled:] = float("nan"), float("nan")  # never to be read
+        q, k, v, mask = _attention_inputs(hkv, g, S, D, dtype, filled)
         if with_pos:
             pos = torch.tensor([filled - 1], device="cuda")
             y = fn(q, k, v, torch.ones_like(mask).view(1, 1, 1, S), pos)
@@ -320,10 +333,7 @@ def test_decode_attention_kernel(compiled, with_pos, seed, summary):
             y = fn(q, k, v, mask.view(1, 1, 1, S))
         r = _attention_ref(q, k[:, :, :filled], v[:, :, :filled], mask[:filled])
         what = f"attention Hkv={hkv} G={g} S={S} D={D} filled={filled} {dtype} seed={seed}"
-        assert y.shape == q.shape and y.dtype == dtype and torch.isfinite(y).all(), what
-        rel = float((y.double() - r).norm() / r.norm())
-        assert rel < {torch.float32: 1e-5}.get(dtype, 1e-2), f"{what}: relative error {rel:.2e}"
-        worst = max(worst, rel)
+        worst = max(worst, _check_attention(y, q, r, what))
     summary(f"{len(ATTN)} shapes, worst relative error {worst:.1e}")
 
 
@@ -339,24 +349,16 @@ def test_decode_attention_kernel_variants(kw, seed, summary):
 
     worst = 0.0
     for hkv, g, S, D, dtype, filled in ATTN:
-        q = torch.randn(1, hkv, g, D, device="cuda").to(dtype)
-        k = torch.randn(1, hkv, S, D, device="cuda").to(dtype)
-        v = torch.randn(1, hkv, S, D, device="cuda").to(dtype)
-        mask = torch.zeros(S, dtype=torch.bool, device="cuda")
-        mask[:filled] = True
+        q, k, v, mask = _attention_inputs(hkv, g, S, D, dtype, filled)
         hole = slice(filled // 3, filled // 3 + 5) if filled > 20 else slice(0, 0)
         mask[hole] = False
-        k[:, :, filled:], v[:, :, filled:] = float("nan"), float("nan")
         v[:, :, hole] = float("nan")
         y = decode_attention_raw(q, k, v, mask.view(1, 1, 1, S), torch.tensor([filled - 1], device="cuda"), **kw)
         kk, vv = k[:, :, :filled].clone(), v[:, :, :filled].clone()
         kk[:, :, hole], vv[:, :, hole] = 0, 0
         r = _attention_ref(q, kk, vv, mask[:filled])
         what = f"attention {kw} Hkv={hkv} G={g} S={S} D={D} filled={filled} {dtype} seed={seed}"
-        assert y.shape == q.shape and y.dtype == dtype and torch.isfinite(y).all(), what
-        rel = float((y.double() - r).norm() / r.norm())
-        assert rel < {torch.float32: 1e-5}.get(dtype, 1e-2), f"{what}: relative error {rel:.2e}"
-        worst = max(worst, rel)
+        worst = max(worst, _check_attention(y, q, r, what))
     summary(f"{len(ATTN)} shapes, worst relative error {worst:.1e}")
 
 

@@ -239,17 +239,10 @@ def _register_ops():
                 group_size: int) -> torch.Tensor:
         return int4_mm_rows_raw(x, qweight, scales, zeros, group_size)
 
-    def int8_mm_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        return int8_mm_raw(x, weight, scales)
-
-    def int4_mm_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                   group_size: int) -> torch.Tensor:
-        return int4_mm_raw(x, qweight, scales, zeros, group_size)
-
     return (opaque_op("blitzgen::int8_mm_rows", int8_op, linear_fake),
             opaque_op("blitzgen::int4_mm_rows", int4_op, linear_fake),
-            opaque_op("blitzgen::int8_mm", int8_mm_op, linear_fake),
-            opaque_op("blitzgen::int4_mm", int4_mm_op, linear_fake))
+            opaque_op("blitzgen::int8_mm", int8_mm_raw, linear_fake),
+            opaque_op("blitzgen::int4_mm", int4_mm_raw, linear_fake))
 
 
 _int8_op, _int4_op, _int8_mm_op, _int4_mm_op = _register_ops() or (None, None, None, None)
