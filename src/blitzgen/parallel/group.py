@@ -35,6 +35,7 @@ DEFAULT_TIMEOUT_S = 600.0  # a collective waiting longer than this fails (covers
 POLL_S = 0.5  # the launcher's watchdog
 IDLE_POLL_S = 0.01  # a follower's request polling, at most this late
 HOT_POLL_S, HOT_S = 0.0002, 0.05  # ... and this often in the first HOT_S after the previous request
+CLOSE_WAIT_S = 10.0  # TPGroup.close: how long a rank waits for the others to arrive, and to leave
 FAIL_GRACE_S = 5.0  # after a rank dies: the on_failure hook's time (a server says unhealthy) before the exit
 
 
@@ -72,9 +73,31 @@ class TPGroup:
             self._channel = Channel(self.store, self.rank, self.world)
         return self._channel
 
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
+        """Leave the group. The ranks first meet on the store, so that none drops its connections
+        while a peer still reads its last collective (gloo aborts the reader's process); then rank 0,
+        whose process hosts the store, waits for the others to finish leaving. Both waits are
+        bounded by ``wait_s``: a dead rank delays the exit, never blocks it."""
+        if not dist.is_initialized():
+            return
+        _meet(self.store, "blitzgen/closing", self.world, wait_s)
+        dist.destroy_process_group()
+        if self.rank == 0:
+            _meet(self.store, "blitzgen/closed", self.world, wait_s)
+        else:
+            _meet(self.store, "blitzgen/closed", self.world, 0.0)
+
+
+def _meet(store, key: str, world: int, wait_s: float) -> None:
+    """Count this rank in at ``key`` and wait (at most wait_s) until all ``world`` ranks have."""
+    deadline = time.monotonic() + wait_s
+    try:
+        n = store.add(key, 1)
+        while n < world and time.monotonic() < deadline:
+            time.sleep(0.005)
+            n = store.add(key, 0)
+    except Exception:  # noqa: BLE001 - the store lives in rank 0's process, which may be gone
+        pass
 
 
 def torchrun_env() -> tuple[int, int, int] | None:
