@@ -228,7 +228,6 @@ def load_target(a):
         lm = load_random(ModelArgs.from_name(a.shape), device=a.device, dtype=dtype, progress=False)
     else:
         lm = load(resolve_model(a.model), device=a.device, dtype=dtype, progress=False)
-    # the benchmark measures a fixed number of tokens: EOS stops no one
     return lm, Generator(lm.model, lm.tokenizer, compile=a.compile)
 
 
@@ -252,6 +251,10 @@ def run_real(a) -> Results:
                   draft_model="none: no smaller model shares SmolLM2's tokenizer here; self-int4 is SmolLM2 "
                               "itself in int4 (group 32) drafting for the float target")
     greedy = SamplingParams(temperature=0.0)
+    # what a user gets: the answer, up to its end-of-turn token (--through-eos: a fixed length, the
+    # model's text after the answer included, as sessions 6-14 measured)
+    stop = () if a.through_eos else tuple(tok.eos_token_ids)
+    res.data["stops_at_eos"] = not a.through_eos
     sources = [s for s in a.sources.split(",") if s]
     chats = {p: tok.encode_chat([{"role": "user", "content": t}]) for p, t in PROMPTS.items()
              if not a.prompts or p in a.prompts.split(",")}
@@ -267,7 +270,7 @@ def run_real(a) -> Results:
 
         def plain():
             gen.forget_prefix()  # the decoders rewrite the KV cache; no prompt reuse between runs either
-            return list(gen.generate_ids(ids, a.new_tokens, greedy, stop_token_ids=()))
+            return list(gen.generate_ids(ids, a.new_tokens, greedy, stop_token_ids=stop))
 
         if not res.fits(f"{pname} plain", need("plain")):
             continue
@@ -275,7 +278,7 @@ def run_real(a) -> Results:
         warm, times, want = timed_runs(plain, a.runs, dev)
         last["plain"] = time.perf_counter() - t
         base = len(want) / statistics.median(times)
-        row["plain"] = {"tok_s": base, "warmup_s": warm, "text": tok.decode(want)[:160]}
+        row["plain"] = {"tok_s": base, "tokens": len(want), "warmup_s": warm, "text": tok.decode(want)[:160]}
         log(f"{pname}: plain {base:.1f} tok/s")
         for name in sources:
             if not res.fits(f"{pname} {name}", need(name)):
@@ -293,7 +296,7 @@ def run_real(a) -> Results:
                     decoders[name] = (dec, time.perf_counter() - t0, dec.calibration)
                 dec, build, cal = decoders[name]
                 warm_s, times_s, got = timed_runs(
-                    lambda: list(dec.generate_ids(ids, a.new_tokens, greedy, stop_token_ids=())), a.runs, dev)
+                    lambda: list(dec.generate_ids(ids, a.new_tokens, greedy, stop_token_ids=stop)), a.runs, dev)
             except Exception as e:  # noqa: BLE001 - recorded, the other sources still run
                 res.error(f"{pname} {name}", e)
                 continue
@@ -316,15 +319,16 @@ def table_real(res: Results) -> None:
     srcs = [s for s in ("ngram", "self-int4", "draft-model") if any(s in r for r in d["rows"])]
     rows = []
     for r in d["rows"]:
-        cells = [r["prompt"], f"{r['plain']['tok_s']:.1f}"]
+        cells = [r["prompt"], str(r["plain"].get("tokens", "")), f"{r['plain']['tok_s']:.1f}"]
         for s in srcs:
             x = r.get(s)
             cells.append(f"{x['tok_s']:.1f} {x['speedup']:.2f}x acc {x['acceptance_rate']:.0%} "
                          f"{x['mean_tokens_per_verify']:.2f}t/v{'' if x['identical'] else ' DIFFERS'}" if x else "-")
         rows.append(cells)
     print(f"\n(a) {d['model']} on {d['device']}, {d['dtype']}, compile={d['compile']}, k<={d['k']}, greedy, "
-          f"{d['new_tokens']} new tokens, median of {d['runs']}")
-    print_table(["prompt", "plain tok/s"] + [f"{s}: tok/s speedup acceptance tokens/verify" for s in srcs], rows,
+          f"{'up to ' if d.get('stops_at_eos') else ''}{d['new_tokens']} new tokens"
+          f"{', stopping at the end of the answer' if d.get('stops_at_eos') else ''}, median of {d['runs']}")
+    print_table(["prompt", "tokens", "plain tok/s"] + [f"{s}: tok/s speedup acceptance tokens/verify" for s in srcs], rows,
                 footer(res))
 
 
@@ -576,6 +580,8 @@ def main(argv=None) -> int:
     r.add_argument("--sources", default="ngram,self-int4")
     r.add_argument("--prompts", default=None, help=f"comma list of {','.join(PROMPTS)}")
     r.add_argument("--new-tokens", type=int, default=200)
+    r.add_argument("--through-eos", action="store_true",
+                   help="generate --new-tokens whatever the model says (default: stop at the end of the answer)")
     r.add_argument("--runs", type=int, default=3)
     r.add_argument("--calibrate", action="store_true", help="eager: measure verify/draft costs before the runs "
                    "(compiled on CUDA the warm-up does)")

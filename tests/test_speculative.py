@@ -281,8 +281,8 @@ def test_calibrate_times_chained_plain_steps():
     assert set(cal) >= {"verify_cost", "draft_cost", "step_s", "verify_s", "draft_s"}
     assert cal["verify_cost"] > 0 and cal["step_s"] > 0 and cal["draft_cost"] == 0.0
     assert dec.verify_cost == cal["verify_cost"] and len(calls) == (2 + 2) * 8
-    list(dec.generate_ids(PROMPT, 6, GREEDY))
-    assert dec.controller.verify_cost == cal["verify_cost"]
+    list(dec.generate_ids(PROMPT, 1, GREEDY))  # no round: the controller holds the calibrated costs
+    assert dec.controller.verify_cost == cal["verify_cost"] and dec.controller.t_plain == cal["step_s"]
 
 
 def test_adaptive_k_shrinks_switches_off_and_recovers():
@@ -316,6 +316,55 @@ def test_speculation_switches_off_on_unpredictable_text(kind):
     assert st.switched_off >= 1 and st.plain_steps > 2 * st.verify_steps, st.summary()
     if kind == "draft-model":
         assert st.k_hist[1] > 0  # K came down before switching off
+
+
+def test_controller_follows_the_clock():
+    """Rounds timed slower than the calibration raise the verify cost until speculation cannot pay
+    (off, no probes); fast ones keep it on; a stall moves the averages by a bounded step."""
+    ctl = AdaptiveK(4, verify_cost=1.1, plain_seconds=0.001, probe=2)
+    for _ in range(10):
+        ctl.time_round(ctl.next_k(), 0.0012)  # ~1.2 plain tokens
+        ctl.update(ctl.k, ctl.k)
+    assert ctl.on and 1.1 <= ctl.verify_cost < 1.25 and ctl.timed_rounds == 10
+    ctl.time_round(4, 1000.0)  # a compile: at most 2 * (k_max + 1) plain tokens enter the average
+    assert ctl.verify_cost < 0.75 * 1.25 + 0.25 * 10 + 1e-9 and ctl.on
+    slow = AdaptiveK(4, verify_cost=1.1, plain_seconds=0.001, probe=2)
+    rounds = 0
+    while slow.on:
+        slow.time_round(slow.next_k(), 0.008)  # 8 plain tokens per round: never pays
+        slow.update(slow.k, slow.k)
+        rounds += 1
+    assert rounds <= 5 and not slow.can_pay() and [slow.next_k() for _ in range(20)] == [0] * 20
+    ctl = AdaptiveK(4, verify_cost=1.1)  # nothing to compare with: the costs stay
+    ctl.time_round(4, 5.0)
+    assert ctl.verify_cost == 1.1 and ctl.timed_rounds == 0
+    ctl.time_plain(0.001)
+    ctl.time_plain(1.0)  # a stall
+    assert ctl.t_plain == pytest.approx(0.9 * 0.001 + 0.1 * 0.01)
+
+
+def test_a_slow_verify_switches_speculation_off_and_greedy_text_holds():
+    """Wall-clock rounds include what a calibration misses: a verify made 30 ms slower turns
+    speculation off within a few rounds, with the same greedy text. A seeded sampled request
+    times nothing (its draft lengths, so its text, do not depend on the clock)."""
+    import time
+
+    model = tiny_model(seed=1)
+    dec = SpeculativeDecoder(model, DraftModel(tiny_model(seed=1), draft_cost=0.3), k=4)  # accepts all
+    t = time.perf_counter()
+    want = plain(model, PROMPT, 40)
+    dec.plain_seconds = (time.perf_counter() - t) / 40  # as calibrate() would (it would also time the draft)
+    vstep = dec._vstep
+    dec._vstep = lambda *a: (time.sleep(0.03), vstep(*a))[1]
+    assert list(dec.generate_ids(PROMPT, 40, GREEDY)) == want
+    st = dec.last_result_stats
+    assert st.switched_off >= 1 and st.verify_steps <= 4 and st.accepted == st.drafted and st.verify_cost > 2, \
+        st.summary()
+    dec.measured = {"verify_cost": 3.0}
+    list(dec.generate_ids(PROMPT, 1, GREEDY))
+    assert dec.controller.verify_cost == 3.0  # an unseeded request starts from what was measured
+    list(dec.generate_ids(PROMPT, 1, SamplingParams(temperature=1.0, seed=3)))
+    assert dec.controller.verify_cost == dec.verify_cost and dec.controller.t_plain == dec.plain_seconds
 
 
 def test_stats_merge_and_export():

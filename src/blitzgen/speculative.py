@@ -32,13 +32,13 @@ import time
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import BlitzgenError, ContextLengthError, InvalidRequestError
 from .generate import _model_step, _prefill_logits
 from .model import Transformer
-from .sampling import SamplingParams, exponential_noise, filter_logits, make_generator, sample
+from .sampling import SamplingParams, exponential_noise, make_generator, sample
+from .speculative_accept import _accept, _accept_host, _draft_pick, _verify_logits, accept_tokens, sampling_probs
 from .speculative_control import AdaptiveK, SpeculationStats
 from .speculative_draft import (DraftMismatchError, DraftModel, DraftSource, NgramDraft, SelfInt4Draft,
                                 check_draft_model, check_same_tokenizer)
@@ -50,76 +50,9 @@ __all__ = ["SpeculativeDecoder", "SpeculationStats", "AdaptiveK", "DraftSource",
 SOURCES = ("ngram", "self-int4", "draft-model")
 CACHE_ROUND = 256
 MIN_PREFILL_BUCKET = 16
+LEARN_ROUNDS = 4  # timed verify rounds before a request's measured cost becomes the next one's start
 
 
-# ---- probabilities and acceptance (pure tensor functions, compiled into the verify graph) ------
-def sampling_probs(logits: Tensor, t: dict[str, Tensor], mode: tuple) -> Tensor:
-    """logits [N, V] -> the distribution sampling.sample draws from, [N, V] float32: one-hot at
-    the argmax when greedy, else softmax of sampling.filter_logits."""
-    if mode[0]:
-        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    return filter_logits(logits, t, mode).softmax(-1)
-
-
-def accept_tokens(p: Tensor, q: Tensor, draft: Tensor, k_eff: Tensor, u: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
-    """Speculative rejection sampling for one round.
-
-    p: [K+1, V] target probabilities at the K+1 verify positions; q: [K, V] the draft's
-    probabilities of its K tokens (one-hot for deterministic drafts); draft: [K] tokens; k_eff: []
-    how many drafts are real (the rest is padding); u: [K] uniforms in [0, 1); noise: [V] Exp(1)
-    draws. Returns (n accepted drafts [], next token []): x_i is accepted iff u_i q(x_i) < p(x_i),
-    the next token is drawn from max(0, p_n - q_n) (or p_n after k_eff accepts) by the exponential
-    race, which needs no normalisation. Greedy: u = 0, noise = 1.
-    """
-    K = draft.shape[0]
-    live = torch.arange(K, device=draft.device) < k_eff  # [K]
-    px = p[:K].gather(1, draft[:, None]).squeeze(1)
-    qx = q.gather(1, draft[:, None]).squeeze(1)
-    ok = (u * qx < px) & live
-    n = ok.long().cumprod(0).sum()  # leading accepts
-    q_rows = torch.cat([q * live[:, None], torch.zeros_like(q[:1])])  # no q row after the drafts
-    pn = p.index_select(0, n.view(1))[0]
-    r = (pn - q_rows.index_select(0, n.view(1))[0]).clamp_min(0)
-    r = torch.where(r.sum() > 0, r, pn)
-    return n, (r / noise).argmax()
-
-
-# ---- step functions (compiled: model forwards as CUDA graphs, sampler/acceptance as small graphs) --
-def _fit_vocab(logits: Tensor, vocab: int) -> Tensor:
-    """A draft model's logits cut or padded (with -inf) to the target's vocabulary size."""
-    V = logits.shape[-1]
-    if V == vocab:
-        return logits
-    if V > vocab:
-        return logits[..., :vocab]
-    return F.pad(logits, (0, vocab - V), value=-float("inf"))
-
-
-def _verify_logits(model: Transformer, idx: Tensor, pos: Tensor) -> Tensor:
-    """Target forward on idx [1, K+1] (last token + K drafts) at pos [K+1] -> logits [K+1, V]."""
-    return model(idx, pos)[0]
-
-
-def _accept(logits: Tensor, q: Tensor, draft: Tensor, k_eff: Tensor, u: Tensor, noise: Tensor, samp: dict,
-            mode: tuple) -> Tensor:
-    """A verify's acceptance: [n accepted drafts, next token] (one read back)."""
-    return torch.stack(accept_tokens(sampling_probs(logits, samp, mode), q, draft, k_eff, u, noise))
-
-
-def _accept_host(logits: Tensor, draft: Tensor, k_eff: Tensor, u: Tensor, noise: Tensor, samp: dict,
-                 mode: tuple) -> Tensor:
-    """``_accept`` for a deterministic (host) draft: q is one-hot at the drafted tokens."""
-    q = F.one_hot(draft, logits.shape[-1]).float()
-    return torch.stack(accept_tokens(sampling_probs(logits, samp, mode), q, draft, k_eff, u, noise))
-
-
-def _draft_pick(logits: Tensor, samp: dict, mode: tuple, noise: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
-    """A draft step's token [1] and its distribution q [1, V_target] from the draft's logits [1, V]."""
-    q = sampling_probs(_fit_vocab(logits, vocab), samp, mode)
-    return (q / noise).argmax(-1), q
-
-
-# ---- the decoder -------------------------------------------------------------------------------
 def make_draft(kind: str, target: Transformer, *, draft_model: Transformer | None = None, draft_tokenizer=None,
                target_tokenizer=None, group_size: int = 32) -> DraftSource:
     """The draft source for a CLI/server name: "ngram", "self-int4" or "draft-model"."""
@@ -202,6 +135,11 @@ class SpeculativeDecoder:
         self.compiled, self.adaptive = bool(compile), adaptive
         self.verify_cost = verify_cost if verify_cost is not None else (1.3 if self.device.type == "cuda" else 1.5)
         self.draft_cost = draft_cost if draft_cost is not None else draft.estimate_cost(target)
+        self.plain_seconds: float | None = None  # a plain token's seconds, calibrated
+        # what requests measured (AdaptiveK.time_round): where the next unseeded request starts.
+        # A seeded sampled request runs on the fixed costs and times nothing: its draft lengths,
+        # hence its random stream and text, do not depend on the clock.
+        self.measured: dict[str, float] = {}
         self.min_gain = min_gain
         # compiled on CUDA, warm-up measures the costs unless they were given
         self.auto_calibrate = (verify_cost is None and draft_cost is None and self.compiled
@@ -359,7 +297,8 @@ class SpeculativeDecoder:
             t_draft = 0.0
             if self.dmodel is not None:
                 t_draft = timed(lambda: self._draft_step(tok, pos, samp, mode, ones[None]))
-        self.verify_cost, self.draft_cost = t_verify / t_step, t_draft / t_step
+        self.verify_cost, self.draft_cost, self.plain_seconds = t_verify / t_step, t_draft / t_step, t_step
+        self.measured = {}
         self.calibration = {"verify_cost": self.verify_cost, "draft_cost": self.draft_cost, "step_s": t_step,
                 "verify_s": t_verify, "draft_s": t_draft}
         return self.calibration
@@ -429,9 +368,13 @@ class SpeculativeDecoder:
         st.__init__(source=self.draft.name, k_max=K, prompt_tokens=n0, accepted_hist=[0] * (K + 1),
                     k_hist=[0] * (K + 1))
         self.last_result_stats = st
-        ctl = AdaptiveK(K, verify_cost=self.verify_cost, draft_cost=self.draft_cost, min_gain=self.min_gain,
-                        adaptive=self.adaptive)
+        timed = (greedy or sampling.seed is None) and not self._warming
+        m = self.measured if timed else {}
+        ctl = AdaptiveK(K, verify_cost=m.get("verify_cost", self.verify_cost), draft_cost=self.draft_cost,
+                        min_gain=self.min_gain, adaptive=self.adaptive,
+                        plain_seconds=m.get("plain_seconds", self.plain_seconds))
         self.controller = ctl
+        st.verify_cost = ctl.verify_cost
         t0 = time.perf_counter()
 
         # prefill both models; the first token comes from the target
@@ -442,7 +385,7 @@ class SpeculativeDecoder:
         if self.dmodel is not None and ctl.on:  # a draft that cannot pay is never prefilled (nor run)
             self._run_chunk(self.dmodel, prompt, 0)
             dvalid = n0
-        self.draft.adapt(self.verify_cost)  # e.g. the shortest n-gram match worth a verify
+        self.draft.adapt(ctl.verify_cost)  # e.g. the shortest n-gram match worth a verify
         self.draft.reset(prompt)
         self.draft.extend([first])
         self.draft_valid = dvalid  # for tests: the draft cache is exact on [0, draft_valid)
@@ -467,6 +410,7 @@ class SpeculativeDecoder:
         if (yield from emit([first])):
             return st
         while True:
+            t_round = time.perf_counter()
             P = len(seq) - 1  # position of the last token, not yet in the target's cache
             k = ctl.next_k() if P + K + 1 <= cap else 0
             k = min(k, max_new_tokens - emitted - 1)  # no point drafting past the end
@@ -478,7 +422,7 @@ class SpeculativeDecoder:
                     k = 0  # too short a proposal to pay for a verify
             if k <= 0:
                 if (yield from self._plain_run(seq, ctl, emit, st, cap, lambda: max_new_tokens - emitted, samp, mode,
-                                               noise)):
+                                               noise, timed)):
                     return st
                 continue
             else:
@@ -509,16 +453,29 @@ class SpeculativeDecoder:
                 if self.dmodel is not None:
                     dvalid = min(dvalid, P + 1 + n)  # drafts past the first rejection are stale
                 st.record(k, n)
-                ctl.update(k, n)
             st.switched_off = ctl.switched_off
             self.draft_valid = dvalid
             seq.extend(new)
             self.draft.extend(new)
             if (yield from emit(new)):
                 return st
+            if timed:
+                ctl.time_round(k, time.perf_counter() - t_round)
+                self._learn(ctl, st)
+            ctl.update(k, n)
+            st.switched_off = ctl.switched_off
+
+    def _learn(self, ctl: AdaptiveK, st: SpeculationStats) -> None:
+        """The costs measured so far: in the stats, and (after LEARN_ROUNDS rounds) where the next
+        request's controller starts."""
+        st.verify_cost = ctl.verify_cost
+        if ctl.timed_rounds >= LEARN_ROUNDS:
+            self.measured["verify_cost"] = ctl.verify_cost
+        if ctl.t_plain is not None:
+            self.measured["plain_seconds"] = ctl.t_plain
 
     def _plain_run(self, seq: list[int], ctl: AdaptiveK, emit, st: SpeculationStats, cap: int, left, samp: dict,
-                   mode: tuple, noise) -> Iterator[int]:
+                   mode: tuple, noise, timed: bool) -> Iterator[int]:
         """Plain steps, pipelined like the Generator's (on CUDA the next step is queued before this
         token is read back), until speculation should resume; yields the tokens through ``emit``
         and returns True when the request is over. While speculation is off a host draft's guess
@@ -530,6 +487,7 @@ class SpeculativeDecoder:
                                samp, mode, noise((1, V)))
         pos = torch.tensor([len(seq)], device=dev)
         last = False
+        t_prev = None  # the previous token's delivery: the intervals after it are plain tokens' cost
         while True:
             P = len(seq)  # where cur's token lands; the next step reads it there
             shadow = self.draft.propose(1) if shadows and not ctl.on else []
@@ -554,6 +512,10 @@ class SpeculativeDecoder:
             self.draft.extend([new])
             if (yield from emit([new])):
                 return True
+            now = time.perf_counter()
+            if t_prev is not None and timed:
+                ctl.time_plain(now - t_prev)
+            t_prev = now
             if nxt is None:
                 return False
             cur = nxt

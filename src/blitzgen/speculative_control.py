@@ -24,6 +24,7 @@ class SpeculationStats:
     generated_tokens: int = 0
     prompt_tokens: int = 0
     switched_off: int = 0  # times the controller turned speculation off
+    verify_cost: float = 0.0  # a verify round's cost in plain tokens, as the controller last saw it
     accepted_hist: list[int] = field(default_factory=list)  # [k_max+1]: verify steps by accepted count
     k_hist: list[int] = field(default_factory=list)  # [k_max+1]: verify steps by drafted count
     time_to_first_token: float = 0.0
@@ -59,6 +60,7 @@ class SpeculationStats:
             a, b = getattr(self, name), getattr(other, name)
             setattr(self, name, [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)])
         self.source = self.source or other.source
+        self.verify_cost = other.verify_cost or self.verify_cost  # the latest
         self.k_max = max(self.k_max, other.k_max)
         return self
 
@@ -72,7 +74,8 @@ class SpeculationStats:
         """One line for the CLI."""
         return (f"speculation {self.source} k<={self.k_max}: acceptance {self.acceptance_rate:.0%}, "
                 f"{self.mean_tokens_per_verify:.2f} tokens/verify over {self.verify_steps} verify + "
-                f"{self.plain_steps} plain steps, accepted lengths {self.accepted_hist}")
+                f"{self.plain_steps} plain steps, accepted lengths {self.accepted_hist}, a verify round cost "
+                f"{self.verify_cost:.2f} plain tokens")
 
 
 # ---- adaptive draft length ---------------------------------------------------------------------
@@ -88,22 +91,61 @@ class AdaptiveK:
     to max_probe), so a request that becomes predictable later still gains. When even perfect
     acceptance could not reach min_gain (a draft as slow as the target: self-int4 on a small model
     measured c_d 1.24 on an H200), speculation starts off and never probes.
+
+    The costs start from a calibration (or a default) and then follow the wall clock: ``time_plain``
+    takes the seconds of a plain token in a run of them, ``time_round`` those of a whole verify
+    round (the drafting, the host's work, the read back and the consumer included), and each
+    round's cost in plain tokens, less its draft steps, moves ``verify_cost`` (an average over
+    about ``1 / COST_WEIGHT`` rounds). A calibration times the verify alone; on a launch-bound
+    model the round's read back also stalls the pipelining that plain decoding has (an H200 ran
+    SmolLM2's n-gram at 0.95x plain where the calibrated costs predicted a gain).
     """
 
+    COST_WEIGHT = 0.25  # each timed round's share of the measured verify cost
+    PLAIN_WEIGHT = 0.1  # each timed plain token's share of the seconds per plain token
+
     def __init__(self, k_max: int, *, verify_cost: float = 1.3, draft_cost: float = 0.0, min_gain: float = 1.05,
-                 decay: float = 0.8, prior: float = 0.8, probe: int = 16, max_probe: int = 256, adaptive: bool = True):
+                 decay: float = 0.8, prior: float = 0.8, probe: int = 16, max_probe: int = 256, adaptive: bool = True,
+                 plain_seconds: float | None = None):
         self.k_max, self.verify_cost, self.draft_cost = k_max, verify_cost, draft_cost
+        self.plain_seconds = plain_seconds  # a calibrated plain token, until plain runs are timed
         self.min_gain, self.decay, self.adaptive = min_gain, decay, adaptive
         self.prior, self.probe0, self.max_probe = prior, probe, max_probe
         self.reset()
+
+    def _pays_at_all(self) -> bool:
+        return max((k + 1) / (self.verify_cost + k * self.draft_cost) for k in range(1, self.k_max + 1)) >= self.min_gain
+
+    def time_plain(self, seconds: float) -> None:
+        """One plain token took ``seconds`` (in a pipelined run, not its first token)."""
+        if seconds > 0:
+            w, t = self.PLAIN_WEIGHT, self.t_plain
+            # a stall (a compile, a slow consumer) moves the average by at most w * 10 * t
+            self.t_plain = seconds if t is None else (1 - w) * t + w * min(seconds, 10 * t)
+
+    def time_round(self, k: int, seconds: float) -> None:
+        """A verify round of k drafts took ``seconds`` from its proposal to its last token's
+        delivery. Call before ``update`` so that its decision uses the cost."""
+        if self.t_plain is None or k <= 0 or seconds <= 0:
+            return
+        cost = min(max(1.0, seconds / self.t_plain - k * self.draft_cost), 2.0 * (self.k_max + 1))  # bounded stalls
+        w = self.COST_WEIGHT
+        self.verify_cost = (1 - w) * self.verify_cost + w * cost
+        self.timed_rounds += 1
+        self._can_pay = self._pays_at_all()
+        self._choose()
+        if self.adaptive and self.on and not self._can_pay:
+            self.on, self.since_off = False, 0
+            self.switched_off += 1
 
     def can_pay(self) -> bool:
         """Whether some k reaches min_gain at all (acceptance 1: a round of k emits k + 1 tokens)."""
         return self._can_pay
 
     def reset(self) -> None:
-        self._can_pay = max((k + 1) / (self.verify_cost + k * self.draft_cost)
-                            for k in range(1, self.k_max + 1)) >= self.min_gain
+        self.t_plain: float | None = self.plain_seconds  # seconds per plain token
+        self.timed_rounds = 0
+        self._can_pay = self._pays_at_all()
         self.acc, self.rej = 2 * self.prior, 2 * (1 - self.prior)  # a prior worth two rounds
         self.on, self.since_off, self.probe = not self.adaptive or self._can_pay, 0, self.probe0
         self.k = self.k_max

@@ -146,6 +146,7 @@ def test_greedy_identical_to_plain_and_metrics(spec_client):
         assert m[f'blitzgen_spec_decode_acceptance_rate{{source="{src}"}}'] == pytest.approx(accepted / drafted)
         assert m[f'blitzgen_spec_decode_mean_tokens_per_verify{{source="{src}"}}'] == pytest.approx(
             (accepted + verify) / verify)
+        assert m[f'blitzgen_spec_decode_verify_cost{{source="{src}"}}'] >= 1.0
     # the int4 copy of a float model agrees with it on most tokens
     assert m['blitzgen_spec_decode_acceptance_rate{source="self-int4"}'] > 0.3
 

@@ -116,6 +116,10 @@ class Metrics:
                                      "Accepted over drafted tokens, over the server's life", src, registry=r)
         self.spec_tokens_per_verify = Gauge("blitzgen_spec_decode_mean_tokens_per_verify",
                                             "Tokens emitted per verify step, over the server's life", src, registry=r)
+        self.spec_verify_cost = Gauge("blitzgen_spec_decode_verify_cost",
+                                      "A verify round's cost in plain tokens, as the last speculative generation "
+                                      "measured it (speculation pays when tokens per verify exceed it)", src,
+                                      registry=r)
         self.spec_accepted_len = Histogram("blitzgen_spec_decode_accepted_length",
                                            "Draft tokens accepted per verify step", src, buckets=_ACCEPTED_BUCKETS,
                                            registry=r)
@@ -137,6 +141,8 @@ class Metrics:
         if total is None:
             total = self._spec_totals[source] = type(stats)()
         total.merge(stats)
+        if stats.verify_cost:
+            self.spec_verify_cost.labels(source).set(stats.verify_cost)
         self.spec_acceptance.labels(source).set(total.acceptance_rate)
         self.spec_tokens_per_verify.labels(source).set(total.mean_tokens_per_verify)
 
