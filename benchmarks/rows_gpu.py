@@ -7,7 +7,8 @@ For each (N, K) and row count M it times, in a CUDA graph (triton.testing.do_ben
   bf16     F.linear (cuBLAS), the unquantized reference point;
   int8:    the one-token GEMV (M = 1 only), the tensor-core row matmul (kernels/mm_rows.py),
            dequantize + cuBLAS (the old path);
-  int4:    the one-token GEMV (M = 1), the tensor-core row matmul, tinygemm (the old path);
+  int4:    the one-token GEMV (M = 1), the tensor-core row matmul with each tile decode (the default,
+           then ``magic``, ``words``, ``words-xs``: mm_rows.MmConfig.decode), tinygemm (the old path);
   more than 16 rows: the row kernels with more rows per program (``mm``) and a float copy of the
   weight + cuBLAS (``deq+cublas``, kernels/dequant.py), whose crossover sets mm_rows.*_DEQUANT_ROWS.
 and prints microseconds and the weight bytes read per second. --sweep times instead a grid of
@@ -79,6 +80,7 @@ def main(argv=None) -> int:
            "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "rows": []}
     print(f"{out['device']}, torch {out['torch']}: microseconds per call (weight GB/s)")
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else SHAPES
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
     for N, K in shapes:
         torch.manual_seed(0)
         wf = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
@@ -93,10 +95,21 @@ def main(argv=None) -> int:
                    "int8 dequant+cublas": (lambda: int8_linear_op(x, w8, s8), N * K),
                    "int8 mm_rows": (lambda: mm_rows.int8_mm_rows_raw(x, w8, s8, max_rows=None), N * K),
                    "int4 mm_rows": (lambda: mm_rows.int4_mm(x, q4, sc4, z4, g), N * K // 2),
+                   "int4 mm_rows magic": (lambda: mm_rows.int4_mm_rows_raw(
+                       x, q4, sc4, z4, g, mm_rows.choose_config(N, K, sms, g, rows=m)._replace(decode="magic"),
+                       max_rows=None), N * K // 2),
+                   "int4 mm_rows words": (lambda: mm_rows.int4_mm_rows_raw(
+                       x, q4, sc4, z4, g, mm_rows.choose_config(N, K, sms, g, rows=m)._replace(decode="words"),
+                       max_rows=None), N * K // 2),
+                   "int4 mm_rows words-xs": (lambda: mm_rows.int4_mm_rows_raw(
+                       x, q4, sc4, z4, g, mm_rows.choose_config(N, K, sms, g, rows=m)._replace(decode="words-xs"),
+                       max_rows=None), N * K // 2),
                    "int4 tinygemm": (lambda: _int4_mm_cuda(x, lin4.packed_weight, lin4.packed_scales_zeros, g),
                                              N * K // 2)}
             if m > mm_rows.MAX_ROWS:  # a prefill: the same kernels with more rows per program, and
                 fns.pop("int8 mm_rows"), fns.pop("int4 mm_rows")  # a float copy + cuBLAS (dequant.py)
+                for d in ("magic", "words", "words-xs"):
+                    fns.pop(f"int4 mm_rows {d}")
                 fns["int8 mm"] = (lambda: mm_rows.int8_mm_rows_raw(x, w8, s8, max_rows=None), N * K)
                 fns["int8 deq+cublas"] = (lambda: dequant.int8_dequant_mm(x, w8, s8), N * K)
                 fns["int4 mm"] = (lambda: mm_rows.int4_mm_rows_raw(x, q4, sc4, z4, g, max_rows=None), N * K // 2)

@@ -354,6 +354,23 @@ ROWS_CASES = [
     _case("int8mm", 37, 1024, dtype="float16", lead=(1, 40)),
     _case("int8mm", 24, 1000, cfg=[16, 128, 4, 2, 1, 32], dtype="float32", lead=(1, 70)),  # K tail, 3 row tiles
 ]
+# the int4 row kernel's other decodes (cfg[6]): magic numbers in the tile, and 32-bit words; fp16 and fp32
+# activations (bf16 on the GPU), split-K, K tails, 2..40 rows, every group size
+MAGIC = "magic"
+MAGIC_CASES = [
+    _case("int4rows", 37, 1024, 32, cfg=[64, 128, 4, 2, 1, 16, MAGIC], dtype="float16", lead=(1, 4)),
+    _case("int4rows", 40, 1536, 64, cfg=[32, 128, 4, 2, 2, 16, MAGIC], dtype="float32", lead=(8,)),
+    _case("int4rows", 24, 1280, 128, cfg=[16, 512, 4, 2, 1, 16, MAGIC], dtype="float16", lead=(1, 5)),  # K tail
+    _case("int4rows", 16, 3072, 256, cfg=[16, 256, 4, 3, 3, 16, MAGIC], dtype="float32", lead=(1, 7)),
+    _case("int4rows", 33, 2560, 32, cfg=[64, 256, 4, 3, 4, 16, MAGIC], dtype="float16", lead=(1, 2)),
+    _case("int4mm", 40, 1536, 64, cfg=[32, 128, 4, 2, 1, 32, MAGIC], dtype="float32", lead=(2, 19)),
+    # 32-bit words, one dot per nibble position
+    _case("int4rows", 37, 1024, 32, cfg=[64, 128, 4, 2, 1, 16, "words"], dtype="float16", lead=(1, 4)),
+    _case("int4rows", 40, 1536, 64, cfg=[32, 128, 4, 2, 2, 16, "words"], dtype="float32", lead=(8,)),
+    _case("int4rows", 24, 1280, 128, cfg=[16, 512, 4, 2, 1, 16, "words-xs"], dtype="float16", lead=(1, 5)),
+    _case("int4rows", 16, 3072, 256, cfg=[16, 256, 4, 3, 3, 16, "words-xs"], dtype="float32", lead=(1, 7)),
+    _case("int4mm", 33, 2560, 32, cfg=[64, 256, 4, 3, 2, 32, "words"], dtype="float16", lead=(1, 21)),
+]
 # a long prefill: dequantize to a float copy, then F.linear; N and K tails, and weights sliced into
 # chunks of output rows (chunk: elements of the largest float copy)
 DEQUANT_CASES = [
@@ -413,6 +430,11 @@ def test_int8_kernel_interpreter():
 @needs_triton
 def test_row_matmul_interpreter():
     _assert_results(_run_interpreter(ROWS_CASES))
+
+
+@needs_triton
+def test_int4_row_matmul_magic_interpreter():
+    _assert_results(_run_interpreter(MAGIC_CASES))
 
 
 @needs_triton
@@ -558,6 +580,26 @@ def test_int4_prefill_choice_is_validated(monkeypatch):
         RuntimeOptions.from_env()
 
 
+def test_int4_row_decode_choice_is_validated(monkeypatch):
+    from blitzgen.errors import BlitzgenError
+    from blitzgen.kernels import mm_rows
+    from blitzgen.runtime import RuntimeOptions
+
+    monkeypatch.delenv("BLITZGEN_INT4_ROWS", raising=False)
+    assert mm_rows.int4_decode() == "convert"
+    try:
+        monkeypatch.setenv("BLITZGEN_INT4_ROWS", "Words")
+        mm_rows.choose_config.cache_clear()
+        assert RuntimeOptions.from_env().int4_rows == "words"
+        assert mm_rows.choose_config(4096, 4096, 132, 32, rows=5).decode == "words"
+        assert mm_rows.choose_config(4096, 4096, 132, None, rows=5).decode == "convert"  # int8 has one
+        monkeypatch.setenv("BLITZGEN_INT4_ROWS", "marlin")
+        with pytest.raises(BlitzgenError, match="BLITZGEN_INT4_ROWS"):
+            RuntimeOptions.from_env()
+    finally:
+        mm_rows.choose_config.cache_clear()
+
+
 @needs_triton
 def test_float_gemv_sm90_codegen():
     """The unquantized GEMV's default config compiles for Hopper to 16-byte loads, no spills."""
@@ -581,6 +623,46 @@ def test_float_gemv_sm90_codegen():
     ptx = c.asm["ptx"]
     assert "ld.global.v4" in ptx and "ld.local" not in ptx and "st.local" not in ptx
 
+
+@needs_triton
+@pytest.mark.parametrize("decode", ["convert", "magic", "words", "words-xs"])
+def test_int4_row_decodes_sm90_codegen(decode):
+    """The int4 row kernel's tile decodes compile for Hopper (bf16, the 7B tile) without spills, and
+    only ``convert`` turns nibbles into floats with I2F (a quarter of the FMA rate on sm_90; the
+    others, a shift and a LOP3)."""
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from blitzgen.kernels import mm_rows
+
+    words = decode.startswith("words")
+    sig = {"x_ptr": "*bf16", "w_ptr": "*i32" if words else "*u8", "s_ptr": "*bf16", "z_ptr": "*bf16",
+           "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32",
+           "stride_wn": "i32", "stride_sn": "i32", **({"magic": "i32"} if words else {})}
+    ce = dict(GS=32, BM=16, BN=64, BK=128, SPLIT_K=1, EVEN_K=True, IEEE=False, NUM_STAGES=3)
+    ce.update(X_STRIDED=decode == "words-xs") if words else ce.update(MAGIC=decode == "magic")
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 7, 8, 9, 10, 11)}
+    sig.update({k: "constexpr" for k in ce})
+    fn = mm_rows._int4_mm_words_kernel if words else mm_rows._int4_mm_kernel
+    try:
+        c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=ce, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+    except (ImportError, AttributeError, TypeError) as e:  # compiler API of another Triton version
+        pytest.skip(f"cannot drive triton.compile here: {e}")
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/nvdisasm")
+    if not os.path.exists(tool):
+        pytest.skip("no nvdisasm in this Triton")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(c.asm["cubin"])
+        f.flush()
+        text = subprocess.run([tool, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    assert "STL" not in text and "LDL" not in text  # no spills
+    i2f = text.count(" I2F")  # per weight element in the K loop (64 here), or a few for the loop's bounds
+    assert i2f >= 64 if decode == "convert" else i2f <= 4, i2f
 
 
 def test_configs_follow_the_int4_kernel_that_runs(monkeypatch):
@@ -613,7 +695,8 @@ def test_kernel_settings_given_in_python_take_effect(monkeypatch):
     from blitzgen.quant.int4 import prefill_choice
     from blitzgen.runtime import RuntimeOptions
 
-    for var in ("BLITZGEN_INT4_PREFILL", "BLITZGEN_INT4_GEMV", "BLITZGEN_KERNELS", "BLITZGEN_GEMV_CONFIGS"):
+    for var in ("BLITZGEN_INT4_PREFILL", "BLITZGEN_INT4_GEMV", "BLITZGEN_INT4_ROWS", "BLITZGEN_KERNELS",
+                "BLITZGEN_GEMV_CONFIGS"):
         monkeypatch.setenv(var, "")  # empty reads as unset; monkeypatch removes what loading exports
     saved = (kernels._AVAILABLE, kernels._REASON)
     try:

@@ -45,12 +45,13 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 DECODE_ATTENTION = ("auto", "sdpa", "matmul", "split", "triton")
 INT4_GEMV_KERNELS = ("fp32", "h2", "h2p")  # kernels/gemv_configs.int4_kernel_choice (BLITZGEN_INT4_GEMV)
 INT4_PREFILL = ("tinygemm", "triton")  # quant/int4.prefill_choice (BLITZGEN_INT4_PREFILL)
+INT4_ROWS = ("convert", "magic", "words", "words-xs")  # kernels/mm_rows.int4_decode (BLITZGEN_INT4_ROWS): the row kernel's tile decode
 DEFAULT_DTYPE = "bfloat16"  # on CUDA and CPU alike
 WARM_CACHE_TOKENS = 8192  # KV-cache positions a compiled server allocates up front
 _FALSE = ("0", "false", "no", "off")
 # RuntimeOptions fields that the kernels read from these variables (apply_kernel_settings)
 _KERNEL_ENV = (("int4_gemv", "BLITZGEN_INT4_GEMV"), ("int4_prefill", "BLITZGEN_INT4_PREFILL"),
-               ("gemv_configs", "BLITZGEN_GEMV_CONFIGS"))
+               ("int4_rows", "BLITZGEN_INT4_ROWS"), ("gemv_configs", "BLITZGEN_GEMV_CONFIGS"))
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -94,6 +95,7 @@ class RuntimeOptions:
     gemv_autotune: bool = False
     int4_gemv: str | None = None  # BLITZGEN_INT4_GEMV (read by the kernels; validated here; apply_kernel_settings)
     int4_prefill: str | None = None  # BLITZGEN_INT4_PREFILL (read by quant/int4.py; likewise)
+    int4_rows: str | None = None  # BLITZGEN_INT4_ROWS (read by kernels/mm_rows.py; likewise)
     cache_dir: str | None = None
     weight_cache: bool = True  # keep a GGUF's converted weights under cache_dir (loading/converted.py)
     staged_load: bool = True  # safetensors to CUDA through pinned staging buffers (loading/hf.py)
@@ -114,6 +116,7 @@ class RuntimeOptions:
             gemv_autotune=env_flag("BLITZGEN_GEMV_AUTOTUNE", False),
             int4_gemv=env("BLITZGEN_INT4_GEMV"),
             int4_prefill=(env("BLITZGEN_INT4_PREFILL") or "").lower() or None,
+            int4_rows=(env("BLITZGEN_INT4_ROWS") or "").lower() or None,
             fused_decode=env_flag("BLITZGEN_FUSED", True) if env("BLITZGEN_FUSED") else None,
             aot_decode=env_flag("BLITZGEN_AOT_DECODE", True),
             cache_dir=cache_root(),
@@ -143,6 +146,9 @@ class RuntimeOptions:
         if self.int4_prefill is not None and self.int4_prefill.lower() not in INT4_PREFILL:
             raise BlitzgenError(f"unknown int4 prefill kernel {self.int4_prefill!r} "
                                 f"(one of {', '.join(INT4_PREFILL)}; BLITZGEN_INT4_PREFILL)")
+        if self.int4_rows is not None and self.int4_rows.lower() not in INT4_ROWS:
+            raise BlitzgenError(f"unknown int4 row-kernel decode {self.int4_rows!r} "
+                                f"(one of {', '.join(INT4_ROWS)}; BLITZGEN_INT4_ROWS)")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise BlitzgenError(f"--max-model-len must be at least 2, got {self.max_model_len}")
         if self.warm_cache_tokens < 1:

@@ -112,7 +112,10 @@ def test_row_matmul_matches_reference(kind, g, seed, summary):
             op = kernels.int8_rows if kind == "int8" else kernels.int4_rows
             worst = max(worst, _check(op(x, *args), r, TOL[dtype], what + " (op)"))
             raw = mm_rows.int8_mm_rows_raw if kind == "int8" else mm_rows.int4_mm_rows_raw
-            for cfg in (mm_rows.MmConfig(block_k=max(128, g or 0)), mm_rows.MmConfig(32, max(256, g or 0), 4, 2, 4)):
+            cfgs = [mm_rows.MmConfig(block_k=max(128, g or 0)), mm_rows.MmConfig(32, max(256, g or 0), 4, 2, 4)]
+            if kind == "int4":  # the other tile decodes (BLITZGEN_INT4_ROWS)
+                cfgs += [c._replace(decode=d) for c in cfgs for d in ("magic", "words", "words-xs")]
+            for cfg in cfgs:
                 worst = max(worst, _check(raw(x, *args, cfg=cfg), r, TOL[dtype], f"{what} {cfg}"))
             n += 1
     summary(f"{n} (shape, rows) cases, worst relative error {worst:.1e}")
@@ -136,8 +139,9 @@ def test_int4_matmul_any_rows_matches_reference(g, seed, summary):
             what = f"int4 g={g} rows={rows} N={N} K={K} {dtype} seed={seed}"
             worst = max(worst, _check(kernels.int4_matmul(x, *args), r, TOL[dtype], what + " (op)"))
             cfg = mm_rows.MmConfig(64, max(128, g), 4, 3, 2, 32)  # split-K with 32-row tiles
-            worst = max(worst, _check(mm_rows.int4_mm_rows_raw(x, *args, cfg=cfg, max_rows=None), r, TOL[dtype],
-                                      f"{what} {cfg}"))
+            for c in [cfg] + [cfg._replace(decode=d) for d in ("magic", "words", "words-xs")]:
+                worst = max(worst, _check(mm_rows.int4_mm_rows_raw(x, *args, cfg=c, max_rows=None), r, TOL[dtype],
+                                          f"{what} {c}"))
             y = dequant.int4_dequant_mm(x, *args, chunk_elems=N * K // 3)
             worst = max(worst, _check(y, r, TOL[dtype], f"{what} dequantize + cuBLAS in slices"))
             n += 1

@@ -7,6 +7,15 @@ bf16). Here each program dequantizes a [BK, BN] weight tile in registers (int8: 
 int4: unpack, then (q - 8) * scale + zero per group) and feeds ``tl.dot`` with the activations
 padded to 16 rows: the weight is read once, and the multiply-adds go to the tensor cores.
 Split-K (fp32 atomics into a zeroed buffer, then a cast) keeps every SM busy on narrow shapes.
+
+int4 tile decodes (``MmConfig.decode``, ``BLITZGEN_INT4_ROWS``), by static cost: sm_90 SASS of the
+K loop compiled on the CPU, instructions per weight element weighted by their issue cost on Hopper
+(conversions I2F/F2FP 8, shared memory 4, integer 2, float 1; BN 64, BK 128, g 32):
+``convert`` (unpack, reorder the nibbles into k order, I2F) 7.5 instructions, 23 weighted;
+``magic`` (the same tile, 128 + q by a shift and an OR instead of I2F) 8.0, 17.8; ``words``
+(32-bit words, nibble i of every word is its own [BK / 8, BN] tile, multiplied by the activation
+columns 8 j + i: 8 dots, nothing reordered, one shift and one LOP3 per nibble as in gemv.py) 6.8,
+13.8. Not yet timed on a GPU: ``convert`` stays the default until benchmarks/rows_gpu.py has run.
 ``int8_mm`` / ``int4_mm`` take any number of rows (a prefill): more rows per program, and from
 ``INT8_DEQUANT_ROWS`` / ``INT4_DEQUANT_ROWS`` rows dequantize + cuBLAS (dequant.py).
 """
@@ -28,6 +37,14 @@ MAX_ROWS = 16  # one tensor-core tile of rows
 # (kernels/dequant.py; the crossover measured with benchmarks/rows_gpu.py on the H200).
 INT8_DEQUANT_ROWS = 192
 INT4_DEQUANT_ROWS = 192
+INT4_MAGIC_BITS = 0x43000000  # float32 128.0: OR a nibble into bits 16..19 -> 128 + q (as gemv.INT4_MAGIC)
+
+
+def int4_decode() -> str:
+    """The int4 row kernel's tile decode: ``BLITZGEN_INT4_ROWS`` (convert, the default until the
+    others are measured on the GPU; magic, words or words-xs; RuntimeOptions.validate reports a bad
+    value). Read once per shape (choose_config is cached)."""
+    return (runtime.env("BLITZGEN_INT4_ROWS") or "convert").lower()
 
 
 class MmConfig(NamedTuple):
@@ -37,6 +54,9 @@ class MmConfig(NamedTuple):
     num_stages: int = 3
     split_k: int = 1
     block_m: int = 16  # rows per program: 16 up to MAX_ROWS, more for a long prefill (matmul)
+    # int4 nibbles to floats: "convert" (I2F), "magic" (bit operations), "words" (32-bit words, 8 dots
+    # of one nibble each, no tile reordering) or "words-xs" (the same, activation columns loaded apart)
+    decode: str = "convert"
 
 
 @triton.jit
@@ -98,9 +118,10 @@ def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_ym, s
 def _int4_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_wn, stride_sn,
                     GS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-                    NUM_STAGES: tl.constexpr):
+                    NUM_STAGES: tl.constexpr, MAGIC: tl.constexpr = False):
     """y[m, n] = sum_k x[m, k] * ((q[n, k] - 8) * s[n, k // GS] + z[n, k // GS]); q packed two per
-    byte in w [N, K // 2] (even k in the low nibble). BK is a multiple of GS; K of GS."""
+    byte in w [N, K // 2] (even k in the low nibble). BK is a multiple of GS; K of GS. MAGIC:
+    nibbles become floats as 128 + q by bit operations, and the -136 * scale goes into the zero."""
     rm, rn, pid_k = _tile(M, BM, BN)
     rnc = tl.minimum(rn, N - 1).to(tl.int64)
     rk = tl.arange(0, BK)
@@ -125,9 +146,99 @@ def _int4_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, strid
             s = tl.load(s_ptr + s_off + k0 // GS, mask=gok, other=0.0)
             z = tl.load(z_ptr + s_off + k0 // GS, mask=gok, other=0.0)
         q = tl.join(p & 0xF, p >> 4)  # [BK // 2, BN, 2]: k = 2j + (0: low, 1: high nibble)
-        q = tl.reshape(tl.permute(q, (0, 2, 1)), [BK // GS, GS, BN]).to(tl.float32) - 8.0
-        w = q * s.to(tl.float32)[:, None, :] + z.to(tl.float32)[:, None, :]
+        q = tl.reshape(tl.permute(q, (0, 2, 1)), [BK // GS, GS, BN])
+        s = s.to(tl.float32)
+        if MAGIC:  # 128 + q by one shift and one OR (I2F runs at a quarter of the FMA rate)
+            q = ((q.to(tl.int32) << 16) | 0x43000000).to(tl.float32, bitcast=True)
+            w = q * s[:, None, :] + (z.to(tl.float32) - 136.0 * s)[:, None, :]
+        else:
+            w = (q.to(tl.float32) - 8.0) * s[:, None, :] + z.to(tl.float32)[:, None, :]
         acc = _dot(acc, x, tl.reshape(w, [BK, BN]), IEEE)
+    _store(y_ptr, acc, rm, rn, M, N, stride_ym, SPLIT_K)
+
+
+@triton.jit
+def _x_nibbles(x, BM: tl.constexpr, L: tl.constexpr):
+    """x [BM, 8 L] -> the 8 tensors [BM, L] of columns 8 j + i, i = 0..7."""
+    xr = tl.reshape(x, [BM, L, 2, 2, 2])  # column 8 j + 4 a + 2 b + c
+    c0, c1 = tl.split(xr)
+    b00, b01 = tl.split(c0)
+    b10, b11 = tl.split(c1)
+    x0, x4 = tl.split(b00)
+    x2, x6 = tl.split(b01)
+    x1, x5 = tl.split(b10)
+    x3, x7 = tl.split(b11)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _word_dot(acc, xi, w, s, zz, magic, i: tl.constexpr, IEEE: tl.constexpr):
+    """acc += xi @ ((128 + nibble i of w) * s + zz), the nibble made a float by a shift and one
+    LOP3 (magic, the bits of 128.0, is a kernel argument so that ptxas fuses the AND and the OR)."""
+    if i < 4:
+        v = w << (16 - 4 * i)
+    elif i == 4:
+        v = w
+    else:
+        v = w >> (4 * i - 16)
+    f = ((v & 0x000F0000) | magic).to(tl.float32, bitcast=True)
+    return _dot(acc, xi, f * s + zz, IEEE)
+
+
+@triton.jit
+def _int4_mm_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_wn, stride_sn,
+                          magic, GS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                          SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                          NUM_STAGES: tl.constexpr, X_STRIDED: tl.constexpr = False):
+    """As _int4_mm_kernel, with the weight read as 32-bit words (8 nibbles, k = 8 j + i) and no
+    reordering of the tile: nibble i of every word is one [BK / 8, BN] tile, multiplied by the
+    activation columns 8 j + i (8 dots of depth BK / 8). stride_wn counts words; GS >= 8."""
+    rm, rn, pid_k = _tile(M, BM, BN)
+    rnc = tl.minimum(rn, N - 1).to(tl.int64)
+    rk = tl.arange(0, BK)
+    L: tl.constexpr = BK // 8
+    rj = tl.arange(0, L)
+    x_ptrs = x_ptr + tl.minimum(rm, M - 1)[:, None] * stride_xm + rk[None, :]
+    x_ptrs8 = x_ptr + tl.minimum(rm, M - 1)[:, None] * stride_xm + 8 * rj[None, :]
+    w_ptrs = w_ptr + rnc[None, :] * stride_wn + rj[:, None]  # [L, BN] words
+    s_ptrs = rnc[None, :] * stride_sn + (8 * rj[:, None]) // GS  # [L, BN]: each word's group
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for t in tl.range(pid_k, tl.cdiv(K, BK), SPLIT_K, num_stages=NUM_STAGES):
+        k0 = t * BK
+        if EVEN_K:
+            x = tl.load(x_ptrs + k0)
+            w = tl.load(w_ptrs + k0 // 8)
+            s = tl.load(s_ptr + s_ptrs + k0 // GS).to(tl.float32)
+            z = tl.load(z_ptr + s_ptrs + k0 // GS).to(tl.float32)
+        else:
+            ok = (k0 + rk) < K
+            wok = ((k0 + 8 * rj) < K)[:, None]
+            x = tl.load(x_ptrs + k0, mask=ok[None, :], other=0.0)
+            w = tl.load(w_ptrs + k0 // 8, mask=wok, other=0)
+            s = tl.load(s_ptr + s_ptrs + k0 // GS, mask=wok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + s_ptrs + k0 // GS, mask=wok, other=0.0).to(tl.float32)
+        zz = z - 136.0 * s
+        if X_STRIDED:  # columns 8 j + i loaded apart (from L1: every program reads the same x)
+            xs = x_ptrs8 + k0
+            xok = ((k0 + 8 * rj) < K)[None, :]  # K is a multiple of 8: a word is whole or absent
+            x0 = tl.load(xs, mask=xok, other=0.0)
+            x1 = tl.load(xs + 1, mask=xok, other=0.0)
+            x2 = tl.load(xs + 2, mask=xok, other=0.0)
+            x3 = tl.load(xs + 3, mask=xok, other=0.0)
+            x4 = tl.load(xs + 4, mask=xok, other=0.0)
+            x5 = tl.load(xs + 5, mask=xok, other=0.0)
+            x6 = tl.load(xs + 6, mask=xok, other=0.0)
+            x7 = tl.load(xs + 7, mask=xok, other=0.0)
+        else:
+            x0, x1, x2, x3, x4, x5, x6, x7 = _x_nibbles(x, BM, L)
+        acc = _word_dot(acc, x0, w, s, zz, magic, 0, IEEE)
+        acc = _word_dot(acc, x1, w, s, zz, magic, 1, IEEE)
+        acc = _word_dot(acc, x2, w, s, zz, magic, 2, IEEE)
+        acc = _word_dot(acc, x3, w, s, zz, magic, 3, IEEE)
+        acc = _word_dot(acc, x4, w, s, zz, magic, 4, IEEE)
+        acc = _word_dot(acc, x5, w, s, zz, magic, 5, IEEE)
+        acc = _word_dot(acc, x6, w, s, zz, magic, 6, IEEE)
+        acc = _word_dot(acc, x7, w, s, zz, magic, 7, IEEE)
     _store(y_ptr, acc, rm, rn, M, N, stride_ym, SPLIT_K)
 
 
@@ -138,7 +249,8 @@ def choose_config(N: int, K: int, num_sms: int, group_size: int | None = None, r
     than MAX_ROWS rows (a prefill): 32, 64 or 128 rows per program (8 warps at 128)."""
     bk = max(128, group_size or 0)
     bm = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 64 else 128
-    cfg = MmConfig(block_n=64 if group_size else 128, block_k=bk, block_m=bm, num_warps=8 if bm == 128 else 4)
+    cfg = MmConfig(block_n=64 if group_size else 128, block_k=bk, block_m=bm, num_warps=8 if bm == 128 else 4,
+                   decode=int4_decode() if group_size else "convert")
     blocks, tiles = -(-N // cfg.block_n) * -(-rows // bm), -(-K // bk)
     split = 1
     while blocks * split < 1.5 * num_sms and split * 2 <= tiles:
@@ -204,11 +316,19 @@ def int4_mm_rows_raw(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
                          f"size {group_size}")
     y = _output(x2, m, N, cfg.split_k)
     scales, zeros = scales.contiguous(), zeros.contiguous()
+    if cfg.decode.startswith("words") and K % 8 == 0:
+        words = qweight.contiguous().view(torch.int32)  # [N, K // 8]
+        _int4_mm_words_kernel[_grid(m, N, cfg)](
+            x2, words, scales, zeros, y, m, N, K, x2.stride(0), y.stride(0), words.stride(0), scales.stride(0),
+            INT4_MAGIC_BITS, GS=group_size, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, SPLIT_K=cfg.split_k,
+            EVEN_K=K % cfg.block_k == 0, IEEE=x.dtype == torch.float32, NUM_STAGES=_stages(x, cfg),
+            X_STRIDED=cfg.decode == "words-xs", num_warps=cfg.num_warps)
+        return y.to(x.dtype).reshape(*x.shape[:-1], N)
     _int4_mm_kernel[_grid(m, N, cfg)](
         x2, qweight.contiguous(), scales, zeros, y, m, N, K, x2.stride(0), y.stride(0), qweight.stride(0),
         scales.stride(0), GS=group_size, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, SPLIT_K=cfg.split_k,
         EVEN_K=K % cfg.block_k == 0, IEEE=x.dtype == torch.float32, NUM_STAGES=_stages(x, cfg),
-        num_warps=cfg.num_warps)
+        MAGIC=cfg.decode == "magic", num_warps=cfg.num_warps)
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
