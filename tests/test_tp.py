@@ -525,3 +525,18 @@ def test_draft_model_speculation_over_two_ranks_equals_one_rank_plain(tmp_path):
 
     got, verifies, drafts = run(2, TPSpec(model=str(target), dtype="float32"), lead, timeout_s=120)
     assert got == want and verifies > 0 and drafts > 0
+
+
+def test_close_meeting_is_bounded_once():
+    """TPGroup.close's store meetings share one deadline: a rank that never comes delays the exit
+    by at most the wait, and one that came makes the meeting immediate."""
+    import torch.distributed as dist
+
+    from blitzgen.parallel.group import _meet
+
+    store = dist.HashStore()
+    t0 = time.monotonic()
+    assert not _meet(store, "closing", 2, t0 + 0.3)
+    assert 0.25 < time.monotonic() - t0 < 2.0
+    assert _meet(store, "closing", 2, time.monotonic() + 5.0)  # the second rank: both came, no wait
+    assert not _meet(store, "closed", 2, 0.0)  # a past deadline: count in and go

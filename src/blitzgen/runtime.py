@@ -191,6 +191,9 @@ class RuntimeOptions:
                     configs.int4_kernel_choice.cache_clear()
                     configs._overrides.cache_clear()
                     configs._CHOSEN.clear()
+                rows = sys.modules.get("blitzgen.kernels.mm_rows")
+                if rows is not None:  # its configs carry the int4 decode
+                    rows.choose_config.cache_clear()
         if self.gemv_autotune and not env_flag("BLITZGEN_GEMV_AUTOTUNE", False):
             os.environ["BLITZGEN_GEMV_AUTOTUNE"] = "1"
         if not self.kernels:

@@ -469,8 +469,11 @@ class SpeculativeDecoder:
         """The costs measured so far: in the stats, and (after LEARN_ROUNDS rounds) where the next
         request's controller starts."""
         st.verify_cost = ctl.verify_cost
-        if ctl.timed_rounds >= LEARN_ROUNDS:
-            self.measured["verify_cost"] = ctl.verify_cost
+        if ctl.timed_rounds >= LEARN_ROUNDS:  # kept under what lets a full-acceptance round pay, so
+            # that the next request can still probe and measure again
+            K = self.k_max
+            limit = 0.99 * ((K + 1) / self.min_gain - K * self.draft_cost)
+            self.measured["verify_cost"] = min(ctl.verify_cost, max(limit, 1.0))
         if ctl.t_plain is not None:
             self.measured["plain_seconds"] = ctl.t_plain
 

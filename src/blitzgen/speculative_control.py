@@ -132,11 +132,8 @@ class AdaptiveK:
         w = self.COST_WEIGHT
         self.verify_cost = (1 - w) * self.verify_cost + w * cost
         self.timed_rounds += 1
-        self._can_pay = self._pays_at_all()
-        self._choose()
-        if self.adaptive and self.on and not self._can_pay:
-            self.on, self.since_off = False, 0
-            self.switched_off += 1
+        self._choose()  # update() then turns speculation off if it no longer pays; probes still come
+        # (can_pay stays what the draft's structure allows: a measured cost is never final)
 
     def can_pay(self) -> bool:
         """Whether some k reaches min_gain at all (acceptance 1: a round of k emits k + 1 tokens)."""

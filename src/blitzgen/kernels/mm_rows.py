@@ -316,7 +316,8 @@ def int4_mm_rows_raw(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
                          f"size {group_size}")
     y = _output(x2, m, N, cfg.split_k)
     scales, zeros = scales.contiguous(), zeros.contiguous()
-    if cfg.decode.startswith("words") and K % 8 == 0:
+    if cfg.decode.startswith("words") and K % 8 == 0 and group_size % 8 == 0 and cfg.block_k >= 128:
+        # (words: whole 32-bit words per group, and dots of depth block_k / 8 >= 16; else "convert")
         words = qweight.contiguous().view(torch.int32)  # [N, K // 8]
         _int4_mm_words_kernel[_grid(m, N, cfg)](
             x2, words, scales, zeros, y, m, N, K, x2.stride(0), y.stride(0), words.stride(0), scales.stride(0),

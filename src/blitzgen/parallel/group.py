@@ -80,24 +80,24 @@ class TPGroup:
         bounded by ``wait_s``: a dead rank delays the exit, never blocks it."""
         if not dist.is_initialized():
             return
-        _meet(self.store, "blitzgen/closing", self.world, wait_s)
+        deadline = time.monotonic() + wait_s  # one bound for both waits
+        all_came = _meet(self.store, "blitzgen/closing", self.world, deadline)
         dist.destroy_process_group()
-        if self.rank == 0:
-            _meet(self.store, "blitzgen/closed", self.world, wait_s)
-        else:
-            _meet(self.store, "blitzgen/closed", self.world, 0.0)
+        # a rank that never came will not report leaving either
+        _meet(self.store, "blitzgen/closed", self.world, deadline if self.rank == 0 and all_came else 0.0)
 
 
-def _meet(store, key: str, world: int, wait_s: float) -> None:
-    """Count this rank in at ``key`` and wait (at most wait_s) until all ``world`` ranks have."""
-    deadline = time.monotonic() + wait_s
+def _meet(store, key: str, world: int, deadline: float) -> bool:
+    """Count this rank in at ``key`` and wait (until the monotonic ``deadline``) for all ``world``
+    ranks; whether they all came."""
     try:
         n = store.add(key, 1)
         while n < world and time.monotonic() < deadline:
             time.sleep(0.005)
             n = store.add(key, 0)
+        return n >= world
     except Exception:  # noqa: BLE001 - the store lives in rank 0's process, which may be gone
-        pass
+        return False
 
 
 def torchrun_env() -> tuple[int, int, int] | None:
@@ -202,6 +202,7 @@ def _follower_entry(rank, world, init_method, device, timeout_s, parent, target,
         os.environ[k] = v
     alive = lambda: os.getppid() == parent  # noqa: E731
     threading.Thread(target=_orphan_watch, args=(alive,), daemon=True).start()
+    group = None
     try:
         group = init(rank, world, device=device, init_method=init_method, timeout_s=timeout_s)
         target(group, *args, alive=alive)
@@ -211,7 +212,9 @@ def _follower_entry(rank, world, init_method, device, timeout_s, parent, target,
         print(f"blitzgen: rank {rank}: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
-        if dist.is_initialized():
+        if group is not None:
+            group.close()  # meets rank 0's _stop on the store first (bounded)
+        elif dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -306,6 +309,8 @@ def _stop(procs, group, grace_s: float = 10.0) -> None:
         except Exception:  # noqa: BLE001 - the store may be gone already
             pass
     deadline = time.monotonic() + grace_s
+    if group is not None:  # the followers' TPGroup.close: all meet before any drops its connections
+        _meet(group.store, "blitzgen/closing", group.world, deadline)
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
         if p.is_alive():

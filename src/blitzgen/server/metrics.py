@@ -118,7 +118,8 @@ class Metrics:
                                             "Tokens emitted per verify step, over the server's life", src, registry=r)
         self.spec_verify_cost = Gauge("blitzgen_spec_decode_verify_cost",
                                       "A verify round's cost in plain tokens, as the last speculative generation "
-                                      "measured it (speculation pays when tokens per verify exceed it)", src,
+                                      "saw it: measured, or the fixed cost of a seeded request (speculation pays "
+                                      "when tokens per verify exceed it)", src,
                                       registry=r)
         self.spec_accepted_len = Histogram("blitzgen_spec_decode_accepted_length",
                                            "Draft tokens accepted per verify step", src, buckets=_ACCEPTED_BUCKETS,
