@@ -113,6 +113,9 @@ def main(argv=None) -> int:
                 fns["int8 mm"] = (lambda: mm_rows.int8_mm_rows_raw(x, w8, s8, max_rows=None), N * K)
                 fns["int8 deq+cublas"] = (lambda: dequant.int8_dequant_mm(x, w8, s8), N * K)
                 fns["int4 mm"] = (lambda: mm_rows.int4_mm_rows_raw(x, q4, sc4, z4, g, max_rows=None), N * K // 2)
+                fns["int4 mm words"] = (lambda: mm_rows.int4_mm_rows_raw(
+                    x, q4, sc4, z4, g, mm_rows.choose_config(N, K, sms, g, rows=m)._replace(decode="words"),
+                    max_rows=None), N * K // 2)
                 fns["int4 deq+cublas"] = (lambda: dequant.int4_dequant_mm(x, q4, sc4, z4, g), N * K // 2)
             if m == 1:
                 fns["int8 gemv"] = (lambda: gemv.int8_gemv(x, w8, s8), N * K)
