@@ -471,9 +471,7 @@ class SpeculativeDecoder:
         st.verify_cost = ctl.verify_cost
         if ctl.timed_rounds >= LEARN_ROUNDS:  # kept under what lets a full-acceptance round pay, so
             # that the next request can still probe and measure again
-            K = self.k_max
-            limit = 0.99 * ((K + 1) / self.min_gain - K * self.draft_cost)
-            self.measured["verify_cost"] = min(ctl.verify_cost, max(limit, 1.0))
+            self.measured["verify_cost"] = min(ctl.verify_cost, max(0.99 * ctl.max_payable_cost(), 1.0))
         if ctl.t_plain is not None:
             self.measured["plain_seconds"] = ctl.t_plain
 

@@ -113,8 +113,9 @@ class AdaptiveK:
         self.prior, self.probe0, self.max_probe = prior, probe, max_probe
         self.reset()
 
-    def _pays_at_all(self) -> bool:
-        return max((k + 1) / (self.verify_cost + k * self.draft_cost) for k in range(1, self.k_max + 1)) >= self.min_gain
+    def max_payable_cost(self) -> float:
+        """The largest verify cost at which some k still reaches min_gain at acceptance 1."""
+        return max((k + 1) / self.min_gain - k * self.draft_cost for k in range(1, self.k_max + 1))
 
     def time_plain(self, seconds: float) -> None:
         """One plain token took ``seconds`` (in a pipelined run, not its first token)."""
@@ -131,9 +132,8 @@ class AdaptiveK:
         cost = min(max(1.0, seconds / self.t_plain - k * self.draft_cost), 2.0 * (self.k_max + 1))  # bounded stalls
         w = self.COST_WEIGHT
         self.verify_cost = (1 - w) * self.verify_cost + w * cost
-        self.timed_rounds += 1
-        self._choose()  # update() then turns speculation off if it no longer pays; probes still come
-        # (can_pay stays what the draft's structure allows: a measured cost is never final)
+        self.timed_rounds += 1  # update() then picks k, and turns speculation off if it no longer
+        # pays; probes still come (can_pay is not re-judged: a measured cost is never final)
 
     def can_pay(self) -> bool:
         """Whether some k reaches min_gain at all (acceptance 1: a round of k emits k + 1 tokens)."""
@@ -142,7 +142,7 @@ class AdaptiveK:
     def reset(self) -> None:
         self.t_plain: float | None = self.plain_seconds  # seconds per plain token
         self.timed_rounds = 0
-        self._can_pay = self._pays_at_all()
+        self._can_pay = self.verify_cost <= self.max_payable_cost()
         self.acc, self.rej = 2 * self.prior, 2 * (1 - self.prior)  # a prior worth two rounds
         self.on, self.since_off, self.probe = not self.adaptive or self._can_pay, 0, self.probe0
         self.k = self.k_max

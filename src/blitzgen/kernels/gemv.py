@@ -171,9 +171,8 @@ def _split_xwords(xv, L: tl.constexpr, E: tl.constexpr, WPT: tl.constexpr):
 
 
 @triton.jit
-def _int4_word(p, w, xw, magic, L: tl.constexpr):
-    """p += sum over the 8 nibbles of w (int32 [L, BN]) of (128 + q) * x; xw: [L, 8] fp32."""
-    xr = tl.reshape(xw, [L, 2, 2, 2])  # nibble i = 4a + 2b + c
+def _split8(xr):
+    """xr [..., 2, 2, 2] (index i = 4a + 2b + c in the last three) -> its 8 slices [...], i = 0..7."""
     c0, c1 = tl.split(xr)
     b00, b01 = tl.split(c0)
     b10, b11 = tl.split(c1)
@@ -181,6 +180,13 @@ def _int4_word(p, w, xw, magic, L: tl.constexpr):
     x2, x6 = tl.split(b01)
     x1, x5 = tl.split(b10)
     x3, x7 = tl.split(b11)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _int4_word(p, w, xw, magic, L: tl.constexpr):
+    """p += sum over the 8 nibbles of w (int32 [L, BN]) of (128 + q) * x; xw: [L, 8] fp32."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(tl.reshape(xw, [L, 2, 2, 2]))  # nibble i = 4a + 2b + c
     p += _nibble(w, 0, magic) * x0[:, None]
     p += _nibble(w, 1, magic) * x1[:, None]
     p += _nibble(w, 2, magic) * x2[:, None]

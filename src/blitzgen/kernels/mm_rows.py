@@ -31,13 +31,13 @@ import triton.language as tl
 
 from .. import runtime
 from . import dequant
+from .gemv import INT4_MAGIC, _device_sms, _nibble, _split8  # the GEMV's nibble decode and activation split
 
 MAX_ROWS = 16  # one tensor-core tile of rows
 # From these many rows on, int8_mm / int4_mm dequantize to a float copy and call cuBLAS instead
 # (kernels/dequant.py; the crossover measured with benchmarks/rows_gpu.py on the H200).
 INT8_DEQUANT_ROWS = 192
 INT4_DEQUANT_ROWS = 192
-INT4_MAGIC_BITS = 0x43000000  # float32 128.0: OR a nibble into bits 16..19 -> 128 + q (as gemv.INT4_MAGIC)
 
 
 def int4_decode() -> str:
@@ -149,7 +149,7 @@ def _int4_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, strid
         q = tl.reshape(tl.permute(q, (0, 2, 1)), [BK // GS, GS, BN])
         s = s.to(tl.float32)
         if MAGIC:  # 128 + q by one shift and one OR (I2F runs at a quarter of the FMA rate)
-            q = ((q.to(tl.int32) << 16) | 0x43000000).to(tl.float32, bitcast=True)
+            q = ((q.to(tl.int32) << 16) | 0x43000000).to(tl.float32, bitcast=True)  # gemv.INT4_MAGIC
             w = q * s[:, None, :] + (z.to(tl.float32) - 136.0 * s)[:, None, :]
         else:
             w = (q.to(tl.float32) - 8.0) * s[:, None, :] + z.to(tl.float32)[:, None, :]
@@ -158,31 +158,10 @@ def _int4_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, strid
 
 
 @triton.jit
-def _x_nibbles(x, BM: tl.constexpr, L: tl.constexpr):
-    """x [BM, 8 L] -> the 8 tensors [BM, L] of columns 8 j + i, i = 0..7."""
-    xr = tl.reshape(x, [BM, L, 2, 2, 2])  # column 8 j + 4 a + 2 b + c
-    c0, c1 = tl.split(xr)
-    b00, b01 = tl.split(c0)
-    b10, b11 = tl.split(c1)
-    x0, x4 = tl.split(b00)
-    x2, x6 = tl.split(b01)
-    x1, x5 = tl.split(b10)
-    x3, x7 = tl.split(b11)
-    return x0, x1, x2, x3, x4, x5, x6, x7
-
-
-@triton.jit
 def _word_dot(acc, xi, w, s, zz, magic, i: tl.constexpr, IEEE: tl.constexpr):
-    """acc += xi @ ((128 + nibble i of w) * s + zz), the nibble made a float by a shift and one
-    LOP3 (magic, the bits of 128.0, is a kernel argument so that ptxas fuses the AND and the OR)."""
-    if i < 4:
-        v = w << (16 - 4 * i)
-    elif i == 4:
-        v = w
-    else:
-        v = w >> (4 * i - 16)
-    f = ((v & 0x000F0000) | magic).to(tl.float32, bitcast=True)
-    return _dot(acc, xi, f * s + zz, IEEE)
+    """acc += xi @ ((128 + nibble i of w) * s + zz), the nibble made a float as in the GEMV (a shift
+    and one LOP3: magic, the bits of 128.0, is a kernel argument so that ptxas fuses AND and OR)."""
+    return _dot(acc, xi, _nibble(w, i, magic) * s + zz, IEEE)
 
 
 @triton.jit
@@ -230,7 +209,7 @@ def _int4_mm_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm,
             x6 = tl.load(xs + 6, mask=xok, other=0.0)
             x7 = tl.load(xs + 7, mask=xok, other=0.0)
         else:
-            x0, x1, x2, x3, x4, x5, x6, x7 = _x_nibbles(x, BM, L)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _split8(tl.reshape(x, [BM, L, 2, 2, 2]))  # columns 8 j + i
         acc = _word_dot(acc, x0, w, s, zz, magic, 0, IEEE)
         acc = _word_dot(acc, x1, w, s, zz, magic, 1, IEEE)
         acc = _word_dot(acc, x2, w, s, zz, magic, 2, IEEE)
@@ -273,12 +252,6 @@ def _output(x2, m: int, N: int, split_k: int):
     return torch.zeros(m, N, dtype=torch.float32, device=x2.device)
 
 
-def _sms(x: torch.Tensor) -> int:
-    from .gemv import _device_sms
-
-    return _device_sms(x)
-
-
 def _grid(m: int, N: int, cfg: MmConfig) -> tuple[int, int]:
     return (triton.cdiv(m, cfg.block_m) * triton.cdiv(N, cfg.block_n), cfg.split_k)
 
@@ -294,7 +267,7 @@ def int8_mm_rows_raw(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
     directly: also under TRITON_INTERPRET=1)."""
     N, K = weight.shape
     x2, m = _prepare(x, N, K, max_rows)
-    cfg = cfg or choose_config(N, K, _sms(x), rows=m)
+    cfg = cfg or choose_config(N, K, _device_sms(x), rows=m)
     y = _output(x2, m, N, cfg.split_k)
     _int8_mm_kernel[_grid(m, N, cfg)](
         x2, weight.contiguous(), scales.reshape(N).contiguous(), y, m, N, K, x2.stride(0), y.stride(0),
@@ -310,7 +283,7 @@ def int4_mm_rows_raw(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     number; canonical int4 layout, see kernels.int4_gemv)."""
     N, K = qweight.shape[0], qweight.shape[1] * 2
     x2, m = _prepare(x, N, K, max_rows)
-    cfg = cfg or choose_config(N, K, _sms(x), group_size, rows=m)
+    cfg = cfg or choose_config(N, K, _device_sms(x), group_size, rows=m)
     if cfg.block_k % group_size or K % group_size:
         raise ValueError(f"int4 row matmul: block_k {cfg.block_k} and K {K} must be multiples of the group "
                          f"size {group_size}")
@@ -321,7 +294,7 @@ def int4_mm_rows_raw(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
         words = qweight.contiguous().view(torch.int32)  # [N, K // 8]
         _int4_mm_words_kernel[_grid(m, N, cfg)](
             x2, words, scales, zeros, y, m, N, K, x2.stride(0), y.stride(0), words.stride(0), scales.stride(0),
-            INT4_MAGIC_BITS, GS=group_size, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, SPLIT_K=cfg.split_k,
+            INT4_MAGIC, GS=group_size, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, SPLIT_K=cfg.split_k,
             EVEN_K=K % cfg.block_k == 0, IEEE=x.dtype == torch.float32, NUM_STAGES=_stages(x, cfg),
             X_STRIDED=cfg.decode == "words-xs", num_warps=cfg.num_warps)
         return y.to(x.dtype).reshape(*x.shape[:-1], N)
