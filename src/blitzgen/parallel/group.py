@@ -202,7 +202,6 @@ def _follower_entry(rank, world, init_method, device, timeout_s, parent, target,
         os.environ[k] = v
     alive = lambda: os.getppid() == parent  # noqa: E731
     threading.Thread(target=_orphan_watch, args=(alive,), daemon=True).start()
-    group = None
     try:
         group = init(rank, world, device=device, init_method=init_method, timeout_s=timeout_s)
         target(group, *args, alive=alive)
@@ -212,9 +211,7 @@ def _follower_entry(rank, world, init_method, device, timeout_s, parent, target,
         print(f"blitzgen: rank {rank}: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
-        if group is not None:
-            group.close()  # meets rank 0's _stop on the store first (bounded)
-        elif dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -309,8 +306,6 @@ def _stop(procs, group, grace_s: float = 10.0) -> None:
         except Exception:  # noqa: BLE001 - the store may be gone already
             pass
     deadline = time.monotonic() + grace_s
-    if group is not None:  # the followers' TPGroup.close: all meet before any drops its connections
-        _meet(group.store, "blitzgen/closing", group.world, deadline)
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
         if p.is_alive():
