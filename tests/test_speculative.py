@@ -377,6 +377,10 @@ def test_a_slow_verify_switches_speculation_off_and_greedy_text_holds():
     assert dec.controller.verify_cost == 3.0  # an unseeded request starts from what was measured
     list(dec.generate_ids(PROMPT, 1, SamplingParams(temperature=1.0, seed=3)))
     assert dec.controller.verify_cost == dec.verify_cost and dec.controller.t_plain == dec.plain_seconds
+    # a tensor-parallel rank's decoder never follows its own clock (the ranks must choose alike)
+    dec.follows_clock, dec.measured = False, {}
+    assert list(dec.generate_ids(PROMPT, 40, GREEDY)) == want
+    assert dec.last_result_stats.switched_off == 0 and not dec.measured, dec.last_result_stats.summary()
 
 
 def test_stats_merge_and_export():

@@ -137,6 +137,16 @@ def test_stream_matches_generator_stream(kind):
         assert got[-1].finish_reason == "stop" and "".join(d.text for d in got) == ""
 
 
+def test_a_tensor_parallel_rank_decoder_runs_on_fixed_costs():
+    """Each rank times its own clock: a rank's decoder must not, or the ranks' draft lengths (hence
+    their collectives) would differ."""
+    from blitzgen.speculative import build_decoder
+
+    gen = Generator(tiny_model(), CharTokenizer())
+    assert build_decoder(gen, "ngram", 4).follows_clock
+    assert not build_decoder(gen, "ngram", 4, group=SimpleNamespace(rank=0, world=2)).follows_clock
+
+
 # ---- bench ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["ngram", "self-int4"])
 def test_bench_speculate_json_and_table(kind, capsys):

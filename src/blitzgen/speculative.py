@@ -91,7 +91,9 @@ def build_decoder(gen, source: str, k: int, *, group_size: int = 32, draft_model
         dmodel, dtok = dlm.model, dlm.tokenizer
     draft = make_draft(source, gen.model, draft_model=dmodel, draft_tokenizer=dtok, target_tokenizer=gen.tokenizer,
                        group_size=group_size)
-    return SpeculativeDecoder(gen.model, draft, k=k, gen=gen, max_seq_len=gen.max_seq_len)
+    dec = SpeculativeDecoder(gen.model, draft, k=k, gen=gen, max_seq_len=gen.max_seq_len)
+    dec.follows_clock = group is None
+    return dec
 
 
 _COMPILED: dict = {}
@@ -140,6 +142,9 @@ class SpeculativeDecoder:
         # A seeded sampled request runs on the fixed costs and times nothing: its draft lengths,
         # hence its random stream and text, do not depend on the clock.
         self.measured: dict[str, float] = {}
+        # False on a tensor-parallel rank: every rank's controller must choose the same draft
+        # lengths, and each rank's clock differs, so all run on rank 0's fixed (calibrated) costs
+        self.follows_clock = True
         self.min_gain = min_gain
         # compiled on CUDA, warm-up measures the costs unless they were given
         self.auto_calibrate = (verify_cost is None and draft_cost is None and self.compiled
@@ -368,7 +373,7 @@ class SpeculativeDecoder:
         st.__init__(source=self.draft.name, k_max=K, prompt_tokens=n0, accepted_hist=[0] * (K + 1),
                     k_hist=[0] * (K + 1))
         self.last_result_stats = st
-        timed = (greedy or sampling.seed is None) and not self._warming
+        timed = self.follows_clock and (greedy or sampling.seed is None) and not self._warming
         m = self.measured if timed else {}
         ctl = AdaptiveK(K, verify_cost=m.get("verify_cost", self.verify_cost), draft_cost=self.draft_cost,
                         min_gain=self.min_gain, adaptive=self.adaptive,

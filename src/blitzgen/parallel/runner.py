@@ -15,7 +15,7 @@ says stop there. Decoders that run their own token loop on ``prefill``/``model_l
 logprobs) send one request per step, so stopping needs no agreement. Speculative decoding (n-gram,
 self-int4 and a draft model, each rank holding its slices of the draft) is mirrored a level up:
 every rank builds the same ``SpeculativeDecoder`` on its own Generator (``TPGenerator.speculative``),
-and its calls are sent like the Generator's, with rank 0's measured costs, so that every rank's
+and its calls are sent like the Generator's, with rank 0's calibrated costs (no rank follows its own clock), so that every rank's
 controller makes the same choices.
 """
 
