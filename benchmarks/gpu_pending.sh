@@ -2,7 +2,8 @@
 # The GPU measurements still owed (CUDA-path code that has not run on a GPU since session 14), in
 # device calls of under 10 minutes each. Run from the repository root on the device machine:
 #
-#   bash benchmarks/gpu_pending.sh suite      # GPU suite (all int4 row decodes, attention variants, TP close) + attention sweep
+#   bash benchmarks/gpu_pending.sh suite      # GPU suite (all int4 row decodes, attention variants, TP close)
+#   bash benchmarks/gpu_pending.sh attention  # decode attention sweep (cut at 200 s in session 17: its own call)
 #   bash benchmarks/gpu_pending.sh rows       # int4 row decodes per row count; verify cost per decode; Llama-3-8B p4000
 #                                             # against gpt-fast (carry .peers: gpt-fast exported by `fetch`)
 #   bash benchmarks/gpu_pending.sh spec DIR   # speculation on SmolLM2's real weights: DIR holds the GGUF split in parts
@@ -23,8 +24,11 @@ suite)
   log "GPU suite"
   TORCHINDUCTOR_COMPILE_THREADS=2 timeout 300 python3 -m pytest -m gpu -q -n 8 -p no:cacheprovider tests/gpu \
     2>&1 | tail -25 | tee "$OUT/suite.txt"
+  ;;
+attention)
+  head_line
   log "decode attention sweep"
-  timeout 200 python3 benchmarks/attention_gpu.py --out "$OUT/attention.json" 2>&1 | tail -40
+  timeout 560 python3 benchmarks/attention_gpu.py --out "$OUT/attention.json" 2>&1 | tail -40
   ;;
 rows)
   head_line
@@ -47,7 +51,7 @@ spec)
     --new-tokens 200 --runs 3 --compile --budget 520 --json "$OUT/spec_real.json" 2>&1 | tail -30
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_pending.sh suite|rows|spec DIR" >&2
+  echo "usage: bash benchmarks/gpu_pending.sh suite|attention|rows|spec DIR" >&2
   exit 2
   ;;
 esac
