@@ -5,8 +5,8 @@ KV heads puts 8 blocks on a 132-SM H100. benchmarks/attention_gpu.py measured 6%
 bandwidth at 4256 positions, and 27% for blitzgen's split-in-4 matmuls. This kernel cuts the
 cache into slices: one program per (KV head, slice). Each program attends the G query heads that
 share its KV head to its slice, with an online softmax, and writes a partial output with its
-running max and sum. A few torch ops then merge the slices (the log-sum-exp trick; with
-``merge="triton"`` one small kernel, or none for a single slice). Every cache entry is read once,
+running max and sum. One small kernel then merges the slices (the log-sum-exp trick; none for a
+single slice; ``merge="torch"``: a few torch ops instead). Every cache entry is read once,
 and only where the mask is set (masked loads fetch nothing), except with ``pos_loads``, which reads
 every row up to the position so that the mask, K and V loads do not wait on each other.
 
@@ -150,7 +150,10 @@ def _merge_kernel(OUT, MAX, SUM, Y, POS, n_splits, split_len, S, G, D: tl.conste
 PROGRAMS_PER_SM = 4
 NUM_WARPS = 4
 POS_LOADS = False  # the split kernel's loads (see _split_kernel); benchmarks/attention_gpu.py sweeps it
-MERGE = "torch"  # "torch" (ops Inductor fuses) or "triton": _merge_kernel, or with one slice no merge; swept likewise
+# "triton": _merge_kernel (none for one slice); "torch": a few torch ops. In the compiled decode the
+# op is not traced through, so the torch merge ran as ~10 eager kernels a layer: Llama-3-8B bf16 on
+# the H200 decoded 16-18% slower with it (BENCHMARKS.md, session 18)
+MERGE = "triton"
 
 
 def plan(batch_heads: int, S: int, device: torch.device, programs_per_sm: int = PROGRAMS_PER_SM,
@@ -164,9 +167,15 @@ def plan(batch_heads: int, S: int, device: torch.device, programs_per_sm: int = 
     return split_len, math.ceil(S / split_len)
 
 
-def _impl(q, k, v, mask, launch, pos=None, programs_per_sm: int = PROGRAMS_PER_SM,
-          block_n: int = BLOCK_N, num_warps: int = NUM_WARPS, pos_loads: bool = POS_LOADS,
-          merge: str = MERGE, elementwise: bool = False) -> torch.Tensor:
+def _impl(q, k, v, mask, launch, pos=None, programs_per_sm: int | None = None,
+          block_n: int | None = None, num_warps: int | None = None, pos_loads: bool | None = None,
+          merge: str | None = None, elementwise: bool = False) -> torch.Tensor:
+    # unset: the module's defaults, read at call time (benchmarks/decode_profile_gpu.py sets them)
+    programs_per_sm = PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
+    block_n = block_n or BLOCK_N
+    num_warps = num_warps or NUM_WARPS
+    pos_loads = POS_LOADS if pos_loads is None else pos_loads
+    merge = merge or MERGE
     B, Hkv, G, D = q.shape
     S = k.shape[2]
     if k.stride(-1) != 1 or v.stride(-1) != 1 or q.stride(-1) != 1 or D not in (16, 32, 64, 128, 256):
