@@ -24,7 +24,7 @@ def _has_triton() -> bool:
 needs_triton = pytest.mark.skipif(not _has_triton(), reason="triton is not installed")
 
 
-def _compile_sm90(kind, cfg, g, has_tail, kernel="fp32", pdl=0):
+def _compile_sm90(kind, cfg, g, has_tail, kernel="fp32"):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -35,8 +35,7 @@ def _compile_sm90(kind, cfg, g, has_tail, kernel="fp32", pdl=0):
           "NUM_STAGES": cfg.num_stages, "HAS_TAIL": has_tail}
     out_t = "*bf16" if cfg.split_k == 1 else "*fp32"
     if kind == "int4":
-        fn, extra = gemv._int4_kernel_and_extra(kernel, pdl)
-        extra.pop("launch_pdl", None)
+        fn, extra = gemv._int4_kernel_and_extra(kernel)
         ce["GS"] = g
         ce.update(extra)
         sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": out_t,
@@ -44,7 +43,6 @@ def _compile_sm90(kind, cfg, g, has_tail, kernel="fp32", pdl=0):
                "magic": "i32"}
     else:
         fn = gemv._int8_gemv_kernel
-        ce["PDL"] = pdl
         sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "y_ptr": out_t, "N": "i32", "K": "i32",
                "stride_wn": "i32", "tiles_per_split": "i32", "magic": "i32"}
     n_runtime = len(sig)
@@ -52,7 +50,7 @@ def _compile_sm90(kind, cfg, g, has_tail, kernel="fp32", pdl=0):
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(n_runtime - 1)}
     src = ASTSource(fn=fn, signature=sig, constexprs=ce, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": cfg.num_warps, "num_stages": 3, "launch_pdl": pdl > 0})
+                          options={"num_warps": cfg.num_warps, "num_stages": 3})
 
 
 @needs_triton
@@ -179,20 +177,3 @@ def test_int4_row_decodes_sm90_codegen(decode):
     assert "STL" not in text and "LDL" not in text  # no spills
     i2f = text.count(" I2F")  # per weight element in the K loop (64 here), or a few for the loop's bounds
     assert i2f >= 64 if decode == "convert" else i2f <= 4, i2f
-
-
-@needs_triton
-@pytest.mark.parametrize("kind,kernel,pdl", [("int8", None, 1), ("int8", None, 2), ("int4", "h2", 1),
-                                             ("int4", "h2", 2)])
-def test_sm90_pdl_variants(kind, kernel, pdl):
-    """BLITZGEN_GEMV_PDL: the kernel lets the next launch early and waits for the previous one
-    (griddepcontrol), with 2 after prefetching its weight lines into L2; no spills either way."""
-    from blitzgen.kernels.gemv_configs import GemvConfig
-
-    cfg = GemvConfig(8, 1, 4) if kind == "int4" else GemvConfig(4, 2, 4)
-    k = _compile_sm90(kind, cfg, 32 if kind == "int4" else None, False, kernel or "fp32", pdl)
-    ptx = k.asm["ptx"]
-    assert "griddepcontrol.launch_dependents" in ptx and "griddepcontrol.wait" in ptx
-    assert ("prefetch.global.L2" in ptx) == (pdl == 2)
-    assert "ld.local" not in ptx and "st.local" not in ptx  # no spills
-    assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")  # nothing read before the wait

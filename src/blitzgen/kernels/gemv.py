@@ -74,7 +74,7 @@ import triton.language as tl
 
 from .. import runtime
 from .gemv_configs import (INT4_DEFAULT, INT4_KERNELS, GemvConfig, _config_key, _device_sms,  # noqa: F401
-                           gemv_pdl, _num_sms, _overrides, _pick_config, candidate_configs, choose_config,
+                           _num_sms, _overrides, _pick_config, candidate_configs, choose_config,
                            int4_kernel_choice, supported, tile_k)
 
 
@@ -213,28 +213,6 @@ def _int8_word(p, w, xw, magic, L: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_l2(ptrs, on):
-    """``prefetch.global.L2`` of the line holding each pointer where ``on`` (no registers held,
-    and not removed as dead code)."""
-    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; } // $0",
-                              "=r,l,r", [ptrs, on.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _pdl_begin(base, rnc, stride, e0, e1, EPL: tl.constexpr, L: tl.constexpr, PDL: tl.constexpr):
-    """Programmatic dependent launch: let the next kernel launch now; with PDL == 2 first pull
-    elements [e0, e1) of each row ``rnc`` (EPL elements per 128-byte line) into L2, which needs no
-    result of the previous kernel; then wait for the previous kernel (its output is our input)."""
-    tl.extra.cuda.gdc_launch_dependents()
-    if PDL == 2:
-        rl = tl.arange(0, L)
-        for j in range(e0, e1, EPL * L):
-            e = j + EPL * rl
-            _prefetch_l2(base + rnc[None, :] * stride + e[:, None], (e < e1)[:, None] & (rnc >= 0)[None, :])
-    tl.extra.cuda.gdc_wait()
-
-
-@triton.jit
 def _int4_load(w_ptrs, x_ptrs, s_ptrs, z_ptrs, k0, K, rl, WPT: tl.constexpr, GS: tl.constexpr,
                MASKED: tl.constexpr):
     """One int4 tile's weights, scales, zeros and activations (also gemv_int4_h2's)."""
@@ -342,10 +320,8 @@ def _int8_tile(acc, w_ptrs, x_ptrs, k0, K, rl, magic,
 @triton.jit
 def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_wn, tiles_per_split, magic,
                       BN: tl.constexpr, L: tl.constexpr, WPT: tl.constexpr,
-                      SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_TAIL: tl.constexpr,
-                      PDL: tl.constexpr = 0):
-    """y[n] = s[n] * sum_k x[k] * w[n, k]; w_ptr: int32 view of the int8 [N, K] weight.
-    PDL: gemv_configs.gemv_pdl (launched with ``launch_pdl`` when > 0)."""
+                      SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_TAIL: tl.constexpr):
+    """y[n] = s[n] * sum_k x[k] * w[n, k]; w_ptr: int32 view of the int8 [N, K] weight."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     BK: tl.constexpr = 4 * WPT * L
@@ -364,9 +340,6 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_wn, tiles_per_spl
     t1 = t0 + tiles_per_split
     if t1 > n_full:
         t1 = n_full
-    if PDL > 0:  # words of this program's K range
-        _pdl_begin(w_ptr, rnc, stride_wn, t0 * (BK // 4),
-                   tl.minimum((t0 + tiles_per_split) * (BK // 4), K // 4), 32, L, PDL)
     for t in tl.range(t0, t1, num_stages=NUM_STAGES):
         acc = _int8_tile(acc, w_ptrs, x_ptrs, t * BK, K, rl, magic, L, BN, WPT, False)
     if HAS_TAIL:
@@ -397,13 +370,7 @@ def _grid_and_split(kind: str, N: int, K: int, cfg: GemvConfig):
     return (triton.cdiv(N, cfg.block_n), split_k), tps, split_k, K % bk != 0
 
 
-def _pdl_kwargs(pdl: int | None) -> dict:
-    pdl = gemv_pdl() if pdl is None else pdl
-    return {"PDL": pdl, "launch_pdl": True} if pdl else {"PDL": 0}
-
-
-def _launch_int8(x1, weight, scales, cfg: GemvConfig, launch=_identity, out=None,
-                 pdl: int | None = None) -> torch.Tensor:
+def _launch_int8(x1, weight, scales, cfg: GemvConfig, launch=_identity, out=None) -> torch.Tensor:
     N, K = weight.shape
     w32 = weight.view(torch.int32)
     grid, tps, split_k, has_tail = _grid_and_split("int8", N, K, cfg)
@@ -414,24 +381,22 @@ def _launch_int8(x1, weight, scales, cfg: GemvConfig, launch=_identity, out=None
     launch(_int8_gemv_kernel)[grid](
         x1, w32, scales, y, N, K, w32.stride(0), tps, INT8_MAGIC,
         BN=cfg.block_n, L=32 * cfg.num_warps, WPT=cfg.wpt, SPLIT_K=split_k,
-        NUM_STAGES=cfg.num_stages, HAS_TAIL=has_tail, num_warps=cfg.num_warps, **_pdl_kwargs(pdl))
+        NUM_STAGES=cfg.num_stages, HAS_TAIL=has_tail, num_warps=cfg.num_warps)
     return y if split_k == 1 else y.to(x1.dtype)
 
 
-def _int4_kernel_and_extra(choice: str | None, pdl: int | None = None):
+def _int4_kernel_and_extra(choice: str | None):
     choice = choice or int4_kernel_choice()
     if choice == "fp32":
         return _int4_gemv_kernel, {}
     from .gemv_int4_h2 import int4_h2_gemv_kernel
 
     # "h2-noguard" (benchmarks only): without the fp16-overflow fallback, to price it
-    return int4_h2_gemv_kernel, {"PREFETCH": choice == "h2p", "GUARD": choice != "h2-noguard",
-                                 **_pdl_kwargs(pdl)}
+    return int4_h2_gemv_kernel, {"PREFETCH": choice == "h2p", "GUARD": choice != "h2-noguard"}
 
 
 def _launch_int4(x1, qweight, scales, zeros, group_size: int, cfg: GemvConfig,
-                 launch=_identity, out=None, kernel: str | None = None,
-                 pdl: int | None = None) -> torch.Tensor:
+                 launch=_identity, out=None, kernel: str | None = None) -> torch.Tensor:
     N = qweight.shape[0]
     K = qweight.shape[1] * 2
     w32 = qweight.view(torch.int32)
@@ -440,7 +405,7 @@ def _launch_int4(x1, qweight, scales, zeros, group_size: int, cfg: GemvConfig,
         y = out if out is not None else torch.empty(N, dtype=x1.dtype, device=x1.device)
     else:
         y = torch.zeros(N, dtype=torch.float32, device=x1.device)
-    fn, extra = _int4_kernel_and_extra(kernel, pdl)
+    fn, extra = _int4_kernel_and_extra(kernel)
     launch(fn)[grid](
         x1, w32, scales, zeros, y, N, K, w32.stride(0), scales.stride(0), tps, INT4_MAGIC,
         BN=cfg.block_n, L=32 * cfg.num_warps, WPT=cfg.wpt, GS=group_size, SPLIT_K=split_k,
@@ -460,7 +425,7 @@ def _check_x(x: torch.Tensor, K: int) -> None:
         raise ValueError(f"GEMV kernels take one token: x of shape {tuple(x.shape)}, K={K}")
 
 
-def _int8_impl(x, weight, scales, launch, cfg: GemvConfig | None = None, out=None, pdl=None):
+def _int8_impl(x, weight, scales, launch, cfg: GemvConfig | None = None, out=None):
     N, K = weight.shape
     _check_x(x, K)
     out_shape = (*x.shape[:-1], N)
@@ -474,11 +439,11 @@ def _int8_impl(x, weight, scales, launch, cfg: GemvConfig | None = None, out=Non
         _report_unsupported("int8", N, K, None)
         y = (x1.to(torch.float32) @ weight.to(torch.float32).t()) * scales.to(torch.float32)
         return y.to(x.dtype).reshape(out_shape)
-    return _launch_int8(x1, weight, scales, cfg, launch, out, pdl).reshape(out_shape)
+    return _launch_int8(x1, weight, scales, cfg, launch, out).reshape(out_shape)
 
 
 def _int4_impl(x, qweight, scales, zeros, group_size: int, launch, cfg: GemvConfig | None = None,
-               out=None, kernel: str | None = None, pdl: int | None = None):
+               out=None, kernel: str | None = None):
     N = qweight.shape[0]
     K = qweight.shape[1] * 2
     _check_x(x, K)
@@ -498,23 +463,22 @@ def _int4_impl(x, qweight, scales, zeros, group_size: int, launch, cfg: GemvConf
 
         return int4_gemv_ref(x, qweight, scales, zeros, group_size)
     return _launch_int4(x1, qweight, scales, zeros, group_size, cfg, launch, out,
-                        kernel, pdl).reshape(out_shape)
+                        kernel).reshape(out_shape)
 
 
-def int8_gemv_raw(x, weight, scales, cfg: GemvConfig | None = None, out=None,
-                  pdl: int | None = None) -> torch.Tensor:
+def int8_gemv_raw(x, weight, scales, cfg: GemvConfig | None = None, out=None) -> torch.Tensor:
     """Launch the int8 kernel directly (no torch.library; works under TRITON_INTERPRET=1).
 
     ``out`` (optional, [N] in x's dtype) receives the result when the config has split_k == 1
     (tests poison it to check that every element is written)."""
-    return _int8_impl(x, weight, scales, _identity, cfg, out, pdl)
+    return _int8_impl(x, weight, scales, _identity, cfg, out)
 
 
 def int4_gemv_raw(x, qweight, scales, zeros, group_size: int, cfg: GemvConfig | None = None,
-                  out=None, kernel: str | None = None, pdl: int | None = None) -> torch.Tensor:
+                  out=None, kernel: str | None = None) -> torch.Tensor:
     """Launch the int4 kernel directly (no torch.library; the fp32 kernel also runs under
     TRITON_INTERPRET=1). ``kernel``: one of INT4_KERNELS (default: ``int4_kernel_choice()``)."""
-    return _int4_impl(x, qweight, scales, zeros, group_size, _identity, cfg, out, kernel, pdl)
+    return _int4_impl(x, qweight, scales, zeros, group_size, _identity, cfg, out, kernel)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -265,19 +265,3 @@ def int4_kernel_choice() -> str:
     if v not in INT4_KERNELS:  # RuntimeOptions.validate reports it first, in one line
         raise ValueError(f"BLITZGEN_INT4_GEMV={v!r}: expected one of {', '.join(INT4_KERNELS)}")
     return v
-
-
-@functools.lru_cache(maxsize=1)
-def gemv_pdl() -> int:
-    """Programmatic dependent launch for the int8 and packed int4 GEMVs (``BLITZGEN_GEMV_PDL``):
-    0 off (the default), 1 the kernel lets the next one launch early and waits for the previous
-    one before it reads anything, 2 also prefetches its weights into L2 before that wait. Only on
-    NVIDIA GPUs of compute capability 9.0 or later (else 0). Read once per process."""
-    v = runtime.env("BLITZGEN_GEMV_PDL") or "0"
-    if v not in ("0", "1", "2"):
-        raise ValueError(f"BLITZGEN_GEMV_PDL={v!r}: expected 0, 1 or 2")
-    if v == "0" or runtime.triton_interpret() or torch.version.hip is not None \
-            or not torch.cuda.is_available():
-        return 0
-    ok = all(torch.cuda.get_device_capability(i) >= (9, 0) for i in range(torch.cuda.device_count()))
-    return int(v) if ok else 0

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import _int4_load as _load, _int4_word, _pdl_begin, _split_words
+from .gemv import _int4_load as _load, _int4_word, _split_words
 
 W_SCALE = 64.0  # the fp16 weights are (q - 8) / 64
 
@@ -161,12 +161,10 @@ def int4_h2_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_wn, stri
                         tiles_per_split, magic,
                         BN: tl.constexpr, L: tl.constexpr, WPT: tl.constexpr, GS: tl.constexpr,
                         SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_TAIL: tl.constexpr,
-                        PREFETCH: tl.constexpr = False, GUARD: tl.constexpr = True,
-                        PDL: tl.constexpr = 0):
+                        PREFETCH: tl.constexpr = False, GUARD: tl.constexpr = True):
     """As gemv._int4_gemv_kernel (same arguments; ``magic`` is for the fp32 fallback). PREFETCH:
     load tile t + 1 into registers before the arithmetic of tile t. A program whose rows come out
-    non-finite (fp16 overflow) recomputes them with gemv.py's exact fp32 tiles. PDL:
-    gemv_configs.gemv_pdl (launched with ``launch_pdl`` when > 0)."""
+    non-finite (fp16 overflow) recomputes them with gemv.py's exact fp32 tiles."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     BK: tl.constexpr = 8 * WPT * L
@@ -187,9 +185,6 @@ def int4_h2_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_wn, stri
     t1 = t0 + tiles_per_split
     if t1 > n_full:
         t1 = n_full
-    if PDL > 0:  # words of this program's K range (the scales and zeros are not prefetched)
-        _pdl_begin(w_ptr, rnc, stride_wn, t0 * (BK // 8),
-                   tl.minimum((t0 + tiles_per_split) * (BK // 8), K // 8), 32, L, PDL)
     if PREFETCH:  # the next tile's loads are issued before this tile's arithmetic
         if t0 < t1:
             w, s, z, xv = _load(w_ptrs, x_ptrs, s_ptrs, z_ptrs, t0 * BK, K, rl, WPT, GS, False)
