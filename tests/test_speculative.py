@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -310,6 +312,7 @@ def test_speculation_switches_off_on_unpredictable_text(kind):
     # min_match=1: every one-token match proposes (on this text a 2-token match never comes)
     src = NgramDraft(min_match=1) if kind == "ngram" else DraftModel(tiny_model(seed=11), draft_cost=0.3)
     dec = SpeculativeDecoder(model, src, k=4, verify_cost=1.3)
+    dec.follows_clock = False  # the fixed costs: acceptance alone decides (the clock's tests are below)
     want = plain(model, PROMPT, 60)
     assert list(dec.generate_ids(PROMPT, 60, GREEDY)) == want
     st = dec.last_result_stats
@@ -352,6 +355,49 @@ def test_controller_follows_the_clock():
     ctl.time_plain(0.001)
     ctl.time_plain(1.0)  # a stall
     assert ctl.t_plain == pytest.approx(0.9 * 0.001 + 0.1 * 0.01)
+
+
+def test_catch_up_chunks_space_the_probes_and_can_keep_a_request_off():
+    """A model draft's catch-up (a chunk forward before the first round and before each probe)
+    is priced in plain tokens: probes spend at most PROBE_SHARE of the plain time, and a request
+    whose draft prefill alone would cost more than that share starts off (H200, SmolLM2 self-int4:
+    ~40 ms chunks against 1.7 ms plain tokens made it 0.61-0.77x plain)."""
+    ctl = AdaptiveK(4, verify_cost=1.1, draft_cost=0.5, plain_seconds=0.002, probe=4)
+    assert ctl.probe_gap() == 4 and ctl.catch_up_cost == 0.0
+    ctl.time_catch_up(0.04)  # 20 plain tokens
+    assert ctl.catch_up_cost == pytest.approx(20.0)
+    assert ctl.probe_gap() == math.ceil(20.0 / AdaptiveK.PROBE_SHARE)
+    while ctl.on:
+        ctl.update(ctl.next_k(), 0)
+    assert [ctl.next_k() for _ in range(ctl.probe_gap())] == [0] * ctl.probe_gap()
+    assert ctl.next_k() > 0  # the probe comes, only much later
+    short = AdaptiveK(4, verify_cost=1.1, draft_cost=0.5, plain_seconds=0.002, catch_up_seconds=0.04)
+    short.start(200)  # 20 tokens > 3% of 200
+    assert not short.on and short.next_k() == 0
+    long = AdaptiveK(4, verify_cost=1.1, draft_cost=0.5, plain_seconds=0.002, catch_up_seconds=0.04)
+    long.start(1000)
+    assert long.on
+    cheap = AdaptiveK(4, verify_cost=1.1, draft_cost=0.5, plain_seconds=0.002, catch_up_seconds=0.0002)
+    cheap.start(200)
+    assert cheap.on and cheap.probe_gap() == 16
+
+
+def test_a_slow_draft_prefill_keeps_later_requests_off_with_the_same_text():
+    import time
+
+    model = tiny_model(seed=1)
+    dec = SpeculativeDecoder(model, DraftModel(tiny_model(seed=1), draft_cost=0.3), k=4)  # accepts all
+    t = time.perf_counter()
+    want = plain(model, PROMPT, 40)
+    dec.plain_seconds = (time.perf_counter() - t) / 40
+    run_chunk = dec._run_chunk
+    dec._run_chunk = lambda m, *a: (time.sleep(0.05) if m is dec.dmodel else None, run_chunk(m, *a))[1]
+    assert list(dec.generate_ids(PROMPT, 40, GREEDY)) == want
+    assert dec.measured["catch_up_seconds"] >= 0.05  # the draft's prefill, timed
+    assert list(dec.generate_ids(PROMPT, 40, GREEDY)) == want
+    st = dec.last_result_stats
+    assert st.verify_steps == 0 and st.draft_steps == 0 and st.plain_steps > 0, st.summary()
+    assert dec.draft_valid == 0  # never prefilled
 
 
 def test_a_slow_verify_switches_speculation_off_and_greedy_text_holds():

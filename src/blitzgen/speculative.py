@@ -377,7 +377,8 @@ class SpeculativeDecoder:
         m = self.measured if timed else {}
         ctl = AdaptiveK(K, verify_cost=m.get("verify_cost", self.verify_cost), draft_cost=self.draft_cost,
                         min_gain=self.min_gain, adaptive=self.adaptive,
-                        plain_seconds=m.get("plain_seconds", self.plain_seconds))
+                        plain_seconds=m.get("plain_seconds", self.plain_seconds),
+                        catch_up_seconds=m.get("catch_up_seconds", 0.0))
         self.controller = ctl
         st.verify_cost = ctl.verify_cost
         t0 = time.perf_counter()
@@ -387,9 +388,16 @@ class SpeculativeDecoder:
         first = int(self._sample(logits, samp, mode, noise((1, V)))[0])
         seq = prompt + [first]
         dvalid = 0  # draft-model cache positions [0, dvalid) hold seq's tokens
+        if self.dmodel is not None:
+            ctl.start(max_new_tokens)  # off when its prefill alone would cost too much of this request
         if self.dmodel is not None and ctl.on:  # a draft that cannot pay is never prefilled (nor run)
+            t = time.perf_counter()
             self._run_chunk(self.dmodel, prompt, 0)
             dvalid = n0
+            if timed:
+                _sync(dev)
+                ctl.time_catch_up(time.perf_counter() - t)
+                self.measured["catch_up_seconds"] = ctl.catch_up_seconds
         self.draft.adapt(ctl.verify_cost)  # e.g. the shortest n-gram match worth a verify
         self.draft.reset(prompt)
         self.draft.extend([first])
@@ -416,6 +424,7 @@ class SpeculativeDecoder:
             return st
         while True:
             t_round = time.perf_counter()
+            t_catch_up = 0.0  # priced apart from the round (AdaptiveK.time_catch_up)
             P = len(seq) - 1  # position of the last token, not yet in the target's cache
             k = ctl.next_k() if P + K + 1 <= cap else 0
             k = min(k, max_new_tokens - emitted - 1)  # no point drafting past the end
@@ -438,7 +447,15 @@ class SpeculativeDecoder:
                     idx.zero_()
                     q.zero_()
                     idx[0, 0] = seq[-1]
-                    dvalid = self._catch_up(seq, dvalid, P, samp, mode, ones_v)
+                    if timed and P - dvalid > 2:  # a chunk forward
+                        t_catch_up = time.perf_counter()
+                        dvalid = self._catch_up(seq, dvalid, P, samp, mode, ones_v)
+                        _sync(dev)
+                        t_catch_up = time.perf_counter() - t_catch_up
+                        ctl.time_catch_up(t_catch_up)
+                        self.measured["catch_up_seconds"] = ctl.catch_up_seconds
+                    else:
+                        dvalid = self._catch_up(seq, dvalid, P, samp, mode, ones_v)
                     for i in range(k):
                         d, qi = self._draft_step(idx[0, i].view(1, 1).clone(), torch.tensor([P + i], device=dev),
                                                  samp, mode, ones_v[None] if greedy else noise((1, V)))
@@ -465,7 +482,7 @@ class SpeculativeDecoder:
             if (yield from emit(new)):
                 return st
             if timed:
-                ctl.time_round(k, time.perf_counter() - t_round)
+                ctl.time_round(k, time.perf_counter() - t_round - t_catch_up)
                 self._learn(ctl, st)
             ctl.update(k, n)
             st.switched_off = ctl.switched_off

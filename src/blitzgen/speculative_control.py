@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 
@@ -99,16 +100,25 @@ class AdaptiveK:
     about ``1 / COST_WEIGHT`` rounds). A calibration times the verify alone; on a launch-bound
     model the round's read back also stalls the pipelining that plain decoding has (an H200 ran
     SmolLM2's n-gram at 0.95x plain where the calibrated costs predicted a gain).
+
+    A model draft must also bring its KV cache up to date (a chunk forward) before the first
+    round and before a probe that follows plain steps. ``time_catch_up`` prices those chunks in
+    plain tokens; probes are spaced so that they spend at most ``PROBE_SHARE`` of the plain
+    tokens' time, and ``start`` keeps a request off from the start when its draft's prefill alone
+    would cost more than that share (an H200 ran SmolLM2's self-int4 at 0.61-0.77x plain: the
+    eager int4 chunk forwards took ~25-40 ms, ~20 plain tokens, before each of 3 probes).
     """
 
     COST_WEIGHT = 0.25  # each timed round's share of the measured verify cost
     PLAIN_WEIGHT = 0.1  # each timed plain token's share of the seconds per plain token
+    PROBE_SHARE = 0.03  # a model draft's catch-ups: at most this share of the plain time (the 0.97x floor)
 
     def __init__(self, k_max: int, *, verify_cost: float = 1.3, draft_cost: float = 0.0, min_gain: float = 1.05,
                  decay: float = 0.8, prior: float = 0.8, probe: int = 16, max_probe: int = 256, adaptive: bool = True,
-                 plain_seconds: float | None = None):
+                 plain_seconds: float | None = None, catch_up_seconds: float = 0.0):
         self.k_max, self.verify_cost, self.draft_cost = k_max, verify_cost, draft_cost
         self.plain_seconds = plain_seconds  # a calibrated plain token, until plain runs are timed
+        self.catch_up_seconds = catch_up_seconds  # a model draft's catch-up chunk (0: none measured)
         self.min_gain, self.decay, self.adaptive = min_gain, decay, adaptive
         self.prior, self.probe0, self.max_probe = prior, probe, max_probe
         self.reset()
@@ -134,6 +144,29 @@ class AdaptiveK:
         self.verify_cost = (1 - w) * self.verify_cost + w * cost
         self.timed_rounds += 1  # update() then picks k, and turns speculation off if it no longer
         # pays; probes still come (can_pay is not re-judged: a measured cost is never final)
+
+    def time_catch_up(self, seconds: float) -> None:
+        """A model draft's cache catch-up (a chunk forward: its prefill, or the tokens of a plain
+        run) took ``seconds``; the average of the last few is kept."""
+        if seconds > 0:
+            c = self.catch_up_seconds
+            self.catch_up_seconds = seconds if c <= 0 else 0.5 * (c + seconds)
+
+    @property
+    def catch_up_cost(self) -> float:
+        """A catch-up chunk's cost in plain tokens (0 until both are known)."""
+        t = self.t_plain or self.plain_seconds
+        return self.catch_up_seconds / t if t else 0.0
+
+    def probe_gap(self) -> int:
+        """Plain steps before a probe: ``probe``, or more where a catch-up must precede it."""
+        return max(self.probe, math.ceil(self.catch_up_cost / self.PROBE_SHARE))
+
+    def start(self, new_tokens: int) -> None:
+        """Before a request with a model draft: off from the start (so no draft prefill) when one
+        catch-up chunk would cost more than PROBE_SHARE of ``new_tokens`` plain tokens."""
+        if self.adaptive and self.on and self.catch_up_cost > self.PROBE_SHARE * new_tokens:
+            self.on, self.since_off = False, 0
 
     def can_pay(self) -> bool:
         """Whether some k reaches min_gain at all (acceptance 1: a round of k emits k + 1 tokens)."""
@@ -168,7 +201,7 @@ class AdaptiveK:
         if not self.adaptive or self.on:
             return self.k
         self.since_off += 1
-        if self.since_off > self.probe and self._can_pay:  # a probe round
+        if self.since_off > self.probe_gap() and self._can_pay:  # a probe round
             return self.k
         return 0
 
