@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# The GPU measurements still owed (CUDA-path code that has not run on a GPU since session 14), in
-# device calls of under 10 minutes each. Run from the repository root on the device machine:
+# The GPU measurements still owed, in device calls of under 10 minutes each. Run from the
+# repository root on the device machine (after `export PYTHONPATH=$PWD/src:/tmp/site`, the gguf
+# wheel installed there):
 #
-#   bash benchmarks/gpu_pending.sh suite      # GPU suite (all int4 row decodes, attention variants, TP close)
+#   bash benchmarks/gpu_pending.sh suite      # the whole GPU suite (session 18 ran only the attention,
+#                                             # defaults and compiled-decode subset after the merge change)
 #   bash benchmarks/gpu_pending.sh attention  # decode attention sweep (cut at 200 s in session 17: its own call)
-#   bash benchmarks/gpu_pending.sh rows       # int4 row decodes per row count; verify cost per decode; Llama-3-8B p4000
-#                                             # against gpt-fast (carry .peers: gpt-fast exported by `fetch`)
-#   bash benchmarks/gpu_pending.sh spec DIR   # speculation on SmolLM2's real weights: DIR holds the GGUF split in parts
-#                                             # (split -b 45M model.gguf DIR/model.gguf.part-), carried over two calls
+#   bash benchmarks/gpu_pending.sh rows       # int4 row decodes per row count; verify cost per decode; Llama-3-8B
+#                                             # p4000 against gpt-fast (carry .peers: gpt-fast exported by `fetch`)
+#   bash benchmarks/gpu_pending.sh spec DIR   # speculation on SmolLM2's real weights: self-int4 with the catch-up
+#                                             # pricing of session 18 (0.61-0.77x before it). DIR holds the GGUF
+#                                             # split in two (split -b 49M model.gguf DIR/model.gguf.part-): carry
+#                                             # part-aa in one call and copy it to /tmp/smol, then part-ab in the
+#                                             # next call at once (the machine goes back after 30 s idle)
 #
 # Every result goes to $OUT (at most 8 files come back); record them in BENCHMARKS.md with the card,
 # torch version, commit and these commands.
