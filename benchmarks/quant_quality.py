@@ -36,7 +36,7 @@ def main(argv=None) -> int:
                    help="dtype of the copies compared with the float reference (default: --dtype)")
     p.add_argument("--schemes", default="int8,int4-g32,int4-g64",
                    help="'none' (the float model in --run-dtype); a '-nohead' suffix leaves the output head "
-                        "unquantized (the CPU default for a 4-bit GGUF is int4-g32-nohead); comma-separated: int8, int4-g32, int4-g64, int4-g128")
+                        "unquantized (the CPU default for a 4-bit GGUF is int4-g32-nohead), '-head8' makes it int8; comma-separated: int8, int4-g32, int4-g64, int4-g128")
     p.add_argument("--text", default=None, help="a text file to use instead of the fixed passage")
     p.add_argument("--gptq", default=None, metavar="FILE",
                    help="also quantize each int4 scheme with GPTQ calibrated on this text file (rows 'int4-gNN-gptq')")
@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     from blitzgen.generate import weight_bytes
     from blitzgen.loading import load
     from blitzgen.quant import make_config, quantize_model
+    from blitzgen.quant.core import handler_for
     from blitzgen.quant.quality import QUALITY_TEXT, logit_metrics, teacher_forced_logits
 
     dtype = getattr(torch, a.dtype)
@@ -66,8 +67,10 @@ def main(argv=None) -> int:
         samples = calibration_samples(lm.tokenizer, a.gptq, max_tokens=a.calibration_tokens, seq_len=512)
     for spec in specs:
         gptq = spec.endswith("-gptq")
-        head = not spec.removesuffix("-gptq").endswith("-nohead")
-        name, _, g = spec.removesuffix("-gptq").removesuffix("-nohead").partition("-g")
+        base = spec.removesuffix("-gptq")
+        head8 = base.endswith("-head8")  # the output head as int8 (per channel), the rest as named
+        head = not base.endswith("-nohead") and not head8
+        name, _, g = base.removesuffix("-nohead").removesuffix("-head8").partition("-g")
         model = copy.deepcopy(lm.model).to(getattr(torch, a.run_dtype or a.dtype))
         try:
             t0 = time.perf_counter()
@@ -77,6 +80,9 @@ def main(argv=None) -> int:
                 gptq_quantize_model(model, make_config(name, int(g) if g else None, head=head), samples)
             else:
                 quantize_model(model, make_config(name, int(g) if g else None, head=head))
+            if head8:
+                cfg8 = make_config("int8")
+                model.output = handler_for(cfg8).quantize(model.output, cfg8, model.output.weight.dtype)
             secs = time.perf_counter() - t0
         except BlitzgenError as e:
             print(f"{spec}: skipped ({e})", file=sys.stderr)

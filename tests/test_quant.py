@@ -127,17 +127,24 @@ def test_int4_constant_group_does_not_divide_by_zero():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_int8_linear_matches_dequantized_reference(dtype, tol, bias):
+def test_int8_linear_matches_dequantized_reference(dtype, tol, bias, monkeypatch):
+    """On the CPU up to CPU_PACK_ROWS rows go through torch._weight_int8pack_mm, more through
+    the formula; both against the dequantized weight."""
+    from blitzgen.quant import int8 as int8_mod
+
     lin = _linear(128, 80, bias=bias, dtype=dtype)
     m = Int8Linear.from_linear(lin)
     assert m.weight.dtype == torch.int8 and m.scales.dtype == dtype
     w = m.dequantize(torch.float32)
-    for shape in ((1, 1, 128), (3, 128), (2, 5, 128)):
+    packed, real = [], torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: packed.append(a[0].shape[0]) or real(*a))
+    for shape in ((1, 1, 128), (3, 128), (2, 5, 128), (2, 20, 128)):
         x = torch.randn(shape).to(dtype)
         ref = F.linear(x.float(), w, None if lin.bias is None else lin.bias.float())
         y = m(x)
         assert y.shape == ref.shape and y.dtype == dtype
         assert (y.float() - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
+    assert packed == [1, 3, 10] and int8_mod.CPU_PACK_ROWS < 40
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
