@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     if "bf16" not in a.skip:
         engines.append(("blitzgen eager", "bfloat16", lambda: setup_blitzgen(path, prompt_ids, n, "bfloat16", False)))
     if "default" not in a.skip:
-        engines.append(("blitzgen eager, the CLI default", "int4 blocks (GGUF's own), bf16 head",
+        engines.append(("blitzgen eager, the CLI default", "int4 blocks (GGUF's own), int8 head",
                         lambda: setup_blitzgen(path, prompt_ids, n, "bfloat16", False, auto=True)))
     if a.compile:
         if "fp32" not in a.skip:
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
             engines.append(("blitzgen compiled", "bfloat16",
                             lambda: setup_blitzgen(path, prompt_ids, n, "bfloat16", True)))
         if "default" not in a.skip:
-            engines.append(("blitzgen compiled", "int4 blocks (GGUF's own), bf16 head",
+            engines.append(("blitzgen compiled", "int4 blocks (GGUF's own), int8 head",
                             lambda: setup_blitzgen(path, prompt_ids, n, "bfloat16", True, auto=True)))
     if "llama.cpp" not in a.skip:
         engines.append(("llama.cpp (llama-cpp-python)", "Q4_1 (GGUF's own)",

@@ -397,7 +397,8 @@ def list_entries(root: str | None = None) -> list[EntryInfo]:
             ok = all(os.path.getsize(os.path.join(path, n)) == size for n, (size, _) in m["files"].items())
             q = m["parts"].get("quant")
             qdesc = (f" {q['scheme']}" + (f" g{q['group_size']}" if q.get("group_size") else "")
-                     + (" (head float)" if q.get("head") is False else "")) if q else ""
+                     + (" (head float)" if q.get("head") is False else "")
+                     + (" (head int8)" if q.get("head") == "int8" else "")) if q else ""
             summary = f"weights {m['parts']['dtype']}{qdesc} of {os.path.basename(src['path'])}"
             out.append(EntryInfo(key, path, _dir_size(path), m.get("created", "?"), ok, summary))
         except (OSError, ValueError, KeyError, TypeError):

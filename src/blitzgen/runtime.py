@@ -85,7 +85,7 @@ class RuntimeOptions:
     compile: bool | None = None
     quantize: str | None = None  # "int8" | "int4"
     group_size: int | None = None  # int4 only
-    quantize_head: bool = True  # False: the output head keeps its float weights
+    quantize_head: bool | str = True  # False: the output head keeps its float weights; "int8" (int4 only)
     quantize_symmetric: bool = False  # int4 on the Q4_0 grid (set by loading.auto_quantization)
     auto_quantize: bool = True  # no quantize given: a GGUF's 4-bit blocks stay 4-bit (loading.auto_quantization)
     max_model_len: int | None = None  # the user's limit on prompt + completion

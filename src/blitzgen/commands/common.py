@@ -316,6 +316,8 @@ def quant_label(meta: dict | None, auto: bool = False) -> str:
     label = f", {meta['scheme']}" + (f" g{meta['group_size']}" if meta.get("group_size") else "")
     if meta.get("head") is False:
         label += ", head unquantized"
+    elif meta.get("head") == "int8":
+        label += ", int8 head"
     if auto:
         label += " (the file's 4-bit blocks; --quantize none widens them)"
     return label

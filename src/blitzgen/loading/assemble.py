@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..config import ModelArgs
 from ..errors import ModelLoadError
 from ..model import Transformer
-from ..quant.core import (handler_for, make_config, plan_quantization, prepare_model, quant_metadata,
+from ..quant.core import (make_config, module_config, plan_quantization, prepare_model, quant_metadata,
                           quantize_weight, set_submodule, target_linears)
 from .names import mapping
 
@@ -73,17 +73,17 @@ def assemble(
             model = meta_model(args)
     tied = args.tie_word_embeddings
     qdtype = quant_dtype or dtype
-    handler, targets, config = None, {}, quantize
+    targets, config = {}, quantize
     if prequantized is not None:
-        handler = handler_for(prequantized)
         for name, lin in target_linears(model):
             if name == "output" and not getattr(prequantized, "head", True):
                 continue  # the head was left float
-            set_submodule(model, name, handler.empty(lin.in_features, lin.out_features, lin.bias is not None,
-                                                     prequantized, dtype, "meta"))
+            h, c = module_config(prequantized, name)
+            set_submodule(model, name, h.empty(lin.in_features, lin.out_features, lin.bias is not None,
+                                               c, dtype, "meta"))
     elif quantize is not None:
         config = make_config(quantize) if isinstance(quantize, str) else quantize
-        handler, targets = plan_quantization(model, config, qdtype)
+        _, targets = plan_quantization(model, config, qdtype)
     expected = model.state_dict(keep_vars=True)
     table = _table(args, column, model, tied)
     missing = [p for parts in table.values() for p in parts if p not in names]
@@ -129,13 +129,15 @@ def assemble(
             got[pname] = t
             if "weight" in got and ("bias" in got or not targets[module]):
                 got = pending.pop(module)
-                set_submodule(model, module, quantize_weight(handler, config, got["weight"], got.get("bias"), qdtype))
+                set_submodule(model, module, quantize_weight(*module_config(config, module), got["weight"],
+                                                             got.get("bias"), qdtype))
             continue
         state[ours] = t
         del t, tensors
     bar.close()
     if tied and "output" in targets:  # the head gets its own quantized copy; the embedding stays float
-        set_submodule(model, "output", quantize_weight(handler, config, state["tok_embeddings.weight"], None, qdtype))
+        set_submodule(model, "output", quantize_weight(*module_config(config, "output"),
+                                                       state["tok_embeddings.weight"], None, qdtype))
     elif tied and isinstance(model.output, nn.Linear):
         state["output.weight"] = state["tok_embeddings.weight"]
     done = tuple(name + "." for name in targets)

@@ -87,7 +87,7 @@ def build_metadata(lm, meta: dict) -> dict:
         "format_version": FORMAT_VERSION,
         "scheme": meta["scheme"],
         "group_size": meta.get("group_size"),
-        "head": meta.get("head", True),  # False: the output head was left float
+        "head": meta.get("head", True),  # False: the output head was left float; "int8": int8
         "dtype": meta.get("dtype"),
         "method": meta.get("method", "rtn"),
         "calibration_tokens": meta.get("calibration_tokens"),
@@ -187,7 +187,9 @@ def read_metadata(path: Path) -> dict:
 def config_from_metadata(meta: dict, where: str = "checkpoint"):
     scheme = meta.get("scheme")
     try:
-        return make_config(str(scheme), meta.get("group_size"), head=meta.get("head", True) is not False,
+        head = meta.get("head", True)
+        head = head if head in (True, False, "int8") else head is not False
+        return make_config(str(scheme), meta.get("group_size"), head=head,
                            symmetric=meta.get("symmetric", False) is True)
     except BlitzgenError as e:
         raise ModelLoadError(f"{where}: unsupported quantization (scheme {scheme!r}, group size "

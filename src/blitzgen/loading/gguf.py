@@ -74,6 +74,15 @@ def four_bit_grid(path: Path) -> str | None:
     return FOUR_BIT_G32.get(types.pop())
 
 
+EIGHT_BIT = ("Q8_0", "Q8_1", "Q8_K")  # head types an int8 head (per channel) stands in for
+
+
+def head_type(path: Path) -> str | None:
+    """The GGML type of the output head (``output.weight``, else the tied ``token_embd.weight``)."""
+    types = tensor_types(path)
+    return types.get("output.weight") or types.get("token_embd.weight")
+
+
 def scan_header(path: Path) -> tuple[int, dict[str, str]] | None:
     """(expected byte length, {tensor name: type name}) from the header alone, or None. Remembered
     per file version (the vocabulary's strings take ~0.1 s to skip in Python)."""

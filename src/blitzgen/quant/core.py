@@ -33,13 +33,17 @@ class Int4Config:
     """Group-wise asymmetric 4-bit weights (tinygemm convention); scales/zeros in the compute dtype."""
 
     group_size: int = 32
-    head: bool = True  # quantize the output head too (False: it keeps its float weights)
+    # quantize the output head too (False: it keeps its float weights; "int8": the head as int8,
+    # loading.auto_quantization's choice for a 4-bit GGUF whose head is stored in 8 bits)
+    head: bool | str = True
     # scale = the group's largest-magnitude weight / -8, zero 0: the grid of a GGUF's Q4_0 blocks,
     # which min/max would round a second time (set by loading.auto_quantization, never by a flag)
     symmetric: bool = False
     scheme: ClassVar[str] = "int4"
 
     def __post_init__(self) -> None:
+        if self.head not in (True, False, "int8"):
+            raise BlitzgenError(f"int4 head must be quantized, left float or int8, got {self.head!r}")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) \
                 or self.group_size not in INT4_GROUP_SIZES:
             raise BlitzgenError(
@@ -125,8 +129,17 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def module_config(config, name: str):
+    """(handler, config) that the target module ``name`` is quantized with: the config's own,
+    except an int4 config's int8 head (``head="int8"``)."""
+    if name == "output" and getattr(config, "head", True) == "int8":
+        config = Int8Config()
+    return handler_for(config), config
+
+
 def config_meta(config) -> dict:
-    head = {} if getattr(config, "head", True) else {"head": False}
+    h = getattr(config, "head", True)
+    head = {} if h is True else {"head": h}
     sym = {"symmetric": True} if getattr(config, "symmetric", False) else {}
     return {"scheme": config.scheme, "group_size": config.group_size, **head, **sym}
 
@@ -148,7 +161,8 @@ def plan_quantization(model: nn.Module, config, dtype: torch.dtype) -> tuple[Han
     if not targets:
         raise BlitzgenError("the model has no Linear layers to quantize")
     for name, lin in targets:
-        handler.check(name, lin, config)
+        h, c = module_config(config, name)
+        h.check(name, lin, c)
     return handler, {name: lin.bias is not None for name, lin in targets}
 
 
@@ -188,7 +202,8 @@ def quantize_model(model: nn.Module, config, *, dtype: torch.dtype | None = None
     handler, names = plan_quantization(model, config, dtype)
     del targets, lin  # hold no reference, so each float weight is freed as soon as it is replaced
     for name in names:
-        set_submodule(model, name, handler.quantize(model.get_submodule(name), config, dtype))
+        h, c = module_config(config, name)
+        set_submodule(model, name, h.quantize(model.get_submodule(name), c, dtype))
     return quant_metadata(config, dtype, len(names))
 
 

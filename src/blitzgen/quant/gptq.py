@@ -24,8 +24,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..errors import BlitzgenError
-from .core import (Int4Config, handler_for, is_quantized, plan_quantization, quant_metadata, set_submodule,
-                   target_linears)
+from .core import (Int4Config, handler_for, is_quantized, module_config, plan_quantization, quant_metadata,
+                   set_submodule, target_linears)
 from .int4 import Int4Linear, group_params, pack_int4, quantize_int4
 
 BLOCK_TARGETS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")  # in this order
@@ -139,7 +139,10 @@ def gptq_quantize_model(model, config: Int4Config, samples: Sequence[Sequence[in
         xs = [layer(x, rope, mask, pos) for x, (pos, rope, mask) in zip(xs, ctx)]
         if log:
             log(f"GPTQ: block {li + 1}/{len(model.layers)} ({time.perf_counter() - t0:.0f} s)")
-    if getattr(config, "head", True):
+    if getattr(config, "head", True) == "int8":  # round to nearest, as an int8 layer
+        h, c = module_config(config, "output")
+        model.output = h.quantize(model.output, c, dtype)
+    elif getattr(config, "head", True):
         hook = _HessianHook(model.output.in_features, device)
         for x in xs:
             hook(None, (model.norm(x),))

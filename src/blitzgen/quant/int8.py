@@ -62,12 +62,18 @@ def dequantize_int8(weight: Tensor, scales: Tensor, dtype: torch.dtype | None = 
 # row; 3456x576 0.24 against 0.41 ms at 5 rows but 1.9 against 1.0 ms at 64 (it grows with the
 # rows). Compiled, Inductor's own int8 pass takes the formula.
 CPU_PACK_ROWS = 16
+_CPU_ALIGN = 64
 
 
 def _cpu_pack_ok(x: Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
             and x.numel() <= CPU_PACK_ROWS * x.shape[-1] and not torch.compiler.is_compiling()
             and hasattr(torch, "_weight_int8pack_mm"))
+
+
+def _aligned(t: Tensor) -> Tensor:
+    t = t.contiguous()
+    return t if t.data_ptr() % _CPU_ALIGN == 0 else t.clone()
 
 
 class Int8Linear(QuantizedLinear):
@@ -94,6 +100,11 @@ class Int8Linear(QuantizedLinear):
 
     def prepare(self) -> None:
         cuda = self.weight.device.type == "cuda"
+        if self.weight.device.type == "cpu":  # _weight_int8pack_mm faults on misaligned buffers, such
+            for name in ("weight", "scales"):  # as a checkpoint's mmapped tensors: an aligned copy
+                t = getattr(self, name)
+                if t.data_ptr() % _CPU_ALIGN:
+                    setattr(self, name, t.clone())
         self._gemv = get_kernel("int8_gemv") if cuda else None
         self._rows = get_kernel("int8_rows") if cuda else None
         self._matmul = get_kernel("int8_matmul") if cuda else None
@@ -110,8 +121,8 @@ class Int8Linear(QuantizedLinear):
             y = self._matmul(x, self.weight, self.scales)
         elif x.is_cuda and not is_single_token(x):
             y = int8_linear_op(x, self.weight, self.scales)
-        elif _cpu_pack_ok(x):
-            y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), self.weight,
+        elif _cpu_pack_ok(x) and not (self.weight.data_ptr() | self.scales.data_ptr()) % _CPU_ALIGN:
+            y = torch._weight_int8pack_mm(_aligned(x.reshape(-1, x.shape[-1])), self.weight,
                                           self.scales.to(x.dtype)).reshape(*x.shape[:-1], -1)
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales
