@@ -145,6 +145,11 @@ def test_int8_linear_matches_dequantized_reference(dtype, tol, bias, monkeypatch
         assert y.shape == ref.shape and y.dtype == dtype
         assert (y.float() - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
     assert packed == [1, 3, 10] and int8_mod.CPU_PACK_ROWS < 40
+    odd = Int8Linear.from_linear(_linear(40, 24, dtype=dtype))  # K % 16 != 0: the formula
+    x = torch.randn(3, 40).to(dtype)
+    ref = F.linear(x.float(), odd.dequantize(torch.float32))
+    assert torch.isfinite(odd(x)).all() and len(packed) == 3
+    assert (odd(x).float() - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])

@@ -378,8 +378,11 @@ def test_catch_up_chunks_space_the_probes_and_can_keep_a_request_off():
     long.start(1000)
     assert long.on
     cheap = AdaptiveK(4, verify_cost=1.1, draft_cost=0.5, plain_seconds=0.002, catch_up_seconds=0.0002)
-    cheap.start(200)
-    assert cheap.on and cheap.probe_gap() == 16
+    assert not cheap.start(200) and cheap.on and cheap.probe_gap() == 16
+    stall = AdaptiveK(4, verify_cost=1.1, draft_cost=0.5, plain_seconds=0.002)
+    stall.time_catch_up(2.0)  # a compile: at most MAX_CATCH_UP plain tokens, and probes still come
+    assert stall.catch_up_cost == AdaptiveK.MAX_CATCH_UP
+    assert stall.probe_gap() == AdaptiveK.MAX_PROBE_GAP
 
 
 def test_a_slow_draft_prefill_keeps_later_requests_off_with_the_same_text():
@@ -393,11 +396,17 @@ def test_a_slow_draft_prefill_keeps_later_requests_off_with_the_same_text():
     run_chunk = dec._run_chunk
     dec._run_chunk = lambda m, *a: (time.sleep(0.05) if m is dec.dmodel else None, run_chunk(m, *a))[1]
     assert list(dec.generate_ids(PROMPT, 40, GREEDY)) == want
-    assert dec.measured["catch_up_seconds"] >= 0.05  # the draft's prefill, timed
+    # the draft's prefill, timed (capped at MAX_CATCH_UP plain tokens): too dear for 40 tokens
+    assert dec.measured["catch_up_seconds"] > AdaptiveK.PROBE_SHARE * 40 * dec.plain_seconds
     assert list(dec.generate_ids(PROMPT, 40, GREEDY)) == want
     st = dec.last_result_stats
     assert st.verify_steps == 0 and st.draft_steps == 0 and st.plain_steps > 0, st.summary()
     assert dec.draft_valid == 0  # never prefilled
+    for _ in range(spec.RETRY_OFF_STARTS - 1):
+        list(dec.generate_ids(PROMPT, 4, GREEDY))
+        assert dec.draft_valid == 0
+    list(dec.generate_ids(PROMPT, 4, GREEDY))  # now and then a request measures the draft again
+    assert dec.draft_valid > 0
 
 
 def test_a_slow_verify_switches_speculation_off_and_greedy_text_holds():

@@ -50,6 +50,7 @@ __all__ = ["SpeculativeDecoder", "SpeculationStats", "AdaptiveK", "DraftSource",
 SOURCES = ("ngram", "self-int4", "draft-model")
 CACHE_ROUND = 256
 MIN_PREFILL_BUCKET = 16
+RETRY_OFF_STARTS = 16  # requests kept off by the draft's catch-up cost before one runs it again
 LEARN_ROUNDS = 4  # timed verify rounds before a request's measured cost becomes the next one's start
 
 
@@ -142,6 +143,7 @@ class SpeculativeDecoder:
         # A seeded sampled request runs on the fixed costs and times nothing: its draft lengths,
         # hence its random stream and text, do not depend on the clock.
         self.measured: dict[str, float] = {}
+        self._off_starts = 0  # requests in a row kept off by the measured catch-up cost
         # False on a tensor-parallel rank: every rank's controller must choose the same draft
         # lengths, and each rank's clock differs, so all run on rank 0's fixed (calibrated) costs
         self.follows_clock = True
@@ -388,8 +390,11 @@ class SpeculativeDecoder:
         first = int(self._sample(logits, samp, mode, noise((1, V)))[0])
         seq = prompt + [first]
         dvalid = 0  # draft-model cache positions [0, dvalid) hold seq's tokens
-        if self.dmodel is not None:
-            ctl.start(max_new_tokens)  # off when its prefill alone would cost too much of this request
+        if self.dmodel is not None:  # off when its prefill alone would cost too much of this request;
+            if self._off_starts >= RETRY_OFF_STARTS:  # but now and then one measures it again
+                self._off_starts = 0
+            elif ctl.start(max_new_tokens):
+                self._off_starts += 1
         if self.dmodel is not None and ctl.on:  # a draft that cannot pay is never prefilled (nor run)
             t = time.perf_counter()
             self._run_chunk(self.dmodel, prompt, 0)

@@ -112,6 +112,8 @@ class AdaptiveK:
     COST_WEIGHT = 0.25  # each timed round's share of the measured verify cost
     PLAIN_WEIGHT = 0.1  # each timed plain token's share of the seconds per plain token
     PROBE_SHARE = 0.03  # a model draft's catch-ups: at most this share of the plain time (the 0.97x floor)
+    MAX_CATCH_UP = 64.0  # plain tokens: one catch-up sample's cap (a compile or a stall stays bounded)
+    MAX_PROBE_GAP = 2048  # plain steps: probes, hence fresh measurements, still come
 
     def __init__(self, k_max: int, *, verify_cost: float = 1.3, draft_cost: float = 0.0, min_gain: float = 1.05,
                  decay: float = 0.8, prior: float = 0.8, probe: int = 16, max_probe: int = 256, adaptive: bool = True,
@@ -147,8 +149,12 @@ class AdaptiveK:
 
     def time_catch_up(self, seconds: float) -> None:
         """A model draft's cache catch-up (a chunk forward: its prefill, or the tokens of a plain
-        run) took ``seconds``; the average of the last few is kept."""
+        run) took ``seconds``; the average of the last few is kept, each sample at most
+        MAX_CATCH_UP plain tokens."""
         if seconds > 0:
+            t = self.t_plain or self.plain_seconds
+            if t:
+                seconds = min(seconds, self.MAX_CATCH_UP * t)
             c = self.catch_up_seconds
             self.catch_up_seconds = seconds if c <= 0 else 0.5 * (c + seconds)
 
@@ -160,13 +166,16 @@ class AdaptiveK:
 
     def probe_gap(self) -> int:
         """Plain steps before a probe: ``probe``, or more where a catch-up must precede it."""
-        return max(self.probe, math.ceil(self.catch_up_cost / self.PROBE_SHARE))
+        return max(self.probe, min(math.ceil(self.catch_up_cost / self.PROBE_SHARE), self.MAX_PROBE_GAP))
 
-    def start(self, new_tokens: int) -> None:
+    def start(self, new_tokens: int) -> bool:
         """Before a request with a model draft: off from the start (so no draft prefill) when one
-        catch-up chunk would cost more than PROBE_SHARE of ``new_tokens`` plain tokens."""
+        catch-up chunk would cost more than PROBE_SHARE of ``new_tokens`` plain tokens. Returns
+        whether it turned speculation off."""
         if self.adaptive and self.on and self.catch_up_cost > self.PROBE_SHARE * new_tokens:
             self.on, self.since_off = False, 0
+            return True
+        return False
 
     def can_pay(self) -> bool:
         """Whether some k reaches min_gain at all (acceptance 1: a round of k emits k + 1 tokens)."""

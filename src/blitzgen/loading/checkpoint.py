@@ -188,7 +188,7 @@ def config_from_metadata(meta: dict, where: str = "checkpoint"):
     scheme = meta.get("scheme")
     try:
         head = meta.get("head", True)
-        head = head if head in (True, False, "int8") else head is not False
+        head = head if (head is True or head is False or head == "int8") else head is not False
         return make_config(str(scheme), meta.get("group_size"), head=head,
                            symmetric=meta.get("symmetric", False) is True)
     except BlitzgenError as e:

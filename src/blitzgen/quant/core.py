@@ -62,7 +62,7 @@ def make_config(scheme: str, group_size: int | None = None, head: bool = True,
     if key == "int8":
         if group_size is not None:
             raise BlitzgenError("int8 quantization is per output channel; --group-size applies to int4 only")
-        return Int8Config(head=head)
+        return Int8Config(head=head is not False)  # "int8" names an int4 config's head: here the same
     if key == "int4":
         return Int4Config(group_size=32 if group_size is None else group_size, head=head, symmetric=symmetric)
     raise BlitzgenError(f"unknown quantization scheme {scheme!r} (known: {', '.join(SCHEMES)})")

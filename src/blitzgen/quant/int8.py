@@ -66,7 +66,9 @@ _CPU_ALIGN = 64
 
 
 def _cpu_pack_ok(x: Tensor) -> bool:
+    # K % 16: with bf16 inputs the op faulted or returned inf / NaN for other widths (torch 2.13, AVX-512)
     return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and x.shape[-1] % 16 == 0
             and x.numel() <= CPU_PACK_ROWS * x.shape[-1] and not torch.compiler.is_compiling()
             and hasattr(torch, "_weight_int8pack_mm"))
 
