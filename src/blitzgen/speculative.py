@@ -400,9 +400,7 @@ class SpeculativeDecoder:
             self._run_chunk(self.dmodel, prompt, 0)
             dvalid = n0
             if timed:
-                _sync(dev)
-                ctl.time_catch_up(time.perf_counter() - t)
-                self.measured["catch_up_seconds"] = ctl.catch_up_seconds
+                self._price_catch_up(ctl, t)
         self.draft.adapt(ctl.verify_cost)  # e.g. the shortest n-gram match worth a verify
         self.draft.reset(prompt)
         self.draft.extend([first])
@@ -452,15 +450,10 @@ class SpeculativeDecoder:
                     idx.zero_()
                     q.zero_()
                     idx[0, 0] = seq[-1]
-                    if timed and P - dvalid > 2:  # a chunk forward
-                        t_catch_up = time.perf_counter()
-                        dvalid = self._catch_up(seq, dvalid, P, samp, mode, ones_v)
-                        _sync(dev)
-                        t_catch_up = time.perf_counter() - t_catch_up
-                        ctl.time_catch_up(t_catch_up)
-                        self.measured["catch_up_seconds"] = ctl.catch_up_seconds
-                    else:
-                        dvalid = self._catch_up(seq, dvalid, P, samp, mode, ones_v)
+                    t, chunk = time.perf_counter(), P - dvalid > 2  # more than two tokens: a chunk forward
+                    dvalid = self._catch_up(seq, dvalid, P, samp, mode, ones_v)
+                    if timed and chunk:
+                        t_catch_up = self._price_catch_up(ctl, t)
                     for i in range(k):
                         d, qi = self._draft_step(idx[0, i].view(1, 1).clone(), torch.tensor([P + i], device=dev),
                                                  samp, mode, ones_v[None] if greedy else noise((1, V)))
@@ -491,6 +484,15 @@ class SpeculativeDecoder:
                 self._learn(ctl, st)
             ctl.update(k, n)
             st.switched_off = ctl.switched_off
+
+    def _price_catch_up(self, ctl: AdaptiveK, t0: float) -> float:
+        """The draft's cache chunk begun at ``t0`` is done: its seconds go to the controller and to
+        what the next request starts from. Returns them."""
+        _sync(self.device)
+        seconds = time.perf_counter() - t0
+        ctl.time_catch_up(seconds)
+        self.measured["catch_up_seconds"] = ctl.catch_up_seconds
+        return seconds
 
     def _learn(self, ctl: AdaptiveK, st: SpeculationStats) -> None:
         """The costs measured so far: in the stats, and (after LEARN_ROUNDS rounds) where the next

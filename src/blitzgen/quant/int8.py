@@ -63,14 +63,14 @@ def dequantize_int8(weight: Tensor, scales: Tensor, dtype: torch.dtype | None = 
 # rows). Compiled, Inductor's own int8 pass takes the formula.
 CPU_PACK_ROWS = 16
 _CPU_ALIGN = 64
+_HAS_PACK = hasattr(torch, "_weight_int8pack_mm")
 
 
 def _cpu_pack_ok(x: Tensor) -> bool:
     # K % 16: with bf16 inputs the op faulted or returned inf / NaN for other widths (torch 2.13, AVX-512)
     return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
             and x.shape[-1] % 16 == 0
-            and x.numel() <= CPU_PACK_ROWS * x.shape[-1] and not torch.compiler.is_compiling()
-            and hasattr(torch, "_weight_int8pack_mm"))
+            and x.numel() <= CPU_PACK_ROWS * x.shape[-1] and not torch.compiler.is_compiling() and _HAS_PACK)
 
 
 def _aligned(t: Tensor) -> Tensor:
