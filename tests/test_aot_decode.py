@@ -208,3 +208,29 @@ def test_the_fallback_is_compiled_only_when_used(tmp_path, monkeypatch):
     assert step.fallback("x") == "compiled" and step.fallback("y") == "compiled"
     assert made == [dict(fullgraph=True, dynamic=False)]
     assert sampler.fallback() == "compiled" and len(made) == 2
+
+
+def test_a_loaded_step_starts_no_compile_pool(tmp_path, monkeypatch):
+    """Its load and first call run with one compile thread (Inductor starts no worker pool for code
+    it only loads); the setting is restored after."""
+    import torch._inductor.config as inductor_config
+
+    aot_decode, model, step = _step(tmp_path, monkeypatch, fallback=None)
+    path = step.path_for(model)
+    os.makedirs(os.path.dirname(path))
+    Path(path).write_bytes(b"a step that loads")
+    seen = []
+
+    def record(*a):
+        seen.append(inductor_config.compile_threads)
+        return "loaded"
+
+    def load(f):
+        seen.append(inductor_config.compile_threads)
+        return _FakeStep(record)
+
+    before = inductor_config.compile_threads
+    monkeypatch.setattr(aot_decode.torch.compiler, "load_compiled_function", load)
+    assert step(model, None, None) == "loaded" and step.status == "loaded"
+    assert seen == [1, 1] and inductor_config.compile_threads == before
+    assert step(model, None, None) == "loaded" and seen[-1] == before  # proven: later calls as configured

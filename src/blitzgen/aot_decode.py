@@ -128,6 +128,17 @@ class AOTFunction:
         root = self.cache_dir or (self.options.cache_dir if self.options is not None else None)
         return os.path.join(cc.aot_root(root), cc.key_hash(parts) + ".pt2")
 
+    @staticmethod
+    def _no_compile_pool():
+        """A saved function's load and first call compile nothing, but the Inductor code they load
+        asks for Inductor's compile-worker pool at its first kernel (a sidecar process and a worker
+        per core, each importing torch): on a warm start that took CPU from the start itself, and its
+        shutdown held the process's exit ~3 s (BENCHMARKS.md). One compile thread means no pool; a
+        compile after the load (a fallback) gets the pool as before."""
+        import torch._inductor.config as inductor_config
+
+        return inductor_config.patch(compile_threads=1)
+
     def _cudagraph_config(self):
         if not self.cudagraphs:
             return contextlib.nullcontext()
@@ -143,7 +154,7 @@ class AOTFunction:
         fn = None
         if os.path.exists(path):
             try:
-                with open(path, "rb") as f, self._cudagraph_config():
+                with open(path, "rb") as f, self._cudagraph_config(), self._no_compile_pool():
                     fn = torch.compiler.load_compiled_function(f)
                 if not fn.guard_check(*args):
                     raise ValueError("guards fail on these inputs")
@@ -216,7 +227,8 @@ class AOTFunction:
         if key not in self._unproven:
             return fn(*args)
         try:  # a loaded file's first call (CUDA-graph capture, kernels): never let it end a start
-            out = fn(*args)
+            with self._no_compile_pool():
+                out = fn(*args)
         except Exception as e:  # noqa: BLE001
             return self._drop(key, args, e)(*args)
         self._unproven.discard(key)

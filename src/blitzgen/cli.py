@@ -51,6 +51,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def _instrumented() -> bool:
+    """A profiler or tracer is on: sys.setprofile/settrace, or (Python >= 3.12, where cProfile and
+    coverage use it) a sys.monitoring tool."""
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        return True
+    mon = getattr(sys, "monitoring", None)
+    return mon is not None and any(mon.get_tool(i) is not None for i in range(6))
+
+
 def run() -> None:
     """The process entry (the ``blitzgen`` script, ``python -m blitzgen``): ``main()``, the atexit
     handlers (Inductor's workers, logging, temporary directories), the Python and C stdio flushes,
@@ -62,7 +71,7 @@ def run() -> None:
     trace = os.environ.get("BLITZGEN_EXIT_TRACE") == "1"  # benchmarks/startup_gpu.py: where the exit goes
     if trace:
         print(f"blitzgen: exit: main returned at {time.time():.3f}", file=sys.stderr, flush=True)
-    if sys.getprofile() is not None or sys.gettrace() is not None or os.environ.get("BLITZGEN_FAST_EXIT") == "0":
+    if _instrumented() or os.environ.get("BLITZGEN_FAST_EXIT") == "0":
         sys.exit(rc)
     import atexit
 
