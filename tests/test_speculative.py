@@ -527,3 +527,33 @@ def test_draft_follows_the_targets_decode_attention():
     for draft in (DraftModel(tiny_model(seed=11)), SelfInt4Draft(target)):
         SpeculativeDecoder(target, draft, k=2)
         assert draft.model.attention_op.decode_impl == "matmul"
+
+
+def test_captured_verify_rounds_only_where_they_apply(monkeypatch):
+    """speculative_graph: compiled host drafts on CUDA only; never on the CPU, for a model draft,
+    or with BLITZGEN_SPEC_GRAPH=0 (the GPU suite checks the captured rounds' tokens)."""
+    from blitzgen.speculative_graph import usable
+
+    m = tiny_model()
+    m.setup_caches(1, 64)
+    assert not usable(m)  # a CPU model
+    dec = SpeculativeDecoder(m, NgramDraft(), k=4, compile=True)
+    assert dec.graph_rounds is False and dec._host_graph() is None
+    monkeypatch.setattr(spec, "usable_for_graph", lambda model: True)  # as on CUDA
+    assert SpeculativeDecoder(m, NgramDraft(), k=4, compile=True).graph_rounds
+    assert not SpeculativeDecoder(m, NgramDraft(), k=4, compile=False).graph_rounds
+    assert not SpeculativeDecoder(m, SelfInt4Draft(m), k=4, compile=True).graph_rounds
+    monkeypatch.setenv("BLITZGEN_SPEC_GRAPH", "0")
+    assert not SpeculativeDecoder(m, NgramDraft(), k=4, compile=True).graph_rounds
+
+
+def test_sampling_probs_row_by_row_equals_the_batched_filter():
+    """The sorted filter (top-k / top-p) runs row by row over a verify's rows (speculative_accept):
+    the same distribution as filtering the batch at once."""
+    from blitzgen.sampling import filter_logits
+
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
+    sp = SamplingParams(temperature=0.7, top_k=40, top_p=0.9)
+    t = sp.tensors("cpu")
+    want = filter_logits(logits, t, sp.mode).softmax(-1)
+    assert torch.allclose(sampling_probs(logits, t, sp.mode), want, atol=1e-7)

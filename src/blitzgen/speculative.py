@@ -28,6 +28,7 @@ speculation adds the verify graph (and the draft's step) to what plain decoding 
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Iterator, Sequence
 
@@ -40,6 +41,8 @@ from .model import Transformer
 from .sampling import SamplingParams, exponential_noise, make_generator, sample
 from .speculative_accept import _accept, _accept_host, _draft_pick, _verify_logits, accept_tokens, sampling_probs
 from .speculative_control import AdaptiveK, SpeculationStats
+from .speculative_graph import HostVerifyGraph
+from .speculative_graph import usable as usable_for_graph
 from .speculative_draft import (DraftMismatchError, DraftModel, DraftSource, NgramDraft, SelfInt4Draft,
                                 check_draft_model, check_same_tokenizer)
 
@@ -158,6 +161,9 @@ class SpeculativeDecoder:
         self._host_tok = torch.empty(1, dtype=torch.int64, pin_memory=is_cuda)
         self._event = torch.cuda.Event() if is_cuda else None
         self._warming = False
+        self._graph: HostVerifyGraph | None = None
+        self.graph_rounds = (self.compiled and self.dmodel is None and usable_for_graph(target)
+                             and os.environ.get("BLITZGEN_SPEC_GRAPH", "1") != "0")
         # Model forwards (one graph each, whatever the sampler; CUDA graphs on CUDA): the target's
         # one-token step (the Generator's own graph when one is given), its (K+1)-token verify and the
         # draft's step. Sampler, acceptance and draft pick: small graphs per sampler mode. Prefill:
@@ -180,6 +186,7 @@ class SpeculativeDecoder:
                 self._accept, self._pick = comp(_accept), comp(_draft_pick)
             else:
                 self._accept_host = comp(_accept_host)
+                self._vstep_plain = comp(_verify_logits)  # captured with the acceptance (speculative_graph)
             if self.prefill_compiled:
                 self._chunk = comp(_prefill_logits)
             self._sample = comp(sample)
@@ -208,6 +215,17 @@ class SpeculativeDecoder:
         """One draft-model step -> (token [1], its distribution q [1, V_target])."""
         self._mark()
         return self._pick(self._dstep(self.dmodel, tok, pos), samp, mode, noise, self.vocab)
+
+    def _host_graph(self) -> HostVerifyGraph | None:
+        """The captured verify round of a host draft (speculative_graph), or None where it is not used."""
+        if not self.graph_rounds:
+            return None
+        if self._graph is None:
+            self._graph = HostVerifyGraph(self.model, self.k_max, self.vocab, self._vstep_plain, self._accept_host)
+        if self._graph.failed:
+            self.graph_rounds = False
+            return None
+        return self._graph
 
     # ---- capacity -------------------------------------------------------------------------------
     def _ensure_capacity(self, model: Transformer, n: int) -> None:
@@ -299,8 +317,12 @@ class SpeculativeDecoder:
                     t = self._plain_step(t.view(1, 1), pos, samp, mode, None if mode[0] else ones[None])
 
             t_step = timed(plain_run) / 8
-            t_verify = timed(lambda: self._verify(idx, vpos, q if self.dmodel is not None else None, kk, u, ones,
-                                                  samp, mode))
+            graph = self._host_graph()
+            if graph is not None:  # what a host draft's round runs
+                t_verify = timed(lambda: graph(0, [0] * K, prompt_len, mode, samp, u, ones))
+            else:
+                t_verify = timed(lambda: self._verify(idx, vpos, q if self.dmodel is not None else None, kk, u,
+                                                      ones, samp, mode))
             t_draft = 0.0
             if self.dmodel is not None:
                 t_draft = timed(lambda: self._draft_step(tok, pos, samp, mode, ones[None]))
@@ -443,7 +465,13 @@ class SpeculativeDecoder:
                     return st
                 continue
             else:
-                if drafts is not None:  # one copy to the device
+                graph = self._host_graph() if drafts is not None else None
+                if graph is not None:  # the whole round: one copy in, one graph, one read back
+                    n, tok = graph(seq[-1], drafts, P, mode, samp,
+                                   zeros_k if greedy else torch.rand(K, generator=gen, device=dev),
+                                   ones_v if greedy else noise((V,)))
+                    new = drafts[:n] + [tok]
+                elif drafts is not None:  # one copy to the device
                     vidx = torch.tensor([[seq[-1]] + drafts + [0] * (K - k)], dtype=torch.int64, device=dev)
                 else:
                     vidx = idx
@@ -461,15 +489,16 @@ class SpeculativeDecoder:
                         q[i] = qi[0]
                     st.draft_steps += k
                     dvalid = P + k
-                u = zeros_k if greedy else torch.rand(K, generator=gen, device=dev)
-                out = self._verify(vidx, torch.arange(P, P + K + 1, device=dev), q, k_t[k], u,
-                                   ones_v if greedy else noise((V,)), samp, mode)
-                if drafts is not None:
-                    n, tok = out.tolist()  # one read back
-                    new = drafts[:n] + [tok]
-                else:
-                    n, tok, *drafted = torch.cat([out, idx[0, 1:]]).tolist()
-                    new = drafted[:n] + [tok]
+                if graph is None:
+                    u = zeros_k if greedy else torch.rand(K, generator=gen, device=dev)
+                    out = self._verify(vidx, torch.arange(P, P + K + 1, device=dev), q, k_t[k], u,
+                                       ones_v if greedy else noise((V,)), samp, mode)
+                    if drafts is not None:
+                        n, tok = out.tolist()  # one read back
+                        new = drafts[:n] + [tok]
+                    else:
+                        n, tok, *drafted = torch.cat([out, idx[0, 1:]]).tolist()
+                        new = drafted[:n] + [tok]
                 if self.dmodel is not None:
                     dvalid = min(dvalid, P + 1 + n)  # drafts past the first rejection are stale
                 st.record(k, n)

@@ -47,12 +47,39 @@ def test_compiled_speculation_matches_plain_decoding(kind, summary):
     assert st.verify_steps > 0, st.summary()
     if kind == "ngram":
         assert got == want, st.summary()
+        assert dec._graph is not None and dec._graph.captures >= 1  # rounds ran as one captured graph
         msg = "identical to eager plain decoding"
     else:
         msg = check_greedy(oracle, prompt, got, TOL, eager=want)
     cal = dec.calibration or {}
     summary(f"{kind}: {msg}; {st.summary()}; calibrated c_v {cal.get('verify_cost', float('nan')):.2f} "
             f"c_d {cal.get('draft_cost', float('nan')):.2f}")
+
+
+def test_captured_ngram_rounds_match_the_uncaptured_ones(summary):
+    """speculative_graph: greedy and seeded sampled rounds give the tokens of the torch.compile
+    path; a grown KV cache drops the graphs and the next round captures again."""
+    from blitzgen.sampling import SamplingParams
+
+    prompt = _prompt()
+    model = random_model(dtype=torch.float32, cache=512)
+    gen = Generator(model, compile=True)
+    hot = SamplingParams(temperature=0.8, top_k=50, seed=11)
+    runs = {}
+    for graphed in (False, True):
+        dec = SpeculativeDecoder(model, NgramDraft(min_match=1), k=4, gen=gen, adaptive=False)
+        dec.graph_rounds = graphed
+        dec.warmup([GREEDY, hot])
+        dec._warming = True  # every step verifies
+        runs[graphed] = [list(dec.generate_ids(prompt, NEW, sp)) for sp in (GREEDY, hot)]
+    assert runs[True] == runs[False]
+    before = dec._graph.captures
+    assert before >= 2 and not dec._graph.failed  # one graph per sampler mode
+    dec.ensure_capacity(1024)  # a new cache: the graphs are stale
+    assert list(dec.generate_ids(prompt, NEW, GREEDY)) == runs[False][0]
+    assert dec._graph.captures == before + 1 and dec.graph_rounds
+    summary("n-gram rounds as one CUDA graph: greedy and sampled tokens as through torch.compile; recaptured "
+            "after the cache grew")
 
 
 def test_speculation_through_the_tensor_parallel_runner_at_tp1(summary):
