@@ -3,13 +3,13 @@
 # repository root on the device machine (after `export PYTHONPATH=$PWD/src:/tmp/site`, the gguf
 # wheel installed there):
 #
-#   bash benchmarks/gpu_pending.sh suite      # the whole GPU suite (session 18 ran only the attention,
-#                                             # defaults and compiled-decode subset after the merge change)
+#   bash benchmarks/gpu_pending.sh suite      # the whole GPU suite: session 19's last fix (a new graph pool
+#                                             # after a recapture, test_captured_ngram_rounds_...) never ran
 #   bash benchmarks/gpu_pending.sh attention  # decode attention sweep (cut at 200 s in session 17: its own call)
 #   bash benchmarks/gpu_pending.sh rows       # int4 row decodes per row count; verify cost per decode; Llama-3-8B
 #                                             # p4000 against gpt-fast (carry .peers: gpt-fast exported by `fetch`)
-#   bash benchmarks/gpu_pending.sh spec DIR   # speculation on SmolLM2's real weights: self-int4 with the catch-up
-#                                             # pricing of session 18 (0.61-0.77x before it). DIR holds the GGUF
+#   bash benchmarks/gpu_pending.sh spec DIR   # speculation on SmolLM2's real weights (session 19: n-gram 0.97-2.38x
+#                                             # with captured rounds; self-int4 0.80x once, unexplained). DIR holds the GGUF
 #                                             # split in two (split -b 49M model.gguf DIR/model.gguf.part-): carry
 #                                             # part-aa in one call and copy it to /tmp/smol, then part-ab in the
 #                                             # next call at once (the machine goes back after 30 s idle)

@@ -19,6 +19,8 @@ Environment variables (each read here only):
   BLITZGEN_FUSED             1/0: decode (one token) through the fused RMSNorm/GEMV/SwiGLU/residual
                              kernels (kernels/fused_decode.py); CUDA only; default: on for
                              unquantized weights, off for int8/int4 (RuntimeOptions.fused_for)
+  BLITZGEN_SPEC_GRAPH        0/false/off: run an n-gram verify round through torch.compile's CUDA
+                             graphs, not as one captured graph (speculative_graph.py)
   BLITZGEN_GPTFAST_SCRIPT    the gpt-fast harness that `bench --peer` runs
   BLITZGEN_API_KEY           the server's API key (read as `serve --api-key`'s default)
   BLITZGEN_MODAL_*           the Modal deployment's settings (deploy/settings.py): APP, GPU, VOLUME,
@@ -68,6 +70,11 @@ def env_flag(name: str, default: bool) -> bool:
 def cache_root() -> str:
     base = env("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return env("BLITZGEN_CACHE") or os.path.join(base, "blitzgen")
+
+
+def spec_graph() -> bool:
+    """BLITZGEN_SPEC_GRAPH: an n-gram verify round as one captured CUDA graph (default on)."""
+    return env_flag("BLITZGEN_SPEC_GRAPH", True)
 
 
 def triton_interpret() -> bool:

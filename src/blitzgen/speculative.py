@@ -28,13 +28,13 @@ speculation adds the verify graph (and the draft's step) to what plain decoding 
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
+from . import runtime
 from .errors import BlitzgenError, ContextLengthError, InvalidRequestError
 from .generate import _model_step, _prefill_logits
 from .model import Transformer
@@ -163,7 +163,7 @@ class SpeculativeDecoder:
         self._warming = False
         self._graph: HostVerifyGraph | None = None
         self.graph_rounds = (self.compiled and self.dmodel is None and usable_for_graph(target)
-                             and os.environ.get("BLITZGEN_SPEC_GRAPH", "1") != "0")
+                             and runtime.spec_graph())
         # Model forwards (one graph each, whatever the sampler; CUDA graphs on CUDA): the target's
         # one-token step (the Generator's own graph when one is given), its (K+1)-token verify and the
         # draft's step. Sampler, acceptance and draft pick: small graphs per sampler mode. Prefill:
