@@ -557,3 +557,70 @@ def test_sampling_probs_row_by_row_equals_the_batched_filter():
     t = sp.tensors("cpu")
     want = filter_logits(logits, t, sp.mode).softmax(-1)
     assert torch.allclose(sampling_probs(logits, t, sp.mode), want, atol=1e-7)
+
+
+def _fake_cuda_graphs(monkeypatch):
+    """speculative_graph's CUDA calls on the CPU: a "captured" round re-runs its function on replay,
+    writing the captured output tensor, as a CUDA graph would."""
+    import contextlib
+
+    import blitzgen.speculative_graph as sg
+
+    class FakeGraph:
+        def replay(self):
+            self.out.copy_(self.fn())
+
+    capturing = []
+
+    @contextlib.contextmanager
+    def graph(g, pool=None, capture_error_mode=None):
+        capturing.append(g)
+        try:
+            yield
+        finally:
+            capturing.pop()
+
+    run = sg.HostVerifyGraph._run
+
+    def recording_run(self, mode):
+        out = run(self, mode)
+        if capturing:
+            capturing[-1].fn, capturing[-1].out = (lambda: run(self, mode)), out
+        return out
+
+    monkeypatch.setattr(sg.HostVerifyGraph, "_run", recording_run)
+    for name, value in {"CUDAGraph": FakeGraph, "graph": graph, "synchronize": lambda: None,
+                        "device": lambda d: contextlib.nullcontext(), "current_stream": lambda: None,
+                        "set_stream": lambda s: None, "graph_pool_handle": lambda: None}.items():
+        monkeypatch.setattr(sg.torch.cuda, name, value)
+    monkeypatch.setattr(sg.torch, "zeros", lambda *a, pin_memory=False, **k: torch.empty(0).new_zeros(*a, **k))
+    return sg
+
+
+def test_captured_rounds_logic_on_cpu(monkeypatch):
+    """HostVerifyGraph's packing, capture, replay, recapture and fallback with CUDA faked on the CPU:
+    greedy rounds give plain decoding's tokens, seeded sampled rounds the uncaptured path's."""
+    sg = _fake_cuda_graphs(monkeypatch)
+    m = tiny_model(seed=5)
+    prompt = [3, 9, 4, 3, 9, 4, 7, 3, 9]
+    want = list(Generator(tiny_model(seed=5)).generate_ids(prompt, 16, SamplingParams(temperature=0.0),
+                                                           stop_token_ids=()))
+    hot = SamplingParams(temperature=0.9, top_k=20, seed=3)
+
+    def decode(graphed: bool, sp):
+        dec = SpeculativeDecoder(m, NgramDraft(min_match=1), k=4, adaptive=False)
+        if graphed:
+            dec.graph_rounds, dec._vstep_plain = True, spec._verify_logits
+            dec.ensure_capacity(len(prompt) + 16)
+        dec._warming = True  # every step verifies
+        out = list(dec.generate_ids(prompt, 16, sp, stop_token_ids=()))
+        return out, dec
+
+    got, dec = decode(True, SamplingParams(temperature=0.0))
+    assert got == want and dec._graph.captures == 1 and not dec._graph.failed
+    assert dec.last_result_stats.verify_steps > 2  # replays ran
+    assert decode(True, hot)[0] == decode(False, hot)[0]
+    # a failing round is reported, the request goes on uncaptured
+    monkeypatch.setattr(sg.HostVerifyGraph, "_round", lambda self, *a: 1 / 0)
+    got, dec = decode(True, SamplingParams(temperature=0.0))
+    assert got == want and dec._graph.failed.startswith("ZeroDivisionError") and not dec.graph_rounds

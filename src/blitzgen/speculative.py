@@ -320,7 +320,7 @@ class SpeculativeDecoder:
             graph = self._host_graph()
             if graph is not None:  # what a host draft's round runs
                 t_verify = timed(lambda: graph(0, [0] * K, prompt_len, mode, samp, u, ones))
-            else:
+            if graph is None or graph.failed:
                 t_verify = timed(lambda: self._verify(idx, vpos, q if self.dmodel is not None else None, kk, u,
                                                       ones, samp, mode))
             t_draft = 0.0
@@ -466,10 +466,11 @@ class SpeculativeDecoder:
                 continue
             else:
                 graph = self._host_graph() if drafts is not None else None
-                if graph is not None:  # the whole round: one copy in, one graph, one read back
-                    n, tok = graph(seq[-1], drafts, P, mode, samp,
-                                   zeros_k if greedy else torch.rand(K, generator=gen, device=dev),
-                                   ones_v if greedy else noise((V,)))
+                res = None if graph is None else graph(  # the whole round: one copy in, one graph, one read back
+                    seq[-1], drafts, P, mode, samp, zeros_k if greedy else torch.rand(K, generator=gen, device=dev),
+                    ones_v if greedy else noise((V,)))
+                if res is not None:
+                    n, tok = res
                     new = drafts[:n] + [tok]
                 elif drafts is not None:  # one copy to the device
                     vidx = torch.tensor([[seq[-1]] + drafts + [0] * (K - k)], dtype=torch.int64, device=dev)
@@ -489,7 +490,7 @@ class SpeculativeDecoder:
                         q[i] = qi[0]
                     st.draft_steps += k
                     dvalid = P + k
-                if graph is None:
+                if res is None:
                     u = zeros_k if greedy else torch.rand(K, generator=gen, device=dev)
                     out = self._verify(vidx, torch.arange(P, P + K + 1, device=dev), q, k_t[k], u,
                                        ones_v if greedy else noise((V,)), samp, mode)

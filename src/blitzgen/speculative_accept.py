@@ -18,7 +18,7 @@ def sampling_probs(logits: Tensor, t: dict[str, Tensor], mode: tuple) -> Tensor:
     the argmax when greedy, else softmax of sampling.filter_logits."""
     if mode[0]:
         return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    if mode[1] and logits.shape[0] > 1:  # row by row: the sampler's own [1, V] graph for each (an
+    if mode[1] and logits.shape[0] > 1:  # row by row, [1, V] each as the sampler runs them (an
         # H200's Inductor, torch 2.11, failed to generate top-p's split cumsum over [5, 32000])
         return torch.cat([filter_logits(row, t, mode) for row in logits.split(1)]).softmax(-1)
     return filter_logits(logits, t, mode).softmax(-1)

@@ -60,7 +60,8 @@ class HostVerifyGraph:
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.key: tuple | None = None
         self.captures = 0  # for tests and benchmarks
-        self.failed = ""  # why a capture failed: the decoder then stops using this
+        self.failed = ""  # why a round failed here: the decoder then stops using this
+        self._sampled = False  # u / noise / samp hold a sampled round's values
 
     def _run(self, mode: tuple) -> Tensor:
         K, inp = self.K, self.inp
@@ -69,7 +70,24 @@ class HostVerifyGraph:
         return self.accept(logits, idx[0, 1:], inp[2 * K + 2], self.u, self.noise, self.samp, mode)
 
     def __call__(self, last: int, drafts: list[int], P: int, mode: tuple, samp: dict[str, Tensor],
-                 u: Tensor, noise: Tensor) -> list[int]:
+                 u: Tensor, noise: Tensor) -> list[int] | None:
+        """[n accepted, next token], or None when this round failed here (``failed`` says why; the
+        caller runs the round its own way: rewriting the same KV positions is harmless)."""
+        if len(drafts) > self.K:
+            raise ValueError(f"{len(drafts)} drafts for a verify of {self.K}")
+        with torch.cuda.device(self.model.device):  # capture and replay on the model's GPU
+            try:
+                return self._round(last, drafts, P, mode, samp, u, noise)
+            except Exception as e:  # noqa: BLE001 - a compile or replay failure: never end a request here
+                self._fail(e)
+                return None
+
+    def _fail(self, e: Exception) -> None:
+        self.failed = f"{type(e).__name__}: {e}"
+        log.warning("blitzgen: the verify round as a CUDA graph failed (%s); running rounds through "
+                    "torch.compile", self.failed)
+
+    def _round(self, last, drafts, P, mode, samp, u, noise) -> list[int] | None:
         K, k, v = self.K, len(drafts), self.view
         v[0] = last
         v[1:k + 1] = drafts
@@ -77,11 +95,12 @@ class HostVerifyGraph:
         v[K + 1:2 * K + 2] = range(P, P + K + 1)
         v[2 * K + 2] = k
         self.inp.copy_(self.host, non_blocking=True)
-        if not mode[0]:  # sampled: this round's draws and parameters (greedy uses neither)
+        if not mode[0] or self._sampled:  # this round's draws and parameters (greedy: u = 0, noise = 1)
             self.u.copy_(u, non_blocking=True)
             self.noise.copy_(noise, non_blocking=True)
             for name, t in samp.items():
                 self.samp[name].copy_(t, non_blocking=True)
+            self._sampled = not mode[0]
         key = cache_key(self.model)
         if key != self.key:
             if self.graphs:  # a pool whose graphs are all gone is released: later captures need a new
@@ -94,14 +113,16 @@ class HostVerifyGraph:
             return entry[1].tolist()
         out = self._run(mode).tolist()  # the round itself (compiles on a first call)
         torch.cuda.synchronize()
+        stream = torch.cuda.current_stream()
         try:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):  # a server's
+                # other threads may use CUDA meanwhile
                 static_out = self._run(mode)
         except Exception as e:  # noqa: BLE001 - the round is done; later ones go uncaptured
-            self.failed = f"{type(e).__name__}: {e}"
-            log.warning("blitzgen: the verify round could not be captured as a CUDA graph (%s); "
-                        "running it through torch.compile", self.failed)
+            torch.cuda.set_stream(stream)  # a failed capture_end leaves the capture stream current
+            torch.cuda.synchronize()
+            self._fail(e)
             return out
         self.graphs[mode] = (graph, static_out)
         self.captures += 1
